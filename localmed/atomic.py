@@ -1,0 +1,44 @@
+"""Write files so that a crash, an error or Ctrl-C never leaves a half-written one behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def temp_path_for(final: Path) -> Path:
+    """A hidden sibling of ``final`` to write into before the rename."""
+    return final.with_name(f".{final.name}.{os.getpid()}.part")
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, mode: int | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``final``; on success rename it over ``final``.
+
+    On any exception, KeyboardInterrupt included, the temporary file is removed and ``final`` is
+    left as it was. ``mode`` (e.g. ``0o600``) is applied before the rename, so the file is never
+    visible with looser permissions.
+    """
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write ``text`` to ``path`` atomically; with ``mode``, the file is created with it."""
+    with atomic_path(path, mode) as tmp:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        fd = os.open(tmp, flags, mode if mode is not None else 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())

@@ -1,0 +1,168 @@
+"""Every error localmed raises on purpose.
+
+Each error inherits :class:`LocalmedError` and the built-in it resembles, so callers can catch
+``FileNotFoundError`` or ``ValueError`` as they would anyway, and carries the data a caller needs
+to act on it. ``str(err)`` is always one line a user can read; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class LocalmedError(Exception):
+    """Base of every error localmed raises for a user's mistake or a broken input."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:  # KeyError would otherwise quote the message
+        return self.message
+
+
+def _listing(names: Iterable[str]) -> str:
+    return ", ".join(sorted(names))
+
+
+class RegistryError(LocalmedError, ValueError):
+    """A models.toml file cannot be read, or an entry in it is incomplete or wrong."""
+
+    def __init__(self, path: Path | str, message: str, entry: str | None = None,
+                 field: str | None = None) -> None:
+        self.path = Path(path)
+        self.entry = entry
+        self.field = field
+        where = str(self.path)
+        if entry is not None:
+            where += f": entry '{entry}'"
+        if field is not None:
+            where += f", field '{field}'"
+        super().__init__(f"{where}: {message}")
+
+
+class UnknownModelError(LocalmedError, KeyError):
+    """A model id that is neither in the registry nor a folder or file on disk."""
+
+    def __init__(self, model_id: str, known: Iterable[str]) -> None:
+        self.model_id = model_id
+        self.known = sorted(known)
+        super().__init__(
+            f"unknown model '{model_id}': not a registry id, a local folder or a hub repo id "
+            f"(registry ids: {_listing(self.known)})"
+        )
+
+
+class UnknownTemplateError(LocalmedError, KeyError):
+    """A prompt-template name that is not registered."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = sorted(known)
+        super().__init__(f"unknown prompt template '{name}'; valid: {_listing(self.known)}")
+
+
+class TemplateError(LocalmedError, ValueError):
+    """A prompt template that cannot render the conversation it was given."""
+
+
+class SourceError(LocalmedError, FileNotFoundError):
+    """A checkpoint folder that lacks what a conversion needs (config.json, weights)."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class UnsupportedArchitectureError(LocalmedError, ValueError):
+    """A checkpoint whose Hugging Face architecture has no converter."""
+
+    def __init__(self, architecture: str, supported: Iterable[str]) -> None:
+        self.architecture = architecture
+        self.supported = sorted(supported)
+        super().__init__(
+            f"unsupported architecture {architecture}; supported: {_listing(self.supported)}"
+        )
+
+
+class CheckpointError(LocalmedError, ValueError):
+    """A weights file that is truncated, corrupt or inconsistent with config.json."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class PickleRefusedError(LocalmedError, PermissionError):
+    """A checkpoint stored only as pickle (.bin), which can run code when loaded."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        super().__init__(
+            f"{self.path}: weights are pickle (.bin) files, which can execute code when loaded; "
+            "convert them to safetensors, or pass --allow-pickle if you trust the source"
+        )
+
+
+class UnknownQuantError(LocalmedError, ValueError):
+    """A quantization type name that llama.cpp does not have."""
+
+    def __init__(self, name: str, known: Iterable[str]) -> None:
+        self.name = name
+        self.known = list(known)
+        super().__init__(f"unknown quant type '{name}'; valid: {', '.join(self.known)}")
+
+
+class OutputError(LocalmedError, PermissionError):
+    """An output location that cannot be written."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class DiskSpaceError(LocalmedError, OSError):
+    """Not enough free disk space for the files a command is about to write."""
+
+    def __init__(self, path: Path | str, needed: int, free: int) -> None:
+        self.path = Path(path)
+        self.needed = needed
+        self.free = free
+        super().__init__(
+            f"{self.path}: not enough free disk space: need about {needed / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB free"
+        )
+
+
+class HubAccessError(LocalmedError, PermissionError):
+    """A hub repository that does not exist, or is gated and this user has no access."""
+
+    def __init__(self, repo_id: str, message: str) -> None:
+        self.repo_id = repo_id
+        super().__init__(f"{repo_id}: {message}")
+
+
+class OfflineError(LocalmedError, ConnectionError):
+    """Something must be downloaded, but the machine is offline (or HF_HUB_OFFLINE is set)."""
+
+    def __init__(self, what: str, message: str) -> None:
+        self.what = what
+        super().__init__(f"{what}: {message}")
+
+
+class GGUFFileError(LocalmedError, ValueError):
+    """A file that is not a readable GGUF model."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
+class QuantizeError(LocalmedError, RuntimeError):
+    """llama.cpp's quantizer failed on a file."""
+
+    def __init__(self, path: Path | str, quant: str, message: str) -> None:
+        self.path = Path(path)
+        self.quant = quant
+        super().__init__(f"{self.path}: quantizing to {quant} failed: {message}")

@@ -1,0 +1,186 @@
+"""The model registry: ``models.toml`` read into frozen dataclasses.
+
+This is the only module that parses a models.toml. The built-in file ships with the package; the
+user's file (:func:`localmed.paths.user_registry_path`) adds entries, or overrides single fields of
+built-in ones. Every error names the file, the entry and the field.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from localmed import paths
+from localmed.errors import RegistryError, UnknownModelError
+from localmed.quants import QUANT_TYPES, get_quant
+from localmed.templates import TEMPLATES
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model localmed knows by a short id (``internist-7b``)."""
+
+    id: str
+    name: str
+    """Human-readable name."""
+    repo: str
+    """Hugging Face hub repository id."""
+    architecture: str
+    """Hugging Face architecture class (``MistralForCausalLM``)."""
+    parameters_b: float
+    """Parameter count, in billions."""
+    context_length: int
+    """Context length the model was trained for, in tokens."""
+    template: str
+    """Default prompt template (a name from :mod:`localmed.templates`)."""
+    license: str
+    gated: bool
+    """Whether the hub repo asks users to accept terms before downloading."""
+    default_quant: str
+    """Quant that ``chat`` uses when none is named."""
+    advisory: str
+    """The model's own advisory text, short, from its card; shown under the disclaimer."""
+    scores: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    """Accuracies (%) the model card publishes, by suite (``medqa``)."""
+    source: Path = Path()
+    """The models.toml the entry (or its last override) came from."""
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "repo": str,
+    "architecture": str,
+    "parameters_b": (int, float),
+    "context_length": int,
+    "template": str,
+    "license": str,
+    "gated": bool,
+    "default_quant": str,
+    "advisory": str,
+}
+_OPTIONAL = {"scores"}
+_KIND_WORDS: dict[object, str] = {str: "a string", int: "an integer", bool: "true or false"}
+
+
+def builtin_registry_path() -> Path:
+    """The models.toml shipped with localmed (inside the wheel, or at the source tree's root)."""
+    packaged = Path(__file__).with_name("models.toml")
+    if packaged.is_file():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "models.toml"
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(path, f"invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise RegistryError(path, f"cannot read: {exc.strerror or exc}") from None
+    models = data.get("models", {})
+    if not isinstance(models, dict):
+        raise RegistryError(path, "[models] must be a table of entries")
+    for model_id, raw in models.items():
+        if not isinstance(raw, dict):
+            raise RegistryError(path, "must be a table", entry=model_id)
+    return models
+
+
+def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
+    for name, kind in _FIELDS.items():
+        if name not in raw:
+            raise RegistryError(path, "missing", entry=model_id, field=name)
+        value = raw[name]
+        # bool is an int in Python; a count given as true/false is still a mistake.
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            expected = _KIND_WORDS.get(kind, "a number")
+            raise RegistryError(path, f"must be {expected}, got {value!r}",
+                                entry=model_id, field=name)
+    unknown = set(raw) - set(_FIELDS) - _OPTIONAL
+    if unknown:
+        raise RegistryError(path, f"unknown field(s): {', '.join(sorted(unknown))}",
+                            entry=model_id, field=sorted(unknown)[0])
+    if raw["template"] not in TEMPLATES:
+        raise RegistryError(path, f"unknown template '{raw['template']}'; valid: "
+                            f"{', '.join(TEMPLATES)}", entry=model_id, field="template")
+    if raw["default_quant"].upper() not in QUANT_TYPES:
+        raise RegistryError(path, f"unknown quant '{raw['default_quant']}'",
+                            entry=model_id, field="default_quant")
+    if raw["context_length"] <= 0 or raw["parameters_b"] <= 0:
+        bad = "context_length" if raw["context_length"] <= 0 else "parameters_b"
+        raise RegistryError(path, "must be positive", entry=model_id, field=bad)
+    scores = raw.get("scores", {})
+    if not isinstance(scores, dict) or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()
+    ):
+        raise RegistryError(path, "must be a table of suite = accuracy (%)",
+                            entry=model_id, field="scores")
+    return ModelEntry(
+        id=model_id,
+        name=raw["name"],
+        repo=raw["repo"],
+        architecture=raw["architecture"],
+        parameters_b=float(raw["parameters_b"]),
+        context_length=raw["context_length"],
+        template=raw["template"],
+        license=raw["license"],
+        gated=raw["gated"],
+        default_quant=get_quant(raw["default_quant"]).name,
+        advisory=raw["advisory"].strip(),
+        scores=MappingProxyType({k: float(v) for k, v in scores.items()}),
+        source=path,
+    )
+
+
+class Registry(Mapping[str, ModelEntry]):
+    """Model entries by id, built-in ones first, then the user's additions and overrides."""
+
+    def __init__(self, entries: Mapping[str, ModelEntry], files: tuple[Path, ...]) -> None:
+        self._entries = dict(entries)
+        self.files = files
+        """The models.toml files read, in order."""
+
+    @classmethod
+    def load(cls, builtin: Path | None = None, user: Path | None = None) -> Registry:
+        """Read the built-in registry, then the user's file if it exists."""
+        builtin = builtin or builtin_registry_path()
+        user = user if user is not None else paths.user_registry_path()
+        merged: dict[str, tuple[dict[str, Any], Path]] = {
+            model_id: (dict(raw), builtin) for model_id, raw in _read_toml(builtin).items()
+        }
+        files = [builtin]
+        if user.is_file():
+            files.append(user)
+            for model_id, raw in _read_toml(user).items():
+                base = merged.get(model_id, ({}, user))[0]
+                merged[model_id] = ({**base, **raw}, user)
+        entries = {model_id: _entry(model_id, raw, path)
+                   for model_id, (raw, path) in merged.items()}
+        return cls(entries, tuple(files))
+
+    def __getitem__(self, model_id: str) -> ModelEntry:
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise UnknownModelError(model_id, self._entries) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def by_repo(self, repo: str) -> ModelEntry | None:
+        """The entry whose hub repo is ``repo`` (case-insensitive), if any."""
+        lowered = repo.lower()
+        return next((e for e in self._entries.values() if e.repo.lower() == lowered), None)

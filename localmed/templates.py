@@ -1,0 +1,277 @@
+"""Prompt templates, registered by name.
+
+A template turns a conversation into the exact text a model was trained on. Rendered text never
+contains the leading BOS token: the runtime adds it as the GGUF says (``add_bos_token``), so a
+template that wrote it too would give the model two. Turn separators that *are* special tokens
+(``</s>`` in ``llama2``/``mistral``, ``<|eot_id|>`` in ``llama3``) are written as text and must be
+tokenized with special-token parsing on.
+
+There is no silent fallback: an unknown name raises :class:`UnknownTemplateError` listing the valid
+ones, and :func:`resolve_template` says in words which template it chose and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from localmed.errors import TemplateError, UnknownTemplateError
+
+Role = Literal["system", "user", "assistant"]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One turn of a conversation."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named prompt format."""
+
+    name: str
+    description: str
+    render_fn: Callable[[str | None, Sequence[Message], bool], str] = field(repr=False)
+    stop: tuple[str, ...] = ()
+    """Strings that end a reply (besides the model's EOS token)."""
+    has_system: bool = True
+    """False where the format has no system slot: the system prompt is folded into the first
+    user turn."""
+
+    def render(self, messages: Sequence[Message], *, system: str | None = None,
+               add_generation_prompt: bool = True) -> str:
+        """Render a conversation; ``system`` overrides any system message in ``messages``."""
+        sys_prompt, turns = _split_system(messages, system)
+        _check_turns(self.name, turns)
+        return self.render_fn(sys_prompt, turns, add_generation_prompt)
+
+
+def _split_system(messages: Sequence[Message], system: str | None) -> tuple[str | None, list[Message]]:
+    turns = [m for m in messages if m.role != "system"]
+    if system is None:
+        system = next((m.content for m in messages if m.role == "system"), None)
+    if system is not None and not system.strip():
+        system = None
+    return system, turns
+
+
+def _check_turns(name: str, turns: Sequence[Message]) -> None:
+    for i, message in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if message.role != expected:
+            raise TemplateError(
+                f"template '{name}': turn {i + 1} is '{message.role}', expected '{expected}' "
+                "(turns must alternate user/assistant, starting with user)"
+            )
+
+
+def _fold_system(system: str | None, turns: list[Message]) -> list[Message]:
+    """Put the system prompt at the top of the first user turn (formats with no system slot)."""
+    if system is None or not turns:
+        return turns
+    first = Message("user", f"{system}\n\n{turns[0].content}")
+    return [first, *turns[1:]]
+
+
+def _pairs(turns: Sequence[Message]) -> list[tuple[str, str | None]]:
+    """(user, assistant-or-None) pairs."""
+    out: list[tuple[str, str | None]] = []
+    for i in range(0, len(turns), 2):
+        reply = turns[i + 1].content if i + 1 < len(turns) else None
+        out.append((turns[i].content, reply))
+    return out
+
+
+# --- the formats ------------------------------------------------------------------------------
+
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+
+
+def _alpaca(system: str | None, turns: list[Message], gen: bool) -> str:
+    # Internist.ai 7b was tuned on Alpaca-format data (maximegmd/medqa_alpaca_format).
+    parts = [f"{system if system is not None else ALPACA_PREAMBLE}\n\n"]
+    for user, reply in _pairs(turns):
+        parts.append(f"### Instruction:\n{user}\n\n")
+        if reply is not None:
+            parts.append(f"### Response:\n{reply}\n\n")
+        elif gen:
+            parts.append("### Response:\n")
+    return "".join(parts)
+
+
+def _med42(system: str | None, turns: list[Message], gen: bool) -> str:
+    # The Med42 card's format, to the character: a space after "<|system|>:", none after the
+    # other two markers.
+    parts = [f"<|system|>: {system}\n"] if system is not None else []
+    for user, reply in _pairs(turns):
+        parts.append(f"<|prompter|>:{user}\n")
+        if reply is not None:
+            parts.append(f"<|assistant|>:{reply}\n")
+        elif gen:
+            parts.append("<|assistant|>:")
+    return "".join(parts)
+
+
+def _llama2(system: str | None, turns: list[Message], gen: bool) -> str:
+    parts: list[str] = []
+    for i, (user, reply) in enumerate(_pairs(turns)):
+        if i == 0 and system is not None:
+            user = f"<<SYS>>\n{system}\n<</SYS>>\n\n{user}"
+        parts.append(f"{'' if i == 0 else '<s>'}[INST] {user} [/INST]")
+        if reply is not None:
+            parts.append(f" {reply} </s>")
+    return "".join(parts)
+
+
+def _mistral(system: str | None, turns: list[Message], gen: bool) -> str:
+    # Mistral/Mixtral instruct v0.1: no system slot, no space between [/INST] and the reply.
+    parts: list[str] = []
+    for user, reply in _pairs(_fold_system(system, turns)):
+        parts.append(f"[INST] {user} [/INST]")
+        if reply is not None:
+            parts.append(f"{reply}</s>")
+    return "".join(parts)
+
+
+def _chatml(system: str | None, turns: list[Message], gen: bool) -> str:
+    parts = [f"<|im_start|>system\n{system}<|im_end|>\n"] if system is not None else []
+    for message in turns:
+        parts.append(f"<|im_start|>{message.role}\n{message.content}<|im_end|>\n")
+    if gen:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def _llama3(system: str | None, turns: list[Message], gen: bool) -> str:
+    def block(role: str, content: str) -> str:
+        return f"<|start_header_id|>{role}<|end_header_id|>\n\n{content.strip()}<|eot_id|>"
+
+    parts = [block("system", system)] if system is not None else []
+    parts += [block(m.role, m.content) for m in turns]
+    if gen:
+        parts.append("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    return "".join(parts)
+
+
+TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (
+    PromptTemplate("alpaca", "Alpaca instruction format (Internist.ai)", _alpaca,
+                   stop=("### Instruction:", "\n### ")),
+    PromptTemplate("med42", "Med42 v1: <|system|>: / <|prompter|>: / <|assistant|>:", _med42,
+                   stop=("<|prompter|>:", "<|system|>:")),
+    PromptTemplate("llama2", "Llama-2 chat: [INST] <<SYS>> … [/INST]", _llama2,
+                   stop=("[INST]",)),
+    PromptTemplate("mistral", "Mistral/Mixtral instruct: [INST] … [/INST] (system folded into "
+                   "the first turn)", _mistral, stop=("[INST]",), has_system=False),
+    PromptTemplate("chatml", "ChatML <|im_start|> (Meditron's deployment guide)", _chatml,
+                   stop=("<|im_end|>", "<|im_start|>")),
+    PromptTemplate("llama3", "Llama-3 instruct headers (Med42-v2)", _llama3,
+                   stop=("<|eot_id|>", "<|start_header_id|>")),
+)}
+
+GGUF_TEMPLATE = "gguf"
+"""Name of the template embedded in a GGUF file (``tokenizer.chat_template``)."""
+
+
+def template_names() -> list[str]:
+    """Every name a user may pick, the GGUF-embedded one included."""
+    return [*TEMPLATES, GGUF_TEMPLATE]
+
+
+def get_template(name: str) -> PromptTemplate:
+    """A named template; unknown names raise an error that lists the valid ones."""
+    try:
+        return TEMPLATES[name]
+    except KeyError:
+        raise UnknownTemplateError(name, template_names()) from None
+
+
+# --- templates embedded in GGUF files ---------------------------------------------------------
+
+# Strings that end a turn in the Jinja templates seen in the wild; any that the embedded
+# template itself writes become stop strings.
+_KNOWN_END_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "</s>",
+                      "<|endoftext|>", "<|end_of_text|>")
+
+
+def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "") -> PromptTemplate:
+    """A template from the Jinja source embedded in a GGUF, rendered in a sandbox.
+
+    The sandbox (jinja2's ``ImmutableSandboxedEnvironment``) stops a template from reaching
+    Python internals or mutating its inputs; a template that fails raises
+    :class:`TemplateError`.
+    """
+    from jinja2 import TemplateError as JinjaError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(f"the GGUF's chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        keep_trailing_newline=True)
+    env.globals["raise_exception"] = raise_exception
+    try:
+        compiled = env.from_string(source)
+    except JinjaError as exc:
+        raise TemplateError(f"the GGUF's chat template is not valid Jinja: {exc}") from None
+
+    def render(system: str | None, turns: list[Message], gen: bool) -> str:
+        messages = ([{"role": "system", "content": system}] if system is not None else [])
+        messages += [{"role": m.role, "content": m.content} for m in turns]
+        try:
+            text = compiled.render(messages=messages, add_generation_prompt=gen,
+                                   bos_token=bos_token, eos_token=eos_token)
+        except JinjaError as exc:
+            raise TemplateError(f"the GGUF's chat template failed: {exc}") from None
+        # The runtime adds BOS itself; a template that writes it would double it.
+        if bos_token and text.startswith(bos_token):
+            text = text[len(bos_token):]
+        return text
+
+    stops = tuple(m for m in _KNOWN_END_MARKERS if m in source and m != eos_token)
+    return PromptTemplate(GGUF_TEMPLATE, "the chat template embedded in the GGUF file", render,
+                          stop=stops)
+
+
+@dataclass(frozen=True)
+class TemplateChoice:
+    """The template a session uses, and why: shown to the user, never silent."""
+
+    template: PromptTemplate
+    reason: str
+    fallback: bool = False
+    """True when the choice was not what the user or the file asked for."""
+
+
+def resolve_template(requested: str | None, *, embedded: str | None, bos_token: str = "",
+                     eos_token: str = "", registry_default: str | None = None,
+                     model_label: str = "this model") -> TemplateChoice:
+    """Pick the template for a GGUF.
+
+    ``requested`` (``--template``) wins. Otherwise the GGUF's embedded template; a file without one
+    gets its registry default, and the reason says so. With neither, an error asks for
+    ``--template``: a medical model prompted in a guessed format gives wrong answers.
+    """
+    if requested is not None and requested != GGUF_TEMPLATE:
+        return TemplateChoice(get_template(requested), f"'{requested}' (chosen)")
+    if embedded:
+        return TemplateChoice(gguf_template(embedded, bos_token=bos_token, eos_token=eos_token),
+                              "the chat template embedded in the GGUF")
+    if requested == GGUF_TEMPLATE:
+        raise TemplateError(f"{model_label} has no chat template embedded in its GGUF; "
+                            f"choose one with --template ({', '.join(TEMPLATES)})")
+    if registry_default is not None:
+        return TemplateChoice(
+            get_template(registry_default),
+            f"'{registry_default}': the GGUF has no embedded chat template, so the registry "
+            f"default for {model_label} is used",
+            fallback=True,
+        )
+    raise TemplateError(f"{model_label} has no embedded chat template and no registry entry; "
+                        f"choose one with --template ({', '.join(TEMPLATES)})")
