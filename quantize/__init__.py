@@ -1,0 +1,1 @@
+"""Converters: Hugging Face checkpoints → GGUF (gguf-py and llama.cpp's quantizer)."""

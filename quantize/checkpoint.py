@@ -1,0 +1,206 @@
+"""A Hugging Face checkpoint folder, read one tensor at a time.
+
+Safetensors files are indexed from their headers alone (no weights read), checked against their
+own size so a truncated download is caught before anything is written, and each tensor is read on
+demand into a fresh array: peak memory follows the largest tensor, not the model. torch is not
+needed (bf16 is widened to f32 with numpy).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localmed.errors import CheckpointError, PickleRefusedError, SourceError
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # widened to f32 on read
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives: file, dtype, shape and byte range of its data."""
+
+    name: str
+    path: Path
+    dtype: str
+    """safetensors dtype string (``BF16``, ``F32`` …)."""
+    shape: tuple[int, ...]
+    offset: int
+    """Absolute byte offset of the data in the file."""
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+
+    def read(self) -> np.ndarray:
+        """The tensor as float32 (floating types) or its own integer type."""
+        dtype = _DTYPES[self.dtype]
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            data = np.fromfile(fh, dtype=dtype, count=self.n_elements)
+        if data.size != self.n_elements:
+            raise CheckpointError(self.path, f"tensor {self.name} is truncated")
+        if self.dtype == "BF16":
+            data = (data.astype(np.uint32) << 16).view(np.float32)
+        elif dtype.kind == "f" and dtype != np.float32:
+            data = data.astype(np.float32)
+        return data.reshape(self.shape)
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """Index a .safetensors file from its header; a truncated or corrupt file raises."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CheckpointError(path, "not a safetensors file (too short)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > _MAX_HEADER or 8 + header_len > size:
+            raise CheckpointError(path, "not a safetensors file, or its header is truncated")
+        try:
+            header: dict[str, Any] = json.loads(fh.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(path, "corrupt safetensors header") from None
+    base = 8 + header_len
+    refs: dict[str, TensorRef] = {}
+    data_end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(path, f"corrupt safetensors header entry for {name}") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(path, f"tensor {name} has unsupported dtype {dtype}")
+        ref = TensorRef(name, path, dtype, shape, base + begin, end - begin)
+        if ref.nbytes != ref.n_elements * _DTYPES[dtype].itemsize:
+            raise CheckpointError(path, f"tensor {name}: byte size does not match its shape")
+        refs[name] = ref
+        data_end = max(data_end, end)
+    if base + data_end > size:
+        raise CheckpointError(
+            path, f"truncated: the header promises {base + data_end:,} bytes, the file has "
+            f"{size:,} (an interrupted download? fetch it again)")
+    return refs
+
+
+@dataclass
+class Checkpoint:
+    """A local Hugging Face checkpoint: config, tokenizer files and indexed weights."""
+
+    folder: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorRef]
+    weight_files: list[Path]
+    source_weights: list[Path] | None = None
+    """The files the user gave, when ``weight_files`` are staged copies (pickle input)."""
+    _staging: object = None
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else f"(none; model_type={self.config.get('model_type')})"
+
+    @classmethod
+    def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
+        """Open a checkpoint folder; raises a clear error for anything missing or broken."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SourceError(folder, "not a folder")
+        config_path = folder / "config.json"
+        if not config_path.is_file():
+            raise SourceError(folder, "no config.json: not a Hugging Face checkpoint folder")
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise SourceError(config_path, f"invalid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise SourceError(config_path, "must hold a JSON object")
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
+                if not allow_pickle:
+                    raise PickleRefusedError(folder)
+                return cls._from_pickle(folder, config)
+            raise SourceError(folder, "no *.safetensors weights found")
+        tensors: dict[str, TensorRef] = {}
+        for path in files:
+            tensors.update(read_safetensors_header(path))
+        return cls(folder, config, tensors, files)
+
+    @classmethod
+    def _from_pickle(cls, folder: Path, config: dict[str, Any]) -> Checkpoint:
+        """Load .bin weights with ``weights_only=True`` and stage them as safetensors.
+
+        Only reached with --allow-pickle. torch's restricted unpickler refuses anything but
+        tensors; the staged copy keeps the rest of the pipeline streaming.
+        """
+        import torch
+        from safetensors.torch import save_file
+
+        # Staged outside the user's folder, which may be read-only and is not ours to change;
+        # removed when the Checkpoint is garbage-collected.
+        staging = tempfile.TemporaryDirectory(prefix="localmed-staged-")
+        staged = Path(staging.name)
+        files: list[Path] = []
+        for src in sorted([*folder.glob("*.bin"), *folder.glob("*.pt")]):
+            dst = staged / f"{src.stem}.safetensors"
+            try:
+                state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as exc:  # torch raises many types for bad pickles
+                raise CheckpointError(src, f"cannot load safely: {exc}") from None
+            save_file({k: v.contiguous() for k, v in state.items()}, str(dst))
+            files.append(dst)
+        tensors: dict[str, TensorRef] = {}
+        for path in files:
+            tensors.update(read_safetensors_header(path))
+        checkpoint = cls(folder, config, tensors, files)
+        checkpoint.source_weights = sorted([*folder.glob("*.bin"), *folder.glob("*.pt")])
+        checkpoint._staging = staging
+        return checkpoint
+
+    def iter_input_files(self) -> Iterator[Path]:
+        """Every file a conversion reads: weights, config and tokenizer files."""
+        yield from self.source_weights or self.weight_files
+        for name in ("config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "generation_config.json", "chat_template.jinja"):
+            if (self.folder / name).is_file():
+                yield self.folder / name
+
+    def largest_tensor_bytes(self) -> int:
+        return max((t.n_elements * 4 for t in self.tensors.values()), default=0)
+
+    def n_parameters(self) -> int:
+        return sum(t.n_elements for t in self.tensors.values())
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

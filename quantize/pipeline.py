@@ -1,0 +1,302 @@
+"""``localmed quantize``: checkpoint → one or several GGUF files, with provenance.
+
+Order of work, so that mistakes cost nothing: resolve the source, open and check the checkpoint,
+plan every tensor, check the output folder and free disk space, then hash inputs, convert, and
+quantize. Every file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from localmed import __version__, paths
+from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
+from localmed.errors import (
+    DiskSpaceError,
+    OutputError,
+    SourceError,
+    UnknownModelError,
+)
+from localmed.hub import download_checkpoint
+from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
+from localmed.registry import ModelEntry, Registry
+from quantize.checkpoint import Checkpoint, sha256_file
+from quantize.families import ConverterFamily, PlannedTensor, family_for
+from quantize.gguf_out import planned_bytes, write_gguf
+from quantize.llama_quant import llama_quantize
+from quantize.vocab import write_vocab
+
+PROVENANCE_PREFIX = "localmed."
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a checkpoint came from: what provenance records."""
+
+    folder: Path
+    label: str
+    """Hub repo id, or the local folder as given."""
+    revision: str
+    """Hub commit, or ``local``."""
+    entry: ModelEntry | None
+    name: str
+    """Base name of the output files."""
+
+
+def resolve_source(source: str, registry: Registry, *, revision: str | None = None,
+                   token: str | None = None) -> Source:
+    """A registry id, a local checkpoint folder, or a hub repo id → a local folder."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise SourceError(path, "is a file; expected a checkpoint folder (with config.json)")
+        entry = None
+        return Source(path, str(path), "local", entry, _safe_name(path.resolve().name))
+    entry = registry.get(source)
+    repo = entry.repo if entry else source
+    if entry is None:
+        if source.count("/") != 1 or source.startswith(("/", ".", "~")):
+            raise UnknownModelError(source, registry)
+        entry = registry.by_repo(source)
+    folder, commit = download_checkpoint(repo, revision=revision, token=token,
+                                         gated=bool(entry and entry.gated))
+    name = entry.id if entry else _safe_name(repo.split("/")[-1])
+    return Source(folder, repo, commit, entry, name)
+
+
+def _safe_name(text: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-.")
+    return cleaned.lower() or "model"
+
+
+def check_output_dir(out_dir: Path) -> None:
+    """The folder exists (created if needed) and can be written."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(out_dir, f"cannot create the output folder: {exc.strerror}") from None
+    if not out_dir.is_dir():
+        raise OutputError(out_dir, "is not a folder")
+    probe = temp_path_for(out_dir / "write-test")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(out_dir, f"output folder is not writable: {exc.strerror}") from None
+
+
+@dataclass
+class Conversion:
+    """A checkpoint ready to write: its family, tensor plan and provenance."""
+
+    source: Source
+    checkpoint: Checkpoint
+    family: ConverterFamily
+    plan: list[PlannedTensor]
+    input_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def intermediate(self) -> QuantType:
+        """What llama.cpp quantizes from: BF16 for bf16 checkpoints (no f16 overflow), else F16."""
+        bf16 = any(t.dtype == "BF16" for t in self.checkpoint.tensors.values())
+        return QUANT_TYPES["BF16" if bf16 else "F16"]
+
+    def estimate_bytes(self, quant: QuantType) -> int:
+        if quant.direct:
+            return planned_bytes(self.plan, DIRECT_TENSOR_TYPE[quant.name])
+        return int(self.checkpoint.n_parameters() * quant.bits_per_weight / 8 * 1.05)
+
+    def provenance(self, quant: QuantType) -> dict[str, str]:
+        entry = self.source.entry
+        return {
+            "localmed.version": __version__,
+            "localmed.model_id": entry.id if entry else "",
+            "localmed.source": self.source.label,
+            "localmed.revision": self.source.revision,
+            "localmed.quant": quant.name,
+            "localmed.advisory": entry.advisory if entry else "",
+            "localmed.inputs_sha256": json.dumps(self.input_hashes, sort_keys=True),
+            "localmed.created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def add_metadata(self, writer: gguf.GGUFWriter, quant: QuantType) -> None:
+        entry = self.source.entry
+        writer.add_name(entry.name if entry else self.source.name)
+        if entry:
+            writer.add_license(entry.license)
+        write_vocab(writer, self.checkpoint.folder, self.family.hparam("vocab_size"))
+        for key, value in self.provenance(quant).items():
+            writer.add_string(key, value)
+
+
+def prepare(source: Source, *, allow_pickle: bool = False) -> Conversion:
+    """Open the checkpoint, pick its converter and plan its tensors (no weights read)."""
+    checkpoint = Checkpoint.open(source.folder, allow_pickle=allow_pickle)
+    family = family_for(checkpoint)
+    return Conversion(source, checkpoint, family, family.plan())
+
+
+def check_disk(conv: Conversion, quants: list[QuantType], out_dir: Path) -> None:
+    need = sum(conv.estimate_bytes(q) for q in quants)
+    if any(not q.direct for q in quants) and conv.intermediate not in quants:
+        need += conv.estimate_bytes(conv.intermediate)
+    free = shutil.disk_usage(out_dir).free
+    if need * 1.02 > free:
+        raise DiskSpaceError(out_dir, need, free)
+
+
+def _bar(console: Console) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
+                    TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+@dataclass
+class Output:
+    """One file ``localmed quantize`` wrote."""
+
+    quant: str
+    path: Path
+    manifest: Path
+    bytes: int
+
+
+def output_path(out_dir: Path, name: str, quant: QuantType) -> Path:
+    return out_dir / f"{name}.{quant.name}.gguf"
+
+
+def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None = None, *,
+                 allow_pickle: bool = False, threads: int | None = None,
+                 console: Console | None = None) -> list[Output]:
+    """Convert ``source`` to every quant in ``quants``; returns the files written."""
+    console = console or Console(stderr=True)
+    out_dir = out_dir or paths.models_dir()
+    conv = prepare(source, allow_pickle=allow_pickle)
+    check_output_dir(out_dir)
+    check_disk(conv, quants, out_dir)
+
+    with _bar(console) as bar:
+        files = list(conv.checkpoint.iter_input_files())
+        task = bar.add_task("hash inputs", total=sum(p.stat().st_size for p in files))
+        for path in files:
+            conv.input_hashes[path.name] = sha256_file(path)
+            bar.advance(task, path.stat().st_size)
+
+        outputs: list[Output] = []
+        direct = [q for q in quants if q.direct]
+        via_llama = [q for q in quants if not q.direct]
+        for quant in direct:
+            outputs.append(_write_direct(conv, quant, output_path(out_dir, source.name, quant), bar))
+        if via_llama:
+            with _intermediate(conv, out_dir, outputs, bar) as base:
+                for quant in via_llama:
+                    outputs.append(_write_llama(conv, quant, base,
+                                                output_path(out_dir, source.name, quant),
+                                                threads, bar))
+    return outputs
+
+
+def _write_direct(conv: Conversion, quant: QuantType, final: Path, bar: Progress) -> Output:
+    target = DIRECT_TENSOR_TYPE[quant.name]
+    task = bar.add_task(f"convert {quant.name}", total=planned_bytes(conv.plan, target))
+    with atomic_path(final) as tmp:
+        write_gguf(tmp, conv.family, conv.plan, target, int(quant.ftype),
+                   lambda writer: conv.add_metadata(writer, quant),
+                   progress=lambda n: bar.advance(task, n))
+    return _finish(conv, quant, final)
+
+
+@contextlib.contextmanager
+def _intermediate(conv: Conversion, out_dir: Path, outputs: list[Output],
+                  bar: Progress) -> Iterator[Path]:
+    """The F16/BF16 file llama.cpp quantizes from: a requested output, or a temporary one."""
+    kind = conv.intermediate
+    existing = next((o.path for o in outputs if o.quant == kind.name), None)
+    if existing is not None:
+        yield existing
+        return
+    tmp = temp_path_for(out_dir / f"{conv.source.name}.{kind.name}.intermediate.gguf")
+    try:
+        target = DIRECT_TENSOR_TYPE[kind.name]
+        task = bar.add_task(f"convert {kind.name} (intermediate)",
+                            total=planned_bytes(conv.plan, target))
+        write_gguf(tmp, conv.family, conv.plan, target, int(kind.ftype),
+                   lambda writer: conv.add_metadata(writer, kind),
+                   progress=lambda n: bar.advance(task, n))
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
+                 threads: int | None, bar: Progress) -> Output:
+    task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
+    overrides = {"localmed.quant": quant.name,
+                 "localmed.created": conv.provenance(quant)["localmed.created"]}
+    with atomic_path(final) as tmp:
+        _run_interruptible(lambda: llama_quantize(
+            base, tmp, quant, threads=threads, metadata=overrides,
+            progress=lambda n: bar.update(task, completed=n)))
+        bar.update(task, total=tmp.stat().st_size, completed=tmp.stat().st_size)
+    return _finish(conv, quant, final)
+
+
+def _run_interruptible(work: Callable[[], None]) -> None:
+    """Run a long C call in a daemon thread, so Ctrl-C reaches Python at once.
+
+    llama_model_quantize cannot be cancelled; on Ctrl-C the caller removes its output and the
+    process exits, ending the thread with it.
+    """
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            work()
+        except BaseException as exc:  # handed to the main thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True, name="llama-quantize")
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if failure:
+        raise failure[0]
+
+
+def _finish(conv: Conversion, quant: QuantType, final: Path) -> Output:
+    size = final.stat().st_size
+    manifest = final.with_name(final.name.removesuffix(".gguf") + ".manifest.json")
+    record: dict[str, Any] = {
+        "file": final.name,
+        "bytes": size,
+        "sha256": sha256_file(final),
+        "quant": quant.name,
+        "architecture": conv.checkpoint.architecture,
+        "gguf_architecture": conv.family.arch_name,
+        "parameters": conv.checkpoint.n_parameters(),
+        **{k.removeprefix(PROVENANCE_PREFIX): v for k, v in conv.provenance(quant).items()},
+        "inputs_sha256": conv.input_hashes,
+    }
+    write_text_atomic(manifest, json.dumps(record, indent=2) + "\n")
+    return Output(quant.name, final, manifest, size)
