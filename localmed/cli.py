@@ -1,0 +1,240 @@
+"""The ``localmed`` command.
+
+Every user mistake surfaces as a :class:`~localmed.errors.LocalmedError`: printed as one line on
+stderr, exit status 2, no traceback. Ctrl-C exits 130 after the command has cleaned up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from localmed import __version__, paths
+from localmed.errors import LocalmedError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+def _err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from localmed.registry import Registry
+
+    registry = Registry.load()
+    models_dir = Path(args.dir) if args.dir else paths.models_dir()
+    if args.paths:
+        out = _console()
+        out.print(f"registry files: {', '.join(str(p) for p in registry.files)}")
+        out.print(f"user registry:  {paths.user_registry_path()}")
+        out.print(f"models folder:  {models_dir}")
+        return 0
+    local = sorted(models_dir.glob("*.gguf")) if models_dir.is_dir() else []
+    if args.json:
+        rows = []
+        for entry in registry.values():
+            rows.append({
+                "id": entry.id, "name": entry.name, "repo": entry.repo,
+                "architecture": entry.architecture, "parameters_b": entry.parameters_b,
+                "context_length": entry.context_length, "template": entry.template,
+                "license": entry.license, "gated": entry.gated,
+                "default_quant": entry.default_quant, "scores": dict(entry.scores),
+                "local_quants": _local_quants(local, entry.id),
+            })
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"localmed models  (local files: {models_dir})", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("id / hub repo", no_wrap=True)
+    table.add_column("model")
+    table.add_column("template")
+    table.add_column("local quants")
+    for entry in registry.values():
+        quants = [q + ("*" if q == entry.default_quant else "")
+                  for q in _local_quants(local, entry.id)]
+        gated = ", [yellow]gated[/]" if entry.gated else ""
+        table.add_row(
+            f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]",
+            f"{entry.architecture.removesuffix('ForCausalLM')} {entry.parameters_b:g}B, "
+            f"{entry.context_length // 1024}k ctx\n[dim]{escape(entry.license)}[/]{gated}",
+            entry.template,
+            ", ".join(quants) if quants else f"[dim]none[/]\n[dim]default {entry.default_quant}[/]",
+        )
+    _console().print(table)
+    return 0
+
+
+def _local_quants(files: list[Path], model_id: str) -> list[str]:
+    prefix = f"{model_id}."
+    return [f.name[len(prefix):-len(".gguf")] for f in files if f.name.startswith(prefix)]
+
+
+# --- templates ------------------------------------------------------------------------------------
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from localmed.templates import GGUF_TEMPLATE, TEMPLATES
+
+    table = Table(title="prompt templates", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("format")
+    table.add_column("stop strings")
+    for template in TEMPLATES.values():
+        table.add_row(template.name, escape(template.description),
+                      escape(", ".join(repr(s) for s in template.stop)))
+    table.add_row(GGUF_TEMPLATE, "the Jinja chat template embedded in the GGUF (sandboxed)", "")
+    _console().print(table)
+    return 0
+
+
+# --- quantize -------------------------------------------------------------------------------------
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import resolve_source, run_quantize
+
+    if args.format != "gguf":
+        raise LocalmedError(f"--format {args.format}: only gguf is available in this version")
+    quants = parse_quant_list(args.quant)
+    registry = Registry.load()
+    source = resolve_source(args.source, registry, revision=args.revision,
+                            token=os.environ.get("HF_TOKEN"))
+    if args.name:
+        from dataclasses import replace
+
+        source = replace(source, name=args.name)
+    out_dir = Path(args.out).expanduser() if args.out else paths.models_dir()
+    console = _err_console()
+    outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
+                           threads=args.threads, console=console)
+    out = _console()
+    for output in outputs:
+        out.print(f"[green]wrote[/] {output.path}  ({_human_bytes(output.bytes)}, {output.quant})")
+    return 0
+
+
+# --- info -----------------------------------------------------------------------------------------
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from localmed.gguf_info import read_gguf_info
+
+    info = read_gguf_info(Path(args.file))
+    if args.json:
+        record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(info).items()}
+        print(json.dumps(record, indent=2, default=str))
+        return 0
+    out = _console()
+    table = Table(show_header=False, box=None, title=str(info.path), title_justify="left")
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column()
+    table.add_row("name", escape(info.name))
+    table.add_row("architecture", info.architecture)
+    table.add_row("quant", info.quant)
+    table.add_row("size", f"{_human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)")
+    table.add_row("parameters", f"{info.n_parameters:,} in {info.n_tensors} tensors")
+    table.add_row("layers", str(info.block_count))
+    table.add_row("context length", str(info.context_length))
+    if info.chat_template:
+        first = info.chat_template.strip().splitlines()[0]
+        table.add_row("chat template", f"embedded ({len(info.chat_template)} chars): "
+                      f"{escape(first[:70])}{'…' if len(first) > 70 else ''}")
+    else:
+        table.add_row("chat template", "[yellow]none embedded[/] (chat uses the registry "
+                      "default, and says so)")
+    table.add_row("BOS / EOS", escape(f"{info.bos_token!r} / {info.eos_token!r}"))
+    if info.provenance:
+        for key, value in info.provenance.items():
+            if key == "inputs_sha256" and isinstance(value, dict):
+                for name, digest in value.items():
+                    table.add_row(f"sha256 {escape(name)}", digest)
+            elif value != "":
+                table.add_row(key, escape(str(value)))
+    else:
+        table.add_row("provenance", "[dim]none (not written by localmed)[/]")
+    out.print(table)
+    return 0
+
+
+# --- entry point ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="localmed",
+        description="Open medical LLMs on an offline laptop. Not medical advice: for use by "
+                    "medical professionals, who verify every output.",
+    )
+    parser.add_argument("--version", action="version", version=f"localmed {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the model registry and which quants exist locally")
+    p.add_argument("--dir", help="models folder to look in (default: the data dir)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--paths", action="store_true", help="show where registry and models live")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("templates", help="list the prompt templates")
+    p.set_defaults(func=cmd_templates)
+
+    p = sub.add_parser("quantize", help="convert a Hugging Face checkpoint to GGUF")
+    p.add_argument("source", metavar="SOURCE",
+                   help="registry id (internist-7b), hub repo id (owner/name) or local folder")
+    p.add_argument("--quant", "-q", default="Q4_K_M",
+                   help="comma-separated quant types, e.g. Q4_K_M,Q8_0 (default: Q4_K_M)")
+    p.add_argument("--out", "-o", help="output folder (default: the data dir, where chat and "
+                   "bench look)")
+    p.add_argument("--name", help="base name of the output files (default: the model id)")
+    p.add_argument("--format", default="gguf", choices=["gguf", "gptq"],
+                   help="output format (default: gguf)")
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.add_argument("--threads", type=int, help="threads for llama.cpp's quantizer")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept .bin (pickle) weights, loaded with weights_only=True")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("info", help="describe a GGUF file: architecture, quant, template, "
+                       "provenance")
+    p.add_argument("file", metavar="FILE.gguf")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except LocalmedError as exc:
+        _err_console().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _err_console().print("[yellow]interrupted[/]: no partial files were left behind")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
