@@ -1,0 +1,160 @@
+"""Convert a synthetic ~1.3 GB Llama checkpoint to F16 GGUF: wall time and peak RSS.
+
+localmed's converter and llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python
+source archive, ``vendor/llama.cpp/``) run on the same checkpoint in the same run, each in a fresh
+process whose peak RSS is read from ``wait4``. Nothing here touches the network except, when
+``--llama-cpp-src`` is not given, ``pip download`` of the pinned llama-cpp-python sdist.
+
+    python benchmarks/convert_memory.py [--layers 4] [--keep DIR] [--llama-cpp-src DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.tiny_models import SPM_MODEL  # noqa: E402
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, seed: int = 0) -> None:
+    """A Llama checkpoint with random f32 weights, written one tensor at a time."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    n_head, n_kv, vocab = hidden // 128, max(1, hidden // 512), 32000
+    head = hidden // n_head
+    shapes: dict[str, tuple[int, ...]] = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (n_kv * head, hidden),
+            p + "self_attn.v_proj.weight": (n_kv * head, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
+    # Two shards, as real checkpoints come.
+    names = list(shapes)
+    half = len(names) // 2
+    index = {"metadata": {}, "weight_map": {}}
+    for shard, part in enumerate((names[:half], names[half:]), start=1):
+        fname = f"model-{shard:05d}-of-00002.safetensors"
+        save_file({n: (rng.standard_normal(shapes[n], dtype=np.float32) * 0.02) for n in part},
+                  str(folder / fname))
+        index["weight_map"] |= {n: fname for n in part}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False, "hidden_act": "silu",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    shutil.copyfile(SPM_MODEL, folder / "tokenizer.model")
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
+    if given:
+        return given
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                    LLAMA_CPP_PYTHON, "-d", str(scratch)], check=True, capture_output=True)
+    archive = next(scratch.glob("llama_cpp_python-*.tar.gz"))
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers()
+                   if "/vendor/llama.cpp/" in m.name and ("convert_hf_to_gguf" in m.name
+                   or "/gguf-py/" in m.name or "/conversion/" in m.name)]
+        tar.extractall(scratch, members=members, filter="data")
+    return next(scratch.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--ffn", type=int, default=5632)
+    parser.add_argument("--keep", type=Path, help="keep the checkpoint and outputs here")
+    parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked vendor/llama.cpp")
+    args = parser.parse_args()
+
+    work = args.keep or Path(tempfile.mkdtemp(prefix="localmed-bench-"))
+    ckpt = work / "checkpoint"
+    if not (ckpt / "config.json").is_file():
+        build_checkpoint(ckpt, args.layers, args.hidden, args.ffn)
+    from quantize.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(ckpt)
+    ckpt_bytes = sum(p.stat().st_size for p in checkpoint.weight_files)
+    largest = max(t.nbytes for t in checkpoint.tensors.values())
+
+    ours_out = work / "ours"
+    ours_cmd = [sys.executable, "-m", "localmed", "quantize", str(ckpt), "--quant", "F16",
+                "--out", str(ours_out), "--name", "synthetic"]
+    src = llama_cpp_source(args.llama_cpp_src, work / "llama-cpp-src")
+    theirs_out = work / "theirs.F16.gguf"
+    theirs_cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outtype",
+                  "f16", "--outfile", str(theirs_out)]
+    theirs_env = {**os.environ, "PYTHONPATH": str(src / "gguf-py"), "NO_LOCAL_GGUF": ""}
+
+    rows = []
+    for label, cmd, env, out in (
+        ("localmed", ours_cmd, None, ours_out / "synthetic.F16.gguf"),
+        ("llama.cpp convert_hf_to_gguf.py", theirs_cmd, theirs_env, theirs_out),
+    ):
+        wall, rss = measure(cmd, env)
+        rows.append((label, wall, rss, out.stat().st_size))
+
+    print(f"checkpoint: {ckpt_bytes / 1e6:,.0f} MB fp32 in {len(checkpoint.weight_files)} "
+          f"shards, largest tensor {largest / 1e6:,.0f} MB, {checkpoint.n_parameters():,} params")
+    print(f"{'converter':34} {'wall s':>7} {'peak RSS MB':>12} {'RSS/ckpt':>9} "
+          f"{'RSS/largest':>12} {'out MB':>8}")
+    for label, wall, rss, size in rows:
+        print(f"{label:34} {wall:7.1f} {rss / 1e6:12.0f} {rss / ckpt_bytes:9.2f} "
+              f"{rss / largest:12.1f} {size / 1e6:8.0f}")
+    (_, w0, r0, _), (_, w1, r1, _) = rows
+    print(f"localmed / llama.cpp: time {w0 / w1:.2f}x, peak RSS {r0 / r1:.2f}x")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Install localmed into ./.venv (or $LOCALMED_VENV): torch's CPU build first, then llama-cpp-python
+# built from source with only what localmed uses, then localmed itself.
+#
+#   LOCALMED_GPU=cuda  scripts/install.sh   # NVIDIA: llama.cpp built with CUDA offload
+#   (Apple Silicon gets Metal without asking.)
+#   CMAKE_ARGS="..."   scripts/install.sh   # extra llama.cpp CMake options, appended
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${LOCALMED_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+"${PIP[@]}" install --quiet --upgrade pip
+
+# The CPU build of torch, before anything that depends on torch can pull a CUDA one.
+"${PIP[@]}" install --quiet "torch==2.13.0"
+
+# llama.cpp: the library and its common code only (no server, tools, tests or multimodal),
+# which roughly halves the build.
+cmake_args="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
+cmake_args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
+cmake_args+=" -DLLAMA_OPENSSL=OFF"
+if [ "$(uname -m)" = "x86_64" ]; then
+    # An AVX2 baseline instead of -march=native: native builds use AMX where the CPU lists it,
+    # and virtual machines that list AMX without enabling it die with SIGILL on Q8_0/Q4 models.
+    cmake_args+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+    cmake_args+=" -DGGML_BMI2=ON"
+fi
+if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
+    cmake_args+=" -DGGML_CUDA=on"
+fi
+cmake_args+=" ${CMAKE_ARGS:-}"
+
+# --no-cache-dir: pip's wheel cache ignores CMAKE_ARGS, and would hand back a build made with
+# other options.
+if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '${LLAMA_CPP_PYTHON#*==}')" 2>/dev/null \
+   || [ -n "${LOCALMED_REBUILD_LLAMA:-}" ]; then
+    echo "building $LLAMA_CPP_PYTHON (a few minutes) ..." >&2
+    CMAKE_ARGS="$cmake_args" "${PIP[@]}" install --quiet --no-cache-dir --force-reinstall \
+        --no-deps "$LLAMA_CPP_PYTHON"
+fi
+
+"${PIP[@]}" install --quiet -e ".[test]"
+echo "localmed installed in $VENV: run $VENV/bin/localmed" >&2

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny real checkpoints, converted once per test session.
+
+Nothing here reaches the network: HF_HUB_OFFLINE is set for the whole run, and localmed's data and
+config folders point into a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from tests.tiny_models import (
+    BPE_GGUF,
+    SPM_MODEL,
+    build_llama3_model,
+    build_spm_model,
+    save_llama3_tokenizer,
+)
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    root = tmp_path_factory.mktemp("localmed-home")
+    old = {k: os.environ.get(k) for k in ("LOCALMED_DATA_DIR", "LOCALMED_CONFIG_DIR")}
+    os.environ["LOCALMED_DATA_DIR"] = str(root / "data")
+    os.environ["LOCALMED_CONFIG_DIR"] = str(root / "config")
+    yield
+    for key, value in old.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def shared_vocab() -> Path:
+    if not SPM_MODEL.is_file() or not BPE_GGUF.is_file():
+        pytest.fail(f"test data missing: {SPM_MODEL.parent} (../shared/vocab beside the project)")
+    return SPM_MODEL.parent
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory, shared_vocab: Path) -> dict[str, Path]:
+    """Tiny checkpoints by family: llama (Llama-2 SPM), mistral, mixtral, llama3 (BPE)."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {
+        "llama": build_spm_model(root / "llama", "llama", seed=1),
+        "mistral": build_spm_model(root / "mistral", "mistral", seed=2),
+        "mixtral": build_spm_model(root / "mixtral", "mixtral", seed=3),
+    }
+    tokenizer = save_llama3_tokenizer(root / "llama3-tokenizer")
+    out["llama3"] = build_llama3_model(root / "llama3", tokenizer, seed=4)
+    return out
+
+
+def quiet_console() -> Console:
+    return Console(file=open(os.devnull, "w"), force_terminal=False)
+
+
+@pytest.fixture(scope="session")
+def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+              ) -> dict[str, dict[str, Path]]:
+    """GGUF files per family: F32 for all; Q8_0, Q4_K_M and Q2_K for llama too."""
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import resolve_source, run_quantize
+
+    registry = Registry.load()
+    out_dir = tmp_path_factory.mktemp("gguf")
+    result: dict[str, dict[str, Path]] = {}
+    for family, folder in checkpoints.items():
+        quants = "F32,Q8_0,Q4_K_M,Q2_K" if family == "llama" else "F32"
+        source = resolve_source(str(folder), registry)
+        outputs = run_quantize(source, parse_quant_list(quants), out_dir, threads=2,
+                               console=quiet_console())
+        result[family] = {o.quant: o.path for o in outputs}
+    return result

@@ -1,0 +1,135 @@
+"""Tiny, seeded, real Hugging Face checkpoints for tests and benchmarks.
+
+Built with transformers (a few layers, GQA, Mixtral with several experts), saved as safetensors,
+with real tokenizers: the Llama-2 SentencePiece ``tokenizer.model`` from ``../shared/vocab`` and
+the Llama-3 BPE tokenizer rebuilt by transformers from ``ggml-vocab-llama-bpe.gguf``.
+Dimensions are multiples of 256 so that K-quants apply to every matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+VOCAB = SHARED / "vocab"
+SPM_MODEL = VOCAB / "llama2-tokenizer.model"
+BPE_GGUF = VOCAB / "ggml-vocab-llama-bpe.gguf"
+
+SPM_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+    "{% endif %}{% endfor %}"
+)
+
+
+def _small(**overrides: object) -> dict[str, object]:
+    base: dict[str, object] = dict(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
+        initializer_range=0.08, tie_word_embeddings=False,
+    )
+    base.update(overrides)
+    return base
+
+
+def _save(model: object, folder: Path, dtype: str) -> None:
+    import torch
+
+    model = model.to(getattr(torch, dtype))  # type: ignore[attr-defined]
+    model.save_pretrained(folder, safe_serialization=True)  # type: ignore[attr-defined]
+
+
+def _spm_tokenizer(folder: Path, chat_template: str | None) -> None:
+    shutil.copyfile(SPM_MODEL, folder / "tokenizer.model")
+    config: dict[str, object] = {
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
+    }
+    if chat_template:
+        config["chat_template"] = chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def build_spm_model(folder: Path, arch: str = "llama", *, seed: int = 0, dtype: str = "float32",
+                    chat_template: str | None = SPM_CHAT_TEMPLATE, **overrides: object) -> Path:
+    """A tiny Llama-2 / Mistral / Mixtral checkpoint with the real Llama-2 tokenizer.model."""
+    import torch
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    common = _small(vocab_size=32000, bos_token_id=1, eos_token_id=2, **overrides)
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=None, **common))
+    elif arch == "mixtral":
+        common.setdefault("num_local_experts", 4)
+        common.setdefault("num_experts_per_tok", 2)
+        model = MixtralForCausalLM(MixtralConfig(sliding_window=None, **common))
+    else:
+        raise ValueError(arch)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(model, folder, dtype)
+    _spm_tokenizer(folder, chat_template)
+    return folder
+
+
+def save_llama3_tokenizer(folder: Path) -> Path:
+    """The Llama-3 tokenizer, rebuilt by transformers from the vocab GGUF (slow: ~30 s)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(VOCAB), gguf_file=BPE_GGUF.name)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(folder)
+    return folder
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+
+def build_llama3_model(folder: Path, tokenizer_dir: Path, *, seed: int = 0) -> Path:
+    """A tiny Llama-3 checkpoint (128256-token BPE vocab, tied embeddings, rope_theta 500000)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**_small(vocab_size=128256, bos_token_id=128000, eos_token_id=128001,
+                                  rope_theta=500000.0, tie_word_embeddings=True))
+    model = LlamaForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(model, folder, "float32")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(tokenizer_dir / name, folder / name)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["chat_template"] = LLAMA3_CHAT_TEMPLATE
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def read_vocab_cases(name: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test vectors: (text, expected ids) for ``ggml-vocab-<name>.gguf``."""
+    inp = (VOCAB / f"ggml-vocab-{name}.gguf.inp").read_text(encoding="utf-8")
+    out = (VOCAB / f"ggml-vocab-{name}.gguf.out").read_text(encoding="utf-8")
+    texts = inp.split("\n__ggml_vocab_test__\n")
+    if texts and texts[-1] == "":
+        texts.pop()
+    ids = [[int(t) for t in line.split()] for line in out.split("\n")][: len(texts)]
+    assert len(texts) == len(ids), (len(texts), len(ids))
+    return list(zip(texts, ids, strict=True))
