@@ -114,6 +114,14 @@ class UnknownQuantError(LocalmedError, ValueError):
         super().__init__(f"unknown quant type '{name}'; valid: {', '.join(self.known)}")
 
 
+class UnsupportedQuantError(LocalmedError, ValueError):
+    """A real llama.cpp quant type that localmed cannot produce (it needs an importance matrix)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        self.name = name
+        super().__init__(f"{name}: {message}")
+
+
 class OutputError(LocalmedError, PermissionError):
     """An output location that cannot be written."""
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from gguf import GGMLQuantizationType, LlamaFileType
 
-from localmed.errors import UnknownQuantError
+from localmed.errors import UnknownQuantError, UnsupportedQuantError
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,10 @@ def parse_quant_list(text: str) -> list[QuantType]:
     seen: dict[str, QuantType] = {}
     for part in names:
         quant = get_quant(part)
+        if quant.needs_imatrix:
+            raise UnsupportedQuantError(
+                quant.name, "llama.cpp makes this type only with an importance matrix, which "
+                "localmed does not compute yet; try Q2_K, IQ3_XXS or IQ2_M")
         seen.setdefault(quant.name, quant)
     return list(seen.values())
 

@@ -62,9 +62,6 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | Non
     """
     import llama_cpp
 
-    if quant.needs_imatrix:
-        raise QuantizeError(src, quant.name, "llama.cpp needs an importance matrix for this type, "
-                            "which localmed does not compute yet; try Q2_K or IQ3_XXS")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(quant.ftype)
     params.nthread = threads or os.cpu_count() or 1

@@ -91,6 +91,13 @@ def save_llama3_tokenizer(folder: Path) -> Path:
     tok = AutoTokenizer.from_pretrained(str(VOCAB), gguf_file=BPE_GGUF.name)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(folder)
+    # The rebuild appends an '<|endoftext|>' (id 128256) that Llama-3 does not have; drop it so
+    # the tokenizer has the real 128256 tokens.
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in vocab]
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return folder
 
 
