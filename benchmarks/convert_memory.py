@@ -1,4 +1,4 @@
-"""Convert a synthetic ~1.3 GB Llama checkpoint to F16 GGUF: wall time and peak RSS.
+"""Convert a synthetic ~0.93 GB fp32 Llama checkpoint to F16 GGUF: wall time and peak RSS.
 
 localmed's converter and llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python
 source archive, ``vendor/llama.cpp/``) run on the same checkpoint in the same run, each in a fresh
@@ -109,17 +109,25 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
     parser.add_argument("--keep", type=Path, help="keep the checkpoint and outputs here")
     parser.add_argument("--llama-cpp-src", type=Path, help="an unpacked vendor/llama.cpp")
+    parser.add_argument("--build-only", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_only:
+        build_checkpoint(args.build_only, args.layers, args.hidden, args.ffn)
+        return
 
     work = args.keep or Path(tempfile.mkdtemp(prefix="localmed-bench-"))
     ckpt = work / "checkpoint"
     if not (ckpt / "config.json").is_file():
-        build_checkpoint(ckpt, args.layers, args.hidden, args.ffn)
+        # In a child process: Linux carries a parent's peak RSS into children it forks, so the
+        # measuring process must stay small.
+        subprocess.run([sys.executable, __file__, "--build-only", str(ckpt), "--layers",
+                        str(args.layers), "--hidden", str(args.hidden), "--ffn", str(args.ffn)],
+                       check=True)
     from quantize.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(ckpt)
