@@ -127,7 +127,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.name:
         from dataclasses import replace
 
-        source = replace(source, name=args.name)
+        source = replace(source, name=args.name, entry=registry.get(args.name) or source.entry)
     out_dir = Path(args.out).expanduser() if args.out else paths.models_dir()
     console = _err_console()
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
@@ -172,11 +172,120 @@ def cmd_info(args: argparse.Namespace) -> int:
             if key == "inputs_sha256" and isinstance(value, dict):
                 for name, digest in value.items():
                     table.add_row(f"sha256 {escape(name)}", digest)
-            elif value != "":
+            elif key != "quant" and value != "":
                 table.add_row(key, escape(str(value)))
     else:
         table.add_row("provenance", "[dim]none (not written by localmed)[/]")
     out.print(table)
+    return 0
+
+
+# --- chat, plan, doctor -----------------------------------------------------------------------
+
+def _chat_model(args: argparse.Namespace):
+    from localmed.chat import resolve_chat_model, stdin_is_interactive
+    from localmed.errors import ModelNotAvailableError
+    from localmed.registry import Registry
+
+    registry = Registry.load()
+    try:
+        return resolve_chat_model(args.model, registry, quant=args.quant)
+    except ModelNotAvailableError as missing:
+        if paths.hub_offline() or not stdin_is_interactive():
+            raise
+        entry = registry[missing.model_id]
+        size = entry.parameters_b * 2
+        answer = input(f"{entry.id} {missing.quant} is not here. Download {entry.repo} "
+                       f"(~{size:.0f} GB of weights) and quantize it now? [y/N] ")
+        if answer.strip().lower() not in {"y", "yes"}:
+            raise
+        from localmed.quants import get_quant
+        from quantize.pipeline import resolve_source, run_quantize
+
+        source = resolve_source(entry.id, registry, token=os.environ.get("HF_TOKEN"))
+        run_quantize(source, [get_quant(missing.quant)], console=_err_console())
+        return resolve_chat_model(args.model, registry, quant=args.quant)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from localmed.chat import ChatSession
+    from localmed.runtime import LlamaCppRuntime
+
+    err = _err_console()
+    with err.status("preparing the model…"):
+        model = _chat_model(args)
+        runtime = LlamaCppRuntime.load(model.path, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
+                                       threads=args.threads)
+    try:
+        session = ChatSession.open(model, runtime, template=args.template,
+                                   save_history=args.save, system=args.system or "")
+    except LocalmedError:
+        runtime.close()
+        raise
+    if session.template_choice.fallback:
+        err.print(f"[yellow]note:[/] prompt template {escape(session.template_choice.reason)}")
+    from tui.app import run_chat
+
+    run_chat(session)
+    return 0
+
+
+def _plan_for(args: argparse.Namespace):
+    from localmed import hardware
+    from localmed.planner import plan_offload
+    from localmed.runtime import read_footprint
+
+    model = _chat_model(args)
+    info, footprint = read_footprint(model.path)
+    hw = hardware.detect()
+    return model, info, plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers), hw
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from localmed.planner import gib
+    from localmed.runtime import describe_plan
+
+    model, info, plan, hw = _plan_for(args)
+    out = _console()
+    out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} file, "
+              f"{info.block_count} layers")
+    out.print(f"machine: {hw.backend.upper()}"
+              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
+              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
+    out.print(escape(describe_plan(plan)))
+    return 0 if plan.fits else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from localmed import hardware
+    from localmed.planner import gib
+
+    out = _console()
+    import llama_cpp
+
+    backend, offload = hardware.llama_backend()
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    backends = sorted({p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
+                      - {"base"})
+    out.print(f"llama-cpp-python {llama_cpp.__version__}; ggml backends: {', '.join(backends)}")
+    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if offload else 'no: CPU only'}")
+    total, available = hardware.ram()
+    out.print(f"RAM: {gib(available)} available of {gib(total)}")
+    if backend == "cuda":
+        devices = hardware.cuda_devices()
+        for i, dev in enumerate(devices):
+            out.print(f"GPU {i}: {escape(dev.name)}, {gib(dev.free)} free of {gib(dev.total)}")
+        if not devices:
+            out.print("[yellow]CUDA build, but no NVIDIA GPU is visible (driver? "
+                      "CUDA_VISIBLE_DEVICES?)[/]")
+    elif not offload:
+        out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
+                  "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
+                  "get Metal by default.")
+    if args.model:
+        out.print()
+        args.quant = getattr(args, "quant", None)
+        return cmd_plan(args)
     return 0
 
 
@@ -207,7 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated quant types, e.g. Q4_K_M,Q8_0 (default: Q4_K_M)")
     p.add_argument("--out", "-o", help="output folder (default: the data dir, where chat and "
                    "bench look)")
-    p.add_argument("--name", help="base name of the output files (default: the model id)")
+    p.add_argument("--name", help="base name of the output files (default: the model id); a "
+                   "registry id also attaches that model's advisory and template")
     p.add_argument("--format", default="gguf", choices=["gguf", "gptq"],
                    help="output format (default: gguf)")
     p.add_argument("--revision", help="hub branch, tag or commit")
@@ -215,6 +325,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
     p.set_defaults(func=cmd_quantize)
+
+    def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+        p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
+                       help="registry id (internist-7b), a .gguf file, or 'demo'")
+        p.add_argument("--quant", "-q", help="which local quant of a registry model "
+                       "(default: its default quant)")
+        p.add_argument("--ctx", type=int, help="context size in tokens (default: the model's, "
+                       "at most 4096)")
+        p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (-1: all); "
+                       "default: as many as fit")
+        p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+
+    p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
+    model_options(p)
+    p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
+                   "else the registry's)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
+                   "data folder; off by default")
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
+    model_options(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "
+                       "and memory it sees")
+    model_options(p, optional=True)
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("info", help="describe a GGUF file: architecture, quant, template, "
                        "provenance")

@@ -174,3 +174,29 @@ class QuantizeError(LocalmedError, RuntimeError):
         self.path = Path(path)
         self.quant = quant
         super().__init__(f"{self.path}: quantizing to {quant} failed: {message}")
+
+
+class ModelTooLargeError(LocalmedError, MemoryError):
+    """A model that cannot fit in RAM + VRAM, refused before loading; carries the plan."""
+
+    def __init__(self, path: Path | str, reason: str, suggestion: str | None,
+                 plan: object = None) -> None:
+        self.path = Path(path)
+        self.suggestion = suggestion
+        self.plan = plan
+        hint = f"; try a smaller quant: --quant {suggestion}" if suggestion else ""
+        super().__init__(f"{self.path.name} does not fit: {reason}{hint}")
+
+
+class ContextFullError(LocalmedError, ValueError):
+    """A prompt (the system prompt and latest turn alone) longer than the context."""
+
+
+class ModelNotAvailableError(LocalmedError, FileNotFoundError):
+    """A registry model whose GGUF is not in the models folder; says how to make it."""
+
+    def __init__(self, model_id: str, quant: str, command: str, folder: Path | str) -> None:
+        self.model_id = model_id
+        self.quant = quant
+        self.command = command
+        super().__init__(f"{model_id} {quant} is not in {folder}; make it with: {command}")

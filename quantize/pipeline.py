@@ -70,12 +70,15 @@ def resolve_source(source: str, registry: Registry, *, revision: str | None = No
     if path.exists():
         if not path.is_dir():
             raise SourceError(path, "is a file; expected a checkpoint folder (with config.json)")
-        entry = None
-        return Source(path, str(path), "local", entry, _safe_name(path.resolve().name))
+        name = _safe_name(path.resolve().name)
+        # A local copy of a registry model, named as its id, keeps its advisory and template.
+        return Source(path, str(path), "local", registry.get(name), name)
+    if source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise SourceError(path, "no such folder")
     entry = registry.get(source)
     repo = entry.repo if entry else source
     if entry is None:
-        if source.count("/") != 1 or source.startswith(("/", ".", "~")):
+        if source.count("/") != 1:
             raise UnknownModelError(source, registry)
         entry = registry.by_repo(source)
     folder, commit = download_checkpoint(repo, revision=revision, token=token,

@@ -82,3 +82,37 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
                                console=quiet_console())
         result[family] = {o.quant: o.path for o in outputs}
     return result
+
+
+
+
+@pytest.fixture(scope="session")
+def cpu_machine():
+    from localmed.planner import GIB, Hardware
+
+    return Hardware("cpu", 16 * GIB, 12 * GIB)
+
+
+@pytest.fixture(scope="session")
+def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `localmed chat demo` model, built as a new user's first run builds it."""
+    from localmed.demo import ensure_demo_model
+
+    return ensure_demo_model(tmp_path_factory.mktemp("demo-models"), console=quiet_console())
+
+
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Any attempt to open a network connection is recorded and refused."""
+    import socket
+
+    attempts: list[object] = []
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        attempts.append(args[1:] if len(args) > 1 else args)
+        raise OSError("network access attempted during a test that forbids it")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    return attempts

@@ -1,0 +1,181 @@
+"""A chat session, without any UI: model, template, conversation and saving.
+
+The Textual app drives one :class:`ChatSession`; everything it shows comes from here, so the rules
+(which template, what prompt is sent, what is dropped from the context, where files go) are tested
+without a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from localmed import paths
+from localmed.conversation import (
+    Conversation,
+    HistoryStore,
+    Prompt,
+    build_prompt,
+    export_markdown,
+)
+from localmed.errors import GGUFFileError, ModelNotAvailableError, UnknownModelError
+from localmed.gguf_info import read_gguf_info
+from localmed.registry import ModelEntry, Registry
+from localmed.runtime import GenerationParams, GenerationStats, Runtime
+from localmed.templates import TemplateChoice, resolve_template
+
+
+@dataclass(frozen=True)
+class ChatModel:
+    """A GGUF to chat with, and what the registry knows of it."""
+
+    label: str
+    path: Path
+    entry: ModelEntry | None
+    advisory: str
+
+
+def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = None,
+                       models_dir: Path | None = None) -> ChatModel:
+    """``demo``, a registry id (its default or ``quant``), or a path to a ``.gguf``."""
+    from localmed.demo import DEMO_ENTRY, DEMO_ID, ensure_demo_model
+
+    models_dir = models_dir or paths.models_dir()
+    if spec == DEMO_ID:
+        path = ensure_demo_model(models_dir)
+        return ChatModel("demo (not a medical model)", path, DEMO_ENTRY, DEMO_ENTRY.advisory)
+    candidate = Path(spec).expanduser()
+    if candidate.suffix == ".gguf" or candidate.exists():
+        if not candidate.is_file():
+            raise GGUFFileError(candidate, "no such file")
+        info = read_gguf_info(candidate)
+        model_id = str(info.provenance.get("model_id") or "")
+        entry = registry.get(model_id) if model_id else None
+        advisory = info.advisory or (entry.advisory if entry else "")
+        return ChatModel(candidate.name, candidate, entry, advisory)
+    if spec not in registry:
+        raise UnknownModelError(spec, [*registry, DEMO_ID])
+    entry = registry[spec]
+    from localmed.quants import get_quant
+
+    quant_name = get_quant(quant).name if quant else entry.default_quant
+    path = models_dir / f"{entry.id}.{quant_name}.gguf"
+    if not path.is_file():
+        raise ModelNotAvailableError(entry.id, quant_name,
+                                     f"localmed quantize {entry.id} --quant {quant_name}",
+                                     models_dir)
+    return ChatModel(f"{entry.id} {quant_name}", path, entry, entry.advisory)
+
+
+@dataclass
+class ChatSession:
+    """What the chat app holds: a loaded runtime, the active template and the conversation."""
+
+    model: ChatModel
+    runtime: Runtime
+    template_choice: TemplateChoice
+    save_history: bool = False
+    params: GenerationParams = field(default_factory=GenerationParams)
+    history: HistoryStore = field(default_factory=HistoryStore)
+    conversation: Conversation = field(init=False)
+    last_prompt: Prompt | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        self.conversation = self._new_conversation()
+
+    @classmethod
+    def open(cls, model: ChatModel, runtime: Runtime, *, template: str | None = None,
+             save_history: bool = False, system: str = "") -> ChatSession:
+        choice = choose_template(model, runtime, template)
+        session = cls(model, runtime, choice, save_history)
+        session.conversation.system = system
+        return session
+
+    def _new_conversation(self) -> Conversation:
+        return Conversation(model=self.model.label, template=self.template_choice.template.name)
+
+    @property
+    def template_name(self) -> str:
+        return self.template_choice.template.name
+
+    def set_template(self, name: str) -> TemplateChoice:
+        """Switch the prompt template live; the next prompt uses it."""
+        self.template_choice = choose_template(self.model, self.runtime, name)
+        self.conversation.template = self.template_name
+        return self.template_choice
+
+    def set_system(self, text: str) -> None:
+        self.conversation.system = text.strip()
+
+    def new_chat(self) -> None:
+        system = self.conversation.system
+        self.conversation = self._new_conversation()
+        self.conversation.system = system
+
+    def load(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+
+    def context_used(self) -> int:
+        return self.last_prompt.tokens + self.runtime.last_stats.generated_tokens \
+            if self.last_prompt else 0
+
+    def ask(self, text: str) -> Iterator[str]:
+        """Add the user's turn and stream the reply; the reply is recorded when it ends,
+        stopped or not. Raises ContextFullError before adding anything that cannot fit."""
+        self.conversation.add("user", text)
+        try:
+            prompt = build_prompt(self.template_choice.template, self.conversation,
+                                  self.runtime.count_tokens, self.runtime.n_ctx,
+                                  reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+        except Exception:
+            self.conversation.messages.pop()
+            raise
+        self.last_prompt = prompt
+        parts: list[str] = []
+        try:
+            for piece in self.runtime.stream(prompt.text, self.params,
+                                             stop=self.template_choice.template.stop):
+                parts.append(piece)
+                yield piece
+        finally:
+            self.conversation.add("assistant", "".join(parts).strip())
+            if self.save_history:
+                self.history.save(self.conversation)
+
+    @property
+    def stats(self) -> GenerationStats:
+        return self.runtime.last_stats
+
+    def stop(self) -> None:
+        self.runtime.stop()
+
+    def set_saving(self, on: bool) -> Path | None:
+        """Turn saving on (the conversation so far is written at once) or off."""
+        self.save_history = on
+        if on and self.conversation.messages:
+            return self.history.save(self.conversation)
+        return None
+
+    def export(self, path: Path | None = None) -> Path:
+        """Markdown export, disclaimer first; default path in the data dir's exports folder."""
+        if path is None:
+            folder = paths.data_dir() / "exports"
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chmod(folder, 0o700)
+            path = folder / f"{self.conversation.id}.md"
+        return export_markdown(self.conversation, path, self.model.advisory)
+
+
+def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:
+    info = runtime.info
+    return resolve_template(
+        requested, embedded=info.chat_template, bos_token=info.bos_token,
+        eos_token=info.eos_token, registry_default=model.entry.template if model.entry else None,
+        model_label=model.entry.id if model.entry else model.label)
+
+
+def stdin_is_interactive() -> bool:
+    return sys.stdin.isatty() and sys.stdout.isatty()

@@ -1,0 +1,144 @@
+"""Conversations: the prompt that fits the context, saved history (0600), Markdown export.
+
+Core logic for the chat app, with no UI: the TUI holds a :class:`Conversation` and asks
+:func:`build_prompt` for the text to send.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from localmed import paths
+from localmed.atomic import write_text_atomic
+from localmed.errors import ContextFullError, LocalmedError
+from localmed.templates import Message, PromptTemplate
+
+DISCLAIMER = ("Not medical advice. For use by medical professionals: "
+              "verify every output before acting on it.")
+"""The first line of the banner on every screen, and of every export."""
+
+PRIVATE_FILE = 0o600
+PRIVATE_DIR = 0o700
+
+
+def _now() -> str:
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass
+class Conversation:
+    """One chat: its turns, system prompt and the model and template it used."""
+
+    model: str
+    template: str
+    system: str = ""
+    messages: list[Message] = field(default_factory=list)
+    id: str = field(default_factory=lambda: dt.datetime.now().strftime("%Y%m%d-%H%M%S-")
+                    + uuid.uuid4().hex[:6])
+    created: str = field(default_factory=_now)
+    title: str = ""
+
+    def add(self, role: str, content: str) -> None:
+        self.messages.append(Message(role, content))  # type: ignore[arg-type]
+        if not self.title and role == "user":
+            self.title = " ".join(content.split())[:60]
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Conversation:
+        data = json.loads(text)
+        data["messages"] = [Message(m["role"], m["content"]) for m in data.get("messages", [])]
+        return cls(**data)
+
+    def to_markdown(self, advisory: str = "") -> str:
+        """The conversation as Markdown, headed by the disclaimer and the model's advisory."""
+        lines = [f"> **{DISCLAIMER}**"]
+        if advisory:
+            lines.append(f"> Model advisory: {advisory}")
+        lines += ["", f"# {self.title or 'Conversation'}", "",
+                  f"- model: `{self.model}`", f"- prompt template: `{self.template}`",
+                  f"- started: {self.created}", f"- exported: {_now()}", ""]
+        if self.system:
+            lines += ["## System prompt", "", self.system, ""]
+        for message in self.messages:
+            lines += [f"## {'Clinician' if message.role == 'user' else 'Model'}", "",
+                      message.content, ""]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    tokens: int
+    dropped_turns: int
+    """Oldest user/assistant turns left out so the prompt fits (the system prompt never is)."""
+
+
+def build_prompt(template: PromptTemplate, conversation: Conversation,
+                 count_tokens: Callable[[str], int], n_ctx: int, reserve: int) -> Prompt:
+    """The prompt for the next reply, dropping the oldest turns until ``reserve`` tokens of
+    room remain for the answer."""
+    messages = list(conversation.messages)
+    system = conversation.system or None
+    dropped = 0
+    while True:
+        text = template.render(messages, system=system)
+        tokens = count_tokens(text)
+        if tokens + reserve <= n_ctx:
+            return Prompt(text, tokens, dropped)
+        if len(messages) <= 1:
+            raise ContextFullError(
+                f"the system prompt and your message take {tokens} tokens; with {reserve} kept "
+                f"for the answer they do not fit the {n_ctx}-token context")
+        messages = messages[2:]  # one user turn and its answer
+        dropped += 2
+
+
+class HistoryStore:
+    """Saved conversations: one JSON file each, mode 0600, in a 0700 folder."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder or paths.data_dir() / "conversations"
+
+    def _path(self, conversation_id: str) -> Path:
+        if not conversation_id or "/" in conversation_id or conversation_id.startswith("."):
+            raise LocalmedError(f"bad conversation id {conversation_id!r}")
+        return self.folder / f"{conversation_id}.json"
+
+    def save(self, conversation: Conversation) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.folder, PRIVATE_DIR)
+        path = self._path(conversation.id)
+        write_text_atomic(path, conversation.to_json(), mode=PRIVATE_FILE)
+        return path
+
+    def list(self) -> list[Conversation]:
+        """Saved conversations, newest first; unreadable files are skipped."""
+        if not self.folder.is_dir():
+            return []
+        out = []
+        for path in sorted(self.folder.glob("*.json"), reverse=True):
+            try:
+                out.append(Conversation.from_json(path.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+        return out
+
+    def delete(self, conversation_id: str) -> None:
+        self._path(conversation_id).unlink(missing_ok=True)
+
+
+def export_markdown(conversation: Conversation, path: Path, advisory: str = "") -> Path:
+    """Write the conversation as Markdown (mode 0600: it may hold patient details)."""
+    write_text_atomic(path, conversation.to_markdown(advisory), mode=PRIVATE_FILE)
+    return path

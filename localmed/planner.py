@@ -1,0 +1,199 @@
+"""GPU offload planning: how many layers fit on the GPU, from sizes alone.
+
+Pure arithmetic on two records, so that every case (CPU only, partial, full offload, refusal) is
+tested from given figures: :class:`ModelFootprint` (read from a GGUF's tensor table) and
+:class:`Hardware` (detected by :mod:`localmed.hardware`). The plan explains itself in words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from localmed.quants import QUANT_TYPES
+
+MIB = 2**20
+GIB = 2**30
+
+# llama.cpp's compute buffers, scratch and the process itself; measured ~0.3-0.6 GiB on 7B
+# models at 4k context, so a margin on each side.
+RAM_OVERHEAD = 768 * MIB
+VRAM_OVERHEAD = 640 * MIB
+VRAM_HEADROOM = 0.05
+"""Fraction of free VRAM left unused (display server, other processes, fragmentation)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What the machine offers. Sizes in bytes."""
+
+    backend: str
+    """``cuda``, ``metal`` or ``cpu``: what the installed llama.cpp can offload to."""
+    ram_total: int
+    ram_available: int
+    vram_total: int = 0
+    vram_free: int = 0
+    device: str = ""
+    """GPU name, for messages."""
+    unified_memory: bool = False
+    """Apple Silicon: GPU memory is RAM, so it is not counted twice."""
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """What a model needs. Sizes in bytes."""
+
+    n_layers: int
+    layer_bytes: tuple[int, ...]
+    """Weights of each repeating block (``blk.N.*``)."""
+    other_bytes: int
+    """Embeddings, output head and final norm."""
+    output_bytes: int
+    """The output head alone (offloaded with the last layer, as llama.cpp does)."""
+    kv_bytes_per_token: int
+    """K and V cache for one token across all layers (f16 cache)."""
+    n_ctx_train: int
+    n_parameters: int
+    quant: str = ""
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.other_bytes
+
+    def kv_bytes(self, n_ctx: int) -> int:
+        return self.kv_bytes_per_token * n_ctx
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """How a model will be loaded, and why."""
+
+    gpu_layers: int
+    n_layers: int
+    n_ctx: int
+    backend: str
+    ram_needed: int
+    vram_needed: int
+    fits: bool
+    reasons: tuple[str, ...] = field(default=())
+    suggestion: str | None = None
+    """A smaller quant to try when the model does not fit."""
+
+    @property
+    def label(self) -> str:
+        """Short form for a status bar: ``GPU 33/33 layers`` or ``CPU``."""
+        if self.gpu_layers == 0 or self.backend == "cpu":
+            return "CPU"
+        return f"GPU {self.gpu_layers}/{self.n_layers} layers"
+
+    @property
+    def n_gpu_layers_arg(self) -> int:
+        """llama.cpp's ``n_gpu_layers`` (it counts the output layer as one more)."""
+        return self.gpu_layers + 1 if self.gpu_layers == self.n_layers else self.gpu_layers
+
+
+def gib(n: float) -> str:
+    """A memory size for people: GiB, or MiB below one GiB."""
+    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
+
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+def footprint_from_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int, n_embd: int,
+                           n_head: int, n_head_kv: int, n_ctx_train: int, n_parameters: int,
+                           quant: str = "", head_dim: int | None = None) -> ModelFootprint:
+    """A footprint from ``(tensor name, bytes)`` pairs and the attention shape."""
+    layers = [0] * n_layers
+    other = output = 0
+    for name, nbytes in tensors:
+        match = _BLOCK.match(name)
+        if match and int(match.group(1)) < n_layers:
+            layers[int(match.group(1))] += nbytes
+        else:
+            other += nbytes
+            if name.startswith("output."):
+                output += nbytes
+    head_dim = head_dim or n_embd // n_head
+    kv_per_token = 2 * n_layers * n_head_kv * head_dim * 2  # K and V, f16
+    return ModelFootprint(n_layers, tuple(layers), other, output, kv_per_token, n_ctx_train,
+                          n_parameters, quant)
+
+
+def plan_offload(model: ModelFootprint, hw: Hardware, *, n_ctx: int | None = None,
+                 gpu_layers: int | None = None) -> OffloadPlan:
+    """Decide how many layers go to the GPU.
+
+    Layers are offloaded from the last one down (llama.cpp's order) while they, their share of
+    the KV cache and the GPU's compute buffer fit in free VRAM. Whatever stays on the CPU must
+    fit in available RAM, or the plan is refused with the figures and a smaller quant to try.
+    ``gpu_layers`` (``--gpu-layers``) overrides the choice; -1 means all.
+    """
+    n_ctx = n_ctx or min(model.n_ctx_train, 4096)
+    reasons: list[str] = []
+    kv_total = model.kv_bytes(n_ctx)
+    kv_per_layer = kv_total // max(1, model.n_layers)
+    layer_cost = [b + kv_per_layer for b in model.layer_bytes]
+
+    if hw.backend == "cpu":
+        chosen = 0
+        if gpu_layers:
+            reasons.append("--gpu-layers ignored: this llama.cpp build has no GPU offload")
+        reasons.append("CPU only: this llama.cpp build has no GPU backend (see `localmed "
+                       "doctor` for how to install with CUDA or Metal)")
+    elif gpu_layers is not None:
+        chosen = model.n_layers if gpu_layers < 0 else min(gpu_layers, model.n_layers)
+        reasons.append(f"{chosen} layers on the GPU, as asked (--gpu-layers)")
+    else:
+        budget = int(hw.vram_free * (1 - VRAM_HEADROOM)) - VRAM_OVERHEAD - model.output_bytes
+        chosen = 0
+        for cost in reversed(layer_cost):
+            if cost > budget:
+                break
+            budget -= cost
+            chosen += 1
+        where = f"{hw.device or hw.backend.upper()} with {gib(hw.vram_free)} free"
+        if chosen == model.n_layers:
+            reasons.append(f"all {chosen} layers fit on {where}")
+        elif chosen == 0:
+            reasons.append(f"no layer fits on {where}: running on the CPU")
+        else:
+            reasons.append(f"{chosen} of {model.n_layers} layers fit on {where}; the rest run on "
+                           "the CPU (slower)")
+
+    on_gpu = sum(layer_cost[model.n_layers - chosen:]) if chosen else 0
+    vram_needed = on_gpu + (VRAM_OVERHEAD + model.output_bytes if chosen else 0)
+    total = model.weights_bytes + kv_total + RAM_OVERHEAD
+    # With unified memory the GPU's share comes out of the same RAM.
+    ram_needed = total if hw.unified_memory else total - on_gpu - (
+        model.output_bytes if chosen == model.n_layers else 0)
+    reasons.append(f"weights {gib(model.weights_bytes)}, KV cache {gib(kv_total)} for "
+                   f"{n_ctx} tokens of context")
+
+    fits = ram_needed <= hw.ram_available and (vram_needed <= hw.vram_free or chosen == 0
+                                               or gpu_layers is not None)
+    suggestion = None
+    if not fits:
+        capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
+        reasons.append(f"needs {gib(total)} in all, more than the {gib(capacity)} of "
+                       f"{'memory' if hw.unified_memory else 'RAM + VRAM'} available")
+        suggestion = suggest_quant(model, capacity, n_ctx)
+    return OffloadPlan(chosen, model.n_layers, n_ctx, hw.backend, ram_needed, vram_needed, fits,
+                       tuple(reasons), suggestion)
+
+
+_SUGGESTABLE: Sequence[str] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
+
+
+def suggest_quant(model: ModelFootprint, capacity: int, n_ctx: int) -> str | None:
+    """The largest common quant whose estimated size fits ``capacity`` with its KV cache."""
+    current = QUANT_TYPES.get(model.quant)
+    for name in _SUGGESTABLE:
+        quant = QUANT_TYPES[name]
+        if current and quant.bits_per_weight >= current.bits_per_weight:
+            continue
+        size = model.n_parameters * quant.bits_per_weight / 8
+        if size + model.kv_bytes(n_ctx) + RAM_OVERHEAD <= capacity:
+            return name
+    return None

@@ -1,0 +1,108 @@
+"""The llama.cpp Runtime and the chat session core, on real tiny GGUFs."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from localmed.chat import ChatModel, ChatSession
+from localmed.conversation import Conversation, HistoryStore, build_prompt
+from localmed.errors import ContextFullError
+from localmed.runtime import GenerationParams, LlamaCppRuntime, StopStringFilter
+from localmed.templates import Message, get_template
+
+
+@pytest.fixture(scope="module")
+def demo_runtime(demo_gguf, cpu_machine):
+    runtime = LlamaCppRuntime.load(demo_gguf, hardware=cpu_machine)
+    yield runtime
+    runtime.close()
+
+
+def test_stream_yields_the_reply_and_counts(demo_runtime):
+    alpaca = get_template("alpaca")
+    prompt = alpaca.render([Message("user", "How do I stop a reply?")],
+                           system="You are the localmed demo.")
+    text = "".join(demo_runtime.stream(prompt, GenerationParams(temperature=0.0),
+                                       stop=alpaca.stop))
+    stats = demo_runtime.last_stats
+    assert "Escape" in text  # the demo learned its answer
+    assert stats.stopped_by == "eos"
+    assert stats.prompt_tokens == demo_runtime.count_tokens(prompt)
+    assert stats.generated_tokens > 5 and stats.decode_tps > 0
+
+
+def test_max_tokens_ends_with_length(demo_runtime):
+    text = "".join(demo_runtime.stream("### Instruction:\nWhat is localmed?\n\n### Response:\n",
+                                       GenerationParams(max_tokens=3, temperature=0.0)))
+    assert demo_runtime.last_stats.generated_tokens == 3
+    assert demo_runtime.last_stats.stopped_by == "length"
+    assert text
+
+
+def test_stop_from_another_thread_ends_a_long_generation(converted, cpu_machine):
+    runtime = LlamaCppRuntime.load(converted["llama"]["Q8_0"], n_ctx=4096, hardware=cpu_machine)
+    pieces: list[str] = []
+    try:
+        for piece in runtime.stream("The patient", GenerationParams(max_tokens=4000)):
+            pieces.append(piece)
+            if len(pieces) == 5:
+                threading.Thread(target=runtime.stop).start()
+        stats = runtime.last_stats
+        assert stats.stopped_by == "user"
+        assert stats.generated_tokens < 50
+    finally:
+        runtime.close()
+
+
+def test_prompt_longer_than_context_is_a_clear_error(demo_runtime):
+    with pytest.raises(ContextFullError, match="context holds 512"):
+        list(demo_runtime.stream("word " * 2000))
+
+
+def test_stop_string_filter_holds_back_partial_matches():
+    f = StopStringFilter(["<|im_end|>"])
+    assert f.feed("Hello <|im") == "Hello "
+    assert f.feed("_e") == ""
+    assert f.feed("nd|> ignored") == ""
+    assert f.hit and f.flush() == ""
+    g = StopStringFilter(["###"])
+    assert g.feed("a #") == "a "
+    assert g.feed("b") == "#b"
+    assert g.flush() == ""
+
+
+def test_oldest_turns_are_dropped_and_the_system_prompt_kept():
+    chatml = get_template("chatml")
+    conv = Conversation(model="m", template="chatml", system="SYSTEM PROMPT")
+    for i in range(6):
+        conv.add("user", f"question {i} " + "x " * 40)
+        conv.add("assistant", f"answer {i} " + "y " * 40)
+    conv.add("user", "last question")
+    count = len  # one "token" per character keeps the arithmetic visible
+    full = count(chatml.render(conv.messages, system=conv.system))
+    prompt = build_prompt(chatml, conv, count, n_ctx=full - 100, reserve=50)
+    assert prompt.dropped_turns == 2
+    assert "SYSTEM PROMPT" in prompt.text and "question 0" not in prompt.text
+    assert "question 1" in prompt.text and "last question" in prompt.text
+    small = build_prompt(chatml, conv, count, n_ctx=200, reserve=50)
+    assert small.dropped_turns == 12 and "last question" in small.text
+    with pytest.raises(ContextFullError):
+        build_prompt(chatml, conv, count, n_ctx=60, reserve=50)
+
+
+def test_session_records_turns_and_saves_only_when_asked(demo_runtime, demo_gguf, tmp_path):
+    from localmed.demo import DEMO_ENTRY
+
+    model = ChatModel("demo", demo_gguf, DEMO_ENTRY, DEMO_ENTRY.advisory)
+    store = HistoryStore(tmp_path / "conversations")
+    session = ChatSession.open(model, demo_runtime)
+    session.history = store
+    reply = "".join(session.ask("What is localmed?"))
+    assert session.conversation.messages[-1].content == reply.strip()
+    assert not store.folder.exists()
+    path = session.set_saving(True)
+    assert path is not None and (path.stat().st_mode & 0o777) == 0o600
+    assert (store.folder.stat().st_mode & 0o777) == 0o700
+    assert store.list()[0].messages == session.conversation.messages

@@ -1,0 +1,222 @@
+"""The chat app, driven with Textual's Pilot on real tiny GGUFs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from textual.widgets import OptionList
+
+from localmed.chat import ChatModel, ChatSession
+from localmed.conversation import DISCLAIMER, HistoryStore
+from localmed.demo import DEMO_ENTRY
+from localmed.runtime import GenerationParams, LlamaCppRuntime
+from tui.app import LocalmedApp
+from tui.chat_screen import ChatScreen
+from tui.modals import ErrorScreen
+from tui.widgets import DisclaimerBanner, MessageView
+
+SIZE = (100, 30)
+
+
+@pytest.fixture
+def make_app(demo_gguf, cpu_machine, tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+    opened: list[LlamaCppRuntime] = []
+
+    def make(path: Path = demo_gguf, *, n_ctx: int | None = None, template: str | None = None,
+             save: bool = False, params: GenerationParams | None = None) -> LocalmedApp:
+        runtime = LlamaCppRuntime.load(path, n_ctx=n_ctx, hardware=cpu_machine)
+        opened.append(runtime)
+        entry = DEMO_ENTRY if path == demo_gguf else None
+        model = ChatModel(path.name, path, entry, DEMO_ENTRY.advisory if entry else "")
+        session = ChatSession.open(model, runtime, template=template, save_history=save)
+        session.history = HistoryStore(tmp_path / "data" / "conversations")
+        session.params = params or GenerationParams(temperature=0.0)
+        return LocalmedApp(session)
+
+    yield make
+    for runtime in opened:
+        runtime.close()
+
+
+async def send(pilot, text: str) -> None:
+    screen = pilot.app.screen
+    await pilot.click("#prompt")
+    for key in text:
+        await pilot.press(key if key != " " else "space")
+    await pilot.press("enter")
+    await pilot.pause()
+    await screen.workers.wait_for_complete()
+    await pilot.pause()
+
+
+def replies(app: LocalmedApp) -> list[MessageView]:
+    return [m for m in app.screen.query(MessageView) if m.role == "assistant"]
+
+
+def assert_banner(app: LocalmedApp) -> None:
+    banners = list(app.screen.query(DisclaimerBanner))
+    assert len(banners) == 1, type(app.screen).__name__
+    banner = banners[0]
+    text = str(banner.render())
+    assert text.splitlines()[0].endswith(DISCLAIMER) and "Not medical advice" in text
+    assert banner.region.y == 0 and banner.region.height >= 1, banner.region
+    assert banner.display and banner.visible
+
+
+class TestChatting:
+    async def test_a_message_gets_a_streamed_reply(self, make_app, no_network):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "How do I stop a reply?")
+            reply = replies(app)[-1]
+            shown = reply.markdown.source
+            assert "Escape" in shown
+            assert app.session.conversation.messages[-1].content == shown.strip()
+            assert app.session.stats.generated_tokens > 5
+        assert no_network == []
+
+    async def test_escape_stops_a_long_generation(self, make_app, converted):
+        # Llama-3 vocab: with 128k tokens, a random model almost never samples an end token.
+        app = make_app(converted["llama3"]["F32"], n_ctx=4096,
+                       params=GenerationParams(max_tokens=4000), template="chatml")
+        async with app.run_test(size=SIZE) as pilot:
+            screen = app.screen
+            await pilot.click("#prompt")
+            await pilot.press("h", "i", "enter")
+            for _ in range(500):  # until the first words arrive
+                await pilot.pause(0.01)
+                if replies(app) and replies(app)[-1].markdown.source:
+                    break
+            await pilot.press("escape")
+            await screen.workers.wait_for_complete()
+            await pilot.pause()
+            stats = app.session.stats
+            assert stats.stopped_by == "user"
+            assert 0 < stats.generated_tokens < 4000
+            assert not screen.generating
+
+    async def test_switching_template_changes_the_prompt_sent(self, make_app):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Hi")
+            # the GGUF's embedded (Alpaca-style) template
+            assert app.session.template_name == "gguf"
+            assert app.session.last_prompt.text == (
+                "You are the localmed demo.\n\n### Instruction:\nHi\n\n### Response:\n")
+            await pilot.press("f2")
+            await pilot.pause()
+            options = app.screen.query_one(OptionList)
+            options.highlighted = [o.id for o in options._options].index("med42")
+            await pilot.press("enter")
+            await pilot.pause()
+            assert app.session.template_name == "med42"
+            await send(pilot, "Ok")
+            prompt = app.session.last_prompt.text
+            assert prompt.startswith("<|prompter|>:Hi\n<|assistant|>:")
+            assert prompt.endswith("<|prompter|>:Ok\n<|assistant|>:")
+
+    async def test_new_chat_clears_the_conversation(self, make_app):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Hi")
+            await pilot.press("ctrl+n")
+            await pilot.pause()
+            assert app.session.conversation.messages == []
+            assert list(app.screen.query(MessageView)) == []
+
+
+class TestDisclaimer:
+    async def test_banner_is_on_every_screen_and_modal(self, make_app):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            assert isinstance(app.screen, ChatScreen)
+            assert_banner(app)
+            for key in ("f1", "f2", "f3", "f4"):
+                await pilot.press(key)
+                await pilot.pause()
+                assert not isinstance(app.screen, ChatScreen), key
+                assert_banner(app)
+                await pilot.press("escape")
+                await pilot.pause()
+                assert isinstance(app.screen, ChatScreen)
+            app.push_screen(ErrorScreen(app.session.model.advisory, "boom"))
+            await pilot.pause()
+            assert_banner(app)
+            await pilot.press("enter")
+            await pilot.pause()
+
+    async def test_banner_stays_when_the_conversation_scrolls(self, make_app):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            for question in ("What is localmed?", "How do I quantize a model?",
+                             "Which models can I use?", "Is this medical advice?"):
+                await send(pilot, question)
+            log = app.screen.query_one("#log")
+            assert log.max_scroll_y > 0
+            log.scroll_end(animate=False)
+            await pilot.pause()
+            assert log.scroll_y > 0
+            assert_banner(app)
+
+    async def test_banner_carries_the_model_advisory(self, make_app):
+        app = make_app()
+        async with app.run_test(size=SIZE):
+            text = str(app.screen.query_one(DisclaimerBanner).render())
+            assert "NOT A MEDICAL MODEL" in text
+
+    async def test_export_starts_with_the_disclaimer(self, make_app, tmp_path):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "What is localmed?")
+            await pilot.press("ctrl+e")
+            await pilot.pause()
+            exports = list((tmp_path / "data" / "exports").glob("*.md"))
+            assert len(exports) == 1
+            text = exports[0].read_text()
+            assert text.splitlines()[0] == f"> **{DISCLAIMER}**"
+            assert DEMO_ENTRY.advisory in text
+            assert "What is localmed?" in text
+            assert (exports[0].stat().st_mode & 0o777) == 0o600
+
+
+class TestHistory:
+    async def test_nothing_is_written_when_saving_is_off(self, make_app, tmp_path):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Hi")
+        data = tmp_path / "data"
+        assert not data.exists() or not [p for p in data.rglob("*") if p.is_file()]
+
+    async def test_saving_writes_private_files(self, make_app, tmp_path):
+        app = make_app()
+        async with app.run_test(size=SIZE) as pilot:
+            await send(pilot, "Hi")
+            await pilot.press("f5")
+            await pilot.pause()
+            await send(pilot, "What is localmed?")
+            folder = tmp_path / "data" / "conversations"
+            files = list(folder.glob("*.json"))
+            assert len(files) == 1
+            assert (files[0].stat().st_mode & 0o777) == 0o600
+            assert (folder.stat().st_mode & 0o777) == 0o700
+            assert "What is localmed?" in files[0].read_text()
+            # the sidebar lists it, and opening it shows its turns
+            await pilot.press("ctrl+n")
+            await pilot.press("ctrl+b")
+            await pilot.pause()
+            history = app.screen.query_one("#history")
+            assert len(history.children) == 1
+            await app.screen.show_conversation(history.children[0].conversation)
+            await pilot.pause()
+            assert len(list(app.screen.query(MessageView))) == 4
+
+
+def test_main_screen_snapshot(make_app, snap_compare):
+    assert snap_compare(make_app(), terminal_size=SIZE)
+
+
+def test_tui_modules_stay_small():
+    for path in Path(__file__).resolve().parents[1].joinpath("tui").glob("*.py"):
+        assert len(path.read_text().splitlines()) < 400, path

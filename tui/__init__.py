@@ -1,0 +1,1 @@
+"""The Textual chat app (``localmed chat``). The core (``localmed``) never imports this."""

@@ -1,0 +1,273 @@
+"""The main chat screen: history sidebar, conversation, message input and status line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Input, Label, ListView, Markdown
+from textual.widgets._markdown import MarkdownStream
+from textual.worker import Worker, WorkerState
+
+from localmed.chat import ChatSession
+from localmed.conversation import Conversation
+from localmed.errors import LocalmedError
+from localmed.runtime import describe_plan
+from localmed.templates import GGUF_TEMPLATE, TEMPLATES
+from tui.modals import ErrorScreen, InfoScreen, SystemPromptScreen, TemplateScreen
+from tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
+
+HELP_ROWS = [
+    ("Enter", "send the message"),
+    ("Esc", "stop the reply at once (in a dialog: close it)"),
+    ("Ctrl+N", "new chat"),
+    ("F2", "prompt template"),
+    ("F3", "system prompt"),
+    ("F4", "model info: template, quant, offload, provenance"),
+    ("F5", "turn saving of conversations on/off (off by default)"),
+    ("Ctrl+B", "show/hide saved conversations"),
+    ("Ctrl+E", "export this conversation to Markdown (disclaimer included)"),
+    ("Ctrl+Y", "copy the last reply"),
+    ("F1", "this help"),
+    ("Ctrl+Q", "quit"),
+]
+
+
+class ChatScreen(Screen):
+    """Talk to the model. Generation runs in a thread worker that only posts messages."""
+
+    BINDINGS = [
+        Binding("escape", "stop", "Stop", show=True),
+        # priority: the message Input would otherwise take these (Ctrl+E is its end-of-line).
+        Binding("ctrl+n", "new_chat", "New chat", priority=True),
+        Binding("f2", "template", "Template"),
+        Binding("f3", "system_prompt", "System prompt"),
+        Binding("f4", "model_info", "Model info"),
+        Binding("f5", "toggle_saving", "Saving"),
+        Binding("ctrl+b", "toggle_sidebar", "History", priority=True),
+        Binding("ctrl+e", "export", "Export", priority=True),
+        Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
+    ]
+
+    @dataclass
+    class Piece(Message):
+        """Text of the reply being streamed."""
+
+        text: str
+
+    @dataclass
+    class Finished(Message):
+        """The reply ended (end of text, stop string, length, or Esc)."""
+
+        dropped_turns: int
+
+    def __init__(self, session: ChatSession) -> None:
+        super().__init__()
+        self.session = session
+        self._stream: MarkdownStream | None = None
+        self._reply: MessageView | None = None
+        self.generating = False
+
+    # --- layout ---------------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        yield DisclaimerBanner(self.session.model.advisory)
+        with Horizontal(id="body"):
+            with Vertical(id="sidebar"):
+                yield Label("Saved conversations", id="sidebar-title")
+                yield ListView(id="history")
+            yield VerticalScroll(id="log")
+        yield StatusLine()
+        yield Input(placeholder="Ask the model… (Enter to send, F1 for keys)", id="prompt")
+
+    def on_mount(self) -> None:
+        self.title = f"localmed · {self.session.model.label}"
+        self.refresh_status()
+        choice = self.session.template_choice
+        self.notify(f"Prompt template: {choice.reason}", severity="warning" if choice.fallback
+                    else "information", timeout=8)
+        self.query_one("#prompt", Input).focus()
+
+    def refresh_status(self, note: str = "") -> None:
+        session = self.session
+        self.query_one(StatusLine).show(
+            tps=session.stats.decode_tps, used=session.context_used(),
+            n_ctx=session.runtime.n_ctx, offload=session.runtime.plan.label,
+            template=session.template_name, saving=session.save_history, note=note)
+
+    # --- sending and streaming ------------------------------------------------------------------
+
+    @on(Input.Submitted, "#prompt")
+    async def send(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        if not text:
+            return
+        if self.generating:
+            self.notify("A reply is still coming: wait, or press Esc to stop it.")
+            return
+        event.input.clear()
+        log = self.query_one("#log", VerticalScroll)
+        await log.mount(MessageView("user", text))
+        self._reply = MessageView("assistant")
+        await log.mount(self._reply)
+        self._stream = Markdown.get_stream(self._reply.markdown)
+        self.generating = True
+        self.refresh_status("generating… (Esc stops)")
+        log.scroll_end(animate=False)
+        self.generate(text)
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
+    def generate(self, text: str) -> None:
+        for piece in self.session.ask(text):
+            self.post_message(self.Piece(piece))
+        dropped = self.session.last_prompt.dropped_turns if self.session.last_prompt else 0
+        self.post_message(self.Finished(dropped))
+
+    async def on_chat_screen_piece(self, message: Piece) -> None:
+        if self._stream is not None:
+            await self._stream.write(message.text)
+            self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+
+    async def on_chat_screen_finished(self, message: Finished) -> None:
+        await self._end_stream()
+        stats = self.session.stats
+        note = "stopped" if stats.stopped_by == "user" else ""
+        self.refresh_status(note)
+        if message.dropped_turns:
+            self.notify(f"The conversation outgrew the {self.session.runtime.n_ctx}-token "
+                        f"context: the oldest {message.dropped_turns} messages were left out of "
+                        "the prompt (the system prompt is kept).", severity="warning", timeout=10)
+
+    async def _end_stream(self) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.generating = False
+
+    async def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group != "generate" or event.state != WorkerState.ERROR:
+            return
+        await self._end_stream()
+        if self._reply is not None and not self.session.conversation.messages[-1].content:
+            await self._reply.remove()
+        error = event.worker.error
+        message = str(error) if isinstance(error, LocalmedError) else \
+            f"generation failed: {type(error).__name__}: {error}"
+        self.refresh_status()
+        self.app.push_screen(ErrorScreen(self.session.model.advisory, message))
+
+    def action_stop(self) -> None:
+        if self.generating:
+            self.session.stop()
+
+    # --- commands -------------------------------------------------------------------------------
+
+    async def action_new_chat(self) -> None:
+        if self.generating:
+            self.session.stop()
+            await self.workers.wait_for_complete()
+        self.session.new_chat()
+        await self.query_one("#log", VerticalScroll).remove_children()
+        self.refresh_status()
+        self.notify("New chat.")
+
+    def action_template(self) -> None:
+        names = list(TEMPLATES)
+        if self.session.runtime.info.chat_template:
+            names.insert(0, GGUF_TEMPLATE)
+        descriptions = {name: t.description for name, t in TEMPLATES.items()}
+        descriptions[GGUF_TEMPLATE] = "the chat template embedded in the GGUF"
+
+        def chosen(name: str | None) -> None:
+            if name and name != self.session.template_name:
+                choice = self.session.set_template(name)
+                self.refresh_status()
+                self.notify(f"Prompt template: {choice.reason}")
+
+        self.app.push_screen(TemplateScreen(self.session.model.advisory, names,
+                                            self.session.template_name, descriptions), chosen)
+
+    def action_system_prompt(self) -> None:
+        def saved(text: str | None) -> None:
+            if text is not None:
+                self.session.set_system(text)
+                self.notify("System prompt saved." if text.strip() else "System prompt cleared.")
+
+        folded = not self.session.template_choice.template.has_system
+        self.app.push_screen(SystemPromptScreen(self.session.model.advisory,
+                                                self.session.conversation.system, folded), saved)
+
+    def action_model_info(self) -> None:
+        session, info = self.session, self.session.runtime.info
+        rows = [
+            ("model", session.model.label),
+            ("file", str(info.path)),
+            ("architecture", info.architecture),
+            ("quant", info.quant),
+            ("size", f"{info.file_bytes / 1e9:.2f} GB, {info.n_parameters:,} parameters"),
+            ("context", f"{session.runtime.n_ctx} tokens (trained for {info.context_length})"),
+            ("template", f"{session.template_name}: {session.template_choice.reason}"),
+            ("offload", describe_plan(session.runtime.plan)),
+        ]
+        for key, value in info.provenance.items():
+            if key != "inputs_sha256" and value not in ("", None):
+                rows.append((f"provenance {key}", str(value)))
+        self.app.push_screen(InfoScreen(session.model.advisory, "Model", rows))
+
+    def action_toggle_saving(self) -> None:
+        path = self.session.set_saving(not self.session.save_history)
+        self.refresh_status()
+        if self.session.save_history:
+            where = path or self.session.history.folder
+            self.notify(f"Saving on: conversations go to {where} (private, mode 0600).")
+        else:
+            self.notify("Saving off: nothing more is written.")
+
+    async def action_toggle_sidebar(self) -> None:
+        sidebar = self.query_one("#sidebar")
+        sidebar.toggle_class("visible")
+        if sidebar.has_class("visible"):
+            history = self.query_one("#history", ListView)
+            await history.clear()
+            saved = self.session.history.list() if self.session.save_history else []
+            for conversation in saved:
+                await history.append(HistoryItem(conversation))
+            if not self.session.save_history:
+                self.notify("Saving is off (F5): no conversations are kept.")
+
+    @on(ListView.Selected, "#history")
+    async def open_saved(self, event: ListView.Selected) -> None:
+        if self.generating or not isinstance(event.item, HistoryItem):
+            return
+        await self.show_conversation(event.item.conversation)
+
+    async def show_conversation(self, conversation: Conversation) -> None:
+        self.session.load(conversation)
+        log = self.query_one("#log", VerticalScroll)
+        await log.remove_children()
+        for message in conversation.messages:
+            await log.mount(MessageView(message.role, message.content))
+        self.refresh_status()
+
+    def action_export(self) -> None:
+        if not self.session.conversation.messages:
+            self.notify("Nothing to export yet.")
+            return
+        path = self.session.export()
+        self.notify(f"Exported to {path}")
+
+    def action_copy_reply(self) -> None:
+        replies = [m for m in self.session.conversation.messages if m.role == "assistant"]
+        if not replies:
+            self.notify("No reply to copy yet.")
+            return
+        self.app.copy_to_clipboard(replies[-1].content)
+        self.notify("Last reply copied.")
+
+    def help_rows(self) -> list[tuple[str, str]]:
+        return HELP_ROWS

@@ -1,0 +1,122 @@
+"""Modal screens. Each composes the disclaimer banner first, like every screen of the app."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.table import Table
+from rich.text import Text
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical
+from textual.screen import ModalScreen
+from textual.widgets import Label, OptionList, Static, TextArea
+from textual.widgets.option_list import Option
+
+from tui.widgets import DisclaimerBanner
+
+
+class BannerModal(ModalScreen):
+    """A modal with the disclaimer banner docked at the top of the screen."""
+
+    BINDINGS = [Binding("escape", "dismiss_modal", "Close")]
+
+    def __init__(self, advisory: str) -> None:
+        super().__init__()
+        self.advisory = advisory
+
+    def compose(self) -> ComposeResult:
+        yield DisclaimerBanner(self.advisory)
+        with Vertical(classes="dialog"):
+            yield from self.compose_dialog()
+
+    def compose_dialog(self) -> ComposeResult:
+        raise NotImplementedError
+
+    def action_dismiss_modal(self) -> None:
+        self.dismiss(None)
+
+
+class TemplateScreen(BannerModal):
+    """Pick the prompt template; returns its name."""
+
+    def __init__(self, advisory: str, names: Sequence[str], current: str,
+                 descriptions: dict[str, str]) -> None:
+        super().__init__(advisory)
+        self.names = list(names)
+        self.current = current
+        self.descriptions = descriptions
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("Prompt template", classes="dialog-title")
+        options = [Option(Text.assemble((name, "bold"), "  ", self.descriptions.get(name, "")),
+                          id=name) for name in self.names]
+        yield OptionList(*options, id="templates")
+        yield Static("Enter: use it · Esc: keep the current one", classes="hint")
+
+    def on_mount(self) -> None:
+        options = self.query_one(OptionList)
+        if self.current in self.names:
+            options.highlighted = self.names.index(self.current)
+        options.focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(event.option.id)
+
+
+class SystemPromptScreen(BannerModal):
+    """Edit the system prompt; returns the new text."""
+
+    BINDINGS = [Binding("ctrl+s", "save", "Save"), *BannerModal.BINDINGS]
+
+    def __init__(self, advisory: str, text: str, folded: bool) -> None:
+        super().__init__(advisory)
+        self.text = text
+        self.folded = folded
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("System prompt", classes="dialog-title")
+        yield TextArea(self.text, id="system-text")
+        note = (" This template has no system slot: the prompt is put at the top of the first "
+                "message." if self.folded else "")
+        yield Static(f"Ctrl+S: save · Esc: cancel.{note}", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(TextArea).focus()
+
+    def action_save(self) -> None:
+        self.dismiss(self.query_one(TextArea).text)
+
+
+class InfoScreen(BannerModal):
+    """A read-only table: the model info, or the help."""
+
+    def __init__(self, advisory: str, title: str, rows: Sequence[tuple[str, str]]) -> None:
+        super().__init__(advisory)
+        self.title_text = title
+        self.rows = rows
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label(self.title_text, classes="dialog-title")
+        table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        for key, value in self.rows:
+            table.add_row(key, value)
+        yield Static(table)
+        yield Static("Esc: close", classes="hint")
+
+
+class ErrorScreen(BannerModal):
+    """One clear message for something that went wrong (never a traceback)."""
+
+    BINDINGS = [Binding("enter", "dismiss_modal", "OK"), *BannerModal.BINDINGS]
+
+    def __init__(self, advisory: str, message: str) -> None:
+        super().__init__(advisory)
+        self.message = message
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("Something went wrong", classes="dialog-title")
+        yield Static(Text(self.message))
+        yield Static("Enter or Esc: close", classes="hint")
