@@ -114,6 +114,7 @@ def test_footprint_of_a_real_gguf_matches_its_file(converted):
 
     path = converted["llama"]["Q4_K_M"]
     info, fp = read_footprint(path)
+    assert info.quant == "Q4_K_M"
     assert fp.n_layers == 2 and len(fp.layer_bytes) == 2
     assert 0.9 * path.stat().st_size < fp.weights_bytes <= path.stat().st_size
     assert fp.kv_bytes_per_token == 2 * 2 * 2 * 64 * 2  # 2 layers, 2 KV heads of 64, f16

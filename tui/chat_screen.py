@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from textual import on, work
@@ -21,6 +22,8 @@ from localmed.runtime import describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
 from tui.modals import ErrorScreen, InfoScreen, SystemPromptScreen, TemplateScreen
 from tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
+
+FLUSH_SECONDS = 0.05
 
 HELP_ROWS = [
     ("Enter", "send the message"),
@@ -123,8 +126,18 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
     def generate(self, text: str) -> None:
+        # Pieces are batched to at most ~20 updates a second: re-rendering Markdown for every
+        # token would take the GIL from the decode loop and slow it down by half.
+        pending: list[str] = []
+        last = time.monotonic()
         for piece in self.session.ask(text):
-            self.post_message(self.Piece(piece))
+            pending.append(piece)
+            if time.monotonic() - last >= FLUSH_SECONDS:
+                self.post_message(self.Piece("".join(pending)))
+                pending.clear()
+                last = time.monotonic()
+        if pending:
+            self.post_message(self.Piece("".join(pending)))
         dropped = self.session.last_prompt.dropped_turns if self.session.last_prompt else 0
         self.post_message(self.Finished(dropped))
 
