@@ -289,6 +289,14 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- bench ----------------------------------------------------------------------------------------
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from localmed.bench.command import run
+
+    return run(args, _console(), _err_console())
+
+
 # --- entry point ----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,6 +362,30 @@ def build_parser() -> argparse.ArgumentParser:
                        "and memory it sees")
     model_options(p, optional=True)
     p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("bench", help="accuracy lost to quantization on medical question sets")
+    p.add_argument("model", metavar="MODEL", help="registry id (its GGUFs in the models folder) "
+                   "or a folder of GGUFs")
+    p.add_argument("--quants", help="comma-separated quants to compare (default: all found)")
+    p.add_argument("--reference", default="F16", help="what the others are compared with "
+                   "(default: F16, so the difference is quantization alone)")
+    p.add_argument("--suites", help="comma-separated: medqa, medmcqa, pubmedqa, mmlu_medical "
+                   "(default: all four, unless --data is given)")
+    p.add_argument("--data", action="append", metavar="FILE.jsonl",
+                   help="a custom question set (repeatable), named after the file")
+    p.add_argument("--limit", type=int, help="score only the first N questions of each set")
+    p.add_argument("--shots", type=int, default=0, help="worked examples before each question "
+                   "(the first K of each set, not scored)")
+    p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
+                   help="plain text (default, right for base models) or the model's template")
+    p.add_argument("--text", metavar="FILE", help="medical text for perplexity and full-"
+                   "vocabulary KLD (.jsonl with 'question', or .txt with blank-line documents)")
+    p.add_argument("--text-docs", type=int, default=8, help="documents of it to use (0: none)")
+    p.add_argument("--ctx", type=int, default=2048, help="context for question prompts")
+    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+    p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "
+                   "rerunning into it resumes")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("info", help="describe a GGUF file: architecture, quant, template, "
                        "provenance")

@@ -1,6 +1,6 @@
 """What a GGUF file is: architecture, quant, size, template and localmed provenance.
 
-Read with gguf-py's GGUFReader (memory-mapped: only the header is touched).
+Read with :mod:`localmed.gguf_header` (only the header is touched, big arrays are skipped).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from localmed.errors import GGUFFileError
+from localmed.gguf_header import GGUFHeader, read_header
 from localmed.quants import quant_from_file_type
 
 _PROVENANCE = "localmed."
@@ -40,63 +41,58 @@ class GGUFInfo:
         return str(self.provenance.get("advisory", ""))
 
 
-def _value(fields: dict[str, Any], key: str) -> Any:
-    fld = fields.get(key)
-    if fld is None:
-        return None
-    try:
-        return fld.contents()
-    except (IndexError, ValueError):  # pragma: no cover - malformed field
-        return None
-
-
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read a GGUF's metadata; anything that is not a readable GGUF raises GGUFFileError."""
-    from gguf import GGUFReader
+    return info_from_header(read_header_checked(path))
 
+
+def read_header_checked(path: Path) -> GGUFHeader:
     path = Path(path)
     if not path.is_file():
         raise GGUFFileError(path, "no such file")
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise GGUFFileError(path, f"not a readable GGUF file ({exc})") from None
-    fields = reader.fields
-    arch = _value(fields, "general.architecture")
-    if not arch:
+    header = read_header(path)
+    if not isinstance(header.fields.get("general.architecture"), str):
         raise GGUFFileError(path, "not a model GGUF (no general.architecture)")
-    tokens = _value(fields, "tokenizer.ggml.tokens") or []
+    return header
+
+
+def info_from_header(header: GGUFHeader) -> GGUFInfo:
+    fields = header.fields
+    arch = fields["general.architecture"]
+    tokens = header.tokens
 
     def token(key: str) -> str:
-        idx = _value(fields, key)
-        return tokens[idx] if isinstance(idx, int) and 0 <= idx < len(tokens) else ""
+        idx = fields.get(key)
+        if isinstance(idx, int) and 0 <= idx < len(tokens):
+            return bytes(tokens[idx]).decode("utf-8", errors="replace")
+        return ""
 
-    file_type = _value(fields, "general.file_type")
     provenance: dict[str, Any] = {}
-    for key in fields:
-        if key.startswith(_PROVENANCE):
-            value = _value(fields, key)
+    for key, value in fields.items():
+        if key.startswith(_PROVENANCE) and not isinstance(value, tuple):
             if key.endswith("inputs_sha256") and isinstance(value, str):
                 try:
                     value = json.loads(value)
                 except json.JSONDecodeError:
                     pass
             provenance[key.removeprefix(_PROVENANCE)] = value
+    file_type = fields.get("general.file_type")
     quant = provenance.get("quant") or (
         quant_from_file_type(file_type) if isinstance(file_type, int) else "unknown")
+    template = fields.get("tokenizer.chat_template")
     return GGUFInfo(
-        path=path,
+        path=header.path,
         architecture=arch,
-        name=_value(fields, "general.name") or path.stem,
+        name=fields.get("general.name") or header.path.stem,
         quant=str(quant),
-        file_bytes=path.stat().st_size,
-        n_parameters=sum(int(t.n_elements) for t in reader.tensors),
-        n_tensors=len(reader.tensors),
-        context_length=_value(fields, f"{arch}.context_length"),
-        block_count=_value(fields, f"{arch}.block_count"),
-        chat_template=_value(fields, "tokenizer.chat_template"),
+        file_bytes=header.path.stat().st_size,
+        n_parameters=sum(t.n_elements for t in header.tensors),
+        n_tensors=len(header.tensors),
+        context_length=fields.get(f"{arch}.context_length"),
+        block_count=fields.get(f"{arch}.block_count"),
+        chat_template=template if isinstance(template, str) else None,
         bos_token=token("tokenizer.ggml.bos_token_id"),
         eos_token=token("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(_value(fields, "tokenizer.ggml.add_bos_token")),
+        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token")),
         provenance=provenance,
     )

@@ -15,8 +15,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from localmed.errors import ContextFullError, GGUFFileError, ModelTooLargeError
-from localmed.gguf_info import GGUFInfo, read_gguf_info
+from localmed.gguf_info import GGUFInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan, footprint_from_tensors, gib
 
 
@@ -82,6 +84,18 @@ class Runtime(ABC):
         """Ask a running ``stream`` to end after the current token (thread-safe)."""
 
     @abstractmethod
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (float32, whole vocabulary) for the token after ``tokens``.
+
+        The longest prefix shared with the previous call is not evaluated again, so a few-shot
+        prefix common to every question costs one evaluation in all.
+        """
+
+    @abstractmethod
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` (shape ``[len(tokens), n_vocab]``)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Free the model."""
 
@@ -97,22 +111,22 @@ def footprint_of(info: GGUFInfo, tensor_sizes: Sequence[tuple[str, int]],
 
 def read_footprint(path: Path) -> tuple[GGUFInfo, ModelFootprint]:
     """A GGUF's metadata and what it needs in memory (header only; no weights read)."""
-    from gguf import GGUFReader
+    from localmed.gguf_info import info_from_header, read_header_checked
 
-    info = read_gguf_info(path)
-    reader = GGUFReader(path)
+    header = read_header_checked(Path(path))
+    info = info_from_header(header)
     arch = info.architecture
     fields: dict[str, int] = {}
     for key, gguf_key in (("embedding_length", "embedding_length"),
                           ("head_count", "attention.head_count"),
                           ("head_count_kv", "attention.head_count_kv"),
                           ("key_length", "attention.key_length")):
-        fld = reader.fields.get(f"{arch}.{gguf_key}")
-        if fld is not None:
-            fields[key] = int(fld.contents())
+        value = header.fields.get(f"{arch}.{gguf_key}")
+        if isinstance(value, int):
+            fields[key] = value
     if "embedding_length" not in fields or "head_count" not in fields:
         raise GGUFFileError(path, f"missing {arch}.embedding_length/head_count")
-    sizes = [(t.name, int(t.n_bytes)) for t in reader.tensors]
+    sizes = [(t.name, t.n_bytes) for t in header.tensors]
     return info, footprint_of(info, sizes, fields)
 
 
@@ -155,6 +169,8 @@ class LlamaCppRuntime(Runtime):
     plan: OffloadPlan
     threads: int | None = None
     seed: int = 0
+    logits_all: bool = False
+    """Keep logits of every position (needed by ``sequence_logits``; costs n_ctx × vocab)."""
     last_stats: GenerationStats = field(default_factory=GenerationStats)
 
     def __post_init__(self) -> None:
@@ -166,7 +182,7 @@ class LlamaCppRuntime(Runtime):
             self._llm = llama_cpp.Llama(
                 model_path=str(self.info.path), n_ctx=self.plan.n_ctx,
                 n_gpu_layers=self.plan.n_gpu_layers_arg, seed=self.seed, verbose=False,
-                **kwargs)
+                logits_all=self.logits_all, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise GGUFFileError(self.info.path, f"llama.cpp could not load it: {exc}") from None
         self._vocab = self._llm._model.vocab
@@ -174,7 +190,8 @@ class LlamaCppRuntime(Runtime):
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int | None = None, gpu_layers: int | None = None,
-             threads: int | None = None, hardware: Hardware | None = None) -> LlamaCppRuntime:
+             threads: int | None = None, hardware: Hardware | None = None,
+             logits_all: bool = False) -> LlamaCppRuntime:
         """Plan, refuse what cannot fit, then load."""
         from localmed import hardware as hw_detect
         from localmed.planner import plan_offload
@@ -184,7 +201,7 @@ class LlamaCppRuntime(Runtime):
         plan = plan_offload(footprint, hw, n_ctx=n_ctx, gpu_layers=gpu_layers)
         if not plan.fits:
             raise ModelTooLargeError(Path(path), plan.reasons[-1], plan.suggestion, plan)
-        return cls(info, plan, threads)
+        return cls(info, plan, threads, logits_all=logits_all)
 
     @property
     def n_ctx(self) -> int:
@@ -244,6 +261,31 @@ class LlamaCppRuntime(Runtime):
             stats.decode_seconds = time.perf_counter() - first
         if tail := stops.flush() + decoder.decode(b"", final=True):
             yield tail
+
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        import llama_cpp
+
+        llm = self._llm
+        if len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
+                                   "context")
+        cached = llm.input_ids[: llm.n_tokens]
+        limit = min(len(cached), len(tokens) - 1)  # at least one token is evaluated
+        same = np.flatnonzero(cached[:limit] != np.asarray(tokens[:limit]))
+        llm.n_tokens = int(same[0]) if same.size else limit
+        llm.eval(tokens[llm.n_tokens:])
+        pointer = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(llm.n_vocab(),)).copy()
+
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        if not self.logits_all:
+            raise RuntimeError("load the runtime with logits_all=True for sequence_logits")
+        if len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
+                                   "context")
+        self._llm.reset()
+        self._llm.eval(tokens)
+        return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)
 
     def close(self) -> None:
         self._llm.close()

@@ -76,7 +76,7 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     out_dir = tmp_path_factory.mktemp("gguf")
     result: dict[str, dict[str, Path]] = {}
     for family, folder in checkpoints.items():
-        quants = "F32,Q8_0,Q4_K_M,Q2_K" if family == "llama" else "F32"
+        quants = "F32,F16,Q8_0,Q4_K_M,Q2_K" if family == "llama" else "F32"
         source = resolve_source(str(folder), registry)
         outputs = run_quantize(source, parse_quant_list(quants), out_dir, threads=2,
                                console=quiet_console())
@@ -116,3 +116,15 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     return attempts
+
+
+@pytest.fixture(scope="session")
+def bench_models(converted: dict[str, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory
+                 ) -> Path:
+    """A folder of GGUFs of one model: F16 (the reference), Q8_0, Q4_K_M, Q2_K."""
+    folder = tmp_path_factory.mktemp("bench-models") / "tiny-llama"
+    folder.mkdir()
+    for quant in ("F16", "Q8_0", "Q4_K_M", "Q2_K"):
+        source = converted["llama"][quant]
+        (folder / source.name).symlink_to(source)
+    return folder

@@ -1,0 +1,1 @@
+"""``localmed bench``: what quantization cost, measured on medical question sets."""

@@ -1,0 +1,147 @@
+"""``localmed bench MODEL``: find the quants, load the suites, run, report."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from localmed import paths
+from localmed.bench.report import aggregate, tables, write_outputs
+from localmed.bench.runner import BenchConfig, Records, remaining_work, run_bench
+from localmed.bench.suites import KNOWN_SUITES, Suite, SuiteError, load_suite, resolve_suite
+from localmed.errors import LocalmedError, UnknownModelError
+from localmed.gguf_info import read_gguf_info
+from localmed.quants import get_quant
+from localmed.registry import ModelEntry, Registry
+from localmed.runtime import LlamaCppRuntime, Runtime
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    label: str
+    files: dict[str, Path]
+    entry: ModelEntry | None
+    hint: str
+    """How to make a missing quant."""
+
+
+def find_model_files(spec: str, registry: Registry) -> BenchModel:
+    """A registry id (its GGUFs in the models folder) or a folder of GGUFs, by quant."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        files = {read_gguf_info(p).quant: p for p in sorted(folder.glob("*.gguf"))}
+        entry = None
+        for path in files.values():
+            model_id = read_gguf_info(path).provenance.get("model_id")
+            entry = entry or (registry.get(model_id) if model_id else None)
+        return BenchModel(folder.name, files, entry,
+                          "localmed quantize SOURCE --quant QUANT --out " + str(folder))
+    if spec not in registry:
+        raise UnknownModelError(spec, registry)
+    entry = registry[spec]
+    models = paths.models_dir()
+    prefix = f"{entry.id}."
+    files = {p.name[len(prefix):-len(".gguf")]: p for p in sorted(models.glob(f"{prefix}*.gguf"))}
+    return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
+
+
+def select_quants(model: BenchModel, wanted: list[str] | None, reference: str) -> dict[str, Path]:
+    names = [get_quant(q).name for q in wanted] if wanted else list(model.files)
+    if reference not in names:
+        names.insert(0, reference)
+    missing = [q for q in names if q not in model.files]
+    if missing:
+        have = ", ".join(model.files) or "none"
+        raise LocalmedError(
+            f"{model.label}: no {', '.join(missing)} file (have: {have}); make it with: "
+            + model.hint.replace("QUANT", ",".join(missing))
+            + ("" if reference not in missing else "  (or pick another --reference)"))
+    return {q: model.files[q] for q in names}
+
+
+def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
+    """Medical documents for perplexity/KLD: --text, else PubMedQA abstracts when available."""
+    if count <= 0:
+        return []
+    if path is None:
+        pubmed = next((s for s in suites if s.name == "pubmedqa"), None)
+        default = paths.data_dir() / "benchmarks" / "pubmedqa.jsonl"
+        if pubmed is not None:
+            return [q.question for q in pubmed.questions[:count]]
+        if not default.is_file():
+            return []
+        path = default
+    if not path.is_file():
+        raise SuiteError(path, "no such file")
+    if path.suffix == ".jsonl":
+        docs = []
+        for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if raw.strip():
+                try:
+                    docs.append(str(json.loads(raw)["question"]))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SuiteError(path, "expected JSON with a 'question' text", line_no) \
+                        from None
+    else:
+        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    return docs[:count]
+
+
+def llama_loader(threads: int | None) -> object:
+    def load(quant: str, path: Path, logits_all: bool, n_ctx: int) -> Runtime:
+        trained = read_gguf_info(path).context_length or n_ctx
+        return LlamaCppRuntime.load(path, n_ctx=min(n_ctx, trained), threads=threads,
+                                    logits_all=logits_all)
+
+    return load
+
+
+def run(args: object, console: Console, err: Console) -> int:
+    registry = Registry.load()
+    model = find_model_files(args.model, registry)
+    reference = get_quant(args.reference).name
+    wanted = [q for q in args.quants.split(",") if q.strip()] if args.quants else None
+    files = select_quants(model, wanted, reference)
+
+    # The first --shots questions of each set are its worked examples and are never scored.
+    limit = args.limit + args.shots if args.limit is not None else None
+    loaded: list[Suite] = [load_suite(Path(path), limit=limit) for path in args.data or []]
+    names = [s.strip() for s in args.suites.split(",") if s.strip()] if args.suites else \
+        ([] if args.data else list(KNOWN_SUITES))
+    loaded += [resolve_suite(name, limit=limit) for name in names]
+    suites: list[Suite] = []
+    shot_examples = {}
+    for suite in loaded:
+        if len(suite.questions) <= args.shots:
+            raise SuiteError(suite.path, f"--shots {args.shots} leaves no question to score")
+        shot_examples[suite.name] = tuple(suite.questions[: args.shots])
+        suites.append(Suite(suite.name, suite.path, suite.questions[args.shots:]))
+    texts = load_texts(Path(args.text) if args.text else None, suites, args.text_docs)
+    out = Path(args.out).expanduser() if args.out else \
+        paths.data_dir() / "bench" / model.label
+    config = BenchConfig(model=model.label, files=files, reference=reference, suites=suites,
+                         out=out, shots=args.shots, shot_examples=shot_examples,
+                         prompt_format=args.prompt_format,
+                         texts=texts, n_ctx=args.ctx, entry=model.entry)
+    if config.prompt_format == "chat" and model.entry is None:
+        raise LocalmedError("--prompt-format chat needs a registry model (for its template)")
+    todo = remaining_work(config, Records(out))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeRemainingColumn(), console=err, transient=False) as bar:
+        task = bar.add_task("bench", total=todo)
+        run_bench(config, llama_loader(args.threads),
+                  lambda what: bar.update(task, advance=1, description=what))
+    results = aggregate(config)
+    written = write_outputs(results, out)
+    for t in tables(results):
+        console.print(t)
+    if not texts:
+        err.print("[yellow]note:[/] no medical text for perplexity/KLD (add --text FILE or the "
+                  "pubmedqa suite)")
+    for path in written:
+        console.print(f"wrote {path}")
+    return 0
