@@ -64,7 +64,7 @@ def test_kld_grows_as_bits_shrink(bench_run):
 
 
 def test_results_have_the_documented_shape(bench_run, bench_models):
-    out, results = bench_run
+    _, results = bench_run
     assert results["model"] == "tiny-llama"
     keys = {"quant", "suite", "n", "accuracy", "accuracy_ci", "delta", "delta_ci", "mcnemar_p",
             "agreement", "option_kld", "text_kld", "text_ppl", "file_bytes", "peak_rss_bytes",
