@@ -87,7 +87,7 @@ def main() -> None:
             slow.close()
             print(f"{k}-shot: one-pass letters {qps_fast:6.2f} q/s, per-option loglikelihood "
                   f"{qps_slow:6.2f} q/s -> {qps_fast / qps_slow:.1f}x "
-                  f"(answers agree on {sum(x == y for x, y in zip(a, b)) / len(a):.0%})")
+                  f"(answers agree on {sum(x == y for x, y in zip(a, b, strict=True)) / len(a):.0%})")
 
 
 if __name__ == "__main__":

@@ -144,3 +144,28 @@ def test_llama3_tied_embeddings_and_bpe_metadata(converted):
     types = reader.fields["tokenizer.ggml.token_type"]
     eot = 128009  # <|eot_id|>: must be a control token to end a turn
     assert int(types.contents(eot)) == int(gguf.TokenType.CONTROL)
+
+
+def test_bf16_checkpoint_converts_exactly_and_quantizes_from_bf16(tmp_path):
+    """bf16 weights stay bf16 (no f16 overflow), and K-quants are made from a BF16 file."""
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import prepare, resolve_source, run_quantize
+    from tests.conftest import quiet_console
+    from tests.tiny_models import build_spm_model
+
+    folder = build_spm_model(tmp_path / "bf16", "mistral", seed=5, dtype="bfloat16")
+    source = resolve_source(str(folder), Registry.load())
+    assert prepare(source).intermediate.name == "BF16"
+    outputs = run_quantize(source, parse_quant_list("BF16,Q4_K_M"), tmp_path / "out",
+                           threads=2, console=quiet_console())
+    files = {o.quant: o.path for o in outputs}
+    reader = gguf.GGUFReader(files["BF16"])
+    q = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    assert q.tensor_type == gguf.GGMLQuantizationType.BF16
+    ids = hf_ids(folder, MEDICAL_TEXT)
+    ref = hf_logits(folder, ids)  # the bf16 weights, computed in float32
+    got = gguf_logits(files["BF16"], ids)
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+    assert mean_kld(ref, got) < 1e-3
+    assert mean_kld(ref, gguf_logits(files["Q4_K_M"], ids)) < 0.5

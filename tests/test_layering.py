@@ -41,3 +41,9 @@ def test_importing_the_cli_is_light():
     loaded = _modules_after_import(["localmed"])
     heavy = {"torch", "transformers", "llama_cpp"}
     assert not heavy & loaded, heavy & loaded
+
+
+def test_the_tui_reaches_llama_cpp_only_through_the_runtime():
+    for path in (ROOT / "tui").glob("*.py"):
+        text = path.read_text()
+        assert "llama_cpp" not in text and "transformers" not in text, path
