@@ -48,6 +48,14 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
         path = ensure_demo_model(models_dir)
         return ChatModel("demo (not a medical model)", path, DEMO_ENTRY, DEMO_ENTRY.advisory)
     candidate = Path(spec).expanduser()
+    from localmed.runtime_hf import folder_info, is_gptq_folder
+
+    if is_gptq_folder(candidate):
+        info = folder_info(candidate)
+        model_id = str(info.provenance.get("model_id") or "")
+        entry = registry.get(model_id) if model_id else None
+        return ChatModel(candidate.name, candidate, entry,
+                         info.advisory or (entry.advisory if entry else ""))
     if candidate.suffix == ".gguf" or candidate.exists():
         if not candidate.is_file():
             raise GGUFFileError(candidate, "no such file")
@@ -167,6 +175,18 @@ class ChatSession:
             os.chmod(folder, 0o700)
             path = folder / f"{self.conversation.id}.md"
         return export_markdown(self.conversation, path, self.model.advisory)
+
+
+def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
+                 threads: int | None = None) -> Runtime:
+    """llama.cpp for a GGUF, transformers for a GPTQ folder."""
+    from localmed.runtime_hf import TransformersRuntime, is_gptq_folder
+
+    if is_gptq_folder(model.path):
+        return TransformersRuntime.load(model.path, n_ctx=n_ctx)
+    from localmed.runtime import LlamaCppRuntime
+
+    return LlamaCppRuntime.load(model.path, n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
 
 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:

@@ -113,22 +113,39 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
 # --- quantize -------------------------------------------------------------------------------------
 
-def cmd_quantize(args: argparse.Namespace) -> int:
-    from localmed.quants import parse_quant_list
-    from localmed.registry import Registry
-    from quantize.pipeline import resolve_source, run_quantize
+def _source(args: argparse.Namespace, registry: object):
+    from dataclasses import replace
 
-    if args.format != "gguf":
-        raise LocalmedError(f"--format {args.format}: only gguf is available in this version")
-    quants = parse_quant_list(args.quant)
-    registry = Registry.load()
+    from quantize.pipeline import resolve_source
+
     source = resolve_source(args.source, registry, revision=args.revision,
                             token=os.environ.get("HF_TOKEN"))
     if args.name:
-        from dataclasses import replace
-
         source = replace(source, name=args.name, entry=registry.get(args.name) or source.entry)
+    return source
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import run_quantize
+
+    registry = Registry.load()
     out_dir = Path(args.out).expanduser() if args.out else paths.models_dir()
+    if args.format == "gptq":
+        from quantize.gptq import GPTQSettings, run_gptq
+
+        settings = GPTQSettings(bits=args.bits, group_size=args.group_size,
+                                desc_act=args.desc_act, samples=args.samples,
+                                calibration=Path(args.calibration) if args.calibration else None)
+        settings.check()
+        source = _source(args, registry)
+        folder = run_gptq(source, out_dir, settings)
+        _console().print(f"[green]wrote[/] {folder}  (GPTQ {settings.bits}-bit, group "
+                         f"{settings.group_size}; loads with transformers and vLLM)")
+        return 0
+    quants = parse_quant_list(args.quant)
+    source = _source(args, registry)
     console = _err_console()
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
                            threads=args.threads, console=console)
@@ -208,14 +225,13 @@ def _chat_model(args: argparse.Namespace):
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from localmed.chat import ChatSession
-    from localmed.runtime import LlamaCppRuntime
+    from localmed.chat import ChatSession, open_runtime
 
     err = _err_console()
     with err.status("preparing the model…"):
         model = _chat_model(args)
-        runtime = LlamaCppRuntime.load(model.path, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                                       threads=args.threads)
+        runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
+                               threads=args.threads)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -332,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads for llama.cpp's quantizer")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
+    gptq = p.add_argument_group("GPTQ (--format gptq; needs pip install 'localmed[gptq]')")
+    gptq.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+    gptq.add_argument("--group-size", type=int, default=128, help="default 128; -1: per column")
+    gptq.add_argument("--desc-act", action="store_true", help="activation order (slower, "
+                      "sometimes more accurate)")
+    gptq.add_argument("--calibration", metavar="FILE", help="calibration text: .jsonl with "
+                      "'question' or 'text', or .txt (default: PubMedQA abstracts)")
+    gptq.add_argument("--samples", type=int, default=128, help="calibration texts to use")
     p.set_defaults(func=cmd_quantize)
 
     def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None:

@@ -5,6 +5,7 @@
 #   LOCALMED_GPU=cuda  scripts/install.sh   # NVIDIA: llama.cpp built with CUDA offload
 #   (Apple Silicon gets Metal without asking.)
 #   CMAKE_ARGS="..."   scripts/install.sh   # extra llama.cpp CMake options, appended
+#   LOCALMED_EXTRAS=test,gptq scripts/install.sh   # with GPTQ export
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,5 +45,7 @@ if ! "$VENV/bin/python" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version_
         --no-deps "$LLAMA_CPP_PYTHON"
 fi
 
-"${PIP[@]}" install --quiet -e ".[test]"
+# LOCALMED_EXTRAS=test,gptq adds GPTQ export (GPTQModel, optimum); BUILD_CUDA_EXT=0 keeps its
+# install from compiling CUDA kernels on machines without a GPU.
+BUILD_CUDA_EXT=${BUILD_CUDA_EXT:-0} "${PIP[@]}" install --quiet -e ".[${LOCALMED_EXTRAS:-test}]"
 echo "localmed installed in $VENV: run $VENV/bin/localmed" >&2

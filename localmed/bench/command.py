@@ -31,13 +31,15 @@ class BenchModel:
 
 def find_model_files(spec: str, registry: Registry) -> BenchModel:
     """A registry id (its GGUFs in the models folder) or a folder of GGUFs, by quant."""
+    from localmed.runtime_hf import folder_info, is_gptq_folder
+
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        files = {read_gguf_info(p).quant: p for p in sorted(folder.glob("*.gguf"))}
-        entry = None
-        for path in files.values():
-            model_id = read_gguf_info(path).provenance.get("model_id")
-            entry = entry or (registry.get(model_id) if model_id else None)
+        infos = [read_gguf_info(p) for p in sorted(folder.glob("*.gguf"))]
+        infos += [folder_info(p) for p in sorted(folder.iterdir()) if is_gptq_folder(p)]
+        files = {info.quant: info.path for info in infos}
+        ids = [str(info.provenance.get("model_id") or "") for info in infos]
+        entry = next((registry[i] for i in ids if i and i in registry), None)
         return BenchModel(folder.name, files, entry,
                           "localmed quantize SOURCE --quant QUANT --out " + str(folder))
     if spec not in registry:
@@ -46,11 +48,14 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
     models = paths.models_dir()
     prefix = f"{entry.id}."
     files = {p.name[len(prefix):-len(".gguf")]: p for p in sorted(models.glob(f"{prefix}*.gguf"))}
+    files.update({folder_info(p).quant: p for p in sorted(models.glob(f"{entry.id}-GPTQ-*"))
+                  if is_gptq_folder(p)})
     return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
 
 
 def select_quants(model: BenchModel, wanted: list[str] | None, reference: str) -> dict[str, Path]:
-    names = [get_quant(q).name for q in wanted] if wanted else list(model.files)
+    names = [q if q in model.files else get_quant(q).name for q in wanted] if wanted \
+        else list(model.files)
     if reference not in names:
         names.insert(0, reference)
     missing = [q for q in names if q not in model.files]
@@ -93,6 +98,10 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
 
 def llama_loader(threads: int | None) -> object:
     def load(quant: str, path: Path, logits_all: bool, n_ctx: int) -> Runtime:
+        if path.is_dir():  # a GPTQ checkpoint: transformers
+            from localmed.runtime_hf import TransformersRuntime
+
+            return TransformersRuntime.load(path, n_ctx=n_ctx)
         trained = read_gguf_info(path).context_length or n_ctx
         return LlamaCppRuntime.load(path, n_ctx=min(n_ctx, trained), threads=threads,
                                     logits_all=logits_all)
@@ -103,7 +112,8 @@ def llama_loader(threads: int | None) -> object:
 def run(args: object, console: Console, err: Console) -> int:
     registry = Registry.load()
     model = find_model_files(args.model, registry)
-    reference = get_quant(args.reference).name
+    reference = args.reference if args.reference in model.files else \
+        get_quant(args.reference).name
     wanted = [q for q in args.quants.split(",") if q.strip()] if args.quants else None
     files = select_quants(model, wanted, reference)
 

@@ -148,8 +148,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
                       key=lambda r: r["file_bytes"] or 0)
         sizes = [(r["file_bytes"] or 0) / 1e9 for r in rows]
         acc = [r["accuracy"] for r in rows]
-        err = [[a - r["accuracy_ci"][0] for a, r in zip(acc, rows, strict=True)],
-               [r["accuracy_ci"][1] - a for a, r in zip(acc, rows, strict=True)]]
+        # max(0, …): at 0% or 100% the Wilson bound equals the estimate up to rounding
+        err = [[max(0.0, a - r["accuracy_ci"][0]) for a, r in zip(acc, rows, strict=True)],
+               [max(0.0, r["accuracy_ci"][1] - a) for a, r in zip(acc, rows, strict=True)]]
         left.errorbar(sizes, acc, yerr=err, marker="o", capsize=3, label=suite)
         right.plot(sizes, [r["option_kld"] for r in rows], marker="o", label=f"{suite} options")
         for x, y, r in zip(sizes, acc, rows, strict=True):
