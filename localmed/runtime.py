@@ -99,6 +99,35 @@ class Runtime(ABC):
     def close(self) -> None:
         """Free the model."""
 
+    # --- shared by the implementations ----------------------------------------------------------
+
+    def _check_fits(self, tokens: Sequence[int]) -> None:
+        if len(tokens) > self.n_ctx:
+            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
+                                   "context")
+
+    def _begin(self, prompt: str, params: GenerationParams) -> tuple[list[int], int]:
+        """Tokens of the prompt and how many may be generated; resets ``last_stats``."""
+        tokens = self.tokenize(prompt)
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
+                                   f"{self.n_ctx}")
+        self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        return tokens, min(params.max_tokens, room)
+
+    def _ended(self, stops: StopStringFilter, stop_asked: bool, budget: int,
+               params: GenerationParams) -> bool:
+        """After a token: record why generation ends, if it does."""
+        stats = self.last_stats
+        if stops.hit:
+            stats.stopped_by = "stop"
+        elif stop_asked:
+            stats.stopped_by = "user"
+        elif stats.generated_tokens >= budget:
+            stats.stopped_by = "length" if budget == params.max_tokens else "context"
+        return bool(stats.stopped_by)
+
 
 def footprint_of(info: GGUFInfo, tensor_sizes: Sequence[tuple[str, int]],
                  fields: dict[str, int]) -> ModelFootprint:
@@ -221,13 +250,8 @@ class LlamaCppRuntime(Runtime):
     def stream(self, prompt: str, params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
         params = params or GenerationParams()
-        tokens = self.tokenize(prompt)
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
-                                   f"{self.n_ctx}")
-        budget = min(params.max_tokens, room)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        tokens, budget = self._begin(prompt, params)
+        stats = self.last_stats
         self._stop.clear()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringFilter(stop)
@@ -247,14 +271,7 @@ class LlamaCppRuntime(Runtime):
                 piece = decoder.decode(self._llm.detokenize([token], special=False))
                 if piece and (text := stops.feed(piece)):
                     yield text
-                if stops.hit:
-                    stats.stopped_by = "stop"
-                    break
-                if self._stop.is_set():
-                    stats.stopped_by = "user"
-                    break
-                if stats.generated_tokens >= budget:
-                    stats.stopped_by = "length" if budget == params.max_tokens else "context"
+                if self._ended(stops, self._stop.is_set(), budget, params):
                     break
         finally:
             generator.close()
@@ -266,9 +283,7 @@ class LlamaCppRuntime(Runtime):
         import llama_cpp
 
         llm = self._llm
-        if len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
-                                   "context")
+        self._check_fits(tokens)
         cached = llm.input_ids[: llm.n_tokens]
         limit = min(len(cached), len(tokens) - 1)  # at least one token is evaluated
         same = np.flatnonzero(cached[:limit] != np.asarray(tokens[:limit]))
@@ -280,9 +295,7 @@ class LlamaCppRuntime(Runtime):
     def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
         if not self.logits_all:
             raise RuntimeError("load the runtime with logits_all=True for sequence_logits")
-        if len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
-                                   "context")
+        self._check_fits(tokens)
         self._llm.reset()
         self._llm.eval(tokens)
         return np.array(self._llm.scores[: len(tokens)], dtype=np.float32)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from localmed.errors import ContextFullError, GGUFFileError
+from localmed.errors import GGUFFileError
 from localmed.gguf_info import GGUFInfo
 from localmed.planner import OffloadPlan
 from localmed.runtime import GenerationParams, GenerationStats, Runtime, StopStringFilter
@@ -133,28 +133,19 @@ class TransformersRuntime(Runtime):
             return self._model(ids, past_key_values=past, use_cache=True)
 
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        if len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
-                                   "context")
+        self._check_fits(tokens)
         out = self._forward(tokens)
         return out.logits[0, -1].float().cpu().numpy()
 
     def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        if len(tokens) > self.n_ctx:
-            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx}-token "
-                                   "context")
+        self._check_fits(tokens)
         return self._forward(tokens).logits[0].float().cpu().numpy()
 
     def stream(self, prompt: str, params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
         params = params or GenerationParams()
-        tokens = self.tokenize(prompt)
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
-                                   f"{self.n_ctx}")
-        budget = min(params.max_tokens, room)
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        tokens, budget = self._begin(prompt, params)
+        stats = self.last_stats
         self._stop.clear()
         stops = StopStringFilter(stop)
         generator = self._torch.Generator(device="cpu").manual_seed(0)
@@ -179,14 +170,7 @@ class TransformersRuntime(Runtime):
                     piece, shown = text[len(shown):], text
                     if piece and (safe := stops.feed(piece)):
                         yield safe
-                if stops.hit:
-                    stats.stopped_by = "stop"
-                    break
-                if self._stop.is_set():
-                    stats.stopped_by = "user"
-                    break
-                if stats.generated_tokens >= budget:
-                    stats.stopped_by = "length" if budget == params.max_tokens else "context"
+                if self._ended(stops, self._stop.is_set(), budget, params):
                     break
                 out = self._forward([token], out.past_key_values)
         finally:
