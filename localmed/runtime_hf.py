@@ -7,6 +7,8 @@ converters import transformers.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import threading
 import time
@@ -80,13 +82,17 @@ class TransformersRuntime(Runtime):
 
         from quantize.gptq import require_gptqmodel
 
-        require_gptqmodel()  # transformers loads GPTQ weights through it
         self._torch = torch
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
         path = str(self.info.path)
+        # GPTQModel prints a banner and kernel choices on stdout; in the chat app that would
+        # land on the terminal under the UI.
+        quiet = io.StringIO()
         try:
-            self._tok = AutoTokenizer.from_pretrained(path)
-            self._model = AutoModelForCausalLM.from_pretrained(path, device_map=self._device)
+            with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+                require_gptqmodel()  # transformers loads GPTQ weights through it
+                self._tok = AutoTokenizer.from_pretrained(path)
+                self._model = AutoModelForCausalLM.from_pretrained(path, device_map=self._device)
         except (OSError, ValueError) as exc:
             raise GGUFFileError(self.info.path, f"transformers could not load it: {exc}") \
                 from None
