@@ -14,23 +14,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich import box
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from localmed import __version__, paths
+from localmed import __version__, cli_run, paths
+from localmed.cli_common import console, err_console
 from localmed.errors import LocalmedError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 
-def _console() -> Console:
-    return Console(highlight=False)
-
-
-def _err_console() -> Console:
-    return Console(stderr=True, highlight=False)
 
 
 def _human_bytes(n: float) -> str:
@@ -49,7 +43,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     registry = Registry.load()
     models_dir = Path(args.dir) if args.dir else paths.models_dir()
     if args.paths:
-        out = _console()
+        out = console()
         out.print(f"registry files: {', '.join(str(p) for p in registry.files)}")
         out.print(f"user registry:  {paths.user_registry_path()}")
         out.print(f"models folder:  {models_dir}")
@@ -85,7 +79,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             entry.template,
             ", ".join(quants) if quants else f"[dim]none[/]\n[dim]default {entry.default_quant}[/]",
         )
-    _console().print(table)
+    console().print(table)
     return 0
 
 
@@ -107,7 +101,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
         table.add_row(template.name, escape(template.description),
                       escape(", ".join(repr(s) for s in template.stop)))
     table.add_row(GGUF_TEMPLATE, "the Jinja chat template embedded in the GGUF (sandboxed)", "")
-    _console().print(table)
+    console().print(table)
     return 0
 
 
@@ -141,15 +135,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         settings.check()
         source = _source(args, registry)
         folder = run_gptq(source, out_dir, settings)
-        _console().print(f"[green]wrote[/] {folder}  (GPTQ {settings.bits}-bit, group "
+        console().print(f"[green]wrote[/] {folder}  (GPTQ {settings.bits}-bit, group "
                          f"{settings.group_size}; loads with transformers and vLLM)")
         return 0
     quants = parse_quant_list(args.quant)
     source = _source(args, registry)
-    console = _err_console()
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
-                           threads=args.threads, console=console)
-    out = _console()
+                           threads=args.threads, console=err_console())
+    out = console()
     for output in outputs:
         out.print(f"[green]wrote[/] {output.path}  ({_human_bytes(output.bytes)}, {output.quant})")
     return 0
@@ -165,7 +158,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(info).items()}
         print(json.dumps(record, indent=2, default=str))
         return 0
-    out = _console()
+    out = console()
     table = Table(show_header=False, box=None, title=str(info.path), title_justify="left")
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
@@ -197,120 +190,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- chat, plan, doctor -----------------------------------------------------------------------
-
-def _chat_model(args: argparse.Namespace):
-    from localmed.chat import resolve_chat_model, stdin_is_interactive
-    from localmed.errors import ModelNotAvailableError
-    from localmed.registry import Registry
-
-    registry = Registry.load()
-    try:
-        return resolve_chat_model(args.model, registry, quant=args.quant)
-    except ModelNotAvailableError as missing:
-        if paths.hub_offline() or not stdin_is_interactive():
-            raise
-        entry = registry[missing.model_id]
-        size = entry.parameters_b * 2
-        answer = input(f"{entry.id} {missing.quant} is not here. Download {entry.repo} "
-                       f"(~{size:.0f} GB of weights) and quantize it now? [y/N] ")
-        if answer.strip().lower() not in {"y", "yes"}:
-            raise
-        from localmed.quants import get_quant
-        from quantize.pipeline import resolve_source, run_quantize
-
-        source = resolve_source(entry.id, registry, token=os.environ.get("HF_TOKEN"))
-        run_quantize(source, [get_quant(missing.quant)], console=_err_console())
-        return resolve_chat_model(args.model, registry, quant=args.quant)
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from localmed.chat import ChatSession, open_runtime
-
-    err = _err_console()
-    with err.status("preparing the model…"):
-        model = _chat_model(args)
-        runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                               threads=args.threads)
-    try:
-        session = ChatSession.open(model, runtime, template=args.template,
-                                   save_history=args.save, system=args.system or "")
-    except LocalmedError:
-        runtime.close()
-        raise
-    if session.template_choice.fallback:
-        err.print(f"[yellow]note:[/] prompt template {escape(session.template_choice.reason)}")
-    from tui.app import run_chat
-
-    run_chat(session)
-    return 0
-
-
-def _plan_for(args: argparse.Namespace):
-    from localmed import hardware
-    from localmed.planner import plan_offload
-    from localmed.runtime import read_footprint
-
-    model = _chat_model(args)
-    info, footprint = read_footprint(model.path)
-    hw = hardware.detect()
-    return model, info, plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers), hw
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from localmed.planner import gib
-    from localmed.runtime import describe_plan
-
-    model, info, plan, hw = _plan_for(args)
-    out = _console()
-    out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} file, "
-              f"{info.block_count} layers")
-    out.print(f"machine: {hw.backend.upper()}"
-              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
-              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
-    out.print(escape(describe_plan(plan)))
-    return 0 if plan.fits else 1
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from localmed import hardware
-    from localmed.planner import gib
-
-    out = _console()
-    import llama_cpp
-
-    backend, offload = hardware.llama_backend()
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    backends = sorted({p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
-                      - {"base"})
-    out.print(f"llama-cpp-python {llama_cpp.__version__}; ggml backends: {', '.join(backends)}")
-    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if offload else 'no: CPU only'}")
-    total, available = hardware.ram()
-    out.print(f"RAM: {gib(available)} available of {gib(total)}")
-    if backend == "cuda":
-        devices = hardware.cuda_devices()
-        for i, dev in enumerate(devices):
-            out.print(f"GPU {i}: {escape(dev.name)}, {gib(dev.free)} free of {gib(dev.total)}")
-        if not devices:
-            out.print("[yellow]CUDA build, but no NVIDIA GPU is visible (driver? "
-                      "CUDA_VISIBLE_DEVICES?)[/]")
-    elif not offload:
-        out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
-                  "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
-                  "get Metal by default.")
-    if args.model:
-        out.print()
-        args.quant = getattr(args, "quant", None)
-        return cmd_plan(args)
-    return 0
-
-
 # --- bench ----------------------------------------------------------------------------------------
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from localmed.bench.command import run
 
-    return run(args, _console(), _err_console())
+    return run(args, console(), err_console())
 
 
 # --- entry point ----------------------------------------------------------------------------------
@@ -376,16 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
-    p.set_defaults(func=cmd_chat)
+    p.set_defaults(func=cli_run.cmd_chat)
 
     p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
     model_options(p)
-    p.set_defaults(func=cmd_plan)
+    p.set_defaults(func=cli_run.cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "
                        "and memory it sees")
     model_options(p, optional=True)
-    p.set_defaults(func=cmd_doctor)
+    p.set_defaults(func=cli_run.cmd_doctor)
 
     p = sub.add_parser("bench", help="accuracy lost to quantization on medical question sets")
     p.add_argument("model", metavar="MODEL", help="registry id (its GGUFs in the models folder) "
@@ -424,10 +309,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except LocalmedError as exc:
-        _err_console().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        err_console().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        _err_console().print("[yellow]interrupted[/]: no partial files were left behind")
+        err_console().print("[yellow]interrupted[/]: no partial files were left behind")
         return EXIT_INTERRUPTED
 
 

@@ -1,0 +1,121 @@
+"""``localmed chat``, ``plan`` and ``doctor``: the commands that load a model to run it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from rich.markup import escape
+
+from localmed import paths
+from localmed.cli_common import console, err_console
+from localmed.errors import LocalmedError
+
+
+def _chat_model(args: argparse.Namespace):
+    from localmed.chat import resolve_chat_model, stdin_is_interactive
+    from localmed.errors import ModelNotAvailableError
+    from localmed.registry import Registry
+
+    registry = Registry.load()
+    try:
+        return resolve_chat_model(args.model, registry, quant=args.quant)
+    except ModelNotAvailableError as missing:
+        if paths.hub_offline() or not stdin_is_interactive():
+            raise
+        entry = registry[missing.model_id]
+        size = entry.parameters_b * 2
+        answer = input(f"{entry.id} {missing.quant} is not here. Download {entry.repo} "
+                       f"(~{size:.0f} GB of weights) and quantize it now? [y/N] ")
+        if answer.strip().lower() not in {"y", "yes"}:
+            raise
+        from localmed.quants import get_quant
+        from quantize.pipeline import resolve_source, run_quantize
+
+        source = resolve_source(entry.id, registry, token=os.environ.get("HF_TOKEN"))
+        run_quantize(source, [get_quant(missing.quant)], console=err_console())
+        return resolve_chat_model(args.model, registry, quant=args.quant)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from localmed.chat import ChatSession, open_runtime
+
+    err = err_console()
+    with err.status("preparing the model…"):
+        model = _chat_model(args)
+        runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
+                               threads=args.threads)
+    try:
+        session = ChatSession.open(model, runtime, template=args.template,
+                                   save_history=args.save, system=args.system or "")
+    except LocalmedError:
+        runtime.close()
+        raise
+    if session.template_choice.fallback:
+        err.print(f"[yellow]note:[/] prompt template {escape(session.template_choice.reason)}")
+    from tui.app import run_chat
+
+    run_chat(session)
+    return 0
+
+
+def _plan_for(args: argparse.Namespace):
+    from localmed import hardware
+    from localmed.planner import plan_offload
+    from localmed.runtime import read_footprint
+
+    model = _chat_model(args)
+    info, footprint = read_footprint(model.path)
+    hw = hardware.detect()
+    return model, info, plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers), hw
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from localmed.planner import gib
+    from localmed.runtime import describe_plan
+
+    model, info, plan, hw = _plan_for(args)
+    out = console()
+    out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} file, "
+              f"{info.block_count} layers")
+    out.print(f"machine: {hw.backend.upper()}"
+              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
+              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
+    out.print(escape(describe_plan(plan)))
+    return 0 if plan.fits else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from localmed import hardware
+    from localmed.planner import gib
+
+    out = console()
+    import llama_cpp
+
+    backend, offload = hardware.llama_backend()
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    backends = sorted({p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
+                      - {"base"})
+    out.print(f"llama-cpp-python {llama_cpp.__version__}; ggml backends: {', '.join(backends)}")
+    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if offload else 'no: CPU only'}")
+    total, available = hardware.ram()
+    out.print(f"RAM: {gib(available)} available of {gib(total)}")
+    if backend == "cuda":
+        devices = hardware.cuda_devices()
+        for i, dev in enumerate(devices):
+            out.print(f"GPU {i}: {escape(dev.name)}, {gib(dev.free)} free of {gib(dev.total)}")
+        if not devices:
+            out.print("[yellow]CUDA build, but no NVIDIA GPU is visible (driver? "
+                      "CUDA_VISIBLE_DEVICES?)[/]")
+    elif not offload:
+        out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
+                  "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
+                  "get Metal by default.")
+    if args.model:
+        out.print()
+        args.quant = getattr(args, "quant", None)
+        return cmd_plan(args)
+    return 0
+
+
