@@ -117,6 +117,9 @@ class Conversion:
     family: ConverterFamily
     plan: list[PlannedTensor]
     input_hashes: dict[str, str] = field(default_factory=dict)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(
+        timespec="seconds"))
+    """One time for every file of this run, so GGUF metadata and manifests agree."""
 
     @property
     def intermediate(self) -> QuantType:
@@ -139,7 +142,7 @@ class Conversion:
             "localmed.quant": quant.name,
             "localmed.advisory": entry.advisory if entry else "",
             "localmed.inputs_sha256": json.dumps(self.input_hashes, sort_keys=True),
-            "localmed.created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "localmed.created": self.created,
         }
 
     def add_metadata(self, writer: gguf.GGUFWriter, quant: QuantType) -> None:
@@ -256,7 +259,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
                  threads: int | None, bar: Progress) -> Output:
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
     overrides = {"localmed.quant": quant.name,
-                 "localmed.created": conv.provenance(quant)["localmed.created"]}
+                 "localmed.created": conv.created}
     with atomic_path(final) as tmp:
         _run_interruptible(lambda: llama_quantize(
             base, tmp, quant, threads=threads, metadata=overrides,

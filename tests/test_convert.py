@@ -113,6 +113,7 @@ def test_metadata_and_provenance(quant, file_type, checkpoints, converted):
     assert manifest["sha256"] == sha256_file(path)
     assert manifest["bytes"] == path.stat().st_size
     assert manifest["quant"] == quant
+    assert manifest["created"] == _reader_value(reader, "localmed.created")
 
 
 def test_sizes_shrink_with_bits(converted):
