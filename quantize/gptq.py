@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from localmed import __version__, paths
+from localmed.bench.suites import read_documents
 from localmed.errors import LocalmedError, OfflineError, UnsupportedArchitectureError
 from quantize.checkpoint import Checkpoint, sha256_file
 from quantize.pipeline import Source, check_output_dir
@@ -65,20 +66,7 @@ def load_calibration(path: Path | None, samples: int) -> tuple[list[str], Path]:
     path = Path(path)
     if not path.is_file():
         raise GPTQError(f"{path}: calibration file not found")
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        texts = []
-        for line_no, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                texts.append(str(row.get("text") or row["question"]))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise GPTQError(f"{path}:{line_no}: expected JSON with a 'text' or 'question' "
-                                "field") from None
-    else:
-        texts = [doc.strip() for doc in raw.split("\n\n")]
+    texts = read_documents(path, fields=("text", "question"))
     texts = [t for t in texts if len(t.split()) >= 8][:samples]
     if not texts:
         raise GPTQError(f"{path}: no calibration text in it (need documents of 8+ words)")

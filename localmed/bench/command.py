@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +11,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from localmed import paths
 from localmed.bench.report import aggregate, tables, write_outputs
 from localmed.bench.runner import BenchConfig, Records, remaining_work, run_bench
-from localmed.bench.suites import KNOWN_SUITES, Suite, SuiteError, load_suite, resolve_suite
+from localmed.bench.suites import (
+    KNOWN_SUITES,
+    Suite,
+    SuiteError,
+    load_suite,
+    read_documents,
+    resolve_suite,
+)
 from localmed.errors import LocalmedError, UnknownModelError
 from localmed.gguf_info import read_gguf_info
 from localmed.quants import get_quant
@@ -82,17 +88,7 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
         path = default
     if not path.is_file():
         raise SuiteError(path, "no such file")
-    if path.suffix == ".jsonl":
-        docs = []
-        for line_no, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if raw.strip():
-                try:
-                    docs.append(str(json.loads(raw)["question"]))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise SuiteError(path, "expected JSON with a 'question' text", line_no) \
-                        from None
-    else:
-        docs = [d.strip() for d in path.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    docs = read_documents(path)
     return docs[:count]
 
 

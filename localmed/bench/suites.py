@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import string
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,25 @@ def load_suite(path: Path, name: str | None = None, limit: int | None = None) ->
     if limit is not None:
         questions = questions[:limit]
     return Suite(name or path.stem, path, questions)
+
+
+def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[str]:
+    """Texts from a ``.jsonl`` file (on each line, the first of ``fields`` that has text) or any
+    other file of documents separated by blank lines; empty documents are dropped."""
+    raw = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        return [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
+    docs = []
+    for line_no, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            docs.append(str(next(row[f] for f in fields if row.get(f))))
+        except (json.JSONDecodeError, StopIteration, TypeError, AttributeError):
+            wanted = " or ".join(repr(f) for f in fields)
+            raise SuiteError(path, f"expected JSON with a {wanted} field", line_no) from None
+    return docs
 
 
 def suites_dir() -> Path:
