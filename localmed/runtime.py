@@ -50,10 +50,6 @@ class GenerationStats:
         n = self.generated_tokens - 1  # the first token's time is prefill
         return n / self.decode_seconds if n > 0 and self.decode_seconds > 0 else 0.0
 
-    @property
-    def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
 
 class Runtime(ABC):
     """A loaded model that streams text."""
@@ -79,9 +75,12 @@ class Runtime(ABC):
                stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield the reply to ``prompt`` piece by piece; stats land in ``last_stats``."""
 
-    @abstractmethod
+    _stop: threading.Event
+    """Set by :meth:`stop`, cleared when a generation begins; made by each implementation."""
+
     def stop(self) -> None:
         """Ask a running ``stream`` to end after the current token (thread-safe)."""
+        self._stop.set()
 
     @abstractmethod
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -114,15 +113,15 @@ class Runtime(ABC):
             raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
                                    f"{self.n_ctx}")
         self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        self._stop.clear()
         return tokens, min(params.max_tokens, room)
 
-    def _ended(self, stops: StopStringFilter, stop_asked: bool, budget: int,
-               params: GenerationParams) -> bool:
+    def _ended(self, stops: StopStringFilter, budget: int, params: GenerationParams) -> bool:
         """After a token: record why generation ends, if it does."""
         stats = self.last_stats
         if stops.hit:
             stats.stopped_by = "stop"
-        elif stop_asked:
+        elif self._stop.is_set():
             stats.stopped_by = "user"
         elif stats.generated_tokens >= budget:
             stats.stopped_by = "length" if budget == params.max_tokens else "context"
@@ -236,23 +235,15 @@ class LlamaCppRuntime(Runtime):
     def n_ctx(self) -> int:
         return self._llm.n_ctx()
 
-    @property
-    def llama(self):
-        return self._llm
-
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         return self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos and self.info.add_bos,
                                   special=True)
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def stream(self, prompt: str, params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
         params = params or GenerationParams()
         tokens, budget = self._begin(prompt, params)
         stats = self.last_stats
-        self._stop.clear()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopStringFilter(stop)
         start = first = time.perf_counter()
@@ -271,7 +262,7 @@ class LlamaCppRuntime(Runtime):
                 piece = decoder.decode(self._llm.detokenize([token], special=False))
                 if piece and (text := stops.feed(piece)):
                     yield text
-                if self._ended(stops, self._stop.is_set(), budget, params):
+                if self._ended(stops, budget, params):
                     break
         finally:
             generator.close()

@@ -130,9 +130,6 @@ class TransformersRuntime(Runtime):
         bos = self._tok.bos_token_id
         return [bos, *ids] if add_bos and self.info.add_bos and bos is not None else ids
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _forward(self, tokens: Sequence[int], past: Any = None) -> Any:
         ids = self._torch.tensor([list(tokens)], device=self._device)
         with self._torch.no_grad():
@@ -152,7 +149,6 @@ class TransformersRuntime(Runtime):
         params = params or GenerationParams()
         tokens, budget = self._begin(prompt, params)
         stats = self.last_stats
-        self._stop.clear()
         stops = StopStringFilter(stop)
         generator = self._torch.Generator(device="cpu").manual_seed(0)
         generated: list[int] = []
@@ -176,7 +172,7 @@ class TransformersRuntime(Runtime):
                     piece, shown = text[len(shown):], text
                     if piece and (safe := stops.feed(piece)):
                         yield safe
-                if self._ended(stops, self._stop.is_set(), budget, params):
+                if self._ended(stops, budget, params):
                     break
                 out = self._forward([token], out.past_key_values)
         finally:

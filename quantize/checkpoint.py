@@ -190,9 +190,6 @@ class Checkpoint:
             if (self.folder / name).is_file():
                 yield self.folder / name
 
-    def largest_tensor_bytes(self) -> int:
-        return max((t.n_elements * 4 for t in self.tensors.values()), default=0)
-
     def n_parameters(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
 

@@ -53,10 +53,6 @@ def register(*hf_architectures: str) -> Callable[[type[ConverterFamily]], type[C
     return wrap
 
 
-def supported_architectures() -> list[str]:
-    return sorted(_FAMILIES)
-
-
 def family_for(checkpoint: Checkpoint) -> ConverterFamily:
     """The converter for a checkpoint; an unknown architecture names itself and the supported."""
     arch = checkpoint.architecture

@@ -281,6 +281,3 @@ class ChatScreen(Screen):
             return
         self.app.copy_to_clipboard(replies[-1].content)
         self.notify("Last reply copied.")
-
-    def help_rows(self) -> list[tuple[str, str]]:
-        return HELP_ROWS
