@@ -159,12 +159,46 @@ class OfflineError(LocalmedError, ConnectionError):
         super().__init__(f"{what}: {message}")
 
 
-class GGUFFileError(LocalmedError, ValueError):
-    """A file that is not a readable GGUF model."""
+class ModelFileError(LocalmedError, ValueError):
+    """A path that is not a model localmed can run: no known format, or a damaged one."""
 
     def __init__(self, path: Path | str, message: str) -> None:
         self.path = Path(path)
         super().__init__(f"{self.path}: {message}")
+
+
+class GGUFFileError(ModelFileError):
+    """A file that is not a readable GGUF model."""
+
+
+class GPTQFolderError(ModelFileError):
+    """A folder that is not a loadable GPTQ checkpoint (config, manifest or weights)."""
+
+
+class GPTQError(LocalmedError, ValueError):
+    """A GPTQ export that cannot be carried out (settings, calibration, missing package)."""
+
+
+class SuiteError(LocalmedError, ValueError):
+    """A question set that cannot be used: unknown, missing, or malformed at a line."""
+
+    def __init__(self, path: Path | str, message: str, line: int | None = None) -> None:
+        self.path = Path(path)
+        self.line = line
+        where = f"{self.path}:{line}" if line is not None else str(self.path)
+        super().__init__(f"{where}: {message}")
+
+
+class ScoringError(LocalmedError, ValueError):
+    """A model whose tokenizer cannot score lettered options in one pass."""
+
+    def __init__(self, model: Path | str, message: str) -> None:
+        self.model = Path(model)
+        super().__init__(f"{self.model.name}: {message}")
+
+
+class BenchSettingsError(LocalmedError, ValueError):
+    """An output folder that holds results of a bench run with other settings."""
 
 
 class QuantizeError(LocalmedError, RuntimeError):

@@ -12,20 +12,10 @@ from pathlib import Path
 
 from localmed.errors import HubAccessError, OfflineError
 from localmed.paths import hub_offline
+from localmed.provenance import CHECKPOINT_FILES
 
-CHECKPOINT_FILES = [
-    "*.safetensors",
-    "*.safetensors.index.json",
-    "config.json",
-    "generation_config.json",
-    "tokenizer.model",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-]
+DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *CHECKPOINT_FILES]
+"""What a checkpoint download fetches: safetensors weights and the files a conversion reads."""
 
 
 def _progress_class():
@@ -55,7 +45,7 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str
     if (progress := _progress_class()) is not None:
         kwargs["tqdm_class"] = progress
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_FILES,
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
                                    token=token, local_files_only=offline, **kwargs)
     except GatedRepoError:
         raise HubAccessError(

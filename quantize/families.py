@@ -18,7 +18,8 @@ import gguf
 import numpy as np
 
 from localmed.errors import SourceError, UnsupportedArchitectureError
-from quantize.checkpoint import Checkpoint, TensorRef
+from localmed.safetensors_index import TensorRef
+from quantize.checkpoint import Checkpoint
 
 Loader = Callable[[], np.ndarray]
 

@@ -8,7 +8,6 @@ quantize. Every file is written under a temporary name and renamed when complete
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import shutil
 import threading
@@ -29,7 +28,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from localmed import __version__, paths
+from localmed import paths
 from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
 from localmed.errors import (
     DiskSpaceError,
@@ -38,6 +37,7 @@ from localmed.errors import (
     UnknownModelError,
 )
 from localmed.hub import download_checkpoint
+from localmed.provenance import Provenance, gguf_key, now
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 from localmed.registry import ModelEntry, Registry
 from quantize.checkpoint import Checkpoint, sha256_file
@@ -45,8 +45,6 @@ from quantize.families import ConverterFamily, PlannedTensor, family_for
 from quantize.gguf_out import planned_bytes, write_gguf
 from quantize.llama_quant import llama_quantize
 from quantize.vocab import write_vocab
-
-PROVENANCE_PREFIX = "localmed."
 
 
 @dataclass(frozen=True)
@@ -117,8 +115,7 @@ class Conversion:
     family: ConverterFamily
     plan: list[PlannedTensor]
     input_hashes: dict[str, str] = field(default_factory=dict)
-    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(
-        timespec="seconds"))
+    created: str = field(default_factory=now)
     """One time for every file of this run, so GGUF metadata and manifests agree."""
 
     @property
@@ -132,18 +129,12 @@ class Conversion:
             return planned_bytes(self.plan, DIRECT_TENSOR_TYPE[quant.name])
         return int(self.checkpoint.n_parameters() * quant.bits_per_weight / 8 * 1.05)
 
-    def provenance(self, quant: QuantType) -> dict[str, str]:
+    def provenance(self, quant: QuantType) -> Provenance:
         entry = self.source.entry
-        return {
-            "localmed.version": __version__,
-            "localmed.model_id": entry.id if entry else "",
-            "localmed.source": self.source.label,
-            "localmed.revision": self.source.revision,
-            "localmed.quant": quant.name,
-            "localmed.advisory": entry.advisory if entry else "",
-            "localmed.inputs_sha256": json.dumps(self.input_hashes, sort_keys=True),
-            "localmed.created": self.created,
-        }
+        return Provenance(source=self.source.label, revision=self.source.revision,
+                          quant=quant.name, model_id=entry.id if entry else "",
+                          advisory=entry.advisory if entry else "",
+                          inputs_sha256=dict(self.input_hashes), created=self.created)
 
     def add_metadata(self, writer: gguf.GGUFWriter, quant: QuantType) -> None:
         entry = self.source.entry
@@ -151,7 +142,7 @@ class Conversion:
         if entry:
             writer.add_license(entry.license)
         write_vocab(writer, self.checkpoint.folder, self.family.hparam("vocab_size"))
-        for key, value in self.provenance(quant).items():
+        for key, value in self.provenance(quant).to_gguf().items():
             writer.add_string(key, value)
 
 
@@ -258,8 +249,7 @@ def _intermediate(conv: Conversion, out_dir: Path, outputs: list[Output],
 def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
                  threads: int | None, bar: Progress) -> Output:
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
-    overrides = {"localmed.quant": quant.name,
-                 "localmed.created": conv.created}
+    overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created}
     with atomic_path(final) as tmp:
         _run_interruptible(lambda: llama_quantize(
             base, tmp, quant, threads=threads, metadata=overrides,
@@ -301,8 +291,7 @@ def _finish(conv: Conversion, quant: QuantType, final: Path) -> Output:
         "architecture": conv.checkpoint.architecture,
         "gguf_architecture": conv.family.arch_name,
         "parameters": conv.checkpoint.n_parameters(),
-        **{k.removeprefix(PROVENANCE_PREFIX): v for k, v in conv.provenance(quant).items()},
-        "inputs_sha256": conv.input_hashes,
+        **conv.provenance(quant).to_manifest(),
     }
     write_text_atomic(manifest, json.dumps(record, indent=2) + "\n")
     return Output(quant.name, final, manifest, size)

@@ -8,22 +8,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from localmed import paths
+from localmed import formats, paths
 from localmed.bench.report import aggregate, tables, write_outputs
 from localmed.bench.runner import BenchConfig, Records, remaining_work, run_bench
-from localmed.bench.suites import (
-    KNOWN_SUITES,
-    Suite,
-    SuiteError,
-    load_suite,
-    read_documents,
-    resolve_suite,
-)
-from localmed.errors import LocalmedError, UnknownModelError
-from localmed.gguf_info import read_gguf_info
+from localmed.bench.suites import KNOWN_SUITES, Suite, load_suite, resolve_suite
+from localmed.documents import read_documents
+from localmed.errors import LocalmedError, SuiteError, UnknownModelError
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
-from localmed.runtime import LlamaCppRuntime, Runtime
+from localmed.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -36,26 +29,22 @@ class BenchModel:
 
 
 def find_model_files(spec: str, registry: Registry) -> BenchModel:
-    """A registry id (its GGUFs in the models folder) or a folder of GGUFs, by quant."""
-    from localmed.runtime_hf import folder_info, is_gptq_folder
-
+    """A registry id (its models in the models folder) or a folder of models, by quant."""
     folder = Path(spec).expanduser()
     if folder.is_dir():
-        infos = [read_gguf_info(p) for p in sorted(folder.glob("*.gguf"))]
-        infos += [folder_info(p) for p in sorted(folder.iterdir()) if is_gptq_folder(p)]
+        infos = formats.models_in(folder)
         files = {info.quant: info.path for info in infos}
-        ids = [str(info.provenance.get("model_id") or "") for info in infos]
-        entry = next((registry[i] for i in ids if i and i in registry), None)
+        entry = next((registry[i.model_id] for i in infos if i.model_id in registry), None)
         return BenchModel(folder.name, files, entry,
                           "localmed quantize SOURCE --quant QUANT --out " + str(folder))
     if spec not in registry:
         raise UnknownModelError(spec, registry)
     entry = registry[spec]
     models = paths.models_dir()
-    prefix = f"{entry.id}."
-    files = {p.name[len(prefix):-len(".gguf")]: p for p in sorted(models.glob(f"{prefix}*.gguf"))}
-    files.update({folder_info(p).quant: p for p in sorted(models.glob(f"{entry.id}-GPTQ-*"))
-                  if is_gptq_folder(p)})
+    infos = formats.models_in(models, lambda p: p.name.startswith(f"{entry.id}.")
+                              or p.name.startswith(f"{entry.id}-GPTQ-")) \
+        if models.is_dir() else []
+    files = {info.quant: info.path for info in infos}
     return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
 
 
@@ -92,15 +81,12 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
     return docs[:count]
 
 
-def llama_loader(threads: int | None) -> object:
+def model_loader(threads: int | None) -> object:
+    """Loads each quant with the Runtime its format calls for, at most at its trained context."""
     def load(quant: str, path: Path, logits_all: bool, n_ctx: int) -> Runtime:
-        if path.is_dir():  # a GPTQ checkpoint: transformers
-            from localmed.runtime_hf import TransformersRuntime
-
-            return TransformersRuntime.load(path, n_ctx=n_ctx)
-        trained = read_gguf_info(path).context_length or n_ctx
-        return LlamaCppRuntime.load(path, n_ctx=min(n_ctx, trained), threads=threads,
-                                    logits_all=logits_all)
+        trained = formats.describe(path).context_length or n_ctx
+        return formats.load_runtime(path, formats.LoadOptions(
+            n_ctx=min(n_ctx, trained), threads=threads, logits_all=logits_all))
 
     return load
 
@@ -139,7 +125,7 @@ def run(args: object, console: Console, err: Console) -> int:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:
         task = bar.add_task("bench", total=todo)
-        run_bench(config, llama_loader(args.threads),
+        run_bench(config, model_loader(args.threads),
                   lambda what: bar.update(task, advance=1, description=what))
     results = aggregate(config)
     written = write_outputs(results, out)

@@ -34,16 +34,12 @@ from localmed.bench.scoring import (
     text_logprobs,
 )
 from localmed.bench.suites import Question, Suite
-from localmed.errors import LocalmedError
+from localmed.errors import BenchSettingsError
 from localmed.registry import ModelEntry
 from localmed.runtime import GenerationParams, Runtime
 
 SPEED_PROMPT = ("### Instruction:\nList the first steps in managing suspected sepsis in the "
                 "emergency department.\n\n### Response:\n")
-
-
-class BenchSettingsError(LocalmedError, ValueError):
-    """An output folder that holds results of a bench run with other settings."""
 
 
 @dataclass

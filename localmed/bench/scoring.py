@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from localmed.bench.suites import Question, Suite, SuiteError
+from localmed.bench.suites import Question, Suite
+from localmed.errors import ScoringError
 from localmed.runtime import Runtime
 from localmed.templates import Message, PromptTemplate
 
@@ -53,12 +54,12 @@ def letter_token_ids(runtime: Runtime, prompt: str, separator: str,
     for letter in letters:
         full = runtime.tokenize(prompt + separator + letter)
         if len(full) != len(base) + 1 or full[: len(base)] != base:
-            raise SuiteError(
-                "(prompt)", f"option letter {letter!r} is not one token after the prompt with "
-                "this tokenizer, so it cannot be scored in one pass")
+            raise ScoringError(
+                runtime.info.path, f"option letter {letter!r} is not one token after the prompt "
+                "with this tokenizer, so it cannot be scored in one pass")
         ids.append(full[-1])
     if len(set(ids)) != len(ids):
-        raise SuiteError("(prompt)", "two option letters map to the same token")
+        raise ScoringError(runtime.info.path, "two option letters map to the same token")
     return ids
 
 

@@ -10,24 +10,12 @@ from __future__ import annotations
 
 import json
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from localmed import paths
-from localmed.atomic import write_text_atomic
-from localmed.errors import LocalmedError, OfflineError
-
-
-class SuiteError(LocalmedError, ValueError):
-    """A question set that cannot be used: unknown, missing, or malformed at a line."""
-
-    def __init__(self, path: Path | str, message: str, line: int | None = None) -> None:
-        self.path = Path(path)
-        self.line = line
-        where = f"{self.path}:{line}" if line is not None else str(self.path)
-        super().__init__(f"{where}: {message}")
+from localmed.errors import OfflineError, SuiteError
+from localmed.public_data import SUITE_NAMES, pull_suite
 
 
 @dataclass(frozen=True)
@@ -50,17 +38,7 @@ class Suite:
     questions: list[Question]
 
 
-# Public hub copies and how to turn each row into our format (used only when online).
-HUB_SOURCES: dict[str, dict[str, Any]] = {
-    "medqa": {"repo": "GBaker/MedQA-USMLE-4-options", "split": "test"},
-    "medmcqa": {"repo": "openlifescienceai/medmcqa", "split": "validation"},
-    "pubmedqa": {"repo": "qiaojin/PubMedQA", "config": "pqa_labeled", "split": "train"},
-    "mmlu_medical": {"repo": "cais/mmlu", "split": "test",
-                     "configs": ["anatomy", "clinical_knowledge", "college_biology",
-                                 "college_medicine", "medical_genetics",
-                                 "professional_medicine"]},
-}
-KNOWN_SUITES = tuple(HUB_SOURCES)
+KNOWN_SUITES = SUITE_NAMES
 
 
 def parse_line(raw: str, path: Path, line_no: int, index: int) -> Question:
@@ -106,25 +84,6 @@ def load_suite(path: Path, name: str | None = None, limit: int | None = None) ->
     return Suite(name or path.stem, path, questions)
 
 
-def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[str]:
-    """Texts from a ``.jsonl`` file (on each line, the first of ``fields`` that has text) or any
-    other file of documents separated by blank lines; empty documents are dropped."""
-    raw = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
-        return [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
-    docs = []
-    for line_no, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            docs.append(str(next(row[f] for f in fields if row.get(f))))
-        except (json.JSONDecodeError, StopIteration, TypeError, AttributeError):
-            wanted = " or ".join(repr(f) for f in fields)
-            raise SuiteError(path, f"expected JSON with a {wanted} field", line_no) from None
-    return docs
-
-
 def suites_dir() -> Path:
     return paths.data_dir() / "benchmarks"
 
@@ -139,46 +98,7 @@ def resolve_suite(name: str, limit: int | None = None) -> Suite:
         if paths.hub_offline():
             raise OfflineError(name, f"suite file not found and offline; put it at {path} "
                                "(JSON Lines: question, options, answer_idx)")
-        fetch_suite(name, path)
+        pull_suite(name, path)
     return load_suite(path, name, limit)
 
 
-def fetch_suite(name: str, path: Path) -> None:
-    """Download a public set with ``datasets`` and store it in our JSONL format."""
-    try:
-        import datasets
-    except ImportError:
-        raise SuiteError(path, f"suite '{name}' is not downloaded and the 'datasets' package is "
-                         f"not installed; pip install datasets, or put the file at {path}") \
-            from None
-    source = HUB_SOURCES[name]
-    rows: list[dict[str, Any]] = []
-    try:
-        for config in source.get("configs", [source.get("config")]):
-            data = datasets.load_dataset(source["repo"], config, split=source["split"])
-            rows += [_convert(name, dict(r), config) for r in data]
-    except (ConnectionError, OSError) as exc:
-        raise OfflineError(name, f"could not download {source['repo']} ({exc}); put the file "
-                           f"at {path}") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def _convert(name: str, row: dict[str, Any], config: str | None) -> dict[str, Any]:
-    letters = string.ascii_uppercase
-    if name == "medqa":
-        return {"question": row["question"], "options": row["options"],
-                "answer_idx": row["answer_idx"]}
-    if name == "medmcqa":
-        options = {letters[i]: row[k] for i, k in enumerate(("opa", "opb", "opc", "opd"))}
-        return {"question": row["question"], "options": options,
-                "answer_idx": letters[int(row["cop"])]}
-    if name == "pubmedqa":
-        context = "\n".join(row["context"]["contexts"])
-        options = {"A": "yes", "B": "no", "C": "maybe"}
-        answer = {"yes": "A", "no": "B", "maybe": "C"}[row["final_decision"]]
-        return {"question": f"{context}\n{row['question']}", "options": options,
-                "answer_idx": answer}
-    options = {letters[i]: text for i, text in enumerate(row["choices"])}
-    return {"question": row["question"], "options": options,
-            "answer_idx": letters[int(row["answer"])], "subject": config}
