@@ -102,7 +102,8 @@ def main() -> None:
 
     from localmed.chat import ChatModel, ChatSession
     from localmed.planner import GIB, Hardware
-    from localmed.runtime import GenerationParams, LlamaCppRuntime
+    from localmed.runtime import GenerationParams
+    from localmed.runtime_llama import LlamaCppRuntime
     with tempfile.TemporaryDirectory() as tmp:
         gguf = args.gguf or build_gguf(Path(tmp))
         n_ctx = 1024

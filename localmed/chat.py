@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localmed import paths
+from localmed import formats, paths
 from localmed.conversation import (
     Conversation,
     HistoryStore,
@@ -21,8 +21,7 @@ from localmed.conversation import (
     build_prompt,
     export_markdown,
 )
-from localmed.errors import GGUFFileError, ModelNotAvailableError, UnknownModelError
-from localmed.gguf_info import read_gguf_info
+from localmed.errors import ModelNotAvailableError, UnknownModelError
 from localmed.registry import ModelEntry, Registry
 from localmed.runtime import GenerationParams, GenerationStats, Runtime
 from localmed.templates import TemplateChoice, resolve_template
@@ -30,7 +29,8 @@ from localmed.templates import TemplateChoice, resolve_template
 
 @dataclass(frozen=True)
 class ChatModel:
-    """A GGUF to chat with, and what the registry knows of it."""
+    """A model to chat with (any format in :mod:`localmed.formats`), and what the registry
+    knows of it."""
 
     label: str
     path: Path
@@ -40,7 +40,7 @@ class ChatModel:
 
 def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = None,
                        models_dir: Path | None = None) -> ChatModel:
-    """``demo``, a registry id (its default or ``quant``), or a path to a ``.gguf``."""
+    """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder."""
     from localmed.demo import DEMO_ENTRY, DEMO_ID, ensure_demo_model
 
     models_dir = models_dir or paths.models_dir()
@@ -48,22 +48,11 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
         path = ensure_demo_model(models_dir)
         return ChatModel("demo (not a medical model)", path, DEMO_ENTRY, DEMO_ENTRY.advisory)
     candidate = Path(spec).expanduser()
-    from localmed.runtime_hf import folder_info, is_gptq_folder
-
-    if is_gptq_folder(candidate):
-        info = folder_info(candidate)
-        model_id = str(info.provenance.get("model_id") or "")
-        entry = registry.get(model_id) if model_id else None
+    if candidate.exists() or candidate.suffix == ".gguf":
+        info = formats.describe(candidate)
+        entry = registry.get(info.model_id) if info.model_id else None
         return ChatModel(candidate.name, candidate, entry,
                          info.advisory or (entry.advisory if entry else ""))
-    if candidate.suffix == ".gguf" or candidate.exists():
-        if not candidate.is_file():
-            raise GGUFFileError(candidate, "no such file")
-        info = read_gguf_info(candidate)
-        model_id = str(info.provenance.get("model_id") or "")
-        entry = registry.get(model_id) if model_id else None
-        advisory = info.advisory or (entry.advisory if entry else "")
-        return ChatModel(candidate.name, candidate, entry, advisory)
     if spec not in registry:
         raise UnknownModelError(spec, [*registry, DEMO_ID])
     entry = registry[spec]
@@ -179,14 +168,9 @@ class ChatSession:
 
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None) -> Runtime:
-    """llama.cpp for a GGUF, transformers for a GPTQ folder."""
-    from localmed.runtime_hf import TransformersRuntime, is_gptq_folder
-
-    if is_gptq_folder(model.path):
-        return TransformersRuntime.load(model.path, n_ctx=n_ctx)
-    from localmed.runtime import LlamaCppRuntime
-
-    return LlamaCppRuntime.load(model.path, n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
+    """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ)."""
+    return formats.load_runtime(model.path, formats.LoadOptions(
+        n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads))
 
 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:

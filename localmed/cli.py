@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rich import box
+from rich.filesize import decimal as human_bytes
 from rich.markup import escape
 from rich.table import Table
 
@@ -23,16 +24,6 @@ from localmed.errors import LocalmedError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError  # pragma: no cover
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -144,18 +135,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            threads=args.threads, console=err_console())
     out = console()
     for output in outputs:
-        out.print(f"[green]wrote[/] {output.path}  ({_human_bytes(output.bytes)}, {output.quant})")
+        out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant})")
     return 0
 
 
 # --- info -----------------------------------------------------------------------------------------
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from localmed.gguf_info import read_gguf_info
+    from localmed import formats
 
-    info = read_gguf_info(Path(args.file))
+    info = formats.describe(Path(args.file))
     if args.json:
         record = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(info).items()}
+        record["provenance"] = info.provenance.to_manifest() if info.provenance else None
         print(json.dumps(record, indent=2, default=str))
         return 0
     out = console()
@@ -163,10 +155,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_column(style="bold", no_wrap=True)
     table.add_column()
     table.add_row("name", escape(info.name))
+    table.add_row("format", info.format)
     table.add_row("architecture", info.architecture)
     table.add_row("quant", info.quant)
-    table.add_row("size", f"{_human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)")
-    table.add_row("parameters", f"{info.n_parameters:,} in {info.n_tensors} tensors")
+    table.add_row("size", f"{human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)")
+    tensors = getattr(info, "n_tensors", 0)
+    table.add_row("parameters", f"{info.n_parameters:,}" + (f" in {tensors} tensors"
+                                                             if tensors else ""))
     table.add_row("layers", str(info.block_count))
     table.add_row("context length", str(info.context_length))
     if info.chat_template:
@@ -178,12 +173,8 @@ def cmd_info(args: argparse.Namespace) -> int:
                       "default, and says so)")
     table.add_row("BOS / EOS", escape(f"{info.bos_token!r} / {info.eos_token!r}"))
     if info.provenance:
-        for key, value in info.provenance.items():
-            if key == "inputs_sha256" and isinstance(value, dict):
-                for name, digest in value.items():
-                    table.add_row(f"sha256 {escape(name)}", digest)
-            elif key != "quant" and value != "":
-                table.add_row(key, escape(str(value)))
+        for key, value in info.provenance.rows():
+            table.add_row(escape(key), escape(value))
     else:
         table.add_row("provenance", "[dim]none (not written by localmed)[/]")
     out.print(table)
@@ -296,9 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "rerunning into it resumes")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("info", help="describe a GGUF file: architecture, quant, template, "
-                       "provenance")
-    p.add_argument("file", metavar="FILE.gguf")
+    p = sub.add_parser("info", help="describe a model (GGUF file or GPTQ folder): "
+                       "architecture, quant, template, provenance")
+    p.add_argument("file", metavar="MODEL", help="a .gguf file or a GPTQ folder")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
     return parser

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from rich.markup import escape
 
@@ -60,25 +59,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _plan_for(args: argparse.Namespace):
-    from localmed import hardware
-    from localmed.planner import plan_offload
-    from localmed.runtime import read_footprint
-
-    model = _chat_model(args)
-    info, footprint = read_footprint(model.path)
-    hw = hardware.detect()
-    return model, info, plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers), hw
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    from localmed import formats, hardware
     from localmed.planner import gib
     from localmed.runtime import describe_plan
 
-    model, info, plan, hw = _plan_for(args)
+    model = _chat_model(args)
+    hw = hardware.detect()
+    info, plan = formats.plan(model.path, formats.LoadOptions(
+        n_ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads), hw)
     out = console()
-    out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} file, "
-              f"{info.block_count} layers")
+    out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} "
+              f"{info.format.upper()}, {info.block_count} layers")
     out.print(f"machine: {hw.backend.upper()}"
               + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
               + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
@@ -91,14 +83,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from localmed.planner import gib
 
     out = console()
-    import llama_cpp
-
-    backend, offload = hardware.llama_backend()
-    lib = Path(llama_cpp.__file__).parent / "lib"
-    backends = sorted({p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
-                      - {"base"})
-    out.print(f"llama-cpp-python {llama_cpp.__version__}; ggml backends: {', '.join(backends)}")
-    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if offload else 'no: CPU only'}")
+    build = hardware.llama_build()
+    backend = build.gpu_backend
+    out.print(f"llama-cpp-python {build.version}; ggml backends: {', '.join(build.backends)}")
+    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if build.offload else 'no: CPU only'}")
     total, available = hardware.ram()
     out.print(f"RAM: {gib(available)} available of {gib(total)}")
     if backend == "cuda":
@@ -108,7 +96,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if not devices:
             out.print("[yellow]CUDA build, but no NVIDIA GPU is visible (driver? "
                       "CUDA_VISIBLE_DEVICES?)[/]")
-    elif not offload:
+    elif backend != "cpu" and backend != "metal":
+        out.print(f"{backend.upper()} build: free VRAM is not measured; choose the layers to "
+                  "offload with --gpu-layers N (-1: all)")
+    elif not build.offload:
         out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
                   "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
                   "get Metal by default.")

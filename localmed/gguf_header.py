@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType, Keys
 
 from localmed.errors import GGUFFileError
 
-_SCALARS: dict[int, str] = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f",
-                            7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-KEEP_ARRAYS = frozenset({"tokenizer.ggml.tokens"})
+_SCALARS: dict[GGUFValueType, str] = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}
+KEEP_ARRAYS = frozenset({Keys.Tokenizer.LIST})
 """String arrays kept (as lazily decoded token texts); every other array is skipped."""
 
 
@@ -78,9 +81,9 @@ class _Cursor:
     def value(self, vtype: int, key: str, header: GGUFHeader) -> Any:
         if vtype in _SCALARS:
             return self.unpack(_SCALARS[vtype])
-        if vtype == _STRING:
+        if vtype == GGUFValueType.STRING:
             return self.string()
-        if vtype != _ARRAY:
+        if vtype != GGUFValueType.ARRAY:
             raise GGUFFileError(self.path, f"unknown value type {vtype} for {key}")
         etype, count = self.unpack("<I"), self.unpack("<Q")
         if etype in _SCALARS:
@@ -88,7 +91,7 @@ class _Cursor:
             if self.pos > len(self.buf):
                 raise GGUFFileError(self.path, "truncated GGUF header")
             return ("array", etype, count)
-        if etype == _STRING:
+        if etype == GGUFValueType.STRING:
             keep = key in KEEP_ARRAYS
             for _ in range(count):
                 n = self.unpack("<Q")

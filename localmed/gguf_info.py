@@ -1,44 +1,29 @@
-"""What a GGUF file is: architecture, quant, size, template and localmed provenance.
+"""What a GGUF file is: architecture, quant, size, template, provenance and memory footprint.
 
-Read with :mod:`localmed.gguf_header` (only the header is touched, big arrays are skipped).
+Read with :mod:`localmed.gguf_header` (only the header is touched, big arrays are skipped); keys
+are gguf-py's :class:`gguf.Keys`.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from gguf import Keys
 
 from localmed.errors import GGUFFileError
 from localmed.gguf_header import GGUFHeader, read_header
+from localmed.model_info import ModelInfo
+from localmed.planner import ModelFootprint, footprint_from_tensors
+from localmed.provenance import Provenance
 from localmed.quants import quant_from_file_type
-
-_PROVENANCE = "localmed."
 
 
 @dataclass(frozen=True)
-class GGUFInfo:
-    """The facts about one GGUF file that chat, bench and ``localmed info`` show."""
+class GGUFInfo(ModelInfo):
+    """A GGUF file; ``n_tensors`` from its tensor table."""
 
-    path: Path
-    architecture: str
-    name: str
-    quant: str
-    file_bytes: int
-    n_parameters: int
-    n_tensors: int
-    context_length: int | None
-    block_count: int | None
-    chat_template: str | None
-    bos_token: str
-    eos_token: str
-    add_bos: bool
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def advisory(self) -> str:
-        return str(self.provenance.get("advisory", ""))
+    n_tensors: int = 0
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -48,17 +33,19 @@ def read_gguf_info(path: Path) -> GGUFInfo:
 
 def read_header_checked(path: Path) -> GGUFHeader:
     path = Path(path)
+    if path.is_dir():
+        raise GGUFFileError(path, "is a folder, not a GGUF file")
     if not path.is_file():
         raise GGUFFileError(path, "no such file")
     header = read_header(path)
-    if not isinstance(header.fields.get("general.architecture"), str):
+    if not isinstance(header.fields.get(Keys.General.ARCHITECTURE), str):
         raise GGUFFileError(path, "not a model GGUF (no general.architecture)")
     return header
 
 
 def info_from_header(header: GGUFHeader) -> GGUFInfo:
     fields = header.fields
-    arch = fields["general.architecture"]
+    arch = fields[Keys.General.ARCHITECTURE]
     tokens = header.tokens
 
     def token(key: str) -> str:
@@ -67,32 +54,47 @@ def info_from_header(header: GGUFHeader) -> GGUFInfo:
             return bytes(tokens[idx]).decode("utf-8", errors="replace")
         return ""
 
-    provenance: dict[str, Any] = {}
-    for key, value in fields.items():
-        if key.startswith(_PROVENANCE) and not isinstance(value, tuple):
-            if key.endswith("inputs_sha256") and isinstance(value, str):
-                try:
-                    value = json.loads(value)
-                except json.JSONDecodeError:
-                    pass
-            provenance[key.removeprefix(_PROVENANCE)] = value
-    file_type = fields.get("general.file_type")
-    quant = provenance.get("quant") or (
+    provenance = Provenance.from_gguf(fields)
+    file_type = fields.get(Keys.General.FILE_TYPE)
+    quant = (provenance.quant if provenance else "") or (
         quant_from_file_type(file_type) if isinstance(file_type, int) else "unknown")
-    template = fields.get("tokenizer.chat_template")
+    template = fields.get(Keys.Tokenizer.CHAT_TEMPLATE)
     return GGUFInfo(
         path=header.path,
+        format="gguf",
         architecture=arch,
-        name=fields.get("general.name") or header.path.stem,
+        name=fields.get(Keys.General.NAME) or header.path.stem,
         quant=str(quant),
         file_bytes=header.path.stat().st_size,
         n_parameters=sum(t.n_elements for t in header.tensors),
         n_tensors=len(header.tensors),
-        context_length=fields.get(f"{arch}.context_length"),
-        block_count=fields.get(f"{arch}.block_count"),
+        context_length=fields.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
+        block_count=fields.get(Keys.LLM.BLOCK_COUNT.format(arch=arch)),
         chat_template=template if isinstance(template, str) else None,
-        bos_token=token("tokenizer.ggml.bos_token_id"),
-        eos_token=token("tokenizer.ggml.eos_token_id"),
-        add_bos=bool(fields.get("tokenizer.ggml.add_bos_token")),
+        bos_token=token(Keys.Tokenizer.BOS_ID),
+        eos_token=token(Keys.Tokenizer.EOS_ID),
+        add_bos=bool(fields.get(Keys.Tokenizer.ADD_BOS)),
         provenance=provenance,
     )
+
+
+def read_gguf_footprint(path: Path) -> tuple[GGUFInfo, ModelFootprint]:
+    """A GGUF's metadata and what it needs in memory (header only; no weights read)."""
+    header = read_header_checked(Path(path))
+    info = info_from_header(header)
+    arch = info.architecture
+
+    def hparam(key: str) -> int | None:
+        value = header.fields.get(key.format(arch=arch))
+        return value if isinstance(value, int) else None
+
+    n_embd = hparam(Keys.LLM.EMBEDDING_LENGTH)
+    n_head = hparam(Keys.Attention.HEAD_COUNT)
+    if n_embd is None or n_head is None:
+        raise GGUFFileError(path, f"missing {arch}.embedding_length/head_count")
+    footprint = footprint_from_tensors(
+        [(t.name, t.n_bytes) for t in header.tensors], n_layers=info.block_count or 0,
+        n_embd=n_embd, n_head=n_head, n_head_kv=hparam(Keys.Attention.HEAD_COUNT_KV) or n_head,
+        n_ctx_train=info.context_length or 2048, n_parameters=info.n_parameters,
+        quant=info.quant, head_dim=hparam(Keys.Attention.KEY_LENGTH))
+    return info, footprint

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from localmed.planner import Hardware
 
@@ -27,16 +28,46 @@ class GPUDevice:
     free: int
 
 
-def llama_backend() -> tuple[str, bool]:
-    """(``cuda``/``metal``/``cpu``, whether llama.cpp was built with GPU offload)."""
+GPU_BACKENDS = {"cuda": "cuda", "hip": "rocm", "metal": "metal", "vulkan": "vulkan",
+                "sycl": "sycl", "opencl": "opencl", "musa": "musa", "cann": "cann"}
+"""ggml backend library (``libggml-<name>``) → the backend name localmed shows."""
+
+
+@dataclass(frozen=True)
+class LlamaBuild:
+    """What the installed llama.cpp was built with."""
+
+    version: str
+    """llama-cpp-python's version."""
+    backends: tuple[str, ...]
+    """ggml backend libraries shipped with it (``cpu``, ``cuda``, ``vulkan`` …)."""
+    offload: bool
+    """Whether llama.cpp reports GPU offload support."""
+
+    @property
+    def gpu_backend(self) -> str:
+        """``cuda``, ``rocm``, ``metal``, ``vulkan`` … or ``cpu`` when it cannot offload."""
+        if not self.offload:
+            return "cpu"
+        for lib, name in GPU_BACKENDS.items():
+            if lib in self.backends:
+                return name
+        return "metal" if sys.platform == "darwin" else "gpu"
+
+
+def llama_build() -> LlamaBuild:
     import llama_cpp
 
-    offload = bool(llama_cpp.llama_supports_gpu_offload())
-    if not offload:
-        return "cpu", False
-    if sys.platform == "darwin":
-        return "metal", True
-    return "cuda", True
+    lib = Path(llama_cpp.__file__).parent / "lib"
+    names = {p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
+    return LlamaBuild(llama_cpp.__version__, tuple(sorted(names - {"base"})),
+                      bool(llama_cpp.llama_supports_gpu_offload()))
+
+
+def llama_backend() -> tuple[str, bool]:
+    """(``cuda``/``rocm``/``metal``/``vulkan``/…/``cpu``, whether llama.cpp can offload)."""
+    build = llama_build()
+    return build.gpu_backend, build.offload
 
 
 def ram() -> tuple[int, int]:
@@ -104,4 +135,7 @@ def detect() -> Hardware:
         share = int(total * METAL_SHARE)
         return Hardware("metal", total, available, share, min(share, available),
                         f"Apple {platform.machine()} GPU (unified memory)", unified_memory=True)
+    if backend != "cpu":
+        # ROCm, Vulkan, SYCL …: llama.cpp offloads, but free VRAM is not measured here.
+        return Hardware(backend, total, available, device=f"{backend.upper()} GPU")
     return Hardware("cpu", total, available)

@@ -29,7 +29,7 @@ class Hardware:
     """What the machine offers. Sizes in bytes."""
 
     backend: str
-    """``cuda``, ``metal`` or ``cpu``: what the installed llama.cpp can offload to."""
+    """``cuda``, ``metal``, ``rocm``, ``vulkan`` … or ``cpu``: where llama.cpp can offload."""
     ram_total: int
     ram_available: int
     vram_total: int = 0
@@ -98,22 +98,27 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
-_BLOCK = re.compile(r"^blk\.(\d+)\.")
+GGUF_NAMES = (re.compile(r"^blk\.(\d+)\."), "output.")
+"""Block tensors and the output head as GGUF names them."""
+HF_NAMES = (re.compile(r"(?:^|\.)layers\.(\d+)\."), "lm_head.")
+"""The same in Hugging Face checkpoints (``model.layers.N.*``, ``lm_head.*``)."""
 
 
 def footprint_from_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int, n_embd: int,
                            n_head: int, n_head_kv: int, n_ctx_train: int, n_parameters: int,
-                           quant: str = "", head_dim: int | None = None) -> ModelFootprint:
+                           quant: str = "", head_dim: int | None = None,
+                           names: tuple[re.Pattern[str], str] = GGUF_NAMES) -> ModelFootprint:
     """A footprint from ``(tensor name, bytes)`` pairs and the attention shape."""
+    block, output_prefix = names
     layers = [0] * n_layers
     other = output = 0
     for name, nbytes in tensors:
-        match = _BLOCK.match(name)
+        match = block.search(name)
         if match and int(match.group(1)) < n_layers:
             layers[int(match.group(1))] += nbytes
         else:
             other += nbytes
-            if name.startswith("output."):
+            if name.startswith(output_prefix):
                 output += nbytes
     head_dim = head_dim or n_embd // n_head
     kv_per_token = 2 * n_layers * n_head_kv * head_dim * 2  # K and V, f16
@@ -145,6 +150,10 @@ def plan_offload(model: ModelFootprint, hw: Hardware, *, n_ctx: int | None = Non
     elif gpu_layers is not None:
         chosen = model.n_layers if gpu_layers < 0 else min(gpu_layers, model.n_layers)
         reasons.append(f"{chosen} layers on the GPU, as asked (--gpu-layers)")
+    elif hw.vram_total == 0 and not hw.unified_memory:
+        chosen = 0
+        reasons.append(f"free VRAM of this {hw.backend.upper()} build cannot be measured: "
+                       "running on the CPU; pass --gpu-layers N (-1: all) to offload")
     else:
         budget = int(hw.vram_free * (1 - VRAM_HEADROOM)) - VRAM_OVERHEAD - model.output_bytes
         chosen = 0

@@ -1,15 +1,15 @@
 """A Runtime on transformers, for GPTQ checkpoints (CUDA when present, CPU otherwise).
 
 It offers what the llama.cpp Runtime offers (stream, stop, tokens, logits), so ``localmed chat``
-and ``localmed bench`` run a GPTQ folder exactly as they run a GGUF. Only this module and the
-converters import transformers.
+and ``localmed bench`` run a GPTQ folder exactly as they run a GGUF. Sampling uses transformers'
+own logits processors, in llama.cpp's order, so every :class:`GenerationParams` field counts; the
+KV cache of the previous ``next_logits`` call is reused for the prefix it shares.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,59 +19,43 @@ from typing import Any
 
 import numpy as np
 
-from localmed.errors import GGUFFileError
-from localmed.gguf_info import GGUFInfo
-from localmed.planner import OffloadPlan
+from localmed.engine_deps import require_gptqmodel
+from localmed.errors import GPTQFolderError, ModelTooLargeError
+from localmed.gptq_info import read_gptq_footprint
+from localmed.model_info import ModelInfo
+from localmed.planner import Hardware, ModelFootprint, OffloadPlan, plan_offload
 from localmed.runtime import GenerationParams, GenerationStats, Runtime, StopStringFilter
 
-
-def is_gptq_folder(path: Path) -> bool:
-    """A folder holding a GPTQ checkpoint (``quantization_config.quant_method == gptq``)."""
-    config = Path(path) / "config.json"
-    if not Path(path).is_dir() or not config.is_file():
-        return False
-    try:
-        data = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return False
-    return (data.get("quantization_config") or {}).get("quant_method") == "gptq"
+REPEAT_LAST_N = 64
+"""Tokens the repetition penalty looks back over (llama.cpp's default ``penalty_last_n``)."""
 
 
-def folder_info(path: Path) -> GGUFInfo:
-    """The facts chat and bench show, read from a GPTQ folder's config and manifest."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    tok_config: dict[str, Any] = {}
-    if (path / "tokenizer_config.json").is_file():
-        tok_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
-    template = tok_config.get("chat_template")
-    if template is None and (path / "chat_template.jinja").is_file():
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-    manifest_path = path / "localmed.manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    qc = config.get("quantization_config") or {}
+def plan_transformers(footprint: ModelFootprint, n_ctx: int | None,
+                      hardware: Hardware | None = None) -> OffloadPlan:
+    """transformers loads the whole model on one device: CUDA when torch sees one, else CPU."""
+    if hardware is None:
+        import psutil
+        import torch
 
-    def token(key: str) -> str:
-        value = tok_config.get(key)
-        return value.get("content", "") if isinstance(value, dict) else (value or "")
-
-    size = sum(p.stat().st_size for p in path.glob("*.safetensors"))
-    return GGUFInfo(
-        path=path, architecture=config.get("model_type", "?"), name=path.name,
-        quant=f"GPTQ-{qc.get('bits', '?')}bit", file_bytes=size,
-        n_parameters=int(manifest.get("parameters", 0)), n_tensors=0,
-        context_length=config.get("max_position_embeddings"),
-        block_count=config.get("num_hidden_layers"), chat_template=template,
-        bos_token=token("bos_token"), eos_token=token("eos_token"),
-        add_bos=bool(tok_config.get("add_bos_token", True)),
-        provenance={k: v for k, v in manifest.items() if not isinstance(v, dict)},
-    )
+        mem = psutil.virtual_memory()
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info()
+            hardware = Hardware("cuda", mem.total, mem.available, total, free,
+                                torch.cuda.get_device_name())
+        else:
+            hardware = Hardware("cpu", mem.total, mem.available)
+    on_gpu = hardware.backend == "cuda"
+    plan = plan_offload(footprint, hardware, n_ctx=n_ctx, gpu_layers=-1 if on_gpu else None)
+    where = f"transformers on {hardware.backend.upper()} (GPTQ kernels)"
+    return OffloadPlan(plan.gpu_layers, plan.n_layers, plan.n_ctx, plan.backend, plan.ram_needed,
+                       plan.vram_needed, plan.fits, (where, *plan.reasons[1:]), plan.suggestion)
 
 
 @dataclass
 class TransformersRuntime(Runtime):
     """transformers (GPTQ kernels from GPTQModel through optimum)."""
 
-    info: GGUFInfo
+    info: ModelInfo
     plan: OffloadPlan
     n_ctx_limit: int = 4096
     last_stats: GenerationStats = field(default_factory=GenerationStats)
@@ -79,8 +63,6 @@ class TransformersRuntime(Runtime):
     def __post_init__(self) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from quantize.gptq import require_gptqmodel
 
         self._torch = torch
         self._device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,24 +76,22 @@ class TransformersRuntime(Runtime):
                 self._tok = AutoTokenizer.from_pretrained(path)
                 self._model = AutoModelForCausalLM.from_pretrained(path, device_map=self._device)
         except (OSError, ValueError) as exc:
-            raise GGUFFileError(self.info.path, f"transformers could not load it: {exc}") \
+            raise GPTQFolderError(self.info.path, f"transformers could not load it: {exc}") \
                 from None
         self._model.eval()
         self._stop = threading.Event()
+        self._cached: list[int] = []
+        self._past: Any = None
         self._eos = {i for i in [self._tok.eos_token_id, *self._eog_ids()] if i is not None}
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int | None = None) -> TransformersRuntime:
-        import torch
-
-        info = folder_info(Path(path))
-        trained = info.context_length or 4096
-        n_ctx = min(n_ctx or 4096, trained)
-        backend = "cuda" if torch.cuda.is_available() else "cpu"
-        layers = info.block_count or 0
-        plan = OffloadPlan(layers if backend == "cuda" else 0, layers, n_ctx, backend, 0, 0, True,
-                           (f"transformers on {backend.upper()} (GPTQ kernels)",))
-        return cls(info, plan, n_ctx)
+        """Plan, refuse what cannot fit, then load."""
+        info, footprint = read_gptq_footprint(Path(path))
+        plan = plan_transformers(footprint, n_ctx)
+        if not plan.fits:
+            raise ModelTooLargeError(Path(path), plan.reasons[-1], plan.suggestion, plan)
+        return cls(info, plan, min(plan.n_ctx, info.context_length or plan.n_ctx))
 
     def _eog_ids(self) -> list[int]:
         ids = []
@@ -130,14 +110,26 @@ class TransformersRuntime(Runtime):
         bos = self._tok.bos_token_id
         return [bos, *ids] if add_bos and self.info.add_bos and bos is not None else ids
 
+    tokens_evaluated: int = 0
+    """Tokens run through the model since loading (prefill work, for bench and tests)."""
+
     def _forward(self, tokens: Sequence[int], past: Any = None) -> Any:
         ids = self._torch.tensor([list(tokens)], device=self._device)
+        self.tokens_evaluated += len(tokens)
         with self._torch.no_grad():
             return self._model(ids, past_key_values=past, use_cache=True)
 
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
         self._check_fits(tokens)
-        out = self._forward(tokens)
+        tokens = list(tokens)
+        limit = min(len(self._cached), len(tokens) - 1)  # at least one token is evaluated
+        keep = next((i for i in range(limit) if self._cached[i] != tokens[i]), limit)
+        if keep and self._past is not None:
+            self._past.crop(keep - self._past.get_seq_length())  # <= 0: tokens to drop
+            out = self._forward(tokens[keep:], self._past)
+        else:
+            out = self._forward(tokens)
+        self._cached, self._past = tokens, out.past_key_values
         return out.logits[0, -1].float().cpu().numpy()
 
     def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -151,14 +143,17 @@ class TransformersRuntime(Runtime):
         stats = self.last_stats
         stops = StopStringFilter(stop)
         generator = self._torch.Generator(device="cpu").manual_seed(0)
+        processors = self._processors(params)
         generated: list[int] = []
         shown = ""
         start = first = time.perf_counter()
+        self._cached, self._past = [], None  # the cache is the reply's from here on
         out = self._forward(tokens)
         try:
             while True:
                 logits = out.logits[0, -1].float().cpu()
-                token = self._sample(logits, params, generator)
+                token = self._sample(logits, [*tokens, *generated], processors, params,
+                                     generator)
                 if not generated:
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
@@ -167,6 +162,7 @@ class TransformersRuntime(Runtime):
                     break
                 generated.append(token)
                 stats.generated_tokens += 1
+                stats.token_ids.append(token)
                 text = self._tok.decode(generated, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     piece, shown = text[len(shown):], text
@@ -180,16 +176,34 @@ class TransformersRuntime(Runtime):
         if tail := stops.flush():
             yield tail
 
-    def _sample(self, logits: Any, params: GenerationParams, generator: Any) -> int:
+    def _processors(self, params: GenerationParams) -> Any:
+        """transformers' logits processors for ``params``, in llama.cpp's sampler order:
+        repetition penalty, top-k, top-p, min-p, then temperature."""
+        import transformers as tf
+
+        chain: list[Any] = []
+        if params.repeat_penalty != 1.0:
+            chain.append(tf.RepetitionPenaltyLogitsProcessor(params.repeat_penalty))
+        if params.temperature > 0:
+            if params.top_k > 0:
+                chain.append(tf.TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                chain.append(tf.TopPLogitsWarper(params.top_p))
+            if params.min_p > 0:
+                chain.append(tf.MinPLogitsWarper(params.min_p))
+            chain.append(tf.TemperatureLogitsWarper(params.temperature))
+        return tf.LogitsProcessorList(chain)
+
+    def _sample(self, logits: Any, context: Sequence[int], processors: Any,
+                params: GenerationParams, generator: Any) -> int:
         torch = self._torch
+        recent = torch.tensor([list(context[-REPEAT_LAST_N:])])
+        scores = processors(recent, logits.unsqueeze(0))[0]
         if params.temperature <= 0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits / params.temperature, dim=-1)
-        top = torch.topk(probs, min(params.top_k, probs.numel()))
-        keep = torch.cumsum(top.values, 0) - top.values < params.top_p
-        values, indices = top.values[keep], top.indices[keep]
-        choice = torch.multinomial(values / values.sum(), 1, generator=generator)
-        return int(indices[choice])
+            return int(torch.argmax(scores))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=generator))
 
     def close(self) -> None:
+        self._past = None
         del self._model

@@ -17,10 +17,17 @@ from pathlib import Path
 from localmed.errors import QuantizeError
 from localmed.quants import QuantType
 
+_QUIET: list[object] = []
+"""The callback installed after a capture; kept referenced, as ctypes requires."""
+
 
 @contextlib.contextmanager
 def captured_llama_log() -> Iterator[list[str]]:
-    """Route llama.cpp's log into a list for the duration (it is process-wide)."""
+    """Route llama.cpp's log into a list for the duration (it is process-wide).
+
+    Afterwards llama.cpp's log stays silent: localmed loads models with ``verbose=False``, and
+    its messages would otherwise land on the terminal under the progress bars or the chat app.
+    """
     import llama_cpp
 
     lines: list[str] = []
@@ -34,8 +41,9 @@ def captured_llama_log() -> Iterator[list[str]]:
     try:
         yield lines
     finally:
-        # llama-cpp-python's own logger, as installed at import.
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        if not _QUIET:
+            _QUIET.append(llama_cpp.llama_log_callback(lambda level, text, user_data: None))
+        llama_cpp.llama_log_set(_QUIET[0], ctypes.c_void_p(0))
 
 
 def _kv_overrides(values: Mapping[str, str]):

@@ -156,3 +156,99 @@ class TestBadInput:
                        "--calibration", str(empty))
         assert "no calibration text" in err
         assert not out.exists() or not list(out.iterdir())
+
+
+class TestTransformersRuntime:
+    """The GPTQ Runtime keeps the whole Runtime contract, as the llama.cpp one does."""
+
+    @pytest.fixture(scope="class")
+    def runtime(self, gptq_models):
+        from localmed import formats
+
+        runtime = formats.load_runtime(gptq_models["llama"])
+        yield runtime
+        runtime.close()
+
+    def test_next_logits_reuses_the_shared_prefix(self, runtime):
+        # GPTQModel runs this model in bf16 on the CPU: evaluating the same tokens in two steps
+        # or in one rounds differently, by up to ~0.03 in a logit. A wrong context (what a
+        # mistaken cache reuse gives) moves logits by far more, which the test also checks.
+        tolerance = 0.08
+        shared = runtime.tokenize(TEXT + "\nAnswer:")
+        a = [*shared, *runtime.tokenize(" A", add_bos=False)]
+        b = [*shared, *runtime.tokenize(" B. a longer tail", add_bos=False)]
+        first = runtime.next_logits(a)
+        before = runtime.tokens_evaluated
+        reused = runtime.next_logits(b)
+        # Only the part after the shared prefix is evaluated again.
+        assert runtime.tokens_evaluated - before == len(b) - len(shared)
+        full = runtime.sequence_logits(b)[-1]
+        assert np.abs(reused - full).max() < tolerance
+        assert np.abs(first - full).max() > 10 * tolerance
+        assert int(reused.argmax()) == int(full.argmax())
+        # A prompt that shares only BOS is evaluated after it, and still right.
+        c = runtime.tokenize("Unrelated text about renal function.")
+        assert c[0] == b[0] and c[1] != b[1]
+        before = runtime.tokens_evaluated
+        assert np.abs(runtime.next_logits(c) - runtime.sequence_logits(c)[-1]).max() < tolerance
+        assert runtime.tokens_evaluated - before == (len(c) - 1) + len(c)
+
+    def _ids(self, runtime, prompt: str = TEXT, **params) -> list[int]:
+        from localmed.runtime import GenerationParams
+
+        settings = {"max_tokens": 24, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
+                    "min_p": 0.0, "repeat_penalty": 1.0, **params}
+        list(runtime.stream(prompt, GenerationParams(**settings)))
+        return list(runtime.last_stats.token_ids)
+
+    def test_min_p_is_honoured(self, runtime):
+        greedy = self._ids(runtime)
+        # At temperature 5 sampling wanders; min_p = 1 keeps only the most likely token.
+        assert self._ids(runtime, temperature=5.0) != greedy
+        assert self._ids(runtime, temperature=5.0, min_p=1.0) == greedy
+
+    def test_top_k_is_honoured(self, runtime):
+        assert self._ids(runtime, temperature=5.0, top_k=1) == self._ids(runtime)
+
+    def test_repeat_penalty_is_honoured(self, runtime):
+        window = 64  # llama.cpp's penalty_last_n
+        prompt = "aspirin aspirin aspirin aspirin aspirin aspirin aspirin"
+        prompt_ids = runtime.tokenize(prompt)
+
+        def repeats(ids: list[int]) -> int:
+            return sum(t in [*prompt_ids, *ids[:i]][-window:] for i, t in enumerate(ids))
+
+        assert repeats(self._ids(runtime, prompt, max_tokens=48)) > 0  # greedy echoes the prompt
+        assert repeats(self._ids(runtime, prompt, max_tokens=48, repeat_penalty=1e6)) == 0
+
+
+def test_gptq_export_leaves_no_logs_folder_where_it_runs(checkpoints, tmp_path, monkeypatch):
+    work = tmp_path / "clinic-folder"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code = cli.main(["quantize", str(checkpoints["llama"]), "--format", "gptq",
+                     "--calibration", str(CALIBRATION), "--samples", "8",
+                     "--out", str(tmp_path / "out")])
+    assert code == 0
+    assert list(work.iterdir()) == []  # GPTQModel writes ./logs/ unless kept away from here
+    assert Path.cwd() == work
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["llama-GPTQ-4bit-g128"]
+
+
+def test_gptq_manifest_uses_the_one_provenance_schema(gptq_models, converted):
+    from localmed import formats
+    from localmed.provenance import Provenance
+
+    folder = gptq_models["llama"]
+    manifest = json.loads((folder / "localmed.manifest.json").read_text())
+    gguf = converted["llama"]["Q8_0"]
+    gguf_manifest = json.loads(gguf.with_name(gguf.name.replace(".gguf", ".manifest.json"))
+                               .read_text())
+    record = Provenance.from_manifest(manifest)
+    assert record is not None and record.quant == "GPTQ-4bit"
+    assert record.calibration["sha256"] == manifest["calibration"]["sha256"]
+    # The same field names, spelled the same way, as the GGUF manifest.
+    provenance_keys = set(record.to_manifest())
+    assert provenance_keys - {"calibration"} <= set(gguf_manifest)
+    assert "localmed_version" not in manifest
+    assert formats.describe(folder).provenance == record

@@ -1,46 +1,104 @@
-"""The core never imports the UI; the converters never import the TUI (STYLE.md, point 4)."""
+"""Imports go one way (entry → app → core → engines → base), with no cycles (STYLE.md, point 4).
+
+The contract is checked statically (tests/import_contract.py), function-level imports included,
+and the checker itself is shown to catch what it must on a small fixture tree.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
+from tests.import_contract import check, read_graph
+
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("localmed", "quantize", "tui")
 
 
-def _modules_after_import(packages: list[str]) -> set[str]:
+def test_the_tree_keeps_the_import_contract():
+    violations = check(read_graph(ROOT, PACKAGES))
+    assert not violations, "\n".join(map(str, violations))
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return root
+
+
+BASE_FIXTURE = {
+    "localmed/__init__.py": "",
+    "localmed/errors.py": "class LocalmedError(Exception): ...\n",
+    "localmed/chat.py": "from localmed.errors import LocalmedError\n",
+    "quantize/__init__.py": "",
+    "quantize/pipeline.py": "from localmed import errors\n",
+    "tui/__init__.py": "",
+    "tui/app.py": "import textual\nfrom localmed.chat import LocalmedError\n",
+}
+
+
+def test_a_clean_fixture_tree_passes(tmp_path):
+    root = _tree(tmp_path, BASE_FIXTURE)
+    assert check(read_graph(root, PACKAGES)) == []
+
+
+def test_a_wrong_way_import_inside_a_function_is_caught(tmp_path):
+    root = _tree(tmp_path, {**BASE_FIXTURE, "quantize/pipeline.py": """
+        from localmed import errors
+
+        def late():
+            from localmed.chat import LocalmedError  # an engine reaching up into the core
+            return LocalmedError
+        """})
+    violations = check(read_graph(root, PACKAGES))
+    assert len(violations) == 1
+    assert violations[0].module == "quantize.pipeline" and violations[0].line == 5
+    assert "'engines' may not import 'core'" in str(violations[0])
+
+
+def test_a_relative_import_that_goes_the_wrong_way_is_caught(tmp_path):
+    root = _tree(tmp_path, {**BASE_FIXTURE, "localmed/errors.py": "from . import chat\n"})
+    messages = [str(v) for v in check(read_graph(root, PACKAGES))]
+    assert any("'base' may not import 'core'" in m for m in messages), messages
+
+
+def test_a_cycle_within_one_layer_is_caught(tmp_path):
+    root = _tree(tmp_path, {**BASE_FIXTURE,
+                            "quantize/a.py": "def f():\n    import quantize.b\n",
+                            "quantize/b.py": "from quantize import a\n"})
+    messages = [str(v) for v in check(read_graph(root, PACKAGES))]
+    assert messages == ["quantize.a:0 imports quantize.b: import cycle: quantize.a → quantize.b "
+                        "→ quantize.a"]
+
+
+def test_owned_packages_stay_in_their_layer(tmp_path):
+    root = _tree(tmp_path, {**BASE_FIXTURE,
+                            "localmed/chat.py": "def run():\n    import llama_cpp\n",
+                            "localmed/errors.py": "from textual.app import App\n"})
+    messages = sorted(str(v) for v in check(read_graph(root, PACKAGES)))
+    assert len(messages) == 2
+    assert "llama_cpp belongs to the 'engines' layer only" in messages[0]
+    assert "textual belongs to the 'app' layer only" in messages[1]
+
+
+def test_importing_the_core_is_light():
+    # `localmed --help` must not pay for torch, transformers, llama.cpp or Textual: importing
+    # every module of the localmed package loads none of them.
     code = (
-        "import importlib, pkgutil, sys\n"
-        f"for pkg in {packages!r}:\n"
-        "    mod = importlib.import_module(pkg)\n"
-        "    for info in pkgutil.walk_packages(mod.__path__, pkg + '.'):\n"
-        "        if info.name.endswith('__main__'):\n"
-        "            continue\n"
+        "import importlib, pkgutil, sys, localmed\n"
+        "for info in pkgutil.walk_packages(localmed.__path__, 'localmed.'):\n"
+        "    if not info.name.endswith('__main__'):\n"
         "        importlib.import_module(info.name)\n"
         "print('\\n'.join(sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          check=True)
-    return set(out.stdout.split())
-
-
-def test_core_never_imports_textual():
-    loaded = _modules_after_import(["localmed"])
-    assert not {m for m in loaded if m == "textual" or m.startswith("textual.")}
-    assert "tui" not in loaded
-
-
-def test_converters_never_import_the_tui():
-    loaded = _modules_after_import(["quantize"])
-    assert not {m for m in loaded if m == "tui" or m.startswith(("tui.", "textual"))}
-
-
-def test_importing_the_cli_is_light():
-    # `localmed --help` must not pay for torch, transformers or llama.cpp.
-    loaded = _modules_after_import(["localmed"])
-    heavy = {"torch", "transformers", "llama_cpp"}
-    assert not heavy & loaded, heavy & loaded
+    loaded = set(out.stdout.split())
+    assert not {"torch", "transformers", "llama_cpp", "textual", "tui"} & loaded
 
 
 def test_the_tui_reaches_llama_cpp_only_through_the_runtime():

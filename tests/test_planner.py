@@ -110,7 +110,7 @@ def test_footprint_groups_tensors_by_block():
 
 
 def test_footprint_of_a_real_gguf_matches_its_file(converted):
-    from localmed.runtime import read_footprint
+    from localmed.gguf_info import read_gguf_footprint as read_footprint
 
     path = converted["llama"]["Q4_K_M"]
     info, fp = read_footprint(path)
@@ -122,9 +122,35 @@ def test_footprint_of_a_real_gguf_matches_its_file(converted):
 
 
 def test_a_model_too_big_is_refused_before_loading(converted):
-    from localmed.runtime import LlamaCppRuntime
+    from localmed.runtime_llama import LlamaCppRuntime
 
     tiny_machine = Hardware("cpu", 64 * MIB, 16 * MIB)
     with pytest.raises(ModelTooLargeError) as err:
         LlamaCppRuntime.load(converted["llama"]["Q8_0"], hardware=tiny_machine)
     assert "does not fit" in str(err.value) and "RAM" in str(err.value)
+
+
+@pytest.mark.parametrize("libs,offload,expected", [
+    (("cpu", "cuda"), True, "cuda"), (("cpu", "hip"), True, "rocm"),
+    (("cpu", "vulkan"), True, "vulkan"), (("cpu",), False, "cpu"),
+    (("cpu", "vulkan"), False, "cpu"),
+])
+def test_the_gpu_backend_is_named_from_the_ggml_libraries(libs, offload, expected):
+    from localmed.hardware import LlamaBuild
+
+    assert LlamaBuild("0.3.36", libs, offload).gpu_backend == expected
+
+
+def test_the_installed_build_is_read_from_llama_cpp():
+    from localmed.hardware import llama_build
+
+    build = llama_build()
+    assert build.version == "0.3.36" and "cpu" in build.backends
+
+
+def test_a_gpu_whose_vram_cannot_be_measured_is_not_guessed_at():
+    plan = plan_offload(seven_b(), Hardware("vulkan", 32 * GIB, 24 * GIB), n_ctx=4096)
+    assert plan.gpu_layers == 0 and plan.fits
+    assert "cannot be measured" in plan.reasons[0] and "--gpu-layers" in plan.reasons[0]
+    forced = plan_offload(seven_b(), Hardware("vulkan", 32 * GIB, 24 * GIB), gpu_layers=-1)
+    assert forced.gpu_layers == forced.n_layers

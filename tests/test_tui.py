@@ -10,7 +10,8 @@ from textual.widgets import OptionList
 from localmed.chat import ChatModel, ChatSession
 from localmed.conversation import DISCLAIMER, HistoryStore
 from localmed.demo import DEMO_ENTRY
-from localmed.runtime import GenerationParams, LlamaCppRuntime
+from localmed.runtime import GenerationParams
+from localmed.runtime_llama import LlamaCppRuntime
 from tui.app import LocalmedApp
 from tui.chat_screen import ChatScreen
 from tui.modals import ErrorScreen

@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Input, Label, ListView, Markdown
-from textual.widgets._markdown import MarkdownStream
+from textual.widgets.markdown import MarkdownStream
 from textual.worker import Worker, WorkerState
 
 from localmed.chat import ChatSession
@@ -227,9 +227,9 @@ class ChatScreen(Screen):
             ("template", f"{session.template_name}: {session.template_choice.reason}"),
             ("offload", describe_plan(session.runtime.plan)),
         ]
-        for key, value in info.provenance.items():
-            if key != "inputs_sha256" and value not in ("", None):
-                rows.append((f"provenance {key}", str(value)))
+        if info.provenance:
+            rows += [(f"provenance {key}", value) for key, value in info.provenance.rows()
+                     if not key.startswith("sha256 ")]
         self.app.push_screen(InfoScreen(session.model.advisory, "Model", rows))
 
     def action_toggle_saving(self) -> None:

@@ -1,0 +1,187 @@
+"""The import contract, checked statically: which layer may import which, and no cycles.
+
+Every ``import`` statement of every module is read with :mod:`ast`, function-level imports
+included (the sys.modules check this replaces could not see those). A module belongs to the layer
+whose most specific prefix names it; a layer may import itself and the layers below it, never one
+above. Some third-party packages belong to one layer only (:data:`OWNED_PACKAGES`): llama.cpp,
+transformers, torch and GPTQModel to the engines, Textual to the app.
+
+The directions are written down once, here, in :data:`LAYERS` (top to bottom).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    # Entry points: argument parsing and printing; they may reach anything below.
+    ("entry", ("localmed.cli", "localmed.cli_run", "localmed.cli_common", "localmed.__main__")),
+    # Applications: the Textual app, bench, serve, export.
+    ("app", ("tui", "localmed.bench", "localmed.serve", "localmed.export")),
+    # Core: what a session is, which format a model is in, the demo model.
+    ("core", ("localmed.chat", "localmed.conversation", "localmed.formats", "localmed.demo",
+              "localmed.engine")),
+    # Engines: converters, quantizers and the runtimes that hold llama.cpp or transformers.
+    ("engines", ("quantize", "localmed.runtime_llama", "localmed.runtime_hf",
+                 "localmed.hardware", "localmed.engine_deps")),
+    # Base: plain data and shared helpers every layer uses; imports nothing above it.
+    ("base", ("localmed",)),
+)
+
+OWNED_PACKAGES: dict[str, str] = {
+    **dict.fromkeys(("llama_cpp", "transformers", "torch", "gptqmodel", "optimum",
+                     "sentencepiece"), "engines"),
+    "textual": "app",
+}
+"""Third-party packages that only one layer may import: engines stay swappable (and can move
+into their own process), and the core never depends on the UI."""
+
+
+@dataclass
+class Violation:
+    module: str
+    line: int
+    imported: str
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.module}:{self.line} imports {self.imported}: {self.why}"
+
+
+@dataclass
+class ImportGraph:
+    modules: dict[str, Path] = field(default_factory=dict)
+    edges: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
+    """Module → (imported module or package, line)."""
+
+
+def module_name(root: Path, path: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def read_graph(root: Path, packages: Iterable[str]) -> ImportGraph:
+    """Every import of every module under ``root/<package>``, resolved to absolute names."""
+    graph = ImportGraph()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            graph.modules[module_name(root, path)] = path
+    for name, path in graph.modules.items():
+        is_package = path.name == "__init__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        found: list[tuple[str, int]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found += [(alias.name, node.lineno) for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = _absolute(name, is_package, node.module, node.level)
+                found.append((base, node.lineno))
+                # ``from pkg import module`` imports the module too.
+                found += [(f"{base}.{alias.name}", node.lineno) for alias in node.names
+                          if f"{base}.{alias.name}" in graph.modules]
+        graph.edges[name] = found
+    return graph
+
+
+def _absolute(module: str, is_package: bool, target: str | None, level: int) -> str:
+    if level == 0:
+        return target or ""
+    parts = module.split(".")
+    base = parts if is_package else parts[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join([*base, target] if target else base)
+
+
+def layer_of(module: str, layers: Sequence[tuple[str, tuple[str, ...]]] = LAYERS) -> int | None:
+    """Index of the layer with the longest prefix naming ``module``; None for third party."""
+    best: tuple[int, int] | None = None
+    for index, (_, prefixes) in enumerate(layers):
+        for prefix in prefixes:
+            if module == prefix or module.startswith(prefix + "."):
+                if best is None or len(prefix) > best[0]:
+                    best = (len(prefix), index)
+    return None if best is None else best[1]
+
+
+def check(graph: ImportGraph, layers: Sequence[tuple[str, tuple[str, ...]]] = LAYERS,
+          owned: Mapping[str, str] = OWNED_PACKAGES) -> list[Violation]:
+    """Wrong-way imports, owned packages imported outside their layer, and cycles."""
+    names = [name for name, _ in layers]
+    violations: list[Violation] = []
+    internal: dict[str, set[str]] = {m: set() for m in graph.modules}
+    for module, imports in graph.edges.items():
+        own = layer_of(module, layers)
+        for imported, line in imports:
+            top = imported.split(".")[0]
+            if top in owned and (own is None or names[own] != owned[top]):
+                where = names[own] if own is not None else "no layer"
+                violations.append(Violation(module, line, imported,
+                                            f"{top} belongs to the '{owned[top]}' layer only, "
+                                            f"and {module} is in '{where}'"))
+                continue
+            target = _internal_target(imported, graph.modules)
+            if target is None or target == module:
+                continue
+            internal[module].add(target)
+            theirs = layer_of(target, layers)
+            if own is not None and theirs is not None and theirs < own:
+                violations.append(Violation(module, line, imported,
+                                            f"'{names[own]}' may not import '{names[theirs]}' "
+                                            f"(allowed: {' → '.join(names)})"))
+    for cycle in cycles(internal):
+        violations.append(Violation(cycle[0], 0, cycle[1],
+                                    "import cycle: " + " → ".join([*cycle, cycle[0]])))
+    return violations
+
+
+def _internal_target(imported: str, modules: Mapping[str, Path]) -> str | None:
+    """The project module an import names (the longest known prefix), or None."""
+    parts = imported.split(".")
+    for end in range(len(parts), 0, -1):
+        candidate = ".".join(parts[:end])
+        if candidate in modules:
+            return candidate
+    return None
+
+
+def cycles(edges: Mapping[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan), each as a list."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    counter = 0
+
+    def visit(node: str) -> None:
+        nonlocal counter
+        index[node] = low[node] = counter
+        counter += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                component.append(top)
+                if top == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
