@@ -1,9 +1,15 @@
 """Convert a synthetic ~0.93 GB fp32 Llama checkpoint to F16 GGUF: wall time and peak RSS.
 
-localmed's converter and llama.cpp's own ``convert_hf_to_gguf.py`` (from the llama-cpp-python
-source archive, ``vendor/llama.cpp/``) run on the same checkpoint in the same run, each in a fresh
-process whose peak RSS is read from ``wait4``. Nothing here touches the network except, when
-``--llama-cpp-src`` is not given, ``pip download`` of the pinned llama-cpp-python sdist.
+On the same checkpoint, in the same run, each in a fresh process whose peak RSS is read from
+``wait4`` (for a process that runs a converter child, the larger of the two):
+
+- localmed's streaming converter (``localmed quantize --converter localmed``),
+- localmed's llama.cpp path (``localmed quantize --converter llama.cpp``: llama.cpp's converter
+  in a subprocess, then localmed's provenance and manifest, as for Gemma 3 or Qwen checkpoints),
+- llama.cpp's own ``convert_hf_to_gguf.py`` alone (from the llama-cpp-python source archive,
+  ``vendor/llama.cpp/``). Nothing here touches the network except, when
+``--llama-cpp-src`` is not given and no converter is installed, ``pip download`` of the pinned
+llama-cpp-python sdist.
 
     python benchmarks/convert_memory.py [--layers 4] [--keep DIR] [--llama-cpp-src DIR]
 """
@@ -94,8 +100,13 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, i
 
 
 def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
+    """An unpacked llama.cpp converter: given, installed with localmed, or downloaded."""
     if given:
         return given
+    from quantize.llama_cpp_source import converter_dir
+
+    if (converter_dir() / "convert_hf_to_gguf.py").is_file():
+        return converter_dir()
     subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                     LLAMA_CPP_PYTHON, "-d", str(scratch)], check=True, capture_output=True)
     archive = next(scratch.glob("llama_cpp_python-*.tar.gz"))
@@ -136,7 +147,10 @@ def main() -> None:
 
     ours_out = work / "ours"
     ours_cmd = [sys.executable, "-m", "localmed", "quantize", str(ckpt), "--quant", "F16",
-                "--out", str(ours_out), "--name", "synthetic"]
+                "--out", str(ours_out), "--name", "synthetic", "--converter", "localmed"]
+    path_out = work / "via-llama-cpp"
+    path_cmd = [sys.executable, "-m", "localmed", "quantize", str(ckpt), "--quant", "F16",
+                "--out", str(path_out), "--name", "synthetic", "--converter", "llama.cpp"]
     src = llama_cpp_source(args.llama_cpp_src, work / "llama-cpp-src")
     theirs_out = work / "theirs.F16.gguf"
     theirs_cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(ckpt), "--outtype",
@@ -147,6 +161,7 @@ def main() -> None:
     for label, cmd, env, out in (
         ("localmed", ours_cmd, None, ours_out / "synthetic.F16.gguf"),
         ("llama.cpp convert_hf_to_gguf.py", theirs_cmd, theirs_env, theirs_out),
+        ("localmed --converter llama.cpp", path_cmd, None, path_out / "synthetic.F16.gguf"),
     ):
         wall, rss = measure(cmd, env)
         rows.append((label, wall, rss, out.stat().st_size))
@@ -158,8 +173,10 @@ def main() -> None:
     for label, wall, rss, size in rows:
         print(f"{label:34} {wall:7.1f} {rss / 1e6:12.0f} {rss / ckpt_bytes:9.2f} "
               f"{rss / largest:12.1f} {size / 1e6:8.0f}")
-    (_, w0, r0, _), (_, w1, r1, _) = rows
+    (_, w0, r0, _), (_, w1, r1, _), (_, w2, r2, _) = rows
     print(f"localmed / llama.cpp: time {w0 / w1:.2f}x, peak RSS {r0 / r1:.2f}x")
+    print(f"localmed's llama.cpp path / llama.cpp alone: time {w2 / w1:.2f}x, peak RSS "
+          f"{r2 / r1:.2f}x (the difference is hashing inputs and writing provenance)")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -28,6 +28,13 @@ EXIT_INTERRUPTED = 130
 
 # --- models ---------------------------------------------------------------------------------------
 
+def converter_path(architecture: str) -> str:
+    """Which converter ``localmed quantize`` uses for an architecture."""
+    from quantize.families import native_architectures
+
+    return "localmed" if architecture in native_architectures() else "llama.cpp"
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from localmed.registry import Registry
 
@@ -49,6 +56,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "context_length": entry.context_length, "template": entry.template,
                 "license": entry.license, "gated": entry.gated,
                 "default_quant": entry.default_quant, "scores": dict(entry.scores),
+                "converter": converter_path(entry.architecture),
                 "local_quants": _local_quants(local, entry.id),
             })
         print(json.dumps(rows, indent=2))
@@ -58,6 +66,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     table.add_column("id / hub repo", no_wrap=True)
     table.add_column("model")
     table.add_column("template")
+    table.add_column("converter")
     table.add_column("local quants")
     for entry in registry.values():
         quants = [q + ("*" if q == entry.default_quant else "")
@@ -68,6 +77,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             f"{entry.architecture.removesuffix('ForCausalLM')} {entry.parameters_b:g}B, "
             f"{entry.context_length // 1024}k ctx\n[dim]{escape(entry.license)}[/]{gated}",
             entry.template,
+            converter_path(entry.architecture),
             ", ".join(quants) if quants else f"[dim]none[/]\n[dim]default {entry.default_quant}[/]",
         )
     console().print(table)
@@ -132,10 +142,21 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     quants = parse_quant_list(args.quant)
     source = _source(args, registry)
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
-                           threads=args.threads, console=err_console())
+                           threads=args.threads, console=err_console(), converter=args.converter)
     out = console()
     for output in outputs:
-        out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant})")
+        out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant}, "
+                  f"converted by {output.converter})")
+    return 0
+
+
+def cmd_install_converter(args: argparse.Namespace) -> int:
+    from quantize.llama_cpp_source import PINNED, install_converter
+
+    err = err_console()
+    folder = install_converter(Path(args.sdist) if args.sdist else None,
+                               log=lambda text: err.print(escape(text)))
+    console().print(f"[green]installed[/] llama.cpp's converter from {PINNED} in {folder}")
     return 0
 
 
@@ -224,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="threads for llama.cpp's quantizer")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
+    p.add_argument("--converter", choices=["auto", "localmed", "llama.cpp"], default="auto",
+                   help="auto (default): localmed's streaming converter for the families it "
+                   "implements, llama.cpp's convert_hf_to_gguf.py for every other one")
     gptq = p.add_argument_group("GPTQ (--format gptq; needs pip install 'localmed[gptq]')")
     gptq.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     gptq.add_argument("--group-size", type=int, default=128, help="default 128; -1: per column")
@@ -286,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "
                    "rerunning into it resumes")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("install-converter", help="download llama.cpp's converter of the pinned "
+                       "release (for architectures localmed does not convert itself)")
+    p.add_argument("--sdist", metavar="FILE", help="take it from this llama-cpp-python source "
+                   "archive instead of downloading it")
+    p.set_defaults(func=cmd_install_converter)
 
     p = sub.add_parser("info", help="describe a model (GGUF file or GPTQ folder): "
                        "architecture, quant, template, provenance")

@@ -78,12 +78,36 @@ class SourceError(LocalmedError, FileNotFoundError):
 class UnsupportedArchitectureError(LocalmedError, ValueError):
     """A checkpoint whose Hugging Face architecture has no converter."""
 
-    def __init__(self, architecture: str, supported: Iterable[str]) -> None:
+    def __init__(self, architecture: str, supported: Iterable[str], other: str = "") -> None:
         self.architecture = architecture
         self.supported = sorted(supported)
+        tail = f", and {other} does not know it either" if other else ""
         super().__init__(
             f"unsupported architecture {architecture}; supported: {_listing(self.supported)}"
+            + tail
         )
+
+
+class ConverterMissingError(LocalmedError, FileNotFoundError):
+    """llama.cpp's converter (for architectures localmed does not convert itself) is missing or
+    from another release; the message names the command that installs it."""
+
+
+class ConverterError(LocalmedError, RuntimeError):
+    """llama.cpp's converter refused a checkpoint; carries its one-line reason."""
+
+    def __init__(self, path: Path | str, converter: str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {converter} failed: {reason}")
+
+
+class TokenizerError(LocalmedError, ValueError):
+    """A tokenizer the converters cannot carry into GGUF exactly; says what was found."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
 
 
 class CheckpointError(LocalmedError, ValueError):

@@ -59,6 +59,8 @@ class Provenance:
     created: str = field(default_factory=now)
     version: str = __version__
     """localmed version that wrote the file."""
+    converter: str = "localmed"
+    """Which converter made the GGUF: ``localmed`` (its streaming converter) or llama.cpp's."""
     calibration: Mapping[str, Any] | None = None
     """Calibration text behind the quantization (file, sha256, texts), when one was used."""
 

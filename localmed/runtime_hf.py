@@ -25,6 +25,7 @@ from localmed.gptq_info import read_gptq_footprint
 from localmed.model_info import ModelInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan, plan_offload
 from localmed.runtime import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.templates import TURN_END_MARKERS
 
 REPEAT_LAST_N = 64
 """Tokens the repetition penalty looks back over (llama.cpp's default ``penalty_last_n``)."""
@@ -95,7 +96,7 @@ class TransformersRuntime(Runtime):
 
     def _eog_ids(self) -> list[int]:
         ids = []
-        for text in ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>"):
+        for text in TURN_END_MARKERS:
             token_id = self._tok.convert_tokens_to_ids(text)
             if isinstance(token_id, int) and token_id != self._tok.unk_token_id:
                 ids.append(token_id)

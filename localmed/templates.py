@@ -12,9 +12,12 @@ ones, and :func:`resolve_template` says in words which template it chose and why
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import datetime as dt
+import functools
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from localmed.errors import TemplateError, UnknownTemplateError
 
@@ -160,6 +163,19 @@ def _llama3(system: str | None, turns: list[Message], gen: bool) -> str:
     return "".join(parts)
 
 
+def _gemma(system: str | None, turns: list[Message], gen: bool) -> str:
+    # Gemma 2/3 (MedGemma): roles user/model, the system prompt opens the first user turn,
+    # contents trimmed, as google/gemma-3-4b-it's template writes them.
+    parts: list[str] = []
+    for i, message in enumerate(turns):
+        role = "model" if message.role == "assistant" else "user"
+        prefix = f"{system}\n\n" if i == 0 and system is not None else ""
+        parts.append(f"<start_of_turn>{role}\n{prefix}{message.content.strip()}<end_of_turn>\n")
+    if gen:
+        parts.append("<start_of_turn>model\n")
+    return "".join(parts)
+
+
 TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (
     PromptTemplate("alpaca", "Alpaca instruction format (Internist.ai)", _alpaca,
                    stop=("### Instruction:", "\n### ")),
@@ -173,6 +189,8 @@ TEMPLATES: dict[str, PromptTemplate] = {t.name: t for t in (
                    stop=("<|im_end|>", "<|im_start|>")),
     PromptTemplate("llama3", "Llama-3 instruct headers (Med42-v2)", _llama3,
                    stop=("<|eot_id|>", "<|start_header_id|>")),
+    PromptTemplate("gemma", "Gemma 2/3 turns: <start_of_turn>user … <end_of_turn> (MedGemma)",
+                   _gemma, stop=("<end_of_turn>", "<start_of_turn>")),
 )}
 
 GGUF_TEMPLATE = "gguf"
@@ -194,47 +212,99 @@ def get_template(name: str) -> PromptTemplate:
 
 # --- templates embedded in GGUF files ---------------------------------------------------------
 
-# Strings that end a turn in the Jinja templates seen in the wild; any that the embedded
-# template itself writes become stop strings.
-_KNOWN_END_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "</s>",
-                      "<|endoftext|>", "<|end_of_text|>")
+TURN_END_MARKERS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "</s>",
+                    "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>")
+"""Tokens that end a turn in real chat templates (Llama-3, ChatML/Qwen, Phi-3, Gemma, Mistral);
+any that an embedded template writes become stop strings, and the transformers Runtime ends on
+each one its tokenizer has."""
+
+
+def _jinja_environment() -> Any:
+    """A sandbox set up as llama-cpp-python's ``Jinja2ChatFormatter`` (and transformers) set it
+    up: trimmed blocks, loop controls, ``{% generation %}`` ignored, transformers' ``tojson``."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class IgnoreGenerationTags(jinja2.ext.Extension):
+        """transformers' ``{% generation %}…{% endgeneration %}`` marks; rendered as their body."""
+
+        tags: ClassVar[set[str]] = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            parser.stream.skip(1)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[IgnoreGenerationTags, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    return env
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+@functools.lru_cache(maxsize=16)
+def compile_chat_template(source: str) -> Any:
+    """The compiled template; invalid Jinja raises TemplateError."""
+    from jinja2 import TemplateError as JinjaError
+
+    try:
+        return _jinja_environment().from_string(source)
+    except JinjaError as exc:
+        raise TemplateError(f"the model's chat template is not valid Jinja: {exc}") from None
+
+
+def render_chat_template(source: str, messages: Sequence[Mapping[str, Any]], *,
+                         add_generation_prompt: bool = True, bos_token: str = "",
+                         eos_token: str = "") -> str:
+    """Render a model's Jinja chat template as llama-cpp-python renders it, character for
+    character (``strftime_now`` and ``raise_exception`` included); errors are TemplateError."""
+    from jinja2 import TemplateError as JinjaError
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(f"the model's chat template refused the conversation: {message}")
+
+    compiled = compile_chat_template(source)
+    try:
+        return compiled.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token, eos_token=eos_token, raise_exception=raise_exception,
+            strftime_now=lambda fmt: dt.datetime.now().strftime(fmt))
+    except JinjaError as exc:
+        raise TemplateError(f"the model's chat template failed: {exc}") from None
 
 
 def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "") -> PromptTemplate:
     """A template from the Jinja source embedded in a GGUF, rendered in a sandbox.
 
     The sandbox (jinja2's ``ImmutableSandboxedEnvironment``) stops a template from reaching
-    Python internals or mutating its inputs; a template that fails raises
-    :class:`TemplateError`.
+    Python internals or mutating its inputs. A template that refuses a system message (Gemma's
+    first versions, Mistral v0.1) gets it folded into the first user turn instead; any other
+    failure raises :class:`TemplateError`.
     """
-    from jinja2 import TemplateError as JinjaError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(f"the GGUF's chat template refused the conversation: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        keep_trailing_newline=True)
-    env.globals["raise_exception"] = raise_exception
-    try:
-        compiled = env.from_string(source)
-    except JinjaError as exc:
-        raise TemplateError(f"the GGUF's chat template is not valid Jinja: {exc}") from None
+    compile_chat_template(source)
 
     def render(system: str | None, turns: list[Message], gen: bool) -> str:
         messages = ([{"role": "system", "content": system}] if system is not None else [])
         messages += [{"role": m.role, "content": m.content} for m in turns]
         try:
-            text = compiled.render(messages=messages, add_generation_prompt=gen,
-                                   bos_token=bos_token, eos_token=eos_token)
-        except JinjaError as exc:
-            raise TemplateError(f"the GGUF's chat template failed: {exc}") from None
+            text = render_chat_template(source, messages, add_generation_prompt=gen,
+                                        bos_token=bos_token, eos_token=eos_token)
+        except TemplateError:
+            if system is None or not turns:
+                raise
+            folded = [Message(turns[0].role, f"{system}\n\n{turns[0].content}"), *turns[1:]]
+            return render(None, folded, gen)
         # The runtime adds BOS itself; a template that writes it would double it.
         if bos_token and text.startswith(bos_token):
             text = text[len(bos_token):]
         return text
 
-    stops = tuple(m for m in _KNOWN_END_MARKERS if m in source and m != eos_token)
+    stops = tuple(m for m in TURN_END_MARKERS if m in source and m != eos_token)
     return PromptTemplate(GGUF_TEMPLATE, "the chat template embedded in the GGUF file", render,
                           stop=stops)
 

@@ -54,6 +54,11 @@ def register(*hf_architectures: str) -> Callable[[type[ConverterFamily]], type[C
     return wrap
 
 
+def native_architectures() -> list[str]:
+    """The Hugging Face architectures localmed's streaming converter handles."""
+    return sorted(_FAMILIES)
+
+
 def family_for(checkpoint: Checkpoint) -> ConverterFamily:
     """The converter for a checkpoint; an unknown architecture names itself and the supported."""
     arch = checkpoint.architecture

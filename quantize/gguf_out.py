@@ -7,7 +7,9 @@ tensor's data is loaded, converted and appended, and dropped before the next.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import io
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -108,3 +110,21 @@ def write_gguf(
             writer.write_tensor_data(item)  # type: ignore[arg-type]  # duck-typed array
     finally:
         writer.close()
+
+
+def copy_with_metadata(src: Path, dst: Path, strings: Mapping[str, str],
+                       progress: Progress | None = None) -> None:
+    """Copy GGUF ``src`` to ``dst`` with string keys added or replaced (gguf-py's own
+    ``gguf_new_metadata`` copy: every other key, tensor info and tensor byte as it was)."""
+    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
+
+    reader = gguf.GGUFReader(src)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    new = {key: MetadataDetails(gguf.GGUFValueType.STRING, value)
+           for key, value in strings.items()}
+    # gguf-py draws its own tqdm bar on stderr; localmed's progress is on screen already.
+    with contextlib.redirect_stderr(io.StringIO()):
+        copy_with_new_metadata(reader, writer, new, remove_metadata=[])
+    if progress is not None:
+        progress(dst.stat().st_size)

@@ -31,20 +31,31 @@ from rich.progress import (
 from localmed import paths
 from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
 from localmed.errors import (
+    ConverterError,
+    ConverterMissingError,
     DiskSpaceError,
     OutputError,
     SourceError,
+    TokenizerError,
     UnknownModelError,
+    UnsupportedArchitectureError,
 )
+from localmed.gguf_header import read_header
 from localmed.hub import download_checkpoint
 from localmed.provenance import Provenance, gguf_key, now
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 from localmed.registry import ModelEntry, Registry
 from quantize.checkpoint import Checkpoint, sha256_file
-from quantize.families import ConverterFamily, PlannedTensor, family_for
-from quantize.gguf_out import planned_bytes, write_gguf
+from quantize.families import ConverterFamily, PlannedTensor, family_for, native_architectures
+from quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
+from quantize.llama_cpp_source import (
+    LlamaCppConverter,
+    converter_table,
+    find_converter,
+    run_converter,
+)
 from quantize.llama_quant import llama_quantize
-from quantize.vocab import write_vocab
+from quantize.vocab import LoadedVocab, load_vocab, write_vocab
 
 
 @dataclass(frozen=True)
@@ -106,17 +117,34 @@ def check_output_dir(out_dir: Path) -> None:
         raise OutputError(out_dir, f"output folder is not writable: {exc.strerror}") from None
 
 
+NATIVE = "localmed"
+"""The converter path of localmed's own streaming converter."""
+
+
 @dataclass
 class Conversion:
-    """A checkpoint ready to write: its family, tensor plan and provenance."""
+    """A checkpoint ready to write: which converter, its tensor plan (native path) and provenance.
+
+    ``family``/``plan``/``vocab`` are set on the native path; ``llama_cpp`` on the llama.cpp path,
+    with ``why`` saying why the native path could not take it.
+    """
 
     source: Source
     checkpoint: Checkpoint
-    family: ConverterFamily
-    plan: list[PlannedTensor]
+    family: ConverterFamily | None = None
+    plan: list[PlannedTensor] = field(default_factory=list)
+    vocab: LoadedVocab | None = None
+    llama_cpp: LlamaCppConverter | None = None
+    why: str = ""
+    native_refusal: str = ""
+    """Why localmed's own converter did not take a checkpoint of a family it implements."""
     input_hashes: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=now)
     """One time for every file of this run, so GGUF metadata and manifests agree."""
+
+    @property
+    def converter(self) -> str:
+        return self.llama_cpp.label if self.llama_cpp else NATIVE
 
     @property
     def intermediate(self) -> QuantType:
@@ -125,7 +153,7 @@ class Conversion:
         return QUANT_TYPES["BF16" if bf16 else "F16"]
 
     def estimate_bytes(self, quant: QuantType) -> int:
-        if quant.direct:
+        if quant.direct and self.family is not None:
             return planned_bytes(self.plan, DIRECT_TENSOR_TYPE[quant.name])
         return int(self.checkpoint.n_parameters() * quant.bits_per_weight / 8 * 1.05)
 
@@ -134,28 +162,75 @@ class Conversion:
         return Provenance(source=self.source.label, revision=self.source.revision,
                           quant=quant.name, model_id=entry.id if entry else "",
                           advisory=entry.advisory if entry else "",
-                          inputs_sha256=dict(self.input_hashes), created=self.created)
+                          inputs_sha256=dict(self.input_hashes), created=self.created,
+                          converter=self.converter)
+
+    def metadata(self, quant: QuantType) -> dict[str, str]:
+        """localmed's string keys of a GGUF: name, licence and provenance."""
+        entry = self.source.entry
+        keys = {gguf.Keys.General.NAME: entry.name if entry else self.source.name}
+        if entry:
+            keys[gguf.Keys.General.LICENSE] = entry.license
+        return {**keys, **self.provenance(quant).to_gguf()}
 
     def add_metadata(self, writer: gguf.GGUFWriter, quant: QuantType) -> None:
-        entry = self.source.entry
-        writer.add_name(entry.name if entry else self.source.name)
-        if entry:
-            writer.add_license(entry.license)
-        write_vocab(writer, self.checkpoint.folder, self.family.hparam("vocab_size"))
-        for key, value in self.provenance(quant).to_gguf().items():
+        assert self.family is not None
+        write_vocab(writer, self.checkpoint.folder, self.family.hparam("vocab_size"), self.vocab)
+        for key, value in self.metadata(quant).items():
             writer.add_string(key, value)
 
 
-def prepare(source: Source, *, allow_pickle: bool = False) -> Conversion:
-    """Open the checkpoint, pick its converter and plan its tensors (no weights read)."""
+CONVERTERS = ("auto", NATIVE, "llama.cpp")
+"""``--converter`` choices: ``auto`` picks localmed's where it can, else llama.cpp's."""
+
+
+def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "auto"
+            ) -> Conversion:
+    """Open the checkpoint and pick its converter (no weights read).
+
+    localmed's streaming converter takes the families it implements, with a tokenizer it can
+    carry exactly; anything else goes to llama.cpp's own converter of the pinned release.
+    """
     checkpoint = Checkpoint.open(source.folder, allow_pickle=allow_pickle)
-    family = family_for(checkpoint)
-    return Conversion(source, checkpoint, family, family.plan())
+    why = ""
+    if converter == NATIVE:
+        family = family_for(checkpoint)
+        return Conversion(source, checkpoint, family, family.plan(),
+                          load_vocab(checkpoint.folder))
+    if converter == "llama.cpp":
+        why = "--converter llama.cpp"
+    elif checkpoint.architecture in native_architectures():
+        try:
+            vocab = load_vocab(checkpoint.folder)
+        except TokenizerError as exc:
+            why = exc.message.split(": ", 1)[-1]
+        else:
+            family = family_for(checkpoint)
+            return Conversion(source, checkpoint, family, family.plan(), vocab)
+    try:
+        converter = find_converter()
+    except ConverterMissingError as missing:
+        if why:
+            raise TokenizerError(source.folder, f"{why}; {missing}") from None
+        if checkpoint.architecture in native_architectures():
+            raise
+        raise UnsupportedArchitectureError(checkpoint.architecture, native_architectures(),
+                                           f"llama.cpp's converter ({missing})") from None
+    if checkpoint.architecture not in converter_table(converter.folder).architectures:
+        raise UnsupportedArchitectureError(checkpoint.architecture, native_architectures(),
+                                           converter.label)
+    refusal = why if why and converter != "llama.cpp" else ""
+    return Conversion(source, checkpoint, llama_cpp=converter, native_refusal=refusal,
+                      why=why or f"{checkpoint.architecture} is converted by llama.cpp")
 
 
 def check_disk(conv: Conversion, quants: list[QuantType], out_dir: Path) -> None:
     need = sum(conv.estimate_bytes(q) for q in quants)
-    if any(not q.direct for q in quants) and conv.intermediate not in quants:
+    if conv.llama_cpp is not None:
+        # the converter's file, and each output once more while its metadata is added
+        need += conv.estimate_bytes(_llama_cpp_outtype(conv, quants))
+        need += max(conv.estimate_bytes(q) for q in quants)
+    elif any(not q.direct for q in quants) and conv.intermediate not in quants:
         need += conv.estimate_bytes(conv.intermediate)
     free = shutil.disk_usage(out_dir).free
     if need * 1.02 > free:
@@ -176,6 +251,7 @@ class Output:
     path: Path
     manifest: Path
     bytes: int
+    converter: str = NATIVE
 
 
 def output_path(out_dir: Path, name: str, quant: QuantType) -> Path:
@@ -184,13 +260,15 @@ def output_path(out_dir: Path, name: str, quant: QuantType) -> Path:
 
 def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None = None, *,
                  allow_pickle: bool = False, threads: int | None = None,
-                 console: Console | None = None) -> list[Output]:
+                 console: Console | None = None, converter: str = "auto") -> list[Output]:
     """Convert ``source`` to every quant in ``quants``; returns the files written."""
     console = console or Console(stderr=True)
     out_dir = out_dir or paths.models_dir()
-    conv = prepare(source, allow_pickle=allow_pickle)
+    conv = prepare(source, allow_pickle=allow_pickle, converter=converter)
     check_output_dir(out_dir)
     check_disk(conv, quants, out_dir)
+    if conv.llama_cpp is not None:
+        console.print(f"[dim]converter: {conv.converter} ({conv.why})[/]")
 
     with _bar(console) as bar:
         files = list(conv.checkpoint.iter_input_files())
@@ -200,12 +278,18 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
             bar.advance(task, path.stat().st_size)
 
         outputs: list[Output] = []
-        direct = [q for q in quants if q.direct]
-        via_llama = [q for q in quants if not q.direct]
-        for quant in direct:
-            outputs.append(_write_direct(conv, quant, output_path(out_dir, source.name, quant), bar))
+        # localmed's converter writes F32/F16/BF16/Q8_0 itself; the rest, and everything on the
+        # llama.cpp path, comes from llama.cpp's quantizer on an intermediate file.
+        native = conv.llama_cpp is None
+        via_llama = [q for q in quants if not (native and q.direct)]
+        for quant in quants:
+            if quant not in via_llama:
+                outputs.append(_write_direct(conv, quant,
+                                             output_path(out_dir, source.name, quant), bar))
         if via_llama:
-            with _intermediate(conv, out_dir, outputs, bar) as base:
+            base_file = _intermediate(conv, out_dir, outputs, bar) if native else \
+                _converted_by_llama_cpp(conv, quants, out_dir, bar)
+            with base_file as base:
                 for quant in via_llama:
                     outputs.append(_write_llama(conv, quant, base,
                                                 output_path(out_dir, source.name, quant),
@@ -246,14 +330,73 @@ def _intermediate(conv: Conversion, out_dir: Path, outputs: list[Output],
             tmp.unlink()
 
 
+def _llama_cpp_outtype(conv: Conversion, quants: list[QuantType]) -> QuantType:
+    """What llama.cpp's converter writes: F32 when F32 is asked for, else F16/BF16."""
+    return QUANT_TYPES["F32"] if QUANT_TYPES["F32"] in quants else conv.intermediate
+
+
+@contextlib.contextmanager
+def _converted_by_llama_cpp(conv: Conversion, quants: list[QuantType], out_dir: Path,
+                            bar: Progress) -> Iterator[Path]:
+    """llama.cpp's converter's file, as a hidden temporary in the output folder."""
+    assert conv.llama_cpp is not None
+    kind = _llama_cpp_outtype(conv, quants)
+    tmp = temp_path_for(out_dir / f"{conv.source.name}.{kind.name}.llama-cpp.gguf")
+    expected = conv.estimate_bytes(kind)
+    task = bar.add_task(f"convert {kind.name} (llama.cpp)", total=expected)
+    try:
+        try:
+            run_converter(conv.llama_cpp, conv.checkpoint.folder, tmp, kind.name.lower(),
+                          expected_bytes=expected,
+                          progress=lambda n: bar.update(task, completed=n))
+        except ConverterError as refused:
+            if not conv.native_refusal:
+                raise
+            # Neither converter takes it: say what localmed found, too.
+            raise ConverterError(refused.path, conv.llama_cpp.label,
+                                 f"{refused.reason}; localmed's converter: "
+                                 f"{conv.native_refusal}") from None
+        bar.update(task, total=tmp.stat().st_size, completed=tmp.stat().st_size)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def gguf_file_type(path: Path) -> int | None:
+    value = read_header(path).fields.get(gguf.Keys.General.FILE_TYPE)
+    return value if isinstance(value, int) else None
+
+
 def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
                  threads: int | None, bar: Progress) -> Output:
+    """Quantize ``base`` with llama.cpp's quantizer. Native intermediates carry localmed's
+    metadata already (``quant`` and ``created`` are set as overrides); a file from llama.cpp's
+    converter gets it while the quantized file is copied into place."""
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
     overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created}
     with atomic_path(final) as tmp:
-        _run_interruptible(lambda: llama_quantize(
-            base, tmp, quant, threads=threads, metadata=overrides,
-            progress=lambda n: bar.update(task, completed=n)))
+        if conv.llama_cpp is None:
+            _run_interruptible(lambda: llama_quantize(
+                base, tmp, quant, threads=threads, metadata=overrides,
+                progress=lambda n: bar.update(task, completed=n)))
+        elif gguf_file_type(base) == int(quant.ftype):
+            # already the type asked for: only localmed's metadata is added
+            copy_with_metadata(base, tmp, conv.metadata(quant),
+                               progress=lambda n: bar.update(task, completed=n))
+        else:
+            staged = temp_path_for(final.with_name(final.name + ".quantized"))
+            try:
+                _run_interruptible(lambda: llama_quantize(
+                    base, staged, quant, threads=threads,
+                    progress=lambda n: bar.update(task, completed=n // 2)))
+                size = staged.stat().st_size
+                bar.update(task, total=2 * size, completed=size)
+                copy_with_metadata(staged, tmp, conv.metadata(quant),
+                                   progress=lambda n: bar.update(task, completed=size + n))
+            finally:
+                with contextlib.suppress(OSError):
+                    staged.unlink()
         bar.update(task, total=tmp.stat().st_size, completed=tmp.stat().st_size)
     return _finish(conv, quant, final)
 
@@ -289,9 +432,9 @@ def _finish(conv: Conversion, quant: QuantType, final: Path) -> Output:
         "sha256": sha256_file(final),
         "quant": quant.name,
         "architecture": conv.checkpoint.architecture,
-        "gguf_architecture": conv.family.arch_name,
+        "gguf_architecture": read_header(final).fields[gguf.Keys.General.ARCHITECTURE],
         "parameters": conv.checkpoint.n_parameters(),
         **conv.provenance(quant).to_manifest(),
     }
     write_text_atomic(manifest, json.dumps(record, indent=2) + "\n")
-    return Output(quant.name, final, manifest, size)
+    return Output(quant.name, final, manifest, size, conv.converter)

@@ -4,9 +4,11 @@ Tried in llama.cpp's order: SentencePiece (``tokenizer.model``), then a Hugging 
 tokenizer.json with byte fallback, then byte-level BPE (Llama-3). Each class raises
 ``FileNotFoundError`` when its files are absent, which moves on to the next.
 
-Byte-level BPE needs llama.cpp's name for its pre-tokenizer (``tokenizer.ggml.pre``); it is looked
-up from the tokenizer's own split regex. An unknown one is an error, never a guess: llama.cpp would
-otherwise split text differently from the model's training.
+Byte-level BPE needs llama.cpp's name for its pre-tokenizer (``tokenizer.ggml.pre``). It is
+identified as llama.cpp identifies it: the checksum of the tokenization of llama.cpp's fixed test
+text, looked up in the table of the pinned llama.cpp's own converter. An unknown one is an error,
+never a guess (llama.cpp would split text differently from the model's training); the pipeline
+then hands the checkpoint to llama.cpp's converter.
 """
 
 from __future__ import annotations
@@ -17,14 +19,8 @@ from pathlib import Path
 
 import gguf
 
-from localmed.errors import SourceError
-
-# tokenizer.json pre-tokenizer Split regexes → llama.cpp's pre-tokenizer names.
-BPE_PRE_TOKENIZERS: dict[str, str] = {
-    # Llama-3 / Llama-3.1 (Med42-v2)
-    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+":
-        "llama-bpe",
-}
+from localmed.errors import ConverterMissingError, SourceError, TokenizerError
+from quantize.llama_cpp_source import converter_table, tokenizer_checksum
 
 
 class ByteLevelBpeVocab(gguf.BpeVocab):
@@ -42,10 +38,15 @@ class ByteLevelBpeVocab(gguf.BpeVocab):
             data = json.loads(self.fname_tokenizer.read_text(encoding="utf-8"))
             for item in data.get("added_tokens", []):
                 self.special[item["id"]] = bool(item.get("special"))
-            self.pre = _bpe_pre_name(data, base_path)
+            model = (data.get("model") or {}).get("type")
+            if model != "BPE":
+                raise TokenizerError(base_path, f"tokenizer.json holds a {model} model; "
+                                     "localmed's converter takes SentencePiece or BPE")
+            self.pre = identify_pre_tokenizer(base_path)
         else:
-            raise SourceError(base_path, "slow (vocab.json) BPE tokenizers are not supported; "
-                              "save the tokenizer with a tokenizer.json")
+            raise TokenizerError(base_path, "slow (vocab.json) BPE tokenizers are not supported "
+                                 "by localmed's converter; save the tokenizer with a "
+                                 "tokenizer.json")
 
     def all_tokens(self) -> Iterable[tuple[bytes, float, gguf.TokenType]]:
         for token_id, (text, score, kind) in enumerate(super().all_tokens()):
@@ -54,20 +55,25 @@ class ByteLevelBpeVocab(gguf.BpeVocab):
             yield text, score, kind
 
 
-def _bpe_pre_name(tokenizer_json: dict, folder: Path) -> str:
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre])
-    for step in steps:
-        if step.get("type") == "Split":
-            regex = step.get("pattern", {}).get("Regex")
-            if regex in BPE_PRE_TOKENIZERS:
-                return BPE_PRE_TOKENIZERS[regex]
-            raise SourceError(folder, "unknown BPE pre-tokenizer in tokenizer.json; llama.cpp "
-                              "would split text differently from the model's training")
-    raise SourceError(folder, "tokenizer.json has no recognised BPE pre-tokenizer")
+LoadedVocab = tuple[gguf.Vocab, str, str]
+"""A vocabulary with llama.cpp's tokenizer model and pre-tokenizer names."""
 
 
-def load_vocab(folder: Path) -> tuple[gguf.Vocab, str, str]:
+def identify_pre_tokenizer(folder: Path) -> str:
+    """llama.cpp's name for the checkpoint's byte-level BPE pre-tokenizer, by checksum."""
+    try:
+        table = converter_table()
+    except ConverterMissingError as missing:
+        raise TokenizerError(folder, f"a byte-level BPE tokenizer needs llama.cpp's "
+                             f"pre-tokenizer table to be identified ({missing})") from None
+    checksum = tokenizer_checksum(folder, table.check_text)
+    if checksum not in table.pre_tokenizers:
+        raise TokenizerError(folder, f"tokenizer.json's BPE pre-tokenizer is not one llama.cpp "
+                             f"knows (checksum {checksum[:16]}…)")
+    return table.pre_tokenizers[checksum]
+
+
+def load_vocab(folder: Path) -> LoadedVocab:
     """The checkpoint's vocabulary, with llama.cpp's tokenizer model and pre-tokenizer names."""
     try:
         return gguf.SentencePieceVocab(folder), "llama", "default"
@@ -80,17 +86,19 @@ def load_vocab(folder: Path) -> tuple[gguf.Vocab, str, str]:
     try:
         vocab = ByteLevelBpeVocab(folder)
     except FileNotFoundError:
-        raise SourceError(folder, "no tokenizer found (tokenizer.model or tokenizer.json)") from None
+        raise TokenizerError(folder, "no tokenizer found (tokenizer.model or tokenizer.json)") \
+            from None
     return vocab, "gpt2", vocab.pre
 
 
-def write_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int) -> str:
+def write_vocab(writer: gguf.GGUFWriter, folder: Path, n_vocab: int,
+                loaded: LoadedVocab | None = None) -> str:
     """Write tokens, scores, types, merges and special ids; returns the tokenizer model name.
 
     ``n_vocab`` is config.json's vocab_size: embedding rows beyond the tokenizer's tokens are
     padded with ``[PAD<i>]`` tokens, as llama.cpp expects one token per row.
     """
-    vocab, model, pre = load_vocab(folder)
+    vocab, model, pre = loaded or load_vocab(folder)
     tokens: list[bytes | str] = []
     scores: list[float] = []
     types: list[int] = []

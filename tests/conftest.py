@@ -128,3 +128,33 @@ def bench_models(converted: dict[str, dict[str, Path]], tmp_path_factory: pytest
         source = converted["llama"][quant]
         (folder / source.name).symlink_to(source)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> dict[str, Path]:
+    """The real SmolLM2-135M-Instruct: its original GGUF and a checkpoint rebuilt from it."""
+    import transformers
+
+    from tests.real_models import Unavailable, cache_dir, rebuild_checkpoint, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    folder = cache_dir() / f"smollm2-hf-transformers-{transformers.__version__}"
+    return {"gguf": gguf, "checkpoint": rebuild_checkpoint(gguf, folder)}
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+                      ) -> dict[str, Path]:
+    """SmolLM2 converted by `localmed quantize` (native path): F32, F16, Q8_0, Q4_K_M."""
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import resolve_source, run_quantize
+
+    out = tmp_path_factory.mktemp("smollm2-gguf")
+    source = resolve_source(str(smollm2["checkpoint"]), Registry.load())
+    outputs = run_quantize(source, parse_quant_list("F32,F16,Q8_0,Q4_K_M"), out, threads=2,
+                           console=quiet_console())
+    return {o.quant: o.path for o in outputs}

@@ -66,6 +66,14 @@ GOLDEN = {
         "<|start_header_id|>user<|end_header_id|>\n\nAnd in pregnancy?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
     ),
+    "gemma": (
+        "<start_of_turn>user\nYou are a careful clinical assistant.\n\n"
+        "What is the first-line drug for hypertension?<end_of_turn>\n"
+        "<start_of_turn>model\nA thiazide diuretic, an ACE inhibitor, an ARB or a CCB."
+        "<end_of_turn>\n"
+        "<start_of_turn>user\nAnd in pregnancy?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    ),
 }
 
 GOLDEN_NO_SYSTEM_FIRST_TURN = {
@@ -79,6 +87,7 @@ GOLDEN_NO_SYSTEM_FIRST_TURN = {
     "chatml": "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
     "llama3": "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    "gemma": "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
 }
 
 

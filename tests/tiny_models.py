@@ -97,6 +97,21 @@ def save_llama3_tokenizer(folder: Path) -> Path:
     data = json.loads(path.read_text(encoding="utf-8"))
     vocab = data["model"]["vocab"]
     data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in vocab]
+    # Meta's tokenizer.json puts <|begin_of_text|> before every encoding; the GGUF rebuild does
+    # not. llama.cpp identifies the pre-tokenizer by hashing encode() of a fixed text, so
+    # without it this would pass for another tokenizer (smaug-bpe), to llama.cpp as to localmed.
+    bos = {"id": "<|begin_of_text|>", "type_id": 0}
+    template = {"type": "TemplateProcessing",
+                "single": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": bos}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 1}},
+                         {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<|begin_of_text|>": {
+                    "id": "<|begin_of_text|>", "ids": [vocab["<|begin_of_text|>"]],
+                    "tokens": ["<|begin_of_text|>"]}}}
+    previous = data.get("post_processor")
+    data["post_processor"] = {"type": "Sequence", "processors": [previous, template]} \
+        if previous else template
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return folder
 
@@ -140,3 +155,28 @@ def read_vocab_cases(name: str) -> list[tuple[str, list[int]]]:
     ids = [[int(t) for t in line.split()] for line in out.split("\n")][: len(texts)]
     assert len(texts) == len(ids), (len(texts), len(ids))
     return list(zip(texts, ids, strict=True))
+
+
+GEMMA3_TEMPLATE = Path(__file__).parent / "data" / "chat_templates" / "google-gemma-3-4b-it.jinja"
+
+
+def build_gemma3_model(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny Gemma 3 text model (Gemma3ForCausalLM: sliding and global attention, QK-norm),
+    with the Llama-2 SentencePiece vocabulary standing in for Gemma's and Gemma 3's own chat
+    template. No converter of localmed's handles it: it goes to llama.cpp's."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    # Gemma 3's own layout: five sliding-window layers, then one global (llama.cpp assumes it).
+    config = Gemma3TextConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        sliding_window=8, layer_types=[*["sliding_attention"] * 5, "full_attention"],
+        query_pre_attn_scalar=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.08, tie_word_embeddings=True)
+    model = Gemma3ForCausalLM(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(model, folder, "float32")
+    _spm_tokenizer(folder, GEMMA3_TEMPLATE.read_text(encoding="utf-8"))
+    return folder
