@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,9 +29,11 @@ def atomic_path(final: Path, mode: int | None = None) -> Iterator[Path]:
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(final)  # a full disk says which file it was writing
         raise
 
 
@@ -42,3 +46,39 @@ def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.(part|partial)$")
+"""What :func:`temp_path_for` and the GPTQ staging folders are named: ``.<name>.<pid>.part``."""
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Remove the temporaries that killed runs left in ``folder`` (their process is gone);
+    returns the bytes freed. A temporary of a run still going is left alone."""
+    freed = 0
+    if not folder.is_dir():
+        return 0
+    for path in folder.iterdir():
+        match = _TEMPORARY.match(path.name)
+        if not match or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+            else:
+                freed += path.stat().st_size
+                path.unlink()
+    return freed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True

@@ -119,14 +119,26 @@ class ChatSession:
         return self.last_prompt.tokens + self.runtime.last_stats.generated_tokens \
             if self.last_prompt else 0
 
+    def _prompt_for(self, conversation: Conversation) -> Prompt:
+        return build_prompt(self.template_choice.template, conversation,
+                            self.runtime.count_tokens, self.runtime.n_ctx,
+                            reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+
+    def check_fits(self, text: str) -> None:
+        """Raise ContextFullError (with the token count and the limit) if ``text`` cannot be
+        sent even with every earlier turn left out; nothing is changed."""
+        trial = Conversation(model=self.conversation.model, template=self.conversation.template,
+                             system=self.conversation.system,
+                             messages=[*self.conversation.messages])
+        trial.add("user", text)
+        self._prompt_for(trial)
+
     def ask(self, text: str) -> Iterator[str]:
         """Add the user's turn and stream the reply; the reply is recorded when it ends,
         stopped or not. Raises ContextFullError before adding anything that cannot fit."""
         self.conversation.add("user", text)
         try:
-            prompt = build_prompt(self.template_choice.template, self.conversation,
-                                  self.runtime.count_tokens, self.runtime.n_ctx,
-                                  reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+            prompt = self._prompt_for(self.conversation)
         except Exception:
             self.conversation.messages.pop()
             raise

@@ -7,11 +7,16 @@ stderr, exit status 2, no traceback. Ctrl-C exits 130 after the command has clea
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from rich import box
 from rich.filesize import decimal as human_bytes
@@ -150,6 +155,28 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_pull(args: argparse.Namespace) -> int:
+    """The one command that downloads data sets (chat and bench never touch the network)."""
+    from localmed.bench.suites import suites_dir
+    from localmed.public_data import SUITE_NAMES, calibration_path, pull_calibration, pull_suite
+
+    names = args.names or [*SUITE_NAMES, "calibration"]
+    unknown = sorted(set(names) - {*SUITE_NAMES, "calibration"})
+    if unknown:
+        raise LocalmedError(f"unknown data set(s) {', '.join(unknown)}; known: "
+                            f"{', '.join([*SUITE_NAMES, 'calibration'])}")
+    out = console()
+    for name in names:
+        target = calibration_path() if name == "calibration" else suites_dir() / f"{name}.jsonl"
+        if target.is_file() and not args.force:
+            out.print(f"{name}: already at {target}")
+            continue
+        with err_console().status(f"downloading {name} …"):
+            pull_calibration(target) if name == "calibration" else pull_suite(name, target)
+        out.print(f"[green]wrote[/] {target}")
+    return 0
+
+
 def cmd_install_converter(args: argparse.Namespace) -> int:
     from quantize.llama_cpp_source import PINNED, install_converter
 
@@ -212,14 +239,46 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------------
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: …``) and exit status 2, like ours."""
+
+    def error(self, message: str) -> NoReturn:
+        err_console().print(f"[bold red]error:[/] {escape(self.prog)}: {escape(message)} "
+                            f"(see {escape(self.prog)} --help)", soft_wrap=True)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    return value
+
+
+def positive(text: str) -> int:
+    return _integer(text, 1, "a positive number")
+
+
+def non_negative(text: str) -> int:
+    return _integer(text, 0, "zero or more")
+
+
+def layers(text: str) -> int:
+    return _integer(text, -1, "a number of layers (-1: all)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="localmed",
         description="Open medical LLMs on an offline laptop. Not medical advice: for use by "
                     "medical professionals, who verify every output.",
     )
     parser.add_argument("--version", action="version", version=f"localmed {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=OneLineParser)
 
     p = sub.add_parser("models", help="list the model registry and which quants exist locally")
     p.add_argument("--dir", help="models folder to look in (default: the data dir)")
@@ -242,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="gguf", choices=["gguf", "gptq"],
                    help="output format (default: gguf)")
     p.add_argument("--revision", help="hub branch, tag or commit")
-    p.add_argument("--threads", type=int, help="threads for llama.cpp's quantizer")
+    p.add_argument("--threads", type=positive, help="threads for llama.cpp's quantizer")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
     p.add_argument("--converter", choices=["auto", "localmed", "llama.cpp"], default="auto",
@@ -255,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "sometimes more accurate)")
     gptq.add_argument("--calibration", metavar="FILE", help="calibration text: .jsonl with "
                       "'question' or 'text', or .txt (default: PubMedQA abstracts)")
-    gptq.add_argument("--samples", type=int, default=128, help="calibration texts to use")
+    gptq.add_argument("--samples", type=positive, default=128, help="calibration texts to use")
     p.set_defaults(func=cmd_quantize)
 
     def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
@@ -263,11 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registry id (internist-7b), a .gguf file, or 'demo'")
         p.add_argument("--quant", "-q", help="which local quant of a registry model "
                        "(default: its default quant)")
-        p.add_argument("--ctx", type=int, help="context size in tokens (default: the model's, "
+        p.add_argument("--ctx", type=positive, help="context size in tokens (default: the model's, "
                        "at most 4096)")
-        p.add_argument("--gpu-layers", type=int, help="layers to offload to the GPU (-1: all); "
+        p.add_argument("--gpu-layers", type=layers, help="layers to offload to the GPU (-1: all); "
                        "default: as many as fit")
-        p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+        p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
 
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
     model_options(p)
@@ -297,19 +356,32 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all four, unless --data is given)")
     p.add_argument("--data", action="append", metavar="FILE.jsonl",
                    help="a custom question set (repeatable), named after the file")
-    p.add_argument("--limit", type=int, help="score only the first N questions of each set")
-    p.add_argument("--shots", type=int, default=0, help="worked examples before each question "
+    p.add_argument("--limit", type=positive, help="score only the first N questions of each set")
+    p.add_argument("--shots", type=non_negative, default=0, help="worked examples before each question "
                    "(the first K of each set, not scored)")
     p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
                    help="plain text (default, right for base models) or the model's template")
     p.add_argument("--text", metavar="FILE", help="medical text for perplexity and full-"
                    "vocabulary KLD (.jsonl with 'question', or .txt with blank-line documents)")
-    p.add_argument("--text-docs", type=int, default=8, help="documents of it to use (0: none)")
-    p.add_argument("--ctx", type=int, default=2048, help="context for question prompts")
-    p.add_argument("--threads", type=int, help="CPU threads for llama.cpp")
+    p.add_argument("--text-docs", type=non_negative, default=8, help="documents of it to use (0: none)")
+    p.add_argument("--ctx", type=positive, default=2048, help="context for question prompts")
+    p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
     p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "
-                   "rerunning into it resumes")
+                   "rerunning into it with the same settings resumes")
+    p.add_argument("--fresh", action="store_true", help="start over in --out, discarding the "
+                   "results of an earlier run there")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("data", help="download the public medical data sets bench and GPTQ "
+                       "use (the only command that fetches data)")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="ACTION",
+                            parser_class=OneLineParser)
+    pull = data.add_parser("pull", help="fetch question suites and calibration text with "
+                           "`datasets` into the data folder")
+    pull.add_argument("names", nargs="*", metavar="NAME", help="medqa, medmcqa, pubmedqa, "
+                      "mmlu_medical, calibration (default: all)")
+    pull.add_argument("--force", action="store_true", help="fetch again what is there")
+    pull.set_defaults(func=cmd_data_pull)
 
     p = sub.add_parser("install-converter", help="download llama.cpp's converter of the pinned "
                        "release (for architectures localmed does not convert itself)")
@@ -325,16 +397,65 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP: unwinds like Ctrl-C, so every temporary file is removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM (systemd, kill) and SIGHUP (a closed terminal) end a command as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def failure_message(exc: BaseException) -> str | None:
+    """The one line a user sees for an expected failure; None for a bug (shown as a traceback)."""
+    if isinstance(exc, LocalmedError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno is not None:
+        where = f"{exc.filename}: " if exc.filename else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{where}out of disk space; the partial file was removed"
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{where}permission denied ({exc.strerror})"
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+            return f"{where}{exc.strerror}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except LocalmedError as exc:
-        err_console().print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
-        return EXIT_USER_ERROR
+        with _signals_as_interrupts():
+            return args.func(args)
+    except Terminated as stop:
+        err_console().print(f"[yellow]terminated[/] ({signal.Signals(stop.signum).name}): no "
+                            "partial files were left behind")
+        return 128 + stop.signum
     except KeyboardInterrupt:
         err_console().print("[yellow]interrupted[/]: no partial files were left behind")
         return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = failure_message(exc)
+        if message is None:
+            raise
+        err_console().print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -11,12 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from localmed.errors import SuiteError
+from localmed.textfile import read_text
 
 
 def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[str]:
     """Texts from a ``.jsonl`` file (on each line, the first of ``fields`` that has text) or any
     other file of documents separated by blank lines; empty documents are dropped."""
-    raw = path.read_text(encoding="utf-8")
+    raw = read_text(path)
     if path.suffix != ".jsonl":
         return [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
     docs = []

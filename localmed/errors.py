@@ -203,6 +203,14 @@ class GPTQError(LocalmedError, ValueError):
     """A GPTQ export that cannot be carried out (settings, calibration, missing package)."""
 
 
+class DataFileError(LocalmedError, ValueError):
+    """A text file a user gave (registry, questions, calibration) that cannot be read as text."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
 class SuiteError(LocalmedError, ValueError):
     """A question set that cannot be used: unknown, missing, or malformed at a line."""
 
@@ -244,6 +252,10 @@ class ModelTooLargeError(LocalmedError, MemoryError):
         self.plan = plan
         hint = f"; try a smaller quant: --quant {suggestion}" if suggestion else ""
         super().__init__(f"{self.path.name} does not fit: {reason}{hint}")
+
+
+class PlanError(LocalmedError, ValueError):
+    """Load settings that cannot make a plan (a context of zero tokens, say)."""
 
 
 class ContextFullError(LocalmedError, ValueError):

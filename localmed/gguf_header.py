@@ -92,6 +92,8 @@ class _Cursor:
                 raise GGUFFileError(self.path, "truncated GGUF header")
             return ("array", etype, count)
         if etype == GGUFValueType.STRING:
+            if count * 8 > len(self.buf) - self.pos:
+                raise GGUFFileError(self.path, f"damaged: {key} claims {count:,} strings")
             keep = key in KEEP_ARRAYS
             for _ in range(count):
                 n = self.unpack("<Q")
@@ -114,25 +116,43 @@ def read_header(path: Path) -> GGUFHeader:
         raise GGUFFileError(path, f"cannot read: {exc}") from None
 
 
+SUPPORTED_VERSIONS = (2, 3)
+"""GGUF versions the pinned llama.cpp reads."""
+_MIN_KV_BYTES = 8 + 4 + 1
+"""The smallest key/value: key length, value type, a one-byte value."""
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+"""The smallest tensor info: name length, dimension count, type, offset."""
+_MAX_DIMS = 4
+
+
 def _parse(buf: mmap.mmap, path: Path) -> GGUFHeader:
+    """Parse and check the header against the file: a damaged or crafted file raises
+    GGUFFileError before any count or size in it is trusted for an allocation."""
     if len(buf) < 24 or buf[:4] != b"GGUF":
         raise GGUFFileError(path, "not a GGUF file (bad magic)")
     cur = _Cursor(buf, path)
     cur.pos = 4
     version = cur.unpack("<I")
-    if version < 2:
-        raise GGUFFileError(path, f"GGUF version {version} is too old")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFFileError(path, f"GGUF version {version} is not one llama.cpp reads "
+                            f"({', '.join(map(str, SUPPORTED_VERSIONS))})")
     n_tensors, n_kv = cur.unpack("<Q"), cur.unpack("<Q")
+    if n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > len(buf):
+        raise GGUFFileError(path, f"damaged: the header claims {n_kv:,} keys and {n_tensors:,} "
+                            f"tensors, more than a {len(buf):,}-byte file can hold")
     header = GGUFHeader(path, version)
     for _ in range(n_kv):
         key = cur.string()
         header.fields[key] = cur.value(cur.unpack("<I"), key, header)
+    offsets: list[int] = []
     for _ in range(n_tensors):
         name = cur.string()
         n_dims = cur.unpack("<I")
+        if not 1 <= n_dims <= _MAX_DIMS:
+            raise GGUFFileError(path, f"damaged: tensor {name} has {n_dims} dimensions")
         shape = tuple(cur.unpack("<Q") for _ in range(n_dims))
         ttype = cur.unpack("<I")
-        cur.unpack("<Q")  # offset
+        offsets.append(cur.unpack("<Q"))
         try:
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
         except (ValueError, KeyError):
@@ -140,5 +160,16 @@ def _parse(buf: mmap.mmap, path: Path) -> GGUFHeader:
         n = 1
         for d in shape:
             n *= d
+        if n == 0 or shape[0] % block:
+            raise GGUFFileError(path, f"damaged: tensor {name} has shape {list(shape)}")
         header.tensors.append(TensorEntry(name, shape, ttype, n // block * size))
+    alignment = header.fields.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFFileError(path, f"damaged: general.alignment is {alignment!r}")
+    data_start = -(-cur.pos // alignment) * alignment
+    for tensor, offset in zip(header.tensors, offsets, strict=True):
+        if data_start + offset + tensor.n_bytes > len(buf):
+            raise GGUFFileError(path, f"damaged or truncated: tensor {tensor.name}'s data ends "
+                                f"at byte {data_start + offset + tensor.n_bytes:,}, the file "
+                                f"has {len(buf):,} (an interrupted copy or download?)")
     return header

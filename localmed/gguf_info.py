@@ -26,9 +26,40 @@ class GGUFInfo(ModelInfo):
     n_tensors: int = 0
 
 
+MAX_LAYERS = 1024
+"""More blocks than any released model has (Llama-3.1-405B: 126)."""
+
+
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read a GGUF's metadata; anything that is not a readable GGUF raises GGUFFileError."""
-    return info_from_header(read_header_checked(path))
+    header = read_header_checked(path)
+    info = info_from_header(header)
+    check_hparams(header, info)
+    return info
+
+
+def check_hparams(header: GGUFHeader, info: GGUFInfo) -> None:
+    """Hyperparameters in sane ranges and consistent with the tensors: a crafted file would
+    otherwise size memory plans (and allocations) from them."""
+    arch = info.architecture
+
+    def bad(message: str) -> GGUFFileError:
+        return GGUFFileError(header.path, f"damaged: {message}")
+
+    blocks = {int(t.name.split(".")[1]) for t in header.tensors
+              if t.name.startswith("blk.") and t.name.split(".")[1].isdigit()}
+    if not header.tensors:
+        return  # a vocabulary-only GGUF
+    count = info.block_count
+    if not isinstance(count, int) or not 0 < count <= MAX_LAYERS:
+        raise bad(f"{arch}.block_count is {count!r}")
+    if blocks and (max(blocks) + 1 != count or len(blocks) != count):
+        raise bad(f"{arch}.block_count is {count}, the file has tensors for "
+                  f"{len(blocks)} blocks")
+    for key in (Keys.LLM.EMBEDDING_LENGTH, Keys.Attention.HEAD_COUNT, Keys.LLM.CONTEXT_LENGTH):
+        value = header.fields.get(key.format(arch=arch))
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise bad(f"{key.format(arch=arch)} is {value!r}")
 
 
 def read_header_checked(path: Path) -> GGUFHeader:
@@ -82,6 +113,7 @@ def read_gguf_footprint(path: Path) -> tuple[GGUFInfo, ModelFootprint]:
     """A GGUF's metadata and what it needs in memory (header only; no weights read)."""
     header = read_header_checked(Path(path))
     info = info_from_header(header)
+    check_hparams(header, info)
     arch = info.architecture
 
     def hparam(key: str) -> int | None:
@@ -92,9 +124,13 @@ def read_gguf_footprint(path: Path) -> tuple[GGUFInfo, ModelFootprint]:
     n_head = hparam(Keys.Attention.HEAD_COUNT)
     if n_embd is None or n_head is None:
         raise GGUFFileError(path, f"missing {arch}.embedding_length/head_count")
+    n_head_kv = hparam(Keys.Attention.HEAD_COUNT_KV) or n_head
+    if n_head_kv <= 0 or n_head % n_head_kv:
+        raise GGUFFileError(path, f"damaged: {n_head} attention heads cannot share "
+                            f"{n_head_kv} key/value heads")
     footprint = footprint_from_tensors(
         [(t.name, t.n_bytes) for t in header.tensors], n_layers=info.block_count or 0,
-        n_embd=n_embd, n_head=n_head, n_head_kv=hparam(Keys.Attention.HEAD_COUNT_KV) or n_head,
+        n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv,
         n_ctx_train=info.context_length or 2048, n_parameters=info.n_parameters,
         quant=info.quant, head_dim=hparam(Keys.Attention.KEY_LENGTH))
     return info, footprint

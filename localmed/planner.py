@@ -11,7 +11,11 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from localmed.errors import PlanError
 from localmed.quants import QUANT_TYPES
+
+MIN_CTX = 256
+"""llama.cpp's smallest context; a smaller one is raised to it (and the plan says so)."""
 
 MIB = 2**20
 GIB = 2**30
@@ -135,8 +139,13 @@ def plan_offload(model: ModelFootprint, hw: Hardware, *, n_ctx: int | None = Non
     fit in available RAM, or the plan is refused with the figures and a smaller quant to try.
     ``gpu_layers`` (``--gpu-layers``) overrides the choice; -1 means all.
     """
-    n_ctx = n_ctx or min(model.n_ctx_train, 4096)
     reasons: list[str] = []
+    if n_ctx is not None and n_ctx <= 0:
+        raise PlanError(f"the context must be a positive number of tokens, not {n_ctx}")
+    n_ctx = n_ctx or min(model.n_ctx_train, 4096)
+    if n_ctx < MIN_CTX:
+        reasons.append(f"context raised from {n_ctx} to {MIN_CTX} tokens, llama.cpp's minimum")
+        n_ctx = MIN_CTX
     kv_total = model.kv_bytes(n_ctx)
     kv_per_layer = kv_total // max(1, model.n_layers)
     layer_cost = [b + kv_per_layer for b in model.layer_bytes]

@@ -30,6 +30,11 @@ class QuantType:
     """llama.cpp refuses this type without an importance matrix."""
     note: str = ""
 
+    @property
+    def ternary_only(self) -> bool:
+        """TQ1_0/TQ2_0 store weights of -1, 0, 1: right for BitNet, ruin for anything else."""
+        return self.name.startswith("TQ")
+
 
 def _q(name: str, bpw: float, *, direct: bool = False, imatrix: bool = False,
        note: str = "") -> QuantType:

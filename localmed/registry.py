@@ -7,6 +7,7 @@ built-in ones. Every error names the file, the entry and the field.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,9 +16,10 @@ from types import MappingProxyType
 from typing import Any
 
 from localmed import paths
-from localmed.errors import RegistryError, UnknownModelError
+from localmed.errors import DataFileError, RegistryError, UnknownModelError
 from localmed.quants import QUANT_TYPES, get_quant
 from localmed.templates import TEMPLATES
+from localmed.textfile import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -81,12 +83,11 @@ def builtin_registry_path() -> Path:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
+        data = tomllib.loads(read_text(path))
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(path, f"invalid TOML: {exc}") from None
-    except OSError as exc:
-        raise RegistryError(path, f"cannot read: {exc.strerror or exc}") from None
+    except DataFileError as exc:
+        raise RegistryError(path, exc.message.removeprefix(f"{path}: ")) from None
     models = data.get("models", {})
     if not isinstance(models, dict):
         raise RegistryError(path, "[models] must be a table of entries")
@@ -116,9 +117,14 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
     if raw["default_quant"].upper() not in QUANT_TYPES:
         raise RegistryError(path, f"unknown quant '{raw['default_quant']}'",
                             entry=model_id, field="default_quant")
-    if raw["context_length"] <= 0 or raw["parameters_b"] <= 0:
+    if raw["context_length"] <= 0 or not 0 < raw["parameters_b"] < math.inf:
         bad = "context_length" if raw["context_length"] <= 0 else "parameters_b"
-        raise RegistryError(path, "must be positive", entry=model_id, field=bad)
+        raise RegistryError(path, "must be a positive number", entry=model_id, field=bad)
+    default = QUANT_TYPES[raw["default_quant"].upper()]
+    if default.needs_imatrix or default.ternary_only:
+        raise RegistryError(path, f"{default.name} cannot be the default: "
+                            f"{'it needs an importance matrix' if default.needs_imatrix else 'it is for ternary (BitNet) models only'}",
+                            entry=model_id, field="default_quant")
     scores = raw.get("scores", {})
     if not isinstance(scores, dict) or not all(
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in scores.values()

@@ -79,6 +79,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             header: dict[str, Any] = json.loads(fh.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(path, "corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(path, "corrupt safetensors header (not a JSON object)")
     base = 8 + header_len
     refs: dict[str, TensorRef] = {}
     data_end = 0
@@ -91,6 +93,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise CheckpointError(path, f"corrupt safetensors header entry for {name}") from None
         if dtype not in _DTYPES:
             raise CheckpointError(path, f"tensor {name} has unsupported dtype {dtype}")
+        if not all(_whole(v) for v in (*shape, begin, end)) or end < begin:
+            raise CheckpointError(path, f"corrupt safetensors header entry for {name} "
+                                  f"(shape {list(shape)}, offsets {begin}..{end})")
         ref = TensorRef(name, path, dtype, shape, base + begin, end - begin)
         if ref.nbytes != ref.n_elements * _DTYPES[dtype].itemsize:
             raise CheckpointError(path, f"tensor {name}: byte size does not match its shape")
@@ -101,3 +106,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             path, f"truncated: the header promises {base + data_end:,} bytes, the file has "
             f"{size:,} (an interrupted download? fetch it again)")
     return refs
+
+
+def _whole(value: object) -> bool:
+    """A non-negative integer (not a bool): what shapes and offsets must be."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

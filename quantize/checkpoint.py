@@ -86,7 +86,10 @@ class Checkpoint:
                 state = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for bad pickles
                 raise CheckpointError(src, f"cannot load safely: {exc}") from None
-            save_file({k: v.contiguous() for k, v in state.items()}, str(dst))
+            if not isinstance(state, dict) or not all(
+                    isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+                raise CheckpointError(src, "not a state dict of named tensors")
+            save_file(_unshared(state), str(dst))
             files.append(dst)
         tensors: dict[str, TensorRef] = {}
         for path in files:
@@ -114,3 +117,17 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _unshared(state: dict[str, Any]) -> dict[str, Any]:
+    """Tensors safetensors can save: contiguous, and tied ones (an embedding shared with the
+    output head) copied, since safetensors refuses tensors that share memory."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in state.items():
+        tensor = tensor.contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out

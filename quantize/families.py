@@ -10,6 +10,7 @@ each tensor is loaded only while it is written.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import gguf
 import numpy as np
 
-from localmed.errors import SourceError, UnsupportedArchitectureError
+from localmed.errors import CheckpointError, SourceError, UnsupportedArchitectureError
 from localmed.safetensors_index import TensorRef
 from quantize.checkpoint import Checkpoint
 
@@ -77,8 +78,10 @@ class ConverterFamily:
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self.hparams = checkpoint.config
-        self.block_count: int = self.hparam("num_hidden_layers")
+        self.block_count: int = self.int_hparam("num_hidden_layers")
         self.tensor_map = gguf.get_tensor_name_map(self.model_arch, self.block_count)
+        self.expected: dict[str, tuple[int, ...]] = {}
+        """Shape of each tensor (by name suffix) that config.json implies; checked in plan()."""
 
     @property
     def arch_name(self) -> str:
@@ -93,6 +96,16 @@ class ConverterFamily:
             raise SourceError(self.checkpoint.folder / "config.json",
                               f"missing '{keys[0]}' (needed by the {self.arch_name} converter)")
         return default
+
+    def int_hparam(self, *keys: str, default: Any = ...) -> int:
+        """A positive whole number from config.json (a string or 0 there is an error)."""
+        value = self.hparam(*keys, default=default)
+        if value is default and default is not ...:
+            return value
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(self.checkpoint.folder / "config.json",
+                                  f"'{keys[0]}' must be a positive whole number, got {value!r}")
+        return value
 
     def rope_parameters(self) -> dict[str, Any]:
         """RoPE settings, from transformers 5's ``rope_parameters`` or the older keys."""
@@ -128,15 +141,39 @@ class ConverterFamily:
         return PlannedTensor(name, ref.shape, (loader,), keep_f32=keep_f32 or len(ref.shape) <= 1)
 
     def plan(self) -> list[PlannedTensor]:
-        """Every GGUF tensor, in checkpoint order, then the extras."""
+        """Every GGUF tensor, in checkpoint order, then the extras; each checkpoint tensor is
+        checked against the shape config.json implies, so a mismatch is refused before a byte
+        is written (llama.cpp would refuse the file later, or worse, load it)."""
         planned: list[PlannedTensor] = []
+        layers: set[int] = set()
         for name in sorted(self.checkpoint.tensors, key=_natural_key):
             if name.endswith(self.skip_tensors):
                 continue
-            planned.extend(self.modify_tensors(self.checkpoint.tensors[name]))
+            ref = self.checkpoint.tensors[name]
+            self.check_shape(ref)
+            if (match := _LAYER.search(name)) is not None:
+                layers.add(int(match.group(1)))
+            planned.extend(self.modify_tensors(ref))
+        if layers != set(range(self.block_count)):
+            raise CheckpointError(
+                self.checkpoint.folder / "config.json",
+                f"num_hidden_layers is {self.block_count}, the weights have "
+                f"{len(layers)} layers" + (f" (numbered up to {max(layers)})" if layers else ""))
         self.finish()
         planned.extend(self.extra_tensors())
         return planned
+
+    def check_shape(self, ref: TensorRef) -> None:
+        for suffix, shape in self.expected.items():
+            if ref.name.endswith(suffix):
+                if tuple(ref.shape) != shape:
+                    raise CheckpointError(
+                        ref.path, f"tensor {ref.name} has shape {list(ref.shape)}, config.json "
+                        f"implies {list(shape)}: the weights and config.json disagree")
+                return
+
+
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -149,6 +186,33 @@ class LlamaConverter(ConverterFamily):
     """Llama-2, Llama-3 and Mistral-7B: one GGUF architecture, ``llama``."""
 
     model_arch = gguf.MODEL_ARCH.LLAMA
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        super().__init__(checkpoint)
+        config = checkpoint.folder / "config.json"
+        hidden = self.int_hparam("hidden_size")
+        heads = self.int_hparam("num_attention_heads")
+        kv = self.int_hparam("num_key_value_heads", default=heads)
+        ffn = self.int_hparam("intermediate_size")
+        vocab = self.int_hparam("vocab_size")
+        head_dim = self.int_hparam("head_dim", default=None)
+        if head_dim is None:
+            if hidden % heads:
+                raise CheckpointError(config, f"hidden_size {hidden} is not a multiple of "
+                                      f"num_attention_heads {heads}")
+            head_dim = hidden // heads
+        if heads % kv:
+            raise CheckpointError(config, f"num_attention_heads {heads} is not a multiple of "
+                                  f"num_key_value_heads {kv}")
+        self.expected = {
+            "embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+            "model.norm.weight": (hidden,), "input_layernorm.weight": (hidden,),
+            "post_attention_layernorm.weight": (hidden,),
+            "q_proj.weight": (heads * head_dim, hidden), "k_proj.weight": (kv * head_dim, hidden),
+            "v_proj.weight": (kv * head_dim, hidden), "o_proj.weight": (hidden, heads * head_dim),
+            "gate_proj.weight": (ffn, hidden), "up_proj.weight": (ffn, hidden),
+            "down_proj.weight": (hidden, ffn),
+        }
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
         n_head = self.hparam("num_attention_heads")
@@ -206,8 +270,12 @@ class MixtralConverter(LlamaConverter):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        self.n_experts: int = self.hparam("num_local_experts")
+        self.n_experts: int = self.int_hparam("num_local_experts")
         self._pending: dict[tuple[int, str], dict[int, TensorRef]] = {}
+        hidden, ffn = self.int_hparam("hidden_size"), self.int_hparam("intermediate_size")
+        self.expected |= {"block_sparse_moe.gate.weight": (self.n_experts, hidden),
+                          ".w1.weight": (ffn, hidden), ".w2.weight": (hidden, ffn),
+                          ".w3.weight": (ffn, hidden)}
 
     def set_gguf_parameters(self, writer: gguf.GGUFWriter) -> None:
         super().set_gguf_parameters(writer)

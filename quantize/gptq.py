@@ -19,7 +19,7 @@ from localmed.engine_deps import private_working_dir, require_gptqmodel
 from localmed.errors import GPTQError, UnsupportedArchitectureError
 from localmed.gptq_info import MANIFEST
 from localmed.provenance import TOKENIZER_FILES, Provenance
-from localmed.public_data import calibration_path, pull_calibration
+from localmed.public_data import calibration_path
 from quantize.checkpoint import Checkpoint, sha256_file
 from quantize.pipeline import Source, check_output_dir
 
@@ -59,10 +59,11 @@ def load_calibration(path: Path | None, samples: int) -> tuple[list[str], Path]:
 
 
 def default_calibration() -> Path:
-    """PubMedQA abstracts in the data dir, fetched once with ``datasets`` when online."""
+    """PubMedQA abstracts in the data dir (``localmed data pull calibration`` fetches them)."""
     path = calibration_path()
     if not path.is_file():
-        pull_calibration(path)
+        raise GPTQError(f"no medical calibration text at {path}; get it with `localmed data "
+                        "pull calibration`, or pass --calibration FILE")
     return path
 
 

@@ -29,7 +29,12 @@ from rich.progress import (
 )
 
 from localmed import paths
-from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
+from localmed.atomic import (
+    atomic_path,
+    remove_stale_temporaries,
+    temp_path_for,
+    write_text_atomic,
+)
 from localmed.errors import (
     ConverterError,
     ConverterMissingError,
@@ -39,6 +44,7 @@ from localmed.errors import (
     TokenizerError,
     UnknownModelError,
     UnsupportedArchitectureError,
+    UnsupportedQuantError,
 )
 from localmed.gguf_header import read_header
 from localmed.hub import download_checkpoint
@@ -102,13 +108,15 @@ def _safe_name(text: str) -> str:
 
 
 def check_output_dir(out_dir: Path) -> None:
-    """The folder exists (created if needed) and can be written."""
+    """The folder exists (created if needed) and can be written; temporaries that a killed run
+    left there (SIGKILL, power loss) are removed first, so they cost no disk space."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(out_dir, f"cannot create the output folder: {exc.strerror}") from None
     if not out_dir.is_dir():
         raise OutputError(out_dir, "is not a folder")
+    remove_stale_temporaries(out_dir)
     probe = temp_path_for(out_dir / "write-test")
     try:
         probe.write_bytes(b"")
@@ -258,14 +266,36 @@ def output_path(out_dir: Path, name: str, quant: QuantType) -> Path:
     return out_dir / f"{name}.{quant.name}.gguf"
 
 
+def check_output_name(name: str) -> str:
+    """A base name for output files: it cannot leave the output folder or hide."""
+    if not name or name != Path(name).name or name.startswith(".") or "/" in name \
+            or "\\" in name:
+        raise OutputError(name, "--name must be a plain file name (no folders, no leading dot)")
+    return name
+
+
+def check_outputs(out_dir: Path, name: str, quants: list[QuantType]) -> None:
+    for quant in quants:
+        final = output_path(out_dir, name, quant)
+        if final.is_dir():
+            raise OutputError(final, "is a folder; the GGUF cannot be written there")
+
+
 def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None = None, *,
                  allow_pickle: bool = False, threads: int | None = None,
                  console: Console | None = None, converter: str = "auto") -> list[Output]:
     """Convert ``source`` to every quant in ``quants``; returns the files written."""
     console = console or Console(stderr=True)
     out_dir = out_dir or paths.models_dir()
+    check_output_name(source.name)
     conv = prepare(source, allow_pickle=allow_pickle, converter=converter)
+    for quant in quants:
+        if quant.ternary_only and "BitNet" not in conv.checkpoint.architecture:
+            raise UnsupportedQuantError(quant.name, f"stores weights as -1/0/1, for ternary "
+                                        f"(BitNet) models only; this is a "
+                                        f"{conv.checkpoint.architecture} checkpoint")
     check_output_dir(out_dir)
+    check_outputs(out_dir, source.name, quants)
     check_disk(conv, quants, out_dir)
     if conv.llama_cpp is not None:
         console.print(f"[dim]converter: {conv.converter} ({conv.why})[/]")

@@ -181,10 +181,12 @@ class TestBadInput:
                        str(tmp_path / "o"))
         assert "unknown suite" in err and "medqa" in err
 
-    def test_suite_missing_offline_says_where_to_put_it(self, bench_models, tmp_path, capsys):
+    def test_suite_missing_says_where_to_put_it_and_how_to_get_it(self, bench_models, tmp_path,
+                                                                  capsys):
+        # bench never downloads (online or not): the file's place and the command that fetches.
         err = self.run(capsys, str(bench_models), "--suites", "medqa", "--out",
                        str(tmp_path / "o"))
-        assert "medqa.jsonl" in err and "offline" in err
+        assert "medqa.jsonl" in err and "localmed data pull medqa" in err
 
     def test_missing_reference_says_how_to_make_it(self, bench_models, tmp_path, capsys):
         err = self.run(capsys, str(bench_models), "--reference", "Q6_K", "--data",

@@ -221,3 +221,41 @@ def test_main_screen_snapshot(make_app, snap_compare):
 def test_tui_modules_stay_small():
     for path in Path(__file__).resolve().parents[1].joinpath("tui").glob("*.py"):
         assert len(path.read_text().splitlines()) < 400, path
+
+
+class TestOverlongMessages:
+    """A message the context cannot hold is refused at the input: never sent, nothing shown,
+    the conversation and the app intact, the text left to shorten."""
+
+    async def paste(self, pilot, text: str) -> None:
+        prompt = pilot.app.screen.query_one("#prompt")
+        prompt.value = text
+        await pilot.press("enter")
+        await pilot.pause()
+        await pilot.app.screen.workers.wait_for_complete()
+        await pilot.pause()
+
+    async def test_a_first_message_longer_than_the_context(self, make_app, no_network):
+        app = make_app(n_ctx=256, params=GenerationParams(temperature=0.0, max_tokens=8))
+        async with app.run_test(size=SIZE) as pilot:
+            long = "The patient reports chest pain on exertion. " * 60
+            await self.paste(pilot, long)
+            assert isinstance(app.screen, ChatScreen)
+            assert not list(app.screen.query(MessageView))
+            assert app.session.conversation.messages == []
+            assert app.screen.query_one("#prompt").value == long  # kept, to be shortened
+            notes = [str(n.message) for n in app._notifications]
+            assert any("Not sent" in n and "256-token context" in n for n in notes), notes
+            # The app goes on: a short message is answered.
+            await self.paste(pilot, "hello")
+            assert len(replies(app)) == 1 and len(app.session.conversation.messages) == 2
+
+    async def test_a_later_overlong_message_keeps_the_conversation(self, make_app, no_network):
+        app = make_app(n_ctx=256, params=GenerationParams(temperature=0.0, max_tokens=8))
+        async with app.run_test(size=SIZE) as pilot:
+            await self.paste(pilot, "hello")
+            before = list(app.session.conversation.messages)
+            await self.paste(pilot, "Discharge summary: " + "stable vitals, " * 200)
+            assert app.session.conversation.messages == before
+            assert len(list(app.screen.query(MessageView))) == 2
+            assert not isinstance(app.screen, ErrorScreen)

@@ -113,6 +113,12 @@ class ChatScreen(Screen):
         if self.generating:
             self.notify("A reply is still coming: wait, or press Esc to stop it.")
             return
+        try:
+            self.session.check_fits(text)
+        except LocalmedError as refused:
+            # Refused at the input: nothing is sent or shown, the text stays to be shortened.
+            self.notify(f"Not sent: {refused}", severity="error", timeout=12)
+            return
         event.input.clear()
         log = self.query_one("#log", VerticalScroll)
         await log.mount(MessageView("user", text))
@@ -166,11 +172,14 @@ class ChatScreen(Screen):
         if event.worker.group != "generate" or event.state != WorkerState.ERROR:
             return
         await self._end_stream()
-        if self._reply is not None and not self.session.conversation.messages[-1].content:
+        messages = self.session.conversation.messages
+        if self._reply is not None and (not messages or not messages[-1].content):
             await self._reply.remove()
         error = event.worker.error
-        message = str(error) if isinstance(error, LocalmedError) else \
-            f"generation failed: {type(error).__name__}: {error}"
+        # A user's mistake reads as its one line; anything else is never shown raw.
+        message = str(error) if isinstance(error, LocalmedError) else (
+            "The reply failed unexpectedly inside the model runtime. The conversation is kept; "
+            "send the message again, or restart localmed if it keeps failing.")
         self.refresh_status()
         self.app.push_screen(ErrorScreen(self.session.model.advisory, message))
 

@@ -10,10 +10,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from localmed import formats, paths
 from localmed.bench.report import aggregate, tables, write_outputs
-from localmed.bench.runner import BenchConfig, Records, remaining_work, run_bench
+from localmed.bench.runner import (
+    BenchConfig,
+    Records,
+    check_settings,
+    remaining_work,
+    run_bench,
+)
 from localmed.bench.suites import KNOWN_SUITES, Suite, load_suite, resolve_suite
 from localmed.documents import read_documents
 from localmed.errors import LocalmedError, SuiteError, UnknownModelError
+from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
 from localmed.runtime import Runtime
@@ -118,9 +125,13 @@ def run(args: object, console: Console, err: Console) -> int:
     config = BenchConfig(model=model.label, files=files, reference=reference, suites=suites,
                          out=out, shots=args.shots, shot_examples=shot_examples,
                          prompt_format=args.prompt_format,
-                         texts=texts, n_ctx=args.ctx, entry=model.entry)
+                         texts=texts, n_ctx=args.ctx, entry=model.entry, fresh=args.fresh)
+    if args.ctx < MIN_CTX:
+        err.print(f"[yellow]note:[/] --ctx {args.ctx} is raised to {MIN_CTX} tokens, "
+                  "llama.cpp's minimum")
     if config.prompt_format == "chat" and model.entry is None:
         raise LocalmedError("--prompt-format chat needs a registry model (for its template)")
+    check_settings(config)  # before any progress is drawn: a refusal is one line
     todo = remaining_work(config, Records(out))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:

@@ -12,7 +12,9 @@ Layout of ``--out``::
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -67,12 +69,21 @@ class BenchConfig:
         """The reference first: every other quant is compared with its answers."""
         return [self.reference, *(q for q in self.files if q != self.reference)]
 
+    fresh: bool = False
+    """Start over in ``out`` whatever it holds (``--fresh``)."""
+
     def fingerprint(self) -> dict[str, Any]:
+        """The identity of every input: a rerun into the same folder must match it."""
         return {
             "model": self.model, "reference": self.reference,
-            "suites": {s.name: [str(s.path), len(s.questions)] for s in self.suites},
+            "files": {q: file_identity(p) for q, p in sorted(self.files.items())},
+            "suites": {s.name: [str(s.path), file_identity(s.path), len(s.questions)]
+                       for s in self.suites},
             "shots": self.shots, "prompt_format": self.prompt_format,
-            "texts": len(self.texts), "text_ctx": self.text_ctx,
+            "template": self.entry.template if self.entry and self.prompt_format == "chat"
+            else None,
+            "texts": hashlib.sha256("\x00".join(self.texts).encode()).hexdigest(),
+            "text_ctx": self.text_ctx, "n_ctx": self.n_ctx,
         }
 
 
@@ -132,16 +143,34 @@ def peak_rss() -> Iterator[list[int]]:
         peak[0] = max(peak[0], proc.memory_info().rss)
 
 
+def file_identity(path: Path) -> list[Any]:
+    """Size, modification time and a hash of the first MiB: a file replaced since is noticed
+    without hashing gigabytes of weights (a GPTQ folder: its config.json)."""
+    target = path / "config.json" if path.is_dir() else path
+    stat = target.stat()
+    with target.open("rb") as fh:
+        head = hashlib.sha256(fh.read(2**20)).hexdigest()
+    return [stat.st_size, stat.st_mtime_ns, head]
+
+
 def check_settings(config: BenchConfig) -> None:
     path = config.out / "run.json"
-    wanted = config.fingerprint()
+    wanted = json.loads(json.dumps(config.fingerprint()))  # as it reads back from the file
+    if config.out.exists() and not config.out.is_dir():
+        raise BenchSettingsError(f"--out {config.out} is a file, not a folder")
+    if config.fresh:
+        shutil.rmtree(Records(config.out).root, ignore_errors=True)
+        path.unlink(missing_ok=True)
     if path.is_file():
-        have = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            have = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            have = {}
         if have != wanted:
             changed = sorted(k for k in wanted if have.get(k) != wanted[k])
             raise BenchSettingsError(
                 f"{config.out} holds a bench run with other settings ({', '.join(changed)}); "
-                "use another --out, or delete it to start over")
+                "rerun with --fresh to start over there, or use another --out")
         return
     config.out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(wanted, indent=2) + "\n")

@@ -1,8 +1,7 @@
 """Question sets: JSON Lines of ``{"question", "options": {letter: text}, "answer_idx"}``.
 
-A suite name resolves to ``<data dir>/benchmarks/<name>.jsonl``. When that file is missing and the
-machine is online, the public set is fetched once with ``datasets`` and written there in this
-format; offline, the error says where to put the file. Every line is checked, and a bad one is
+A suite name resolves to ``<data dir>/benchmarks/<name>.jsonl``. bench never downloads: a missing
+file is an error that says where to put it and which command fetches it (``localmed data pull``). Every line is checked, and a bad one is
 reported with its file and line number.
 """
 
@@ -14,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from localmed import paths
-from localmed.errors import OfflineError, SuiteError
-from localmed.public_data import SUITE_NAMES, pull_suite
+from localmed.errors import SuiteError
+from localmed.public_data import SUITE_NAMES
+from localmed.textfile import read_text
 
 
 @dataclass(frozen=True)
@@ -72,11 +72,10 @@ def load_suite(path: Path, name: str | None = None, limit: int | None = None) ->
     if not path.is_file():
         raise SuiteError(path, "no such file")
     questions: list[Question] = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            questions.append(parse_line(raw, path, line_no, len(questions)))
+    for line_no, raw in enumerate(read_text(path).splitlines(), start=1):
+        if not raw.strip():
+            continue
+        questions.append(parse_line(raw, path, line_no, len(questions)))
     if not questions:
         raise SuiteError(path, "no questions")
     if limit is not None:
@@ -95,10 +94,10 @@ def resolve_suite(name: str, limit: int | None = None) -> Suite:
                          "(or pass a file with --data FILE.jsonl)")
     path = suites_dir() / f"{name}.jsonl"
     if not path.is_file():
-        if paths.hub_offline():
-            raise OfflineError(name, f"suite file not found and offline; put it at {path} "
-                               "(JSON Lines: question, options, answer_idx)")
-        pull_suite(name, path)
+        # bench never downloads: fetching data sets is `localmed data pull`'s job alone.
+        raise SuiteError(name, f"suite not found at {path}; get it with `localmed data pull "
+                         f"{name}`, or put a JSON Lines file there (question, options, "
+                         "answer_idx)")
     return load_suite(path, name, limit)
 
 
