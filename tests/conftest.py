@@ -158,3 +158,28 @@ def smollm2_converted(smollm2: dict[str, Path], tmp_path_factory: pytest.TempPat
     outputs = run_quantize(source, parse_quant_list("F32,F16,Q8_0,Q4_K_M"), out, threads=2,
                            console=quiet_console())
     return {o.quant: o.path for o in outputs}
+
+
+@pytest.fixture(scope="session")
+def gemma3_real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The real Gemma 3 270M: its original GGUF, a rebuilt checkpoint, and that checkpoint
+    converted by `localmed quantize` (llama.cpp's converter path) to F16 and Q4_K_M."""
+    import transformers
+
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from quantize.pipeline import resolve_source, run_quantize
+    from tests.real_models import Unavailable, cache_dir, gemma3_gguf, rebuild_checkpoint
+
+    try:
+        gguf = gemma3_gguf()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    folder = rebuild_checkpoint(
+        gguf, cache_dir() / f"gemma3-270m-hf-transformers-{transformers.__version__}")
+    out = tmp_path_factory.mktemp("gemma3-real")
+    outputs = run_quantize(resolve_source(str(folder), Registry.load()),
+                           parse_quant_list("F16,Q4_K_M"), out, threads=2,
+                           console=quiet_console())
+    return {"gguf": gguf, "checkpoint": folder, **{o.quant: o.path for o in outputs},
+            "converter": outputs[0].converter}

