@@ -3,13 +3,16 @@ architectures localmed does not convert itself (Gemma 3) through llama.cpp's own
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from localmed import cli
+from localmed.chat import ChatSession
 from tests.conftest import quiet_console
 from tests.test_convert import gguf_logits, hf_logits, mean_kld
 from tests.tiny_models import SHARED, build_gemma3_model
@@ -35,6 +38,24 @@ def token_mismatches(reference: Path, candidate: Path) -> list[str]:
     return [text for text in tokenizer_inputs()
             if a.tokenize(text.encode(), add_bos=False, special=True)
             != b.tokenize(text.encode(), add_bos=False, special=True)]
+
+
+@contextlib.contextmanager
+def chat_session(path: Path, *, n_ctx: int, max_tokens: int, template: str | None = None,
+                 system: str = "") -> Iterator[ChatSession]:
+    """A chat session on a GGUF, as `localmed chat FILE` opens one, greedy decoding."""
+    from localmed.chat import open_runtime, resolve_chat_model
+    from localmed.registry import Registry
+    from localmed.runtime import GenerationParams
+
+    model = resolve_chat_model(str(path), Registry.load())
+    runtime = open_runtime(model, n_ctx=n_ctx, threads=2)
+    try:
+        session = ChatSession.open(model, runtime, template=template, system=system)
+        session.params = GenerationParams(max_tokens=max_tokens, temperature=0.0)
+        yield session
+    finally:
+        runtime.close()
 
 
 def gguf_field(path: Path, key: str) -> object:
@@ -109,22 +130,12 @@ class TestSmolLM2:
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
     def test_chat_answers_with_the_embedded_template(self, smollm2_converted, no_network):
-        from localmed.chat import ChatSession, open_runtime, resolve_chat_model
-        from localmed.registry import Registry
-        from localmed.runtime import GenerationParams
-
-        model = resolve_chat_model(str(smollm2_converted["Q4_K_M"]), Registry.load())
-        runtime = open_runtime(model, n_ctx=512, threads=2)
-        try:
-            session = ChatSession.open(model, runtime)
-            session.params = GenerationParams(max_tokens=48, temperature=0.0)
+        with chat_session(smollm2_converted["Q4_K_M"], n_ctx=512, max_tokens=48) as session:
             assert session.template_name == "gguf"  # SmolLM2's own ChatML template
             reply = "".join(session.ask("What is the capital of France?"))
             assert "Paris" in reply
             assert session.stats.stopped_by == "eos"  # <|im_end|> ended the reply
             assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
-        finally:
-            runtime.close()
         assert no_network == []
 
     def test_bench_runs_on_it(self, smollm2_converted, tmp_path):
@@ -159,22 +170,13 @@ class TestGemma3Real:
         assert mean_kld(ref, gguf_logits(gemma3_real["F16"], ids)) < 1e-3
 
     def test_chats_with_the_gemma_template(self, gemma3_real, no_network):
-        from localmed.chat import ChatSession, open_runtime, resolve_chat_model
-        from localmed.registry import Registry
-        from localmed.runtime import GenerationParams
-
-        model = resolve_chat_model(str(gemma3_real["Q4_K_M"]), Registry.load())
-        runtime = open_runtime(model, n_ctx=512, threads=2)
-        try:
-            # A base model ships no template: chat says so unless one is named.
-            session = ChatSession.open(model, runtime, template="gemma")
-            session.params = GenerationParams(max_tokens=16, temperature=0.0)
+        # A base model ships no template: chat says so unless one is named.
+        with chat_session(gemma3_real["Q4_K_M"], n_ctx=512, max_tokens=16,
+                          template="gemma") as session:
             reply = "".join(session.ask("Which organ pumps blood through the body?"))
             assert session.last_prompt.text.startswith("<start_of_turn>user\nWhich organ")
             assert reply.strip() and session.stats.generated_tokens >= 1
             assert "<end_of_turn>" not in reply
-        finally:
-            runtime.close()
         assert no_network == []
 
 
@@ -213,22 +215,13 @@ class TestLlamaCppPath:
         assert np.abs(gguf_logits(gemma3["F32"], ids) - ref).max() < 5e-3
 
     def test_gemma3_chats_with_its_template_and_turn_token(self, gemma3, no_network):
-        from localmed.chat import ChatSession, open_runtime, resolve_chat_model
-        from localmed.registry import Registry
-        from localmed.runtime import GenerationParams
-
-        model = resolve_chat_model(str(gemma3["Q4_K_M"]), Registry.load())
-        runtime = open_runtime(model, n_ctx=256, threads=2)
-        try:
-            session = ChatSession.open(model, runtime, system="Answer briefly.")
-            session.params = GenerationParams(max_tokens=8, temperature=0.0)
+        with chat_session(gemma3["Q4_K_M"], n_ctx=256, max_tokens=8,
+                          system="Answer briefly.") as session:
             assert "<end_of_turn>" in session.template_choice.template.stop
             list(session.ask("hello"))
             assert session.last_prompt.text.startswith(
                 "<start_of_turn>user\nAnswer briefly.\n\nhello<end_of_turn>\n")
             assert session.stats.generated_tokens >= 1
-        finally:
-            runtime.close()
         assert no_network == []
 
 
