@@ -110,7 +110,7 @@ def install_converter(sdist: Path | None = None, *, log: Callable[[str], None] =
             target.rename(old)
         shutil.move(str(staging), target)
         shutil.rmtree(old, ignore_errors=True)
-    converter_table.cache_clear()
+    _read_table.cache_clear()
     return target
 
 
@@ -145,9 +145,13 @@ class ConverterTable:
     """sha256 of ``str(tokenizer.encode(check_text))`` → llama.cpp's pre-tokenizer name."""
 
 
-@functools.cache
 def converter_table(folder: Path | None = None) -> ConverterTable:
-    folder = folder or find_converter().folder
+    """What the installed (or given) converter knows; read once per folder."""
+    return _read_table(folder or find_converter().folder)
+
+
+@functools.cache
+def _read_table(folder: Path) -> ConverterTable:
     sources = [folder / "convert_hf_to_gguf.py", *sorted((folder / "conversion").glob("*.py"))]
     archs: set[str] = set()
     check_text = ""
