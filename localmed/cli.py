@@ -144,10 +144,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         console().print(f"[green]wrote[/] {folder}  (GPTQ {settings.bits}-bit, group "
                          f"{settings.group_size}; loads with transformers and vLLM)")
         return 0
-    quants = parse_quant_list(args.quant)
+    imatrix = Path(args.imatrix).expanduser() if args.imatrix else None
+    quants = parse_quant_list(args.quant, imatrix=imatrix is not None)
     source = _source(args, registry)
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
-                           threads=args.threads, console=err_console(), converter=args.converter)
+                           threads=args.threads, console=err_console(), converter=args.converter,
+                           imatrix=imatrix)
     out = console()
     for output in outputs:
         out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant}, "
@@ -304,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive, help="threads for llama.cpp's quantizer")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
+    p.add_argument("--imatrix", metavar="FILE", help="importance matrix in llama.cpp's GGUF "
+                   "imatrix format (llama-imatrix output): weights the quantization error, and "
+                   "makes the I-quants (IQ1_*, IQ2_*) and Q2_K_S possible")
     p.add_argument("--converter", choices=["auto", "localmed", "llama.cpp"], default="auto",
                    help="auto (default): localmed's streaming converter for the families it "
                    "implements, llama.cpp's convert_hf_to_gguf.py for every other one")

@@ -233,6 +233,14 @@ class BenchSettingsError(LocalmedError, ValueError):
     """An output folder that holds results of a bench run with other settings."""
 
 
+class ImatrixError(LocalmedError, ValueError):
+    """An importance matrix that cannot be used: unreadable, or made for another model."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
 class QuantizeError(LocalmedError, RuntimeError):
     """llama.cpp's quantizer failed on a file."""
 

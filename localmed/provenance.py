@@ -59,6 +59,9 @@ class Provenance:
     created: str = field(default_factory=now)
     version: str = __version__
     """localmed version that wrote the file."""
+    imatrix_file: str = ""
+    """The importance matrix the quantizer used (file name), if any."""
+    imatrix_sha256: str = ""
     converter: str = "localmed"
     """Which converter made the GGUF: ``localmed`` (its streaming converter) or llama.cpp's."""
     calibration: Mapping[str, Any] | None = None

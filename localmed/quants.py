@@ -99,18 +99,19 @@ def get_quant(name: str) -> QuantType:
         raise UnknownQuantError(name, QUANT_TYPES) from None
 
 
-def parse_quant_list(text: str) -> list[QuantType]:
-    """Parse ``--quant Q4_K_M,Q8_0``: every name checked, duplicates dropped, order kept."""
+def parse_quant_list(text: str, *, imatrix: bool = False) -> list[QuantType]:
+    """Parse ``--quant Q4_K_M,Q8_0``: every name checked, duplicates dropped, order kept.
+    Types llama.cpp makes only with an importance matrix need ``imatrix``."""
     names = [part for part in (p.strip() for p in text.split(",")) if part]
     if not names:
         raise UnknownQuantError(text, QUANT_TYPES)
     seen: dict[str, QuantType] = {}
     for part in names:
         quant = get_quant(part)
-        if quant.needs_imatrix:
+        if quant.needs_imatrix and not imatrix:
             raise UnsupportedQuantError(
-                quant.name, "llama.cpp makes this type only with an importance matrix, which "
-                "localmed does not compute yet; try Q2_K, IQ3_XXS or IQ2_M")
+                quant.name, "llama.cpp makes this type only with an importance matrix: pass "
+                "--imatrix FILE (llama.cpp's GGUF imatrix format), or try Q2_K or IQ3_XXS")
         seen.setdefault(quant.name, quant)
     return list(seen.values())
 

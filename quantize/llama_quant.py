@@ -16,6 +16,7 @@ from pathlib import Path
 
 from localmed.errors import QuantizeError
 from localmed.quants import QuantType
+from quantize.imatrix import ImportanceMatrix, to_llama
 
 _QUIET: list[object] = []
 """The callback installed after a capture; kept referenced, as ctypes requires."""
@@ -62,6 +63,7 @@ def _kv_overrides(values: Mapping[str, str]):
 
 def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | None = None,
                    metadata: Mapping[str, str] | None = None,
+                   imatrix: ImportanceMatrix | None = None,
                    progress: Callable[[int], None] | None = None) -> None:
     """Quantize GGUF ``src`` to ``dst`` as ``quant``; ``metadata`` string keys are set in ``dst``.
 
@@ -75,6 +77,9 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | Non
     params.nthread = threads or os.cpu_count() or 1
     overrides = _kv_overrides(metadata or {})
     params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
+    matrix = to_llama(imatrix) if imatrix is not None else None  # kept alive until the end
+    if matrix is not None:
+        params.imatrix = ctypes.cast(matrix.array, type(params.imatrix))
 
     done = threading.Event()
 

@@ -54,6 +54,7 @@ from localmed.registry import ModelEntry, Registry
 from quantize.checkpoint import Checkpoint, sha256_file
 from quantize.families import ConverterFamily, PlannedTensor, family_for, native_architectures
 from quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
+from quantize.imatrix import ImportanceMatrix, check_matches, read_imatrix
 from quantize.llama_cpp_source import (
     LlamaCppConverter,
     converter_table,
@@ -149,6 +150,9 @@ class Conversion:
     input_hashes: dict[str, str] = field(default_factory=dict)
     created: str = field(default_factory=now)
     """One time for every file of this run, so GGUF metadata and manifests agree."""
+    imatrix: ImportanceMatrix | None = None
+    imatrix_file: Path | None = None
+    imatrix_sha256: str = ""
 
     @property
     def converter(self) -> str:
@@ -171,7 +175,12 @@ class Conversion:
                           quant=quant.name, model_id=entry.id if entry else "",
                           advisory=entry.advisory if entry else "",
                           inputs_sha256=dict(self.input_hashes), created=self.created,
-                          converter=self.converter)
+                          converter=self.converter, **self._imatrix_fields(quant))
+
+    def _imatrix_fields(self, quant: QuantType) -> dict[str, str]:
+        if self.imatrix_file is None or quant.direct:
+            return {}
+        return {"imatrix_file": self.imatrix_file.name, "imatrix_sha256": self.imatrix_sha256}
 
     def metadata(self, quant: QuantType) -> dict[str, str]:
         """localmed's string keys of a GGUF: name, licence and provenance."""
@@ -283,12 +292,25 @@ def check_outputs(out_dir: Path, name: str, quants: list[QuantType]) -> None:
 
 def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None = None, *,
                  allow_pickle: bool = False, threads: int | None = None,
-                 console: Console | None = None, converter: str = "auto") -> list[Output]:
-    """Convert ``source`` to every quant in ``quants``; returns the files written."""
+                 console: Console | None = None, converter: str = "auto",
+                 imatrix: Path | None = None) -> list[Output]:
+    """Convert ``source`` to every quant in ``quants``; returns the files written. With
+    ``imatrix`` (llama.cpp's GGUF imatrix format) llama.cpp's quantizer weights its rounding
+    error by it, and the I-quants become possible."""
     console = console or Console(stderr=True)
     out_dir = out_dir or paths.models_dir()
     check_output_name(source.name)
+    matrix = read_imatrix(imatrix) if imatrix is not None else None
+    missing = [q.name for q in quants if q.needs_imatrix and matrix is None]
+    if missing:
+        raise UnsupportedQuantError(missing[0], "needs an importance matrix (--imatrix FILE)")
     conv = prepare(source, allow_pickle=allow_pickle, converter=converter)
+    if matrix is not None and imatrix is not None:
+        if conv.family is not None:  # the native plan names every GGUF tensor already
+            check_matches(matrix, {p.name: tuple(reversed(p.shape)) for p in conv.plan},
+                          imatrix, source.name)
+        conv.imatrix, conv.imatrix_file = matrix, imatrix
+        conv.imatrix_sha256 = sha256_file(imatrix)
     for quant in quants:
         if quant.ternary_only and "BitNet" not in conv.checkpoint.architecture:
             raise UnsupportedQuantError(quant.name, f"stores weights as -1/0/1, for ternary "
@@ -404,11 +426,15 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
     metadata already (``quant`` and ``created`` are set as overrides); a file from llama.cpp's
     converter gets it while the quantized file is copied into place."""
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
-    overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created}
+    overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created,
+                 **{gguf_key(k): v for k, v in conv._imatrix_fields(quant).items()}}
+    if conv.imatrix is not None and conv.family is None:
+        check_matches(conv.imatrix, {t.name: t.shape for t in read_header(base).tensors},
+                      conv.imatrix_file or base, base.name)
     with atomic_path(final) as tmp:
         if conv.llama_cpp is None:
             _run_interruptible(lambda: llama_quantize(
-                base, tmp, quant, threads=threads, metadata=overrides,
+                base, tmp, quant, threads=threads, metadata=overrides, imatrix=conv.imatrix,
                 progress=lambda n: bar.update(task, completed=n)))
         elif gguf_file_type(base) == int(quant.ftype):
             # already the type asked for: only localmed's metadata is added
@@ -418,7 +444,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
             staged = temp_path_for(final.with_name(final.name + ".quantized"))
             try:
                 _run_interruptible(lambda: llama_quantize(
-                    base, staged, quant, threads=threads,
+                    base, staged, quant, threads=threads, imatrix=conv.imatrix,
                     progress=lambda n: bar.update(task, completed=n // 2)))
                 size = staged.stat().st_size
                 bar.update(task, total=2 * size, completed=size)
