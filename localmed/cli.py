@@ -157,6 +157,72 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_imatrix(args: argparse.Namespace) -> int:
+    """Compute a medical importance matrix in llama.cpp's format (llama-imatrix's method)."""
+    import hashlib
+    import tempfile
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from localmed import formats
+    from localmed.atomic import atomic_path
+    from localmed.documents import read_documents
+    from localmed.public_data import calibration_path
+    from localmed.quants import QUANT_TYPES
+    from localmed.registry import Registry
+    from quantize.imatrix import write_imatrix
+    from quantize.imatrix_engine import compute_imatrix
+    from quantize.pipeline import check_output_name, run_quantize
+
+    calibration = Path(args.calibration).expanduser() if args.calibration else calibration_path()
+    if not calibration.is_file():
+        raise LocalmedError(f"no calibration text at {calibration}; get PubMedQA abstracts with "
+                            "`localmed data pull calibration`, or pass --calibration FILE")
+    texts = read_documents(calibration, fields=("text", "question"))
+    if not texts:
+        raise LocalmedError(f"{calibration}: no text in it")
+    digest = hashlib.sha256(calibration.read_bytes()).hexdigest()
+    err = err_console()
+    source = Path(args.source).expanduser()
+    registry = Registry.load()
+    if not source.exists() and args.source in registry:  # its local Q8_0 or F16, if made
+        local = [paths.models_dir() / f"{args.source}.{q}.gguf" for q in ("Q8_0", "F16", "BF16")]
+        source = next((p for p in local if p.is_file()), source)
+    with tempfile.TemporaryDirectory(prefix="localmed-imatrix-") as tmp:
+        if source.is_file() and formats.format_of(source).name == "gguf":
+            gguf_path, name = source, source.name.split(".")[0]
+        else:  # a checkpoint: a Q8_0 of it fits in RAM where its fp32 would not
+            src = _source(args, registry)
+            gguf_path = run_quantize(src, [QUANT_TYPES["Q8_0"]], Path(tmp), console=err)[0].path
+            name = src.name
+        out = Path(args.out).expanduser() if args.out else \
+            paths.models_dir() / f"{check_output_name(name)}.imatrix.gguf"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Progress(TextColumn("[bold]imatrix"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("chunks"), TimeRemainingColumn(), console=err) as bar:
+            task = bar.add_task("imatrix", total=None)
+            matrix = compute_imatrix(
+                gguf_path, texts, n_ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+                progress=lambda done, total, _: bar.update(task, completed=done, total=total))
+    matrix.datasets = [f"{calibration.name} sha256:{digest}"]
+    with atomic_path(out) as tmp_out:
+        write_imatrix(tmp_out, matrix)
+    partial = matrix.partial()
+    if partial:
+        err.print(f"[yellow]note:[/] {len(partial)} tensors have experts that no calibration "
+                  f"token reached (e.g. {partial[0]}); llama.cpp weights those uniformly")
+    console().print(f"[green]wrote[/] {out}  ({len(matrix.sums)} tensors, "
+                    f"{matrix.chunk_count} chunks of {matrix.chunk_size} tokens from "
+                    f"{calibration.name})")
+    return 0
+
+
 def cmd_data_pull(args: argparse.Namespace) -> int:
     """The one command that downloads data sets (chat and bench never touch the network)."""
     from localmed.bench.suites import suites_dir
@@ -376,6 +442,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="start over in --out, discarding the "
                    "results of an earlier run there")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("imatrix", help="compute a medical importance matrix (llama.cpp's "
+                       "format) for quantizing with --imatrix")
+    p.add_argument("source", metavar="SOURCE", help="a .gguf (Q8_0 or F16), a checkpoint "
+                   "folder, a registry id or a hub repo id")
+    p.add_argument("--calibration", metavar="FILE", help="calibration text: .jsonl with "
+                   "'text' or 'question', or .txt (default: PubMedQA abstracts)")
+    p.add_argument("--chunks", type=positive, help="chunks of --ctx tokens to run (default: "
+                   "all the text gives)")
+    p.add_argument("--ctx", type=positive, default=512, help="tokens per chunk (default 512)")
+    p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
+    p.add_argument("--out", "-o", help="output file (default: <models folder>/NAME.imatrix.gguf)")
+    p.add_argument("--name", help=argparse.SUPPRESS)
+    p.add_argument("--revision", help="hub branch, tag or commit")
+    p.set_defaults(func=cmd_imatrix)
 
     p = sub.add_parser("data", help="download the public medical data sets bench and GPTQ "
                        "use (the only command that fetches data)")

@@ -18,9 +18,11 @@ CALIBRATION = [MEDICAL_TEXT, "Sepsis: lactate, cultures, antibiotics within the 
                "Stroke: time of onset, glucose, CT before thrombolysis."]
 
 
-def activations_imatrix(checkpoint: Path, out: Path) -> Path:
+def activations_imatrix(checkpoint: Path, out: Path,
+                        token_chunks: list[list[int]] | None = None) -> Path:
     """sum(x^2) per input column of every linear layer in the blocks, with token counts, from
-    the checkpoint's real activations on medical text (what llama-imatrix collects)."""
+    the checkpoint's real activations in transformers (an independent reference for what
+    llama-imatrix collects): on ``token_chunks``, or on three medical sentences."""
     import sentencepiece as spm
     import torch
     from transformers import AutoModelForCausalLM
@@ -30,6 +32,8 @@ def activations_imatrix(checkpoint: Path, out: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    if token_chunks is None:
+        token_chunks = [[1, *sp.encode(text)] for text in CALIBRATION]
     matrix = ImportanceMatrix(datasets=["tests: three medical sentences"], chunk_size=64)
     hooks = []
     for hf_name, module in model.named_modules():
@@ -45,8 +49,8 @@ def activations_imatrix(checkpoint: Path, out: Path) -> Path:
 
             hooks.append(module.register_forward_hook(hook))
     with torch.no_grad():
-        for text in CALIBRATION:
-            model(torch.tensor([[1, *sp.encode(text)]]))
+        for chunk in token_chunks:
+            model(torch.tensor([chunk]))
             matrix.chunk_count += 1
     for handle in hooks:
         handle.remove()
@@ -130,3 +134,60 @@ class TestBadImatrix:
                             "--out", str(tmp_path / "o"), "--imatrix",
                             str(converted["llama"]["Q8_0"]))
         assert_one_line_error(code, err, "not an importance matrix")
+
+
+def test_llama_cpp_engine_collects_what_the_activations_are(checkpoints, converted, tmp_path):
+    """The eval-callback engine, run on the F32 GGUF, gives the sums and counts that
+    transformers' own activations give on the same token chunks."""
+    import llama_cpp
+
+    from quantize.imatrix import read_imatrix
+    from quantize.imatrix_engine import compute_imatrix
+
+    texts, n_ctx = [MEDICAL_TEXT] * 12, 64
+    gguf_path = converted["llama"]["F32"]
+    engine = compute_imatrix(gguf_path, texts, n_ctx=n_ctx, chunks=3, threads=2)
+    vocab = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    ids = vocab.tokenize("\n\n".join(texts).encode(), add_bos=False, special=False)
+    chunks = [[1, *ids[i * n_ctx + 1:(i + 1) * n_ctx]] for i in range(3)]
+    reference = read_imatrix(activations_imatrix(checkpoints["llama"],
+                                                 tmp_path / "ref.imatrix.gguf", chunks))
+    assert engine.chunk_count == 3 and set(engine.sums) == set(reference.sums)
+    for name in reference.sums:
+        np.testing.assert_array_equal(engine.counts[name], reference.counts[name])
+        np.testing.assert_allclose(engine.sums[name], reference.sums[name], rtol=2e-3,
+                                   atol=1e-3, err_msg=name)
+
+
+class TestImatrixCommand:
+    def test_from_a_checkpoint_to_an_i_quant(self, checkpoints, tmp_path, capsys):
+        from tests.tiny_models import SHARED
+
+        calibration = SHARED / "benchmarks" / "pubmedqa_train.jsonl"
+        out = tmp_path / "tiny.imatrix.gguf"
+        assert cli.main(["imatrix", str(checkpoints["llama"]), "--calibration",
+                         str(calibration), "--chunks", "4", "--ctx", "128", "--out",
+                         str(out)]) == 0
+        reader = gguf.GGUFReader(out)
+        assert reader.fields["imatrix.chunk_count"].contents() == 4
+        assert reader.fields["imatrix.chunk_size"].contents() == 128
+        (dataset,) = reader.fields["imatrix.datasets"].contents()
+        assert dataset.startswith("pubmedqa_train.jsonl sha256:")
+        assert len([t for t in reader.tensors if t.name.endswith(".in_sum2")]) == 14
+        assert cli.main(["quantize", str(checkpoints["llama"]), "--quant", "IQ2_XS",
+                         "--imatrix", str(out), "--out", str(tmp_path / "q")]) == 0
+        assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    @pytest.mark.parametrize("content,fragment", [
+        (b"Chest pain.\n", "less than one 512-token chunk"),
+        (b"\n\n", "no text in it"),
+        (b"caf\xe9 au lait\n", "not UTF-8"),
+    ])
+    def test_bad_calibration_text(self, content, fragment, converted, tmp_path, capsys):
+        calibration = tmp_path / "calibration.txt"
+        calibration.write_bytes(content)
+        out = tmp_path / "x.imatrix.gguf"
+        code, err = run_cli(capsys, "imatrix", str(converted["llama"]["F32"]),
+                            "--calibration", str(calibration), "--out", str(out))
+        assert code == 2 and fragment in err.splitlines()[-1], err
+        assert "Traceback" not in err and not out.exists()
