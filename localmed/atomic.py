@@ -32,8 +32,8 @@ def atomic_path(final: Path, mode: int | None = None) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError) and exc.filename is None:
-            exc.filename = str(final)  # a full disk says which file it was writing
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(final)  # the file the user asked for, not the hidden temporary
         raise
 
 

@@ -392,3 +392,27 @@ def test_every_cli_failure_is_one_line_without_traceback(tmp_path, capsys, bench
         assert len(errors) == 1 and err.endswith(errors[0]), (label, err)
         assert "Traceback" not in err, (label, err)
     assert no_network == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through directory permissions")
+def test_a_read_only_bench_folder_names_the_file(tmp_path, capsys, bench_models):
+    out = tmp_path / "results"
+    out.mkdir()
+    out.chmod(0o500)
+    try:
+        code, err = run_cli(capsys, "bench", str(bench_models), "--data",
+                            str(SHARED / "benchmarks" / "pubmedqa.jsonl"), "--limit", "1",
+                            "--out", str(out))
+    finally:
+        out.chmod(0o700)
+    assert_one_line_error(code, err, "run.json: permission denied")
+    assert ".part" not in err
+
+
+def test_an_os_error_names_the_final_file_not_the_temporary(tmp_path):
+    from localmed.atomic import atomic_path
+
+    final = tmp_path / "model.gguf"
+    with pytest.raises(OSError) as raised, atomic_path(final) as tmp:
+        raise OSError(28, "No space left on device", str(tmp))
+    assert raised.value.filename == str(final)
