@@ -8,7 +8,7 @@ text, per quant type, with no imatrix, a medical one and a generic-text one of t
   every machine), cut to the same number of tokens;
 - evaluation: PubMedQA *test* abstracts (``pubmedqa.jsonl``), never seen by either matrix.
 
-    python benchmarks/imatrix_gain.py [--chunks 32] [--ctx 512] [--docs 8] [--keep DIR]
+    python benchmarks/imatrix_gain.py [--chunks 32] [--ctx 512] [--docs 8] [--only tiny]
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def bench_model(label: str, checkpoint: Path, work: Path, args: argparse.Namespa
     import llama_cpp
     from rich.console import Console
 
+    from localmed.errors import QuantizeError
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
     from quantize.imatrix import write_imatrix
@@ -105,15 +106,20 @@ def bench_model(label: str, checkpoint: Path, work: Path, args: argparse.Namespa
     print(f"\n{label}: mean KLD vs F16 on {len(docs)} held-apart PubMedQA test abstracts")
     print(f"{'quant':8} {'none':>8} {'medical':>9} {'generic':>9} {'medical vs none':>16} "
           f"{'medical vs generic':>19}")
+    print("(nan: llama.cpp cannot make the type without an importance matrix for this model)")
     for quant in QUANTS:
         row = {}
         for kind in ("none", "medical", "generic"):
             if kind == "none" and parse_quant_list(quant, imatrix=True)[0].needs_imatrix:
                 row[kind] = float("nan")
                 continue
-            out = run_quantize(source, parse_quant_list(quant, imatrix=True),
-                               work / label / kind, console=quiet,
-                               imatrix=matrices.get(kind))[0].path
+            try:
+                out = run_quantize(source, parse_quant_list(quant, imatrix=True),
+                                   work / label / kind, console=quiet,
+                                   imatrix=matrices.get(kind))[0].path
+            except QuantizeError:  # llama.cpp needs a matrix for this type on this model
+                row[kind] = float("nan")
+                continue
             row[kind] = kld(f16, out, docs)
         print(f"{quant:8} {row['none']:8.4f} {row['medical']:9.4f} {row['generic']:9.4f} "
               f"{100 * (row['medical'] / row['none'] - 1):+15.0f}% "
@@ -126,14 +132,17 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--docs", type=int, default=8, help="held-apart abstracts to score")
     parser.add_argument("--keep", type=Path, help="keep the files here")
+    parser.add_argument("--only", choices=["smollm2", "tiny"], help="one model only")
     args = parser.parse_args()
     work = args.keep or Path(tempfile.mkdtemp(prefix="localmed-imatrix-gain-"))
     from tests.real_models import rebuild_checkpoint, smollm2_gguf
 
-    smol = rebuild_checkpoint(smollm2_gguf(), work / "smollm2-hf")
-    tiny = build_spm_model(work / "tiny-llama", "llama", seed=1)
-    for label, checkpoint in (("SmolLM2-135M-Instruct", smol), ("tiny Llama", tiny)):
-        bench_model(label, checkpoint, work, args)
+    if args.only != "tiny":
+        smol = rebuild_checkpoint(smollm2_gguf(), work / "smollm2-hf")
+        bench_model("SmolLM2-135M-Instruct", smol, work, args)
+    if args.only != "smollm2":
+        tiny = build_spm_model(work / "tiny-llama", "llama", seed=1)
+        bench_model("tiny Llama", tiny, work, args)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 
