@@ -144,12 +144,15 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         console().print(f"[green]wrote[/] {folder}  (GPTQ {settings.bits}-bit, group "
                          f"{settings.group_size}; loads with transformers and vLLM)")
         return 0
-    imatrix = Path(args.imatrix).expanduser() if args.imatrix else None
-    quants = parse_quant_list(args.quant, imatrix=imatrix is not None)
+    imatrix: Path | str | None = args.imatrix if args.imatrix in ("auto", "none") else \
+        Path(args.imatrix).expanduser()
+    quants = parse_quant_list(args.quant, imatrix=imatrix != "none")
     source = _source(args, registry)
     outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,
                            threads=args.threads, console=err_console(), converter=args.converter,
-                           imatrix=imatrix)
+                           imatrix=None if imatrix == "none" else imatrix,
+                           calibration=Path(args.calibration).expanduser()
+                           if args.calibration else None)
     out = console()
     for output in outputs:
         out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant}, "
@@ -372,9 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive, help="threads for llama.cpp's quantizer")
     p.add_argument("--allow-pickle", action="store_true",
                    help="accept .bin (pickle) weights, loaded with weights_only=True")
-    p.add_argument("--imatrix", metavar="FILE", help="importance matrix in llama.cpp's GGUF "
-                   "imatrix format (llama-imatrix output): weights the quantization error, and "
-                   "makes the I-quants (IQ1_*, IQ2_*) and Q2_K_S possible")
+    p.add_argument("--imatrix", metavar="auto|none|FILE", default="auto",
+                   help="importance matrix: weights the quantization error, and makes the "
+                   "I-quants (IQ1_*, IQ2_*) and Q2_K_S possible. auto (default): for types of 4 "
+                   "bits and fewer, this model's cached medical matrix, or one computed from "
+                   "--calibration text; FILE: llama.cpp's GGUF imatrix format (llama-imatrix, "
+                   "localmed imatrix)")
     p.add_argument("--converter", choices=["auto", "localmed", "llama.cpp"], default="auto",
                    help="auto (default): localmed's streaming converter for the families it "
                    "implements, llama.cpp's convert_hf_to_gguf.py for every other one")
@@ -383,8 +389,9 @@ def build_parser() -> argparse.ArgumentParser:
     gptq.add_argument("--group-size", type=int, default=128, help="default 128; -1: per column")
     gptq.add_argument("--desc-act", action="store_true", help="activation order (slower, "
                       "sometimes more accurate)")
-    gptq.add_argument("--calibration", metavar="FILE", help="calibration text: .jsonl with "
-                      "'question' or 'text', or .txt (default: PubMedQA abstracts)")
+    gptq.add_argument("--calibration", metavar="FILE", help="calibration text for GPTQ and for "
+                      "--imatrix auto: .jsonl with 'question' or 'text', or .txt (default: "
+                      "PubMedQA abstracts)")
     gptq.add_argument("--samples", type=positive, default=128, help="calibration texts to use")
     p.set_defaults(func=cmd_quantize)
 

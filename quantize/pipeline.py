@@ -8,6 +8,7 @@ quantize. Every file is written under a temporary name and renamed when complete
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import threading
@@ -35,6 +36,7 @@ from localmed.atomic import (
     temp_path_for,
     write_text_atomic,
 )
+from localmed.documents import read_documents
 from localmed.errors import (
     ConverterError,
     ConverterMissingError,
@@ -49,12 +51,13 @@ from localmed.errors import (
 from localmed.gguf_header import read_header
 from localmed.hub import download_checkpoint
 from localmed.provenance import Provenance, gguf_key, now
+from localmed.public_data import calibration_path
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 from localmed.registry import ModelEntry, Registry
 from quantize.checkpoint import Checkpoint, sha256_file
 from quantize.families import ConverterFamily, PlannedTensor, family_for, native_architectures
 from quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
-from quantize.imatrix import ImportanceMatrix, check_matches, read_imatrix
+from quantize.imatrix import ImportanceMatrix, check_matches, read_imatrix, write_imatrix
 from quantize.llama_cpp_source import (
     LlamaCppConverter,
     converter_table,
@@ -153,6 +156,9 @@ class Conversion:
     imatrix: ImportanceMatrix | None = None
     imatrix_file: Path | None = None
     imatrix_sha256: str = ""
+    imatrix_quants: frozenset[str] = frozenset()
+    """The quants the matrix is used for (all llama.cpp-quantized ones for --imatrix FILE; the
+    types of 4 bits and fewer for --imatrix auto)."""
 
     @property
     def converter(self) -> str:
@@ -178,7 +184,7 @@ class Conversion:
                           converter=self.converter, **self._imatrix_fields(quant))
 
     def _imatrix_fields(self, quant: QuantType) -> dict[str, str]:
-        if self.imatrix_file is None or quant.direct:
+        if self.imatrix_file is None or quant.name not in self.imatrix_quants:
             return {}
         return {"imatrix_file": self.imatrix_file.name, "imatrix_sha256": self.imatrix_sha256}
 
@@ -290,27 +296,64 @@ def check_outputs(out_dir: Path, name: str, quants: list[QuantType]) -> None:
             raise OutputError(final, "is a folder; the GGUF cannot be written there")
 
 
+AUTO_CHUNKS, AUTO_CTX = 32, 512
+"""Calibration run of ``--imatrix auto``: 32 chunks of 512 tokens (about 40 PubMedQA abstracts)."""
+
+
+def low_bit(quant: QuantType) -> bool:
+    """Types of 4 bits and fewer: where an importance matrix pays (``--imatrix auto``)."""
+    return quant.needs_imatrix or quant.name.startswith(("Q4", "Q3", "Q2", "IQ"))
+
+
+@dataclass
+class AutoImatrix:
+    """``--imatrix auto``: the cached medical matrix of this source, or one computed on the
+    intermediate file before quantizing."""
+
+    texts: list[str]
+    calibration: Path
+    cache: Path
+
+
 def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None = None, *,
                  allow_pickle: bool = False, threads: int | None = None,
                  console: Console | None = None, converter: str = "auto",
-                 imatrix: Path | None = None) -> list[Output]:
-    """Convert ``source`` to every quant in ``quants``; returns the files written. With
-    ``imatrix`` (llama.cpp's GGUF imatrix format) llama.cpp's quantizer weights its rounding
-    error by it, and the I-quants become possible."""
+                 imatrix: Path | str | None = None,
+                 calibration: Path | None = None) -> list[Output]:
+    """Convert ``source`` to every quant in ``quants``; returns the files written.
+
+    ``imatrix``: a file in llama.cpp's GGUF imatrix format (used for every quantized type), or
+    ``"auto"`` (for the types of 4 bits and fewer: the cached medical matrix of this source, or
+    one computed from ``calibration`` text, PubMedQA abstracts by default), or None. llama.cpp's
+    quantizer weights its rounding error by it, and the I-quants become possible.
+    """
     console = console or Console(stderr=True)
     out_dir = out_dir or paths.models_dir()
     check_output_name(source.name)
-    matrix = read_imatrix(imatrix) if imatrix is not None else None
-    missing = [q.name for q in quants if q.needs_imatrix and matrix is None]
+    auto = imatrix == "auto"
+    matrix_file = Path(imatrix) if imatrix is not None and not auto else None
+    matrix = read_imatrix(matrix_file) if matrix_file is not None else None
+    auto_texts: list[str] = []
+    calibration = calibration or calibration_path()
+    if auto and any(low_bit(q) for q in quants):
+        if calibration.is_file():
+            auto_texts = read_documents(calibration, fields=("text", "question"))
+        elif any(q.needs_imatrix for q in quants):
+            raise UnsupportedQuantError(
+                next(q.name for q in quants if q.needs_imatrix),
+                f"needs an importance matrix, and there is no calibration text at {calibration}"
+                ": get it with `localmed data pull calibration`, or pass --imatrix FILE")
+    missing = [q.name for q in quants if q.needs_imatrix and matrix is None and not auto_texts]
     if missing:
         raise UnsupportedQuantError(missing[0], "needs an importance matrix (--imatrix FILE)")
     conv = prepare(source, allow_pickle=allow_pickle, converter=converter)
-    if matrix is not None and imatrix is not None:
+    if matrix is not None and matrix_file is not None:
         if conv.family is not None:  # the native plan names every GGUF tensor already
             check_matches(matrix, {p.name: tuple(reversed(p.shape)) for p in conv.plan},
-                          imatrix, source.name)
-        conv.imatrix, conv.imatrix_file = matrix, imatrix
-        conv.imatrix_sha256 = sha256_file(imatrix)
+                          matrix_file, source.name)
+        conv.imatrix, conv.imatrix_file = matrix, matrix_file
+        conv.imatrix_sha256 = sha256_file(matrix_file)
+        conv.imatrix_quants = frozenset(q.name for q in quants if not q.direct)
     for quant in quants:
         if quant.ternary_only and "BitNet" not in conv.checkpoint.architecture:
             raise UnsupportedQuantError(quant.name, f"stores weights as -1/0/1, for ternary "
@@ -321,6 +364,10 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     check_disk(conv, quants, out_dir)
     if conv.llama_cpp is not None:
         console.print(f"[dim]converter: {conv.converter} ({conv.why})[/]")
+    if auto and any(low_bit(q) for q in quants) and not auto_texts:
+        console.print(f"[yellow]note:[/] no medical calibration text at {calibration}: "
+                      "quantizing without an importance matrix (`localmed data pull "
+                      "calibration` makes --imatrix auto compute one)")
 
     with _bar(console) as bar:
         files = list(conv.checkpoint.iter_input_files())
@@ -328,6 +375,7 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
         for path in files:
             conv.input_hashes[path.name] = sha256_file(path)
             bar.advance(task, path.stat().st_size)
+        pending = _auto_imatrix(conv, quants, auto_texts, calibration, console)
 
         outputs: list[Output] = []
         # localmed's converter writes F32/F16/BF16/Q8_0 itself; the rest, and everything on the
@@ -342,11 +390,49 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
             base_file = _intermediate(conv, out_dir, outputs, bar) if native else \
                 _converted_by_llama_cpp(conv, quants, out_dir, bar)
             with base_file as base:
+                if pending is not None:
+                    _compute_auto_imatrix(conv, pending, base, threads, bar)
                 for quant in via_llama:
                     outputs.append(_write_llama(conv, quant, base,
                                                 output_path(out_dir, source.name, quant),
                                                 threads, bar))
     return outputs
+
+
+def _auto_imatrix(conv: Conversion, quants: list[QuantType], texts: list[str],
+                  calibration: Path, console: Console) -> AutoImatrix | None:
+    """Reuse this source's cached medical matrix, or say that one must be computed."""
+    if not texts:
+        return None
+    key = hashlib.sha256(json.dumps([conv.input_hashes, sha256_file(calibration), AUTO_CHUNKS,
+                                     AUTO_CTX], sort_keys=True).encode()).hexdigest()[:12]
+    cache = paths.data_dir() / "imatrix" / f"{conv.source.name}-{key}.imatrix.gguf"
+    conv.imatrix_quants = frozenset(q.name for q in quants if low_bit(q))
+    if cache.is_file():
+        console.print(f"[dim]imatrix: reusing {cache}[/]")
+        _use_imatrix(conv, read_imatrix(cache), cache)
+        return None
+    return AutoImatrix(texts, calibration, cache)
+
+
+def _compute_auto_imatrix(conv: Conversion, pending: AutoImatrix, base: Path,
+                          threads: int | None, bar: Progress) -> None:
+    from quantize.imatrix_engine import compute_imatrix
+
+    task = bar.add_task("imatrix (medical)", total=AUTO_CHUNKS)
+    matrix = compute_imatrix(base, pending.texts, n_ctx=AUTO_CTX, chunks=AUTO_CHUNKS,
+                             threads=threads,
+                             progress=lambda done, total, _: bar.update(task, completed=done,
+                                                                         total=total))
+    matrix.datasets = [f"{pending.calibration.name} sha256:{sha256_file(pending.calibration)}"]
+    pending.cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(pending.cache) as tmp:
+        write_imatrix(tmp, matrix)
+    _use_imatrix(conv, matrix, pending.cache)
+
+
+def _use_imatrix(conv: Conversion, matrix: ImportanceMatrix, path: Path) -> None:
+    conv.imatrix, conv.imatrix_file, conv.imatrix_sha256 = matrix, path, sha256_file(path)
 
 
 def _write_direct(conv: Conversion, quant: QuantType, final: Path, bar: Progress) -> Output:
@@ -428,13 +514,14 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
     overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created,
                  **{gguf_key(k): v for k, v in conv._imatrix_fields(quant).items()}}
-    if conv.imatrix is not None and conv.family is None:
-        check_matches(conv.imatrix, {t.name: t.shape for t in read_header(base).tensors},
+    matrix = conv.imatrix if quant.name in conv.imatrix_quants else None
+    if matrix is not None and conv.family is None:
+        check_matches(matrix, {t.name: t.shape for t in read_header(base).tensors},
                       conv.imatrix_file or base, base.name)
     with atomic_path(final) as tmp:
         if conv.llama_cpp is None:
             _run_interruptible(lambda: llama_quantize(
-                base, tmp, quant, threads=threads, metadata=overrides, imatrix=conv.imatrix,
+                base, tmp, quant, threads=threads, metadata=overrides, imatrix=matrix,
                 progress=lambda n: bar.update(task, completed=n)))
         elif gguf_file_type(base) == int(quant.ftype):
             # already the type asked for: only localmed's metadata is added
@@ -444,7 +531,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
             staged = temp_path_for(final.with_name(final.name + ".quantized"))
             try:
                 _run_interruptible(lambda: llama_quantize(
-                    base, staged, quant, threads=threads, imatrix=conv.imatrix,
+                    base, staged, quant, threads=threads, imatrix=matrix,
                     progress=lambda n: bar.update(task, completed=n // 2)))
                 size = staged.stat().st_size
                 bar.update(task, total=2 * size, completed=size)

@@ -191,3 +191,65 @@ class TestImatrixCommand:
                             "--calibration", str(calibration), "--out", str(out))
         assert code == 2 and fragment in err.splitlines()[-1], err
         assert "Traceback" not in err and not out.exists()
+
+
+class TestAuto:
+    """--imatrix auto (the default): the types of 4 bits and fewer get this model's medical
+    matrix, computed on the intermediate once and reused."""
+
+    def test_computed_once_then_reused(self, checkpoints, tmp_path, capsys, monkeypatch):
+        from localmed.public_data import calibration_path
+        from tests.tiny_models import SHARED
+
+        monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+        calibration_path().parent.mkdir(parents=True)
+        calibration_path().write_bytes(
+            (SHARED / "benchmarks" / "pubmedqa_train.jsonl").read_bytes())
+        args = ["quantize", str(checkpoints["llama"]), "--quant", "Q8_0,Q3_K_M,IQ2_XS"]
+        assert cli.main([*args, "--out", str(tmp_path / "a")]) == 0
+        cached = list((tmp_path / "data" / "imatrix").glob("llama-*.imatrix.gguf"))
+        assert len(cached) == 1
+        reader = gguf.GGUFReader(cached[0])
+        assert reader.fields["imatrix.datasets"].contents()[0].startswith("pubmedqa.jsonl")
+        for quant, expected in (("Q3_K_M", cached[0].name), ("IQ2_XS", cached[0].name),
+                                ("Q8_0", None)):
+            manifest = json.loads((tmp_path / "a" / f"llama.{quant}.manifest.json").read_text())
+            assert (manifest.get("imatrix_file") or None) == expected, quant
+        mtime = cached[0].stat().st_mtime_ns
+        capsys.readouterr()
+        assert cli.main([*args, "--out", str(tmp_path / "b")]) == 0
+        assert "reusing" in capsys.readouterr().err
+        assert cached[0].stat().st_mtime_ns == mtime
+        # the same matrix gives the same quantized tensors
+        first = gguf.GGUFReader(tmp_path / "a" / "llama.Q3_K_M.gguf")
+        second = gguf.GGUFReader(tmp_path / "b" / "llama.Q3_K_M.gguf")
+        for t1, t2 in zip(first.tensors, second.tensors, strict=True):
+            assert np.array_equal(t1.data, t2.data), t1.name
+
+    def test_without_calibration_text_it_says_so_and_goes_on(self, checkpoints, tmp_path,
+                                                            capsys, monkeypatch):
+        monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+        assert cli.main(["quantize", str(checkpoints["llama"]), "--quant", "Q4_K_M",
+                         "--out", str(tmp_path / "o")]) == 0
+        assert "quantizing without an importance matrix" in capsys.readouterr().err
+        manifest = json.loads((tmp_path / "o" / "llama.Q4_K_M.manifest.json").read_text())
+        assert "imatrix_file" not in manifest or not manifest["imatrix_file"]
+        code, err = run_cli(capsys, "quantize", str(checkpoints["llama"]), "--quant", "IQ2_XS",
+                            "--out", str(tmp_path / "p"))
+        assert_one_line_error(code, err, "IQ2_XS", "localmed data pull calibration")
+
+    def test_none_and_a_chosen_calibration_file(self, checkpoints, tmp_path, monkeypatch):
+        from tests.tiny_models import SHARED
+
+        monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+        assert cli.main(["quantize", str(checkpoints["llama"]), "--quant", "Q3_K_M",
+                         "--imatrix", "none", "--calibration",
+                         str(SHARED / "benchmarks" / "pubmedqa_train.jsonl"),
+                         "--out", str(tmp_path / "none")]) == 0
+        assert not (tmp_path / "data" / "imatrix").exists()
+        assert cli.main(["quantize", str(checkpoints["llama"]), "--quant", "Q3_K_M",
+                         "--calibration", str(SHARED / "benchmarks" / "pubmedqa_train.jsonl"),
+                         "--out", str(tmp_path / "chosen")]) == 0
+        (cached,) = (tmp_path / "data" / "imatrix").glob("*.imatrix.gguf")
+        datasets = gguf.GGUFReader(cached).fields["imatrix.datasets"].contents()
+        assert datasets[0].startswith("pubmedqa_train.jsonl sha256:")
