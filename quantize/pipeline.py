@@ -203,10 +203,6 @@ class Conversion:
             writer.add_string(key, value)
 
 
-CONVERTERS = ("auto", NATIVE, "llama.cpp")
-"""``--converter`` choices: ``auto`` picks localmed's where it can, else llama.cpp's."""
-
-
 def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "auto"
             ) -> Conversion:
     """Open the checkpoint and pick its converter (no weights read).
@@ -231,7 +227,7 @@ def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "aut
             family = family_for(checkpoint)
             return Conversion(source, checkpoint, family, family.plan(), vocab)
     try:
-        converter = find_converter()
+        found = find_converter()
     except ConverterMissingError as missing:
         if why:
             raise TokenizerError(source.folder, f"{why}; {missing}") from None
@@ -239,11 +235,11 @@ def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "aut
             raise
         raise UnsupportedArchitectureError(checkpoint.architecture, native_architectures(),
                                            f"llama.cpp's converter ({missing})") from None
-    if checkpoint.architecture not in converter_table(converter.folder).architectures:
+    if checkpoint.architecture not in converter_table(found.folder).architectures:
         raise UnsupportedArchitectureError(checkpoint.architecture, native_architectures(),
-                                           converter.label)
+                                           found.label)
     refusal = why if why and converter != "llama.cpp" else ""
-    return Conversion(source, checkpoint, llama_cpp=converter, native_refusal=refusal,
+    return Conversion(source, checkpoint, llama_cpp=found, native_refusal=refusal,
                       why=why or f"{checkpoint.architecture} is converted by llama.cpp")
 
 

@@ -292,3 +292,19 @@ def test_every_registry_model_has_a_converter(capsys):
     rows = {r["id"]: r["converter"] for r in json.loads(capsys.readouterr().out)}
     assert rows["medgemma-27b-text-it"] == "llama.cpp" and rows["ii-medical-8b"] == "llama.cpp"
     assert rows["meditron3-8b"] == "localmed" and rows["biomistral-7b"] == "localmed"
+
+
+def test_a_forced_llama_cpp_conversion_that_fails_blames_llama_cpp_alone(checkpoints, tmp_path,
+                                                                        capsys):
+    # localmed's converter was not tried, so the error must not report it as refusing.
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    shutil.copytree(checkpoints["llama"], folder)
+    (folder / "tokenizer.model").unlink()
+    capsys.readouterr()
+    code = cli.main(["quantize", str(folder), "--quant", "Q8_0", "--converter", "llama.cpp",
+                     "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "convert_hf_to_gguf.py" in err and "failed" in err
+    assert "localmed's converter" not in err
