@@ -162,7 +162,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_imatrix(args: argparse.Namespace) -> int:
     """Compute a medical importance matrix in llama.cpp's format (llama-imatrix's method)."""
-    import hashlib
     import tempfile
 
     from rich.progress import (
@@ -175,11 +174,12 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
 
     from localmed import formats
     from localmed.atomic import atomic_path
-    from localmed.documents import read_documents
+    from localmed.documents import CALIBRATION_FIELDS, read_documents
     from localmed.public_data import calibration_path
     from localmed.quants import QUANT_TYPES
     from localmed.registry import Registry
-    from quantize.imatrix import write_imatrix
+    from quantize.checkpoint import sha256_file
+    from quantize.imatrix import dataset_label, write_imatrix
     from quantize.imatrix_engine import compute_imatrix
     from quantize.pipeline import check_output_name, run_quantize
 
@@ -187,10 +187,9 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     if not calibration.is_file():
         raise LocalmedError(f"no calibration text at {calibration}; get PubMedQA abstracts with "
                             "`localmed data pull calibration`, or pass --calibration FILE")
-    texts = read_documents(calibration, fields=("text", "question"))
+    texts = read_documents(calibration, fields=CALIBRATION_FIELDS)
     if not texts:
         raise LocalmedError(f"{calibration}: no text in it")
-    digest = hashlib.sha256(calibration.read_bytes()).hexdigest()
     err = err_console()
     source = Path(args.source).expanduser()
     registry = Registry.load()
@@ -213,7 +212,7 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
             matrix = compute_imatrix(
                 gguf_path, texts, n_ctx=args.ctx, chunks=args.chunks, threads=args.threads,
                 progress=lambda done, total, _: bar.update(task, completed=done, total=total))
-    matrix.datasets = [f"{calibration.name} sha256:{digest}"]
+    matrix.datasets = [dataset_label(calibration, sha256_file(calibration))]
     with atomic_path(out) as tmp_out:
         write_imatrix(tmp_out, matrix)
     partial = matrix.partial()

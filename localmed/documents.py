@@ -31,3 +31,7 @@ def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[st
             wanted = " or ".join(repr(f) for f in fields)
             raise SuiteError(path, f"expected JSON with a {wanted} field", line_no) from None
     return docs
+
+
+CALIBRATION_FIELDS = ("text", "question")
+"""What a calibration ``.jsonl`` line may hold its document in (GPTQ and imatrix alike)."""

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from localmed.documents import read_documents
+from localmed.documents import CALIBRATION_FIELDS, read_documents
 from localmed.engine_deps import private_working_dir, require_gptqmodel
 from localmed.errors import GPTQError, UnsupportedArchitectureError
 from localmed.gptq_info import MANIFEST
@@ -51,7 +51,7 @@ def load_calibration(path: Path | None, samples: int) -> tuple[list[str], Path]:
     path = Path(path)
     if not path.is_file():
         raise GPTQError(f"{path}: calibration file not found")
-    texts = read_documents(path, fields=("text", "question"))
+    texts = read_documents(path, fields=CALIBRATION_FIELDS)
     texts = [t for t in texts if len(t.split()) >= 8][:samples]
     if not texts:
         raise GPTQError(f"{path}: no calibration text in it (need documents of 8+ words)")

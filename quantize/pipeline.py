@@ -36,7 +36,7 @@ from localmed.atomic import (
     temp_path_for,
     write_text_atomic,
 )
-from localmed.documents import read_documents
+from localmed.documents import CALIBRATION_FIELDS, read_documents
 from localmed.errors import (
     ConverterError,
     ConverterMissingError,
@@ -57,7 +57,13 @@ from localmed.registry import ModelEntry, Registry
 from quantize.checkpoint import Checkpoint, sha256_file
 from quantize.families import ConverterFamily, PlannedTensor, family_for, native_architectures
 from quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
-from quantize.imatrix import ImportanceMatrix, check_matches, read_imatrix, write_imatrix
+from quantize.imatrix import (
+    ImportanceMatrix,
+    check_matches,
+    dataset_label,
+    read_imatrix,
+    write_imatrix,
+)
 from quantize.llama_cpp_source import (
     LlamaCppConverter,
     converter_table,
@@ -307,7 +313,8 @@ class AutoImatrix:
     intermediate file before quantizing."""
 
     texts: list[str]
-    calibration: Path
+    dataset: str
+    """The calibration text's name and sha256, as the matrix records it."""
     cache: Path
 
 
@@ -333,7 +340,7 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     calibration = calibration or calibration_path()
     if auto and any(low_bit(q) for q in quants):
         if calibration.is_file():
-            auto_texts = read_documents(calibration, fields=("text", "question"))
+            auto_texts = read_documents(calibration, fields=CALIBRATION_FIELDS)
         elif any(q.needs_imatrix for q in quants):
             raise UnsupportedQuantError(
                 next(q.name for q in quants if q.needs_imatrix),
@@ -400,15 +407,16 @@ def _auto_imatrix(conv: Conversion, quants: list[QuantType], texts: list[str],
     """Reuse this source's cached medical matrix, or say that one must be computed."""
     if not texts:
         return None
-    key = hashlib.sha256(json.dumps([conv.input_hashes, sha256_file(calibration), AUTO_CHUNKS,
-                                     AUTO_CTX], sort_keys=True).encode()).hexdigest()[:12]
+    digest = sha256_file(calibration)
+    key = hashlib.sha256(json.dumps([conv.input_hashes, digest, AUTO_CHUNKS, AUTO_CTX],
+                                    sort_keys=True).encode()).hexdigest()[:12]
     cache = paths.data_dir() / "imatrix" / f"{conv.source.name}-{key}.imatrix.gguf"
     conv.imatrix_quants = frozenset(q.name for q in quants if low_bit(q))
     if cache.is_file():
         console.print(f"[dim]imatrix: reusing {cache}[/]")
         _use_imatrix(conv, read_imatrix(cache), cache)
         return None
-    return AutoImatrix(texts, calibration, cache)
+    return AutoImatrix(texts, dataset_label(calibration, digest), cache)
 
 
 def _compute_auto_imatrix(conv: Conversion, pending: AutoImatrix, base: Path,
@@ -420,7 +428,7 @@ def _compute_auto_imatrix(conv: Conversion, pending: AutoImatrix, base: Path,
                              threads=threads,
                              progress=lambda done, total, _: bar.update(task, completed=done,
                                                                          total=total))
-    matrix.datasets = [f"{pending.calibration.name} sha256:{sha256_file(pending.calibration)}"]
+    matrix.datasets = [pending.dataset]
     pending.cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(pending.cache) as tmp:
         write_imatrix(tmp, matrix)
