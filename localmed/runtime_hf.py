@@ -8,11 +8,13 @@ KV cache of the previous ``next_logits`` call is reused for the prefix it shares
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import io
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,8 +50,7 @@ def plan_transformers(footprint: ModelFootprint, n_ctx: int | None,
     on_gpu = hardware.backend == "cuda"
     plan = plan_offload(footprint, hardware, n_ctx=n_ctx, gpu_layers=-1 if on_gpu else None)
     where = f"transformers on {hardware.backend.upper()} (GPTQ kernels)"
-    return OffloadPlan(plan.gpu_layers, plan.n_layers, plan.n_ctx, plan.backend, plan.ram_needed,
-                       plan.vram_needed, plan.fits, (where, *plan.reasons[1:]), plan.suggestion)
+    return dataclasses.replace(plan, reasons=(where, *plan.reasons[1:]))
 
 
 @dataclass
@@ -146,6 +147,7 @@ class TransformersRuntime(Runtime):
         generator = self._torch.Generator(device="cpu").manual_seed(0)
         processors = self._processors(params)
         generated: list[int] = []
+        recent = collections.deque(tokens[-REPEAT_LAST_N:], maxlen=REPEAT_LAST_N)
         shown = ""
         start = first = time.perf_counter()
         self._cached, self._past = [], None  # the cache is the reply's from here on
@@ -153,8 +155,7 @@ class TransformersRuntime(Runtime):
         try:
             while True:
                 logits = out.logits[0, -1].float().cpu()
-                token = self._sample(logits, [*tokens, *generated], processors, params,
-                                     generator)
+                token = self._sample(logits, recent, processors, params, generator)
                 if not generated:
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
@@ -162,6 +163,7 @@ class TransformersRuntime(Runtime):
                     stats.stopped_by = "eos"
                     break
                 generated.append(token)
+                recent.append(token)
                 stats.generated_tokens += 1
                 stats.token_ids.append(token)
                 text = self._tok.decode(generated, skip_special_tokens=True)
@@ -195,10 +197,12 @@ class TransformersRuntime(Runtime):
             chain.append(tf.TemperatureLogitsWarper(params.temperature))
         return tf.LogitsProcessorList(chain)
 
-    def _sample(self, logits: Any, context: Sequence[int], processors: Any,
+    def _sample(self, logits: Any, context: Iterable[int], processors: Any,
                 params: GenerationParams, generator: Any) -> int:
+        """The next token; the repetition penalty looks at ``context`` (the last
+        REPEAT_LAST_N tokens, kept by the caller)."""
         torch = self._torch
-        recent = torch.tensor([list(context[-REPEAT_LAST_N:])])
+        recent = torch.tensor([list(context)])
         scores = processors(recent, logits.unsqueeze(0))[0]
         if params.temperature <= 0:
             return int(torch.argmax(scores))
