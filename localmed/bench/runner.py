@@ -188,8 +188,8 @@ def remaining_work(config: BenchConfig, records: Records) -> int:
 
 
 def run_bench(config: BenchConfig, load: Loader, advance: Callable[[str], None]) -> None:
-    """Score everything not yet recorded; ``advance`` is called once per question/document."""
-    check_settings(config)
+    """Score everything not yet recorded; ``advance`` is called once per question/document.
+    The caller has checked ``config`` against ``out`` first (:func:`check_settings`)."""
     records = Records(config.out)
     ref_cache = config.out / "cache" / "text-ref"
     for quant in config.quants:
