@@ -32,10 +32,15 @@ MAX_LAYERS = 1024
 
 def read_gguf_info(path: Path) -> GGUFInfo:
     """Read a GGUF's metadata; anything that is not a readable GGUF raises GGUFFileError."""
-    header = read_header_checked(path)
+    return _read_checked(path)[1]
+
+
+def _read_checked(path: Path) -> tuple[GGUFHeader, GGUFInfo]:
+    """Header and info of a GGUF whose header and hyperparameters passed every check."""
+    header = read_header_checked(Path(path))
     info = info_from_header(header)
     check_hparams(header, info)
-    return info
+    return header, info
 
 
 def check_hparams(header: GGUFHeader, info: GGUFInfo) -> None:
@@ -111,9 +116,7 @@ def info_from_header(header: GGUFHeader) -> GGUFInfo:
 
 def read_gguf_footprint(path: Path) -> tuple[GGUFInfo, ModelFootprint]:
     """A GGUF's metadata and what it needs in memory (header only; no weights read)."""
-    header = read_header_checked(Path(path))
-    info = info_from_header(header)
-    check_hparams(header, info)
+    header, info = _read_checked(path)
     arch = info.architecture
 
     def hparam(key: str) -> int | None:

@@ -104,7 +104,9 @@ def gib(n: float) -> str:
 
 GGUF_NAMES = (re.compile(r"^blk\.(\d+)\."), "output.")
 """Block tensors and the output head as GGUF names them."""
-HF_NAMES = (re.compile(r"(?:^|\.)layers\.(\d+)\."), "lm_head.")
+HF_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+"""A Hugging Face block tensor (``model.layers.N.*``); group 1 is the layer."""
+HF_NAMES = (HF_LAYER, "lm_head.")
 """The same in Hugging Face checkpoints (``model.layers.N.*``, ``lm_head.*``)."""
 
 

@@ -122,8 +122,9 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
         raise RegistryError(path, "must be a positive number", entry=model_id, field=bad)
     default = QUANT_TYPES[raw["default_quant"].upper()]
     if default.needs_imatrix or default.ternary_only:
-        raise RegistryError(path, f"{default.name} cannot be the default: "
-                            f"{'it needs an importance matrix' if default.needs_imatrix else 'it is for ternary (BitNet) models only'}",
+        why = "it needs an importance matrix" if default.needs_imatrix else \
+            "it is for ternary (BitNet) models only"
+        raise RegistryError(path, f"{default.name} cannot be the default: {why}",
                             entry=model_id, field="default_quant")
     scores = raw.get("scores", {})
     if not isinstance(scores, dict) or not all(

@@ -10,7 +10,6 @@ each tensor is loaded only while it is written.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -19,6 +18,7 @@ import gguf
 import numpy as np
 
 from localmed.errors import CheckpointError, SourceError, UnsupportedArchitectureError
+from localmed.planner import HF_LAYER
 from localmed.safetensors_index import TensorRef
 from quantize.checkpoint import Checkpoint
 
@@ -151,7 +151,7 @@ class ConverterFamily:
                 continue
             ref = self.checkpoint.tensors[name]
             self.check_shape(ref)
-            if (match := _LAYER.search(name)) is not None:
+            if (match := HF_LAYER.search(name)) is not None:
                 layers.add(int(match.group(1)))
             planned.extend(self.modify_tensors(ref))
         if layers != set(range(self.block_count)):
@@ -171,9 +171,6 @@ class ConverterFamily:
                         ref.path, f"tensor {ref.name} has shape {list(ref.shape)}, config.json "
                         f"implies {list(shape)}: the weights and config.json disagree")
                 return
-
-
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -1,8 +1,8 @@
 """Question sets: JSON Lines of ``{"question", "options": {letter: text}, "answer_idx"}``.
 
 A suite name resolves to ``<data dir>/benchmarks/<name>.jsonl``. bench never downloads: a missing
-file is an error that says where to put it and which command fetches it (``localmed data pull``). Every line is checked, and a bad one is
-reported with its file and line number.
+file is an error that says where to put it and which command fetches it (``localmed data pull``).
+Every line is checked, and a bad one is reported with its file and line number.
 """
 
 from __future__ import annotations
