@@ -1,4 +1,4 @@
-"""Convert a synthetic ~0.93 GB fp32 Llama checkpoint to F16 GGUF: wall time and peak RSS.
+"""Convert a synthetic 1.07 GB fp32 Llama checkpoint to F16 and to Q4_K_M GGUF: wall, RSS, disk.
 
 On the same checkpoint, in the same run, each in a fresh process whose peak RSS is read from
 ``wait4`` (for a process that runs a converter child, the larger of the two):
@@ -87,16 +87,35 @@ def build_checkpoint(folder: Path, layers: int, hidden: int, ffn: int, seed: int
         {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}))
 
 
-def measure(cmd: list[str], env: dict[str, str] | None = None) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one child process."""
+def allocated(folder: Path) -> int:
+    """Bytes of disk the files in ``folder`` occupy (sparse holes cost nothing)."""
+    total = 0
+    for path in folder.rglob("*") if folder.is_dir() else ():
+        try:
+            total += path.lstat().st_blocks * 512
+        except OSError:  # renamed or removed while we looked
+            pass
+    return total
+
+
+def measure(cmd: list[str], env: dict[str, str] | None = None,
+            watch: Path | None = None) -> tuple[float, int, int]:
+    """Wall seconds, peak RSS and peak disk in ``watch`` (bytes) of one child process."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
+    peak_disk = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if watch is not None:
+            peak_disk = max(peak_disk, allocated(watch))
+        time.sleep(0.02)
     wall = time.perf_counter() - start
     err = proc.stderr.read().decode() if proc.stderr else ""
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, peak_disk
 
 
 def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
@@ -120,7 +139,7 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--ffn", type=int, default=5632)
     parser.add_argument("--keep", type=Path, help="keep the checkpoint and outputs here")
@@ -163,7 +182,7 @@ def main() -> None:
         ("llama.cpp convert_hf_to_gguf.py", theirs_cmd, theirs_env, theirs_out),
         ("localmed --converter llama.cpp", path_cmd, None, path_out / "synthetic.F16.gguf"),
     ):
-        wall, rss = measure(cmd, env)
+        wall, rss, _ = measure(cmd, env)
         rows.append((label, wall, rss, out.stat().st_size))
 
     print(f"checkpoint: {ckpt_bytes / 1e6:,.0f} MB fp32 in {len(checkpoint.weight_files)} "
@@ -177,6 +196,24 @@ def main() -> None:
     print(f"localmed / llama.cpp: time {w0 / w1:.2f}x, peak RSS {r0 / r1:.2f}x")
     print(f"localmed's llama.cpp path / llama.cpp alone: time {w2 / w1:.2f}x, peak RSS "
           f"{r2 / r1:.2f}x (the difference is hashing inputs and writing provenance)")
+
+    quant_rows = []
+    for label, extra in (("direct (default)", []), ("--via-intermediate", ["--via-intermediate"])):
+        out = work / ("q4-direct" if not extra else "q4-intermediate")
+        out.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "localmed", "quantize", str(ckpt), "--quant", "Q4_K_M",
+               "--out", str(out), "--name", "synthetic", "--imatrix", "none", *extra]
+        wall, rss, disk = measure(cmd, watch=out)
+        quant_rows.append((label, wall, rss, disk, (out / "synthetic.Q4_K_M.gguf").stat().st_size))
+    print("\nto Q4_K_M (--imatrix none), same checkpoint:")
+    print(f"{'path':22} {'wall s':>7} {'peak RSS MB':>12} {'peak disk MB':>13} {'out MB':>8} "
+          f"{'disk/out':>9}")
+    for label, wall, rss, disk, size in quant_rows:
+        print(f"{label:22} {wall:7.1f} {rss / 1e6:12.0f} {disk / 1e6:13.0f} {size / 1e6:8.0f} "
+              f"{disk / size:9.2f}")
+    (_, wd, rd, dd, _), (_, wi, ri, di, _) = quant_rows
+    print(f"direct / intermediate: time {wd / wi:.2f}x, peak RSS {rd / ri:.2f}x, "
+          f"peak disk {dd / di:.2f}x")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

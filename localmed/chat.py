@@ -179,10 +179,15 @@ class ChatSession:
 
 
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
-                 threads: int | None = None) -> Runtime:
-    """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ)."""
-    return formats.load_runtime(model.path, formats.LoadOptions(
-        n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads))
+                 threads: int | None = None, in_process: bool = False) -> Runtime:
+    """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ), in its
+    own engine process (:mod:`localmed.engine`) unless ``in_process``."""
+    options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
+    if in_process:
+        return formats.load_runtime(model.path, options)
+    from localmed.engine import open_engine
+
+    return open_engine(model.path, options)
 
 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:

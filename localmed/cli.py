@@ -152,7 +152,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                            threads=args.threads, console=err_console(), converter=args.converter,
                            imatrix=None if imatrix == "none" else imatrix,
                            calibration=Path(args.calibration).expanduser()
-                           if args.calibration else None)
+                           if args.calibration else None, direct=not args.via_intermediate)
     out = console()
     for output in outputs:
         out.print(f"[green]wrote[/] {output.path}  ({human_bytes(output.bytes)}, {output.quant}, "
@@ -383,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--converter", choices=["auto", "localmed", "llama.cpp"], default="auto",
                    help="auto (default): localmed's streaming converter for the families it "
                    "implements, llama.cpp's convert_hf_to_gguf.py for every other one")
+    p.add_argument("--via-intermediate", action="store_true",
+                   help="quantize from a full F16/BF16 file written first (llama.cpp's own "
+                   "pipeline; needs that much more disk). Default: straight from the "
+                   "checkpoint, byte-identical, on localmed's converter path")
     gptq = p.add_argument_group("GPTQ (--format gptq; needs pip install 'localmed[gptq]')")
     gptq.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
     gptq.add_argument("--group-size", type=int, default=128, help="default 128; -1: per column")
@@ -413,6 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
     p.set_defaults(func=cli_run.cmd_chat)
+
+    from localmed.cli_serve import add_parsers
+
+    add_parsers(sub, model_options, positive)
 
     p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
     model_options(p)

@@ -75,7 +75,45 @@ def cmd_plan(args: argparse.Namespace) -> int:
               + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
               + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
     out.print(escape(describe_plan(plan)))
+    _suggest_quant(info, model.path, plan.n_ctx, hw)
     return 0 if plan.fits else 1
+
+
+def _suggest_quant(info, path, n_ctx: int, hw) -> None:
+    """The quant to make for this machine at this context: measured by `localmed bench` for
+    this model when its results exist, llama.cpp's published order otherwise."""
+    from localmed import formats
+    from localmed.planner import RAM_OVERHEAD, gib
+    from localmed.quant_choice import choose_quant, read_measured
+
+    _, footprint = formats.footprint(path)
+    capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
+    results = paths.data_dir() / "bench" / (info.model_id or path.parent.name) / "results.json"
+    measured = read_measured(results)
+    choice = choose_quant(info.n_parameters, capacity=capacity, measured=measured,
+                          fixed_bytes=footprint.kv_bytes(n_ctx) + RAM_OVERHEAD)
+    out = console()
+    if choice is None:
+        out.print(f"no quant of {info.n_parameters / 1e9:.1f}B parameters fits "
+                  f"{gib(capacity)} with {n_ctx} tokens of context")
+        return
+    memory = "RAM" if not hw.vram_total else "memory" if hw.unified_memory else "RAM + VRAM"
+    out.print(f"suggested quant for this machine at {n_ctx} tokens of context: [bold]"
+              f"{escape(choice.label)}[/] (~{gib(choice.bytes)} of weights)")
+    out.print(f"  - the lowest KL divergence from full precision ({choice.kld:.4f}) among the "
+              f"quants that fit {gib(capacity)} of {memory}, {escape(choice.why)}")
+    if choice.measured:
+        out.print(f"  - results: {escape(str(results))}")
+    if choice.label != info.label:
+        from localmed.quants import QUANT_TYPES
+
+        auto = QUANT_TYPES[choice.quant].low_bit
+        if choice.label.endswith("+imatrix"):
+            how = "(its medical importance matrix is made by default)" if auto else \
+                "--imatrix FILE"
+        else:
+            how = "--imatrix none" if auto else ""
+        out.print(f"  - make it: localmed quantize SOURCE --quant {choice.quant} {how}".rstrip())
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:

@@ -21,6 +21,19 @@ class LocalmedError(Exception):
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.message
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Subclasses take other arguments than the message: rebuild from the attributes, so an
+        # error crosses the engine process's pipe with its data (a plan, a path) intact.
+        return _rebuild, (type(self), self.message, self.__dict__)
+
+
+def _rebuild(cls: type[LocalmedError], message: str, state: dict[str, object]) -> LocalmedError:
+    # MemoryError's own __new__ refuses subclasses made this way; BaseException's is plain.
+    error = BaseException.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 def _listing(names: Iterable[str]) -> str:
     return ", ".join(sorted(names))
@@ -268,6 +281,33 @@ class PlanError(LocalmedError, ValueError):
 
 class ContextFullError(LocalmedError, ValueError):
     """A prompt (the system prompt and latest turn alone) longer than the context."""
+
+
+class EngineError(LocalmedError, RuntimeError):
+    """The engine process refused a request for a reason of its own."""
+
+
+class EngineDiedError(LocalmedError, RuntimeError):
+    """The engine process ended: a crash, a kill, an abort. The caller's state is intact."""
+
+    def __init__(self, how: str, last_output: str = "") -> None:
+        self.how = how
+        self.last_output = last_output
+        said = f" (last words: {last_output})" if last_output else ""
+        super().__init__(f"the model engine {how}{said}")
+
+
+class ServeError(LocalmedError, OSError):
+    """``localmed serve`` cannot start: a host, port or key problem."""
+
+
+class ExportError(LocalmedError, ValueError):
+    """A model that cannot be exported to Ollama or LM Studio, or a target in the way."""
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
 
 
 class ModelNotAvailableError(LocalmedError, FileNotFoundError):

@@ -88,6 +88,10 @@ def describe(path: Path) -> ModelInfo:
     return format_of(path).info(Path(path).expanduser())
 
 
+def footprint(path: Path) -> tuple[ModelInfo, ModelFootprint]:
+    return format_of(path).footprint(Path(path).expanduser())
+
+
 def plan(path: Path, options: LoadOptions = LoadOptions(),
          hardware: Hardware | None = None) -> tuple[ModelInfo, OffloadPlan]:
     return format_of(path).plan(Path(path).expanduser(), options, hardware)

@@ -30,6 +30,14 @@ class ModelInfo:
     """None for a file localmed did not make."""
 
     @property
+    def label(self) -> str:
+        """The quant as bench and plan name it: ``Q3_K_M+imatrix`` when an importance matrix
+        weighted its rounding (provenance says so), else the quant."""
+        if self.provenance and self.provenance.imatrix_file:
+            return f"{self.quant}+imatrix"
+        return self.quant
+
+    @property
     def advisory(self) -> str:
         return self.provenance.advisory if self.provenance else ""
 

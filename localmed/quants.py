@@ -31,6 +31,11 @@ class QuantType:
     note: str = ""
 
     @property
+    def low_bit(self) -> bool:
+        """4 bits and fewer: where an importance matrix pays (``--imatrix auto`` makes one)."""
+        return self.needs_imatrix or self.name.startswith(("Q4", "Q3", "Q2", "IQ"))
+
+    @property
     def ternary_only(self) -> bool:
         """TQ1_0/TQ2_0 store weights of -1, 0, 1: right for BitNet, ruin for anything else."""
         return self.name.startswith("TQ")
@@ -68,7 +73,7 @@ QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
     _q("IQ3_XXS", 3.06),
     _q("Q2_K", 2.96),
     _q("Q2_K_S", 2.96, imatrix=True),
-    _q("IQ2_M", 2.7),
+    _q("IQ2_M", 2.7, imatrix=True),
     _q("IQ2_S", 2.5, imatrix=True),
     _q("IQ2_XS", 2.31, imatrix=True),
     _q("IQ2_XXS", 2.06, imatrix=True),
@@ -111,7 +116,7 @@ def parse_quant_list(text: str, *, imatrix: bool = False) -> list[QuantType]:
         if quant.needs_imatrix and not imatrix:
             raise UnsupportedQuantError(
                 quant.name, "llama.cpp makes this type only with an importance matrix: pass "
-                "--imatrix FILE (llama.cpp's GGUF imatrix format), or try Q2_K or IQ3_XXS")
+                "--imatrix FILE (llama.cpp's GGUF imatrix format), or try Q3_K_S or Q2_K")
         seen.setdefault(quant.name, quant)
     return list(seen.values())
 

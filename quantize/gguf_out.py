@@ -58,8 +58,14 @@ class _Streamed:
     qtype: gguf.GGMLQuantizationType
     nbytes: int
     progress: Progress | None
+    skeleton: bool = False
 
     def tofile(self, fout: IO[bytes]) -> None:
+        if self.skeleton:
+            # A hole, not zeros: the file has its full size and costs no disk for its data.
+            fout.seek(self.nbytes - 1, io.SEEK_CUR)
+            fout.write(b"\0")
+            return
         row_bytes = self.nbytes // len(self.planned.parts)
         for load in self.planned.parts:
             encoded = encode(load(), self.qtype)
@@ -83,8 +89,14 @@ def write_gguf(
     file_type: int,
     metadata: Callable[[gguf.GGUFWriter], None],
     progress: Progress | None = None,
+    *,
+    skeleton: bool = False,
 ) -> None:
-    """Write ``plan`` to ``path``; ``metadata`` adds the vocab, template and provenance keys."""
+    """Write ``plan`` to ``path``; ``metadata`` adds the vocab, template and provenance keys.
+
+    ``skeleton``: every header byte as it would be, and no tensor data: the data region is a
+    sparse hole that reads as zeros (what llama.cpp's quantizer needs to plan the output file).
+    """
     writer = gguf.GGUFWriter(path, family.arch_name)
     try:
         family.set_gguf_parameters(writer)
@@ -102,7 +114,7 @@ def write_gguf(
                 byte_shape = gguf.quant_shape_to_byte_shape(planned.shape, qtype)
                 writer.add_tensor_info(planned.name, byte_shape, np.dtype(np.uint8), nbytes,
                                        raw_dtype=qtype)
-            streamed.append(_Streamed(planned, qtype, nbytes, progress))
+            streamed.append(_Streamed(planned, qtype, nbytes, progress, skeleton))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()

@@ -23,10 +23,10 @@ _QUIET: list[object] = []
 
 
 @contextlib.contextmanager
-def captured_llama_log() -> Iterator[list[str]]:
+def captured_llama_log(keep: int | None = 200) -> Iterator[list[str]]:
     """Route llama.cpp's log into a list for the duration (it is process-wide).
 
-    Afterwards llama.cpp's log stays silent: localmed loads models with ``verbose=False``, and
+    ``keep``: the last pieces kept (None: all). Afterwards llama.cpp's log stays silent: localmed loads models with ``verbose=False``, and
     its messages would otherwise land on the terminal under the progress bars or the chat app.
     """
     import llama_cpp
@@ -36,7 +36,8 @@ def captured_llama_log() -> Iterator[list[str]]:
     @llama_cpp.llama_log_callback
     def _callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         lines.append(text.decode("utf-8", errors="replace"))
-        del lines[:-200]
+        if keep is not None:
+            del lines[:-keep]
 
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
     try:
@@ -61,11 +62,28 @@ def _kv_overrides(values: Mapping[str, str]):
     return array  # the zeroed last slot ends the list
 
 
+def _reason(log: list[str], status: int) -> str:
+    """The line of llama.cpp's log that explains a failure, said plainly where it is known."""
+    text = "".join(log)
+    if "requires an importance matrix" in text or "requires an imatrix" in text:
+        tensor = next((line.split("offending tensor:", 1)[1].strip() for line in text.splitlines()
+                       if "offending tensor:" in line), "")
+        target = next((line.split("target type:", 1)[1].strip() for line in text.splitlines()
+                       if "target type:" in line), "")
+        which = f" ({tensor} would be {target})" if tensor and target else ""
+        return (f"llama.cpp needs an importance matrix for this model at this type{which}: "
+                "use --imatrix auto (the default) or --imatrix FILE")
+    return next((line.strip() for line in reversed(log) if "error" in line.lower()
+                 or "failed" in line.lower()), f"llama.cpp returned {status}")
+
+
 def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | None = None,
                    metadata: Mapping[str, str] | None = None,
                    imatrix: ImportanceMatrix | None = None,
-                   progress: Callable[[int], None] | None = None) -> None:
+                   progress: Callable[[int], None] | None = None,
+                   label: Path | str | None = None) -> None:
     """Quantize GGUF ``src`` to ``dst`` as ``quant``; ``metadata`` string keys are set in ``dst``.
+    ``label`` is what a failure names (default ``src``).
 
     ``progress`` receives the bytes written so far, polled from the growing output file (the
     quantizer has no callback of its own).
@@ -100,8 +118,40 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | Non
             if watcher:
                 watcher.join()
     if status != 0:
-        reason = next((line.strip() for line in reversed(log) if "error" in line.lower()
-                       or "failed" in line.lower()), f"llama.cpp returned {status}")
-        raise QuantizeError(src, quant.name, reason)
+        raise QuantizeError(label or src, quant.name, _reason(log, status))
     if progress:
         progress(dst.stat().st_size)
+
+
+_NEEDS_MATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
+"""ggml types llama.cpp's quantizer refuses to write without a matrix (``llama-quant.cpp``,
+``tensor_requires_imatrix``; also Q2_K inside a Q2_K_S file)."""
+
+
+def llama_requires_imatrix(src: Path, quant: QuantType) -> str:
+    """llama.cpp's layout pass for ``quant`` over GGUF ``src`` as a dry run (headers only, no
+    tensor data read or written): ``""`` when it can be made without an importance matrix,
+    else which tensor needs one (``"blk.0.attn_k.weight would be iq2_s"``, or ``"some
+    tensors"`` where the log does not say)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(quant.ftype)
+    params.dry_run = True
+    with captured_llama_log(keep=None) as log:
+        status = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(),
+                                                ctypes.byref(params))
+    if status != 0:
+        raise QuantizeError(src, quant.name, _reason(log, status))
+    text = "".join(log)
+    if "will require an imatrix" not in text:
+        return ""
+    needs = _NEEDS_MATRIX + (("q2_K",) if quant.name == "Q2_K_S" else ())
+    # Each tensor's line: "[  4/ 21] name - [shape], type = f16, size = ... MiB (iq2_s)".
+    for line in text.splitlines():
+        if "] " in line and line.rstrip().endswith(")"):
+            name = line.split("] ", 1)[1].split()[0]
+            target = line.rstrip()[:-1].rsplit("(", 1)[-1]
+            if target in needs and not name.startswith(("token_embd.", "output.")):
+                return f"{name} would be {target}"
+    return "some tensors"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -70,7 +71,7 @@ from quantize.llama_cpp_source import (
     find_converter,
     run_converter,
 )
-from quantize.llama_quant import llama_quantize
+from quantize.llama_quant import llama_quantize, llama_requires_imatrix
 from quantize.vocab import LoadedVocab, load_vocab, write_vocab
 
 
@@ -249,9 +250,14 @@ def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "aut
                       why=why or f"{checkpoint.architecture} is converted by llama.cpp")
 
 
-def check_disk(conv: Conversion, quants: list[QuantType], out_dir: Path) -> None:
+def check_disk(conv: Conversion, quants: list[QuantType], out_dir: Path, *,
+               direct: bool = True, auto_matrix: bool = False) -> None:
     need = sum(conv.estimate_bytes(q) for q in quants)
-    if conv.llama_cpp is not None:
+    if conv.llama_cpp is None and direct:
+        if auto_matrix and not any(q.direct for q in quants):
+            # the matrix may have to be computed on a temporary Q8_0 model first
+            need = max(need, conv.estimate_bytes(QUANT_TYPES["Q8_0"]))
+    elif conv.llama_cpp is not None:
         # the converter's file, and each output once more while its metadata is added
         need += conv.estimate_bytes(_llama_cpp_outtype(conv, quants))
         need += max(conv.estimate_bytes(q) for q in quants)
@@ -302,11 +308,6 @@ AUTO_CHUNKS, AUTO_CTX = 32, 512
 """Calibration run of ``--imatrix auto``: 32 chunks of 512 tokens (about 40 PubMedQA abstracts)."""
 
 
-def low_bit(quant: QuantType) -> bool:
-    """Types of 4 bits and fewer: where an importance matrix pays (``--imatrix auto``)."""
-    return quant.needs_imatrix or quant.name.startswith(("Q4", "Q3", "Q2", "IQ"))
-
-
 @dataclass
 class AutoImatrix:
     """``--imatrix auto``: the cached medical matrix of this source, or one computed on the
@@ -322,13 +323,17 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
                  allow_pickle: bool = False, threads: int | None = None,
                  console: Console | None = None, converter: str = "auto",
                  imatrix: Path | str | None = None,
-                 calibration: Path | None = None) -> list[Output]:
+                 calibration: Path | None = None, direct: bool = True) -> list[Output]:
     """Convert ``source`` to every quant in ``quants``; returns the files written.
 
     ``imatrix``: a file in llama.cpp's GGUF imatrix format (used for every quantized type), or
     ``"auto"`` (for the types of 4 bits and fewer: the cached medical matrix of this source, or
     one computed from ``calibration`` text, PubMedQA abstracts by default), or None. llama.cpp's
     quantizer weights its rounding error by it, and the I-quants become possible.
+
+    ``direct``: on localmed's converter path, write llama.cpp-quantized files straight from the
+    checkpoint (quantize/direct.py), with no full-size intermediate on disk; False takes the
+    F16/BF16-intermediate path (also the only one when llama.cpp's converter is used).
     """
     console = console or Console(stderr=True)
     out_dir = out_dir or paths.models_dir()
@@ -338,7 +343,7 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     matrix = read_imatrix(matrix_file) if matrix_file is not None else None
     auto_texts: list[str] = []
     calibration = calibration or calibration_path()
-    if auto and any(low_bit(q) for q in quants):
+    if auto and any(q.low_bit for q in quants):
         if calibration.is_file():
             auto_texts = read_documents(calibration, fields=CALIBRATION_FIELDS)
         elif any(q.needs_imatrix for q in quants):
@@ -364,10 +369,13 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
                                         f"{conv.checkpoint.architecture} checkpoint")
     check_output_dir(out_dir)
     check_outputs(out_dir, source.name, quants)
-    check_disk(conv, quants, out_dir)
+    check_disk(conv, quants, out_dir, direct=direct, auto_matrix=bool(auto_texts))
     if conv.llama_cpp is not None:
         console.print(f"[dim]converter: {conv.converter} ({conv.why})[/]")
-    if auto and any(low_bit(q) for q in quants) and not auto_texts:
+    else:
+        check_layouts(conv, [q for q in quants if not q.direct and not (
+            matrix is not None or (auto_texts and q.low_bit))], out_dir)
+    if auto and any(q.low_bit for q in quants) and not auto_texts:
         console.print(f"[yellow]note:[/] no medical calibration text at {calibration}: "
                       "quantizing without an importance matrix (`localmed data pull "
                       "calibration` makes --imatrix auto compute one)")
@@ -389,7 +397,16 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
             if quant not in via_llama:
                 outputs.append(_write_direct(conv, quant,
                                              output_path(out_dir, source.name, quant), bar))
-        if via_llama:
+        if via_llama and native and direct:
+            if pending is not None:
+                with _calibration_model(conv, out_dir, outputs, bar) as model:
+                    _compute_auto_imatrix(conv, pending, model, threads, bar)
+            with _skeleton(conv, out_dir) as skeleton:
+                for quant in via_llama:
+                    outputs.append(_write_streamed(conv, quant, skeleton,
+                                                   output_path(out_dir, source.name, quant),
+                                                   threads, bar))
+        elif via_llama:
             base_file = _intermediate(conv, out_dir, outputs, bar) if native else \
                 _converted_by_llama_cpp(conv, quants, out_dir, bar)
             with base_file as base:
@@ -411,7 +428,7 @@ def _auto_imatrix(conv: Conversion, quants: list[QuantType], texts: list[str],
     key = hashlib.sha256(json.dumps([conv.input_hashes, digest, AUTO_CHUNKS, AUTO_CTX],
                                     sort_keys=True).encode()).hexdigest()[:12]
     cache = paths.data_dir() / "imatrix" / f"{conv.source.name}-{key}.imatrix.gguf"
-    conv.imatrix_quants = frozenset(q.name for q in quants if low_bit(q))
+    conv.imatrix_quants = frozenset(q.name for q in quants if q.low_bit)
     if cache.is_file():
         console.print(f"[dim]imatrix: reusing {cache}[/]")
         _use_imatrix(conv, read_imatrix(cache), cache)
@@ -472,6 +489,92 @@ def _intermediate(conv: Conversion, out_dir: Path, outputs: list[Output],
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def _calibration_model(conv: Conversion, out_dir: Path, outputs: list[Output],
+                       bar: Progress) -> Iterator[Path]:
+    """A model to compute ``--imatrix auto``'s matrix on, when no intermediate file exists: a
+    requested F32/F16/BF16/Q8_0 output, or a temporary Q8_0 file (half of F16's disk; Q8_0's KLD
+    to F16 is ~1e-3, far below what a calibration text's choice moves a matrix by)."""
+    existing = next((o.path for o in outputs if o.quant in DIRECT_TENSOR_TYPE), None)
+    if existing is not None:
+        yield existing
+        return
+    kind = QUANT_TYPES["Q8_0"]
+    tmp = temp_path_for(out_dir / f"{conv.source.name}.{kind.name}.calibration.gguf")
+    try:
+        target = DIRECT_TENSOR_TYPE[kind.name]
+        task = bar.add_task("convert Q8_0 (for the imatrix)",
+                            total=planned_bytes(conv.plan, target))
+        write_gguf(tmp, conv.family, conv.plan, target, int(kind.ftype),
+                   lambda writer: conv.add_metadata(writer, kind),
+                   progress=lambda n: bar.advance(task, n))
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def _skeleton(conv: Conversion, out_dir: Path) -> Iterator[Path]:
+    """The intermediate file's header over a sparse, unwritten data region."""
+    kind = conv.intermediate
+    tmp = temp_path_for(out_dir / f"{conv.source.name}.{kind.name}.skeleton.gguf")
+    try:
+        write_gguf(tmp, conv.family, conv.plan, DIRECT_TENSOR_TYPE[kind.name], int(kind.ftype),
+                   lambda writer: conv.add_metadata(writer, kind), skeleton=True)
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def check_layouts(conv: Conversion, unweighted: list[QuantType], out_dir: Path) -> None:
+    """Types llama.cpp will refuse for this model without a matrix, refused before any work.
+
+    Which tensors need one depends on the model (rows too short for a type fall back to IQ2
+    types on a small model, for IQ3_XXS): llama.cpp's own layout pass decides, as a dry run on
+    the skeleton."""
+    if not unweighted:
+        return
+    with _skeleton(conv, out_dir) as skeleton:
+        for quant in unweighted:
+            tensor = llama_requires_imatrix(skeleton, quant)
+            if tensor:
+                raise UnsupportedQuantError(
+                    quant.name, f"llama.cpp needs an importance matrix for this model at this "
+                    f"type ({tensor}): use --imatrix auto (the default) or --imatrix FILE")
+
+
+def _overrides(conv: Conversion, quant: QuantType) -> dict[str, str]:
+    """Keys a native intermediate carries for another type: set on llama.cpp's output."""
+    return {gguf_key("quant"): quant.name, gguf_key("created"): conv.created,
+            **{gguf_key(k): v for k, v in conv._imatrix_fields(quant).items()}}
+
+
+def _write_streamed(conv: Conversion, quant: QuantType, skeleton: Path, final: Path,
+                    threads: int | None, bar: Progress) -> Output:
+    """llama.cpp lays the file out from the skeleton; ggml's row quantizers fill it from the
+    checkpoint (quantize/direct.py)."""
+    from quantize.direct import fill_tensors
+
+    matrix = conv.imatrix if quant.name in conv.imatrix_quants else None
+    estimate = conv.estimate_bytes(quant)
+    plan_task = bar.add_task(f"lay out {quant.name} (llama.cpp)", total=estimate)
+    task = bar.add_task(f"quantize {quant.name}", total=estimate)
+    with atomic_path(final) as tmp:
+        _run_interruptible(lambda: llama_quantize(
+            skeleton, tmp, quant, threads=threads, metadata=_overrides(conv, quant),
+            imatrix=matrix, progress=lambda n: bar.update(plan_task, completed=n),
+            label=conv.source.label))
+        size = tmp.stat().st_size
+        bar.update(plan_task, total=size, completed=size)
+        bar.update(task, total=size)
+        fill_tensors(tmp, conv.plan, DIRECT_TENSOR_TYPE[conv.intermediate.name], matrix=matrix,
+                     threads=threads or os.cpu_count() or 1,
+                     progress=lambda n: bar.advance(task, n))
+    return _finish(conv, quant, final)
+
+
 def _llama_cpp_outtype(conv: Conversion, quants: list[QuantType]) -> QuantType:
     """What llama.cpp's converter writes: F32 when F32 is asked for, else F16/BF16."""
     return QUANT_TYPES["F32"] if QUANT_TYPES["F32"] in quants else conv.intermediate
@@ -516,8 +619,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
     metadata already (``quant`` and ``created`` are set as overrides); a file from llama.cpp's
     converter gets it while the quantized file is copied into place."""
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
-    overrides = {gguf_key("quant"): quant.name, gguf_key("created"): conv.created,
-                 **{gguf_key(k): v for k, v in conv._imatrix_fields(quant).items()}}
+    overrides = _overrides(conv, quant)
     matrix = conv.imatrix if quant.name in conv.imatrix_quants else None
     if matrix is not None and conv.family is None:
         check_matches(matrix, {t.name: t.shape for t in read_header(base).tensors},
@@ -526,7 +628,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
         if conv.llama_cpp is None:
             _run_interruptible(lambda: llama_quantize(
                 base, tmp, quant, threads=threads, metadata=overrides, imatrix=matrix,
-                progress=lambda n: bar.update(task, completed=n)))
+                progress=lambda n: bar.update(task, completed=n), label=conv.source.label))
         elif gguf_file_type(base) == int(quant.ftype):
             # already the type asked for: only localmed's metadata is added
             copy_with_metadata(base, tmp, conv.metadata(quant),
@@ -536,7 +638,8 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
             try:
                 _run_interruptible(lambda: llama_quantize(
                     base, staged, quant, threads=threads, imatrix=matrix,
-                    progress=lambda n: bar.update(task, completed=n // 2)))
+                    progress=lambda n: bar.update(task, completed=n // 2),
+                    label=conv.source.label))
                 size = staged.stat().st_size
                 bar.update(task, total=2 * size, completed=size)
                 copy_with_metadata(staged, tmp, conv.metadata(quant),

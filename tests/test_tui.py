@@ -259,3 +259,56 @@ class TestOverlongMessages:
             assert app.session.conversation.messages == before
             assert len(list(app.screen.query(MessageView))) == 2
             assert not isinstance(app.screen, ErrorScreen)
+
+
+class TestEngineProcess:
+    """The model runs in its own process; when that process dies the app stays up."""
+
+    async def test_the_engine_killed_mid_reply(self, smollm2, tmp_path, monkeypatch):
+        import contextlib
+        import os
+        import signal
+
+        from textual.worker import WorkerFailed
+
+        from localmed.engine import open_engine
+        from localmed.formats import LoadOptions
+        from tui.modals import EngineDiedScreen
+
+        monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+        runtime = open_engine(smollm2["gguf"], LoadOptions(n_ctx=1024))
+        model = ChatModel("SmolLM2", smollm2["gguf"], None, "")
+        session = ChatSession.open(model, runtime)
+        session.params = GenerationParams(temperature=0.0, max_tokens=600)
+        app = LocalmedApp(session)
+        try:
+            async with app.run_test(size=SIZE) as pilot:
+                screen = app.screen
+                prompt = screen.query_one("#prompt")
+                prompt.value = "Write a long list of the causes of chest pain, with details."
+                await pilot.press("enter")
+                first_pid = runtime.pid
+                while not (replies(app) and replies(app)[-1].markdown.source.strip()):
+                    await pilot.pause(0.05)  # until the reply has begun on screen
+                os.kill(first_pid, signal.SIGKILL)
+                with contextlib.suppress(WorkerFailed):  # the app handles it; asserted below
+                    await screen.workers.wait_for_complete()
+                await pilot.pause()
+                assert isinstance(app.screen, EngineDiedScreen)
+                shown = " ".join(str(w.render()) for w in app.screen.query("Static"))
+                assert "SIGKILL" in shown and "conversation is kept" in shown
+                messages = session.conversation.messages
+                assert messages[0].role == "user" and "chest pain" in messages[0].content
+                assert messages[-1].role == "assistant" and messages[-1].content  # the part
+                await pilot.press("enter")  # reload
+                await pilot.pause()
+                await screen.workers.wait_for_complete()
+                await pilot.pause()
+                assert isinstance(app.screen, ChatScreen) and not screen.engine_down
+                assert runtime.alive and runtime.pid != first_pid
+                session.params = GenerationParams(temperature=0.0, max_tokens=8)
+                await send(pilot, "What is the capital of France?")
+                assert len(session.conversation.messages) == 4
+                assert session.conversation.messages[-1].content
+        finally:
+            runtime.close()

@@ -17,10 +17,16 @@ from textual.worker import Worker, WorkerState
 
 from localmed.chat import ChatSession
 from localmed.conversation import Conversation
-from localmed.errors import LocalmedError
+from localmed.errors import EngineDiedError, LocalmedError
 from localmed.runtime import describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
-from tui.modals import ErrorScreen, InfoScreen, SystemPromptScreen, TemplateScreen
+from tui.modals import (
+    EngineDiedScreen,
+    ErrorScreen,
+    InfoScreen,
+    SystemPromptScreen,
+    TemplateScreen,
+)
 from tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 
 FLUSH_SECONDS = 0.05
@@ -33,6 +39,7 @@ HELP_ROWS = [
     ("F3", "system prompt"),
     ("F4", "model info: template, quant, offload, provenance"),
     ("F5", "turn saving of conversations on/off (off by default)"),
+    ("F6", "reload the model after its engine stopped (the conversation stays)"),
     ("Ctrl+B", "show/hide saved conversations"),
     ("Ctrl+E", "export this conversation to Markdown (disclaimer included)"),
     ("Ctrl+Y", "copy the last reply"),
@@ -52,6 +59,7 @@ class ChatScreen(Screen):
         Binding("f3", "system_prompt", "System prompt"),
         Binding("f4", "model_info", "Model info"),
         Binding("f5", "toggle_saving", "Saving"),
+        Binding("f6", "reload", "Reload model", show=False),
         Binding("ctrl+b", "toggle_sidebar", "History", priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
@@ -69,12 +77,16 @@ class ChatScreen(Screen):
 
         dropped_turns: int
 
+    class Reloaded(Message):
+        """The model's engine is running again."""
+
     def __init__(self, session: ChatSession) -> None:
         super().__init__()
         self.session = session
         self._stream: MarkdownStream | None = None
         self._reply: MessageView | None = None
         self.generating = False
+        self.engine_down = False
 
     # --- layout ---------------------------------------------------------------------------------
 
@@ -112,6 +124,10 @@ class ChatScreen(Screen):
             return
         if self.generating:
             self.notify("A reply is still coming: wait, or press Esc to stop it.")
+            return
+        if self.engine_down:
+            self.notify("The model is not running: press F6 to reload it (your text stays).",
+                        severity="warning")
             return
         try:
             self.session.check_fits(text)
@@ -169,6 +185,12 @@ class ChatScreen(Screen):
         self.generating = False
 
     async def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.worker.group == "reload" and event.state == WorkerState.ERROR:
+            self.engine_down = True
+            self.refresh_status("model not loaded: F6 reloads it")
+            self.app.push_screen(ErrorScreen(self.session.model.advisory,
+                                             f"Reloading failed: {event.worker.error}"))
+            return
         if event.worker.group != "generate" or event.state != WorkerState.ERROR:
             return
         await self._end_stream()
@@ -176,6 +198,17 @@ class ChatScreen(Screen):
         if self._reply is not None and (not messages or not messages[-1].content):
             await self._reply.remove()
         error = event.worker.error
+        if isinstance(error, EngineDiedError):
+            self.engine_down = True
+            self.refresh_status("model stopped: F6 reloads it")
+
+            def answered(reload: bool | None) -> None:
+                if reload:
+                    self.action_reload()
+
+            self.app.push_screen(EngineDiedScreen(self.session.model.advisory, str(error)),
+                                 answered)
+            return
         # A user's mistake reads as its one line; anything else is never shown raw.
         message = str(error) if isinstance(error, LocalmedError) else (
             "The reply failed unexpectedly inside the model runtime. The conversation is kept; "
@@ -186,6 +219,28 @@ class ChatScreen(Screen):
     def action_stop(self) -> None:
         if self.generating:
             self.session.stop()
+
+    def action_reload(self) -> None:
+        """Load the model again after its engine died (F6); the conversation stays."""
+        if not self.engine_down or self.generating:
+            self.notify("The model is running." if not self.engine_down else
+                        "A reply is still coming.")
+            return
+        self.refresh_status("reloading the model…")
+        self.reload_engine()
+
+    @work(thread=True, exclusive=True, exit_on_error=False, group="reload")
+    def reload_engine(self) -> None:
+        restart = getattr(self.session.runtime, "restart", None)
+        if restart is None:
+            raise LocalmedError("this model runs inside the app and cannot be reloaded")
+        restart()
+        self.post_message(self.Reloaded())
+
+    def on_chat_screen_reloaded(self, message: Reloaded) -> None:
+        self.engine_down = False
+        self.refresh_status()
+        self.notify("Model reloaded. The conversation is as it was; send your message again.")
 
     # --- commands -------------------------------------------------------------------------------
 

@@ -120,3 +120,27 @@ class ErrorScreen(BannerModal):
         yield Label("Something went wrong", classes="dialog-title")
         yield Static(Text(self.message))
         yield Static("Enter or Esc: close", classes="hint")
+
+
+class EngineDiedScreen(BannerModal):
+    """The model's engine process ended; the conversation is kept. Returns True to reload."""
+
+    BINDINGS = [Binding("enter", "reload", "Reload"), Binding("ctrl+q", "quit_app", "Quit",
+                                                              priority=True),
+                *BannerModal.BINDINGS]
+
+    def __init__(self, advisory: str, message: str) -> None:
+        super().__init__(advisory)
+        self.message = message
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("The model stopped", classes="dialog-title")
+        yield Static(Text(self.message))
+        yield Static("Your conversation is kept.", classes="hint")
+        yield Static("Enter: reload the model · Esc: not now · Ctrl+Q: quit", classes="hint")
+
+    def action_reload(self) -> None:
+        self.dismiss(True)
+
+    def action_quit_app(self) -> None:
+        self.app.exit()

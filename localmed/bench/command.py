@@ -20,6 +20,7 @@ from localmed.bench.runner import (
 from localmed.bench.suites import KNOWN_SUITES, Suite, load_suite, resolve_suite
 from localmed.documents import read_documents
 from localmed.errors import LocalmedError, SuiteError, UnknownModelError
+from localmed.model_info import ModelInfo
 from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
@@ -40,7 +41,7 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
     folder = Path(spec).expanduser()
     if folder.is_dir():
         infos = formats.models_in(folder)
-        files = {info.quant: info.path for info in infos}
+        files = _by_label(infos)
         entry = next((registry[i.model_id] for i in infos if i.model_id in registry), None)
         return BenchModel(folder.name, files, entry,
                           "localmed quantize SOURCE --quant QUANT --out " + str(folder))
@@ -51,13 +52,34 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
     infos = formats.models_in(models, lambda p: p.name.startswith(f"{entry.id}.")
                               or p.name.startswith(f"{entry.id}-GPTQ-")) \
         if models.is_dir() else []
-    files = {info.quant: info.path for info in infos}
+    files = _by_label(infos)
     return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
 
 
+def _by_label(infos: list[ModelInfo]) -> dict[str, Path]:
+    """Files by their bench row (``Q3_K_M``, ``Q3_K_M+imatrix``); a second file with the same
+    label is named by its file name."""
+    files: dict[str, Path] = {}
+    for info in infos:
+        label = info.label if info.label not in files else info.path.name
+        files[label] = info.path
+    return files
+
+
+def resolve_label(name: str, files: dict[str, Path]) -> str:
+    """``--quants``/``--reference`` names: a row label as shown, or a quant name
+    (``q3_k_m`` finds ``Q3_K_M``, or ``Q3_K_M+imatrix`` when that is the only one)."""
+    if name in files:
+        return name
+    quant = get_quant(name.removesuffix("+imatrix")).name
+    label = quant + ("+imatrix" if name.endswith("+imatrix") else "")
+    if label not in files and f"{quant}+imatrix" in files and not name.endswith("+imatrix"):
+        return f"{quant}+imatrix"
+    return label
+
+
 def select_quants(model: BenchModel, wanted: list[str] | None, reference: str) -> dict[str, Path]:
-    names = [q if q in model.files else get_quant(q).name for q in wanted] if wanted \
-        else list(model.files)
+    names = [resolve_label(q, model.files) for q in wanted] if wanted else list(model.files)
     if reference not in names:
         names.insert(0, reference)
     missing = [q for q in names if q not in model.files]
@@ -101,8 +123,7 @@ def model_loader(threads: int | None) -> object:
 def run(args: object, console: Console, err: Console) -> int:
     registry = Registry.load()
     model = find_model_files(args.model, registry)
-    reference = args.reference if args.reference in model.files else \
-        get_quant(args.reference).name
+    reference = resolve_label(args.reference, model.files)
     wanted = [q for q in args.quants.split(",") if q.strip()] if args.quants else None
     files = select_quants(model, wanted, reference)
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from localmed import formats
 from localmed.atomic import write_text_atomic
 from localmed.bench.runner import BenchConfig, Records
 from localmed.bench.scoring import kl_divergence
@@ -35,6 +36,9 @@ def aggregate(config: BenchConfig) -> dict[str, Any]:
     records = Records(config.out)
     runs = []
     for quant in config.quants:
+        provenance = formats.describe(config.files[quant]).provenance
+        imatrix = {"file": provenance.imatrix_file, "sha256": provenance.imatrix_sha256} \
+            if provenance and provenance.imatrix_file else None
         speed_path = records.root / quant / "speed.json"
         speed = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
         text = _text_metrics(records, quant)
@@ -53,7 +57,7 @@ def aggregate(config: BenchConfig) -> dict[str, Any]:
             kld = [kl_divergence(ref_rows[i]["probs"], rows[i]["probs"]) for i in indices]
             card = config.entry.scores.get(suite.name) if config.entry else None
             runs.append({
-                "quant": quant, "suite": suite.name, "n": n,
+                "quant": quant, "suite": suite.name, "n": n, "imatrix": imatrix,
                 "accuracy": k / n if n else None,
                 "accuracy_ci": list(wilson_interval(k, n)) if n else None,
                 "delta": delta, "delta_ci": list(delta_ci),

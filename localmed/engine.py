@@ -1,0 +1,236 @@
+"""A loaded model in its own process, behind the :class:`Runtime` interface.
+
+The chat app and the server talk to the model over a local pipe (``multiprocessing``, spawned:
+nothing on the network, no fork of a process that holds threads). Decoding then never shares an
+interpreter, or its GIL, with Textual's rendering or the HTTP server; and when the engine dies
+(SIGILL on a CPU without the instructions the build assumed, the OOM killer, a llama.cpp abort)
+the caller gets an :class:`EngineDiedError` saying so in one line, keeps its state, and can
+:meth:`EngineRuntime.restart`.
+
+Protocol (pickled tuples): the caller sends ``(op, *args)``; the engine answers ``("ok", value)``,
+``("error", kind, message)``, or, for ``stream``, ``("piece", text)``… then ``("done", stats)``.
+Stopping goes through a shared event the engine checks after every token, as in-process.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localmed.errors import EngineDiedError, EngineError, LocalmedError
+from localmed.runtime import GenerationParams, GenerationStats, Runtime
+
+_STDERR_TAIL = 4096
+
+
+def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
+    """The engine process: load the model, then answer requests until ``close`` or EOF."""
+    # The terminal's Ctrl-C belongs to the app, which stops or closes the engine itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # llama.cpp writes to fd 2; in a TUI that would land on the screen. Kept for crash reports.
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+    os.dup2(log_fd, 2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    from localmed import formats
+
+    try:
+        runtime = formats.load_runtime(Path(path), options)
+    except Exception as exc:
+        conn.send(("error", _portable(exc)))
+        return
+    runtime._stop = stop  # the shared event: the caller's stop() reaches the token loop
+    conn.send(("ok", (runtime.info, runtime.plan, runtime.n_ctx)))
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            break
+        op, args = request[0], request[1:]
+        if op == "close":
+            break
+        try:
+            if op == "stream":
+                for piece in runtime.stream(*args):
+                    conn.send(("piece", piece))
+                conn.send(("done", runtime.last_stats))
+            elif op == "tokenize":
+                conn.send(("ok", runtime.tokenize(args[0], add_bos=args[1])))
+            elif op == "next_logits":
+                conn.send(("ok", runtime.next_logits(args[0])))
+            elif op == "sequence_logits":
+                conn.send(("ok", runtime.sequence_logits(args[0])))
+            else:
+                conn.send(("error", EngineError(f"unknown request {op!r}")))
+        except Exception as exc:  # the engine survives a bad request, as the app does
+            conn.send(("error", _portable(exc)))
+    runtime.close()
+
+
+def describe_exit(code: int | None) -> str:
+    """An engine's exit status in words."""
+    if code is None:
+        return "is not responding"
+    if code < 0:
+        sig = -code
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        why = {
+            signal.SIGILL: "an instruction this CPU lacks (a llama.cpp build for another CPU?)",
+            signal.SIGKILL: "killed (out of memory?)",
+            signal.SIGABRT: "llama.cpp aborted",
+            signal.SIGSEGV: "a crash in llama.cpp",
+            signal.SIGBUS: "a crash reading the model file (changed or on a removed disk?)",
+        }.get(sig, "a signal")
+        return f"died: {name}, {why}"
+    return f"exited with status {code}"
+
+
+class EngineRuntime(Runtime):
+    """A :class:`Runtime` whose model is loaded in a child process."""
+
+    def __init__(self, path: Path, options: Any) -> None:
+        self.path = Path(path)
+        self.options = options
+        self.last_stats = GenerationStats()
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self._stop = ctx.Event()
+        self._conn, child = ctx.Pipe()
+        log = tempfile.NamedTemporaryFile(prefix="localmed-engine-", suffix=".log", delete=False)
+        log.close()
+        os.chmod(log.name, 0o600)
+        self._log = Path(log.name)
+        self._process = ctx.Process(
+            target=_engine_main, name="localmed-engine", daemon=True,
+            args=(child, self._stop, str(self.path), self.options, str(self._log)))
+        self._process.start()
+        child.close()
+        try:
+            self.info, self.plan, self._n_ctx = self._answer()
+        except BaseException:
+            self.close()
+            raise
+
+    def restart(self) -> None:
+        """Load the model again in a new engine (after it died); the caller's state is kept.
+        Calls from other threads wait for it."""
+        with self._lock:
+            self.close()
+            self._start()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    @property
+    def n_ctx(self) -> int:
+        return self._n_ctx
+
+    def _receive(self) -> tuple[Any, ...]:
+        try:
+            return self._conn.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise EngineDiedError(describe_exit(self._process.exitcode),
+                                  self._stderr_tail()) from None
+
+    def _stderr_tail(self) -> str:
+        try:
+            with self._log.open("rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - _STDERR_TAIL))
+                lines = log.read().decode("utf-8", errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1].strip() if lines else ""
+
+    def _answer(self) -> Any:
+        reply = self._receive()
+        if reply[0] == "ok":
+            return reply[1]
+        raise _remote_error(reply)
+
+    def _send(self, *request: Any) -> None:
+        try:
+            self._conn.send(request)
+        except (BrokenPipeError, OSError):
+            self._process.join(5)
+            raise EngineDiedError(describe_exit(self._process.exitcode),
+                                  self._stderr_tail()) from None
+
+    def _call(self, *request: Any) -> Any:
+        with self._lock:
+            self._send(*request)
+            return self._answer()
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self._call("tokenize", text, add_bos)
+
+    def stream(self, prompt: str, params: GenerationParams | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        with self._lock:
+            self._stop.clear()
+            self._send("stream", prompt, params or GenerationParams(), tuple(stop))
+            self.last_stats = GenerationStats()
+            while True:
+                reply = self._receive()
+                if reply[0] == "piece":
+                    yield reply[1]
+                elif reply[0] == "done":
+                    self.last_stats = reply[1]
+                    return
+                else:
+                    raise _remote_error(reply)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._call("next_logits", list(tokens))
+
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        return self._call("sequence_logits", list(tokens))
+
+    def close(self) -> None:
+        if self._process.is_alive():
+            try:
+                self._conn.send(("close",))
+            except OSError:
+                pass
+            self._process.join(10)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join()
+        self._conn.close()
+        self._log.unlink(missing_ok=True)
+
+
+def _portable(exc: Exception) -> LocalmedError:
+    """localmed's errors cross the pipe as they are; anything else as an EngineError."""
+    if isinstance(exc, LocalmedError):
+        return exc
+    return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+def _remote_error(reply: tuple[Any, ...]) -> LocalmedError:
+    return reply[1]
+
+
+def open_engine(path: Path, options: Any) -> EngineRuntime:
+    """Start an engine process with the model at ``path`` loaded (``options``: LoadOptions)."""
+    return EngineRuntime(path, options)

@@ -1,0 +1,234 @@
+"""``localmed export``: a localmed GGUF for Ollama (a Modelfile) and LM Studio (its folders).
+
+A GGUF imported into Ollama with ``FROM`` alone gets no prompt format and no stop strings, and
+generates past the end of its turn; so the Modelfile carries the model's template translated to
+Ollama's Go template, one ``PARAMETER stop`` per stop string, the context, localmed's sampling
+defaults, and the disclaimer and the model's advisory as its ``SYSTEM``.
+
+Which template: the one ``localmed chat`` would use (``--template``, else the GGUF's embedded
+one, else the registry's). An embedded Jinja template is recognised by rendering a probe
+conversation with it and with each of localmed's named formats; one that matches none has no
+translation, and the export says so rather than guess.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from localmed import __version__, formats
+from localmed.atomic import atomic_path, write_text_atomic
+from localmed.conversation import DISCLAIMER
+from localmed.errors import ExportError
+from localmed.model_info import ModelInfo
+from localmed.registry import ModelEntry
+from localmed.runtime import GenerationParams
+from localmed.templates import TEMPLATES, Message, PromptTemplate, resolve_template
+
+_FIRST_USER_SYSTEM = ('{{- $system := .System }}\n')
+
+OLLAMA_TEMPLATES: dict[str, str] = {
+    # Each renders what localmed's template of the same name renders (BOS is added by the
+    # tokenizer in both). The system prompt comes from .System (the Modelfile's SYSTEM, or a
+    # request's system message); the turns loop skips system messages.
+    "chatml": (
+        '{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}\n'
+        '{{- range $i, $_ := .Messages }}\n'
+        '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+        '{{- if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
+        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n'
+        '{{ end }}\n'
+        '{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant\n{{ end }}\n'
+        '{{- end }}'),
+    "llama3": (
+        '{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n'
+        '{{ .System }}<|eot_id|>{{ end }}\n'
+        '{{- range $i, $_ := .Messages }}\n'
+        '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+        '{{- if ne .Role "system" }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n'
+        '{{ .Content }}<|eot_id|>{{ end }}\n'
+        '{{- if and (ne .Role "assistant") $last }}<|start_header_id|>assistant'
+        '<|end_header_id|>\n\n{{ end }}\n'
+        '{{- end }}'),
+    "gemma": (
+        _FIRST_USER_SYSTEM
+        + '{{- range $i, $_ := .Messages }}\n'
+        '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+        '{{- if eq .Role "user" }}<start_of_turn>user\n'
+        '{{ if $system }}{{ $system }}\n\n{{ $system = "" }}{{ end }}{{ .Content }}'
+        '<end_of_turn>\n'
+        '{{ else if eq .Role "assistant" }}<start_of_turn>model\n{{ .Content }}<end_of_turn>\n'
+        '{{ end }}\n'
+        '{{- if and (ne .Role "assistant") $last }}<start_of_turn>model\n{{ end }}\n'
+        '{{- end }}'),
+    "mistral": (
+        _FIRST_USER_SYSTEM
+        + '{{- range .Messages }}\n'
+        '{{- if eq .Role "user" }}[INST] {{ if $system }}{{ $system }}\n\n'
+        '{{ $system = "" }}{{ end }}{{ .Content }} [/INST]\n'
+        '{{- else if eq .Role "assistant" }}{{ .Content }}</s>\n'
+        '{{- end }}\n'
+        '{{- end }}'),
+    "llama2": (
+        _FIRST_USER_SYSTEM
+        + '{{- $first := true }}\n'
+        '{{- range .Messages }}\n'
+        '{{- if eq .Role "user" }}{{ if not $first }}<s>{{ end }}[INST] '
+        '{{ if $system }}<<SYS>>\n{{ $system }}\n<</SYS>>\n\n{{ $system = "" }}{{ end }}'
+        '{{ .Content }} [/INST]{{ $first = false }}\n'
+        '{{- else if eq .Role "assistant" }} {{ .Content }} </s>\n'
+        '{{- end }}\n'
+        '{{- end }}'),
+    "med42": (
+        '{{- if .System }}<|system|>: {{ .System }}\n{{ end }}\n'
+        '{{- range $i, $_ := .Messages }}\n'
+        '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+        '{{- if eq .Role "user" }}<|prompter|>:{{ .Content }}\n'
+        '{{ else if eq .Role "assistant" }}<|assistant|>:{{ .Content }}\n'
+        '{{ end }}\n'
+        '{{- if and (ne .Role "assistant") $last }}<|assistant|>:{{ end }}\n'
+        '{{- end }}'),
+    "alpaca": (
+        '{{- if .System }}{{ .System }}{{ else }}Below is an instruction that describes a task. '
+        'Write a response that appropriately completes the request.{{ end }}\n\n'
+        '{{ range $i, $_ := .Messages }}\n'
+        '{{- $last := eq (len (slice $.Messages $i)) 1 }}\n'
+        '{{- if eq .Role "user" }}### Instruction:\n{{ .Content }}\n\n'
+        '{{ else if eq .Role "assistant" }}### Response:\n{{ .Content }}\n\n'
+        '{{ end }}\n'
+        '{{- if and (ne .Role "assistant") $last }}### Response:\n{{ end }}\n'
+        '{{- end }}'),
+}
+"""localmed's named templates in Ollama's Go template language (``.System``, ``.Messages``)."""
+
+_PROBE = [Message("user", "PROBE-U1"), Message("assistant", "PROBE-A1"),
+          Message("user", "PROBE-U2")]
+
+
+def named_equivalent(template: PromptTemplate) -> str | None:
+    """Which named template renders exactly as ``template`` (a GGUF's embedded one), if any,
+    with a system prompt (an exported model always has one: the disclaimer)."""
+    if template.name in TEMPLATES:
+        return template.name
+    for name, candidate in TEMPLATES.items():
+        try:
+            same = all(template.render(_PROBE, system=system) ==
+                       candidate.render(_PROBE, system=system) for system in ("PROBE-S",))
+        except Exception:  # a template that refuses the probe is not this one
+            same = False
+        if same:
+            return name
+    return None
+
+
+@dataclass(frozen=True)
+class ExportSource:
+    """A GGUF to export and the facts its Modelfile states."""
+
+    info: ModelInfo
+    entry: ModelEntry | None
+    template: str
+    """Name of localmed's template (a key of OLLAMA_TEMPLATES)."""
+    stops: tuple[str, ...]
+    n_ctx: int
+    name: str
+    """Ollama model name (``meditron3-8b:q4_k_m``)."""
+
+
+def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None,
+            n_ctx: int | None = None) -> ExportSource:
+    """Check the model and pick its template; refuses what Ollama/LM Studio cannot take."""
+    info = formats.describe(path)
+    if info.format != "gguf":
+        raise ExportError(path, f"is a {info.format.upper()} model; Ollama and LM Studio run GGUF "
+                          "files: export a GGUF made by `localmed quantize`")
+    choice = resolve_template(
+        template, embedded=info.chat_template, bos_token=info.bos_token,
+        eos_token=info.eos_token, registry_default=entry.template if entry else None,
+        model_label=entry.id if entry else path.name)
+    name = named_equivalent(choice.template)
+    if name is None or name not in OLLAMA_TEMPLATES:
+        raise ExportError(path, "its chat template is not one localmed can translate to "
+                          f"Ollama's ({', '.join(OLLAMA_TEMPLATES)}); if it is one of these, "
+                          "pass --template NAME")
+    trained = info.context_length or 4096
+    ctx = min(n_ctx or min(trained, 4096), trained)
+    base = entry.id if entry else re.sub(r"\.(gguf)$", "", path.name).rsplit(".", 1)[0]
+    tag = info.label.lower().replace("+", "-")
+    clean = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.") or "model"
+    return ExportSource(info, entry, name, TEMPLATES[name].stop, ctx, f"{clean}:{tag}")
+
+
+def _quote(value: str) -> str:
+    if '"""' in value:
+        raise ExportError(value[:40], 'contains """, which a Modelfile cannot quote')
+    return f'"""{value}"""' if "\n" in value or '"' in value else f'"{value}"'
+
+
+def modelfile(source: ExportSource, params: GenerationParams | None = None) -> str:
+    """The Modelfile text: FROM, TEMPLATE, SYSTEM, stops, context and sampling."""
+    params = params or GenerationParams()
+    info = source.info
+    system = DISCLAIMER + (f"\n\n{info.advisory}" if info.advisory else "")
+    lines = [
+        f"# Made by localmed {__version__} from {info.path.name} ({info.label}).",
+        "# The SYSTEM prompt carries localmed's disclaimer; keep it in front of users.",
+        f"FROM {info.path.resolve()}",
+        f'TEMPLATE """{OLLAMA_TEMPLATES[source.template]}"""',
+        f'SYSTEM """{system}"""',
+        *(f"PARAMETER stop {_quote(stop)}" for stop in source.stops),
+        f"PARAMETER num_ctx {source.n_ctx}",
+        f"PARAMETER temperature {params.temperature}",
+        f"PARAMETER top_p {params.top_p}",
+        f"PARAMETER top_k {params.top_k}",
+        f"PARAMETER min_p {params.min_p}",
+        f"PARAMETER repeat_penalty {params.repeat_penalty}",
+    ]
+    if source.entry is not None:
+        lines.insert(2, f"# Licence: {source.entry.license}")
+    return "\n".join(lines) + "\n"
+
+
+def export_ollama(source: ExportSource, folder: Path) -> tuple[Path, str]:
+    """Write ``folder/Modelfile``; returns it and the ``ollama create`` command."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "Modelfile"
+    if path.is_dir():
+        raise ExportError(path, "is a folder")
+    write_text_atomic(path, modelfile(source))
+    return path, f"ollama create {source.name} -f {path.resolve()}"
+
+
+def lmstudio_models_dir() -> Path:
+    """LM Studio's models folder: ~/.lmstudio/models (0.3 and later), or the older
+    ~/.cache/lm-studio/models where only that one exists."""
+    home = Path.home()
+    new, old = home / ".lmstudio" / "models", home / ".cache" / "lm-studio" / "models"
+    return old if old.is_dir() and not new.is_dir() else new
+
+
+def export_lmstudio(source: ExportSource, models_dir: Path, *, copy: bool = False) -> Path:
+    """Place the GGUF as ``models_dir/localmed/<model>-GGUF/<file>.gguf`` (LM Studio's
+    publisher/model/file layout): a hard link where the disk allows, else a symbolic link, or a
+    copy with ``copy``."""
+    info = source.info
+    model = source.name.split(":")[0] + "-GGUF"
+    target = models_dir / "localmed" / model / info.path.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    src = info.path.resolve()
+    if target.exists() or target.is_symlink():
+        if target.resolve() == src or (not copy and os.path.samefile(target, src)):
+            return target
+        raise ExportError(target, "exists and is another file; remove it first")
+    if copy:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(src, tmp)
+        return target
+    try:
+        os.link(src, target)
+    except OSError:
+        target.symlink_to(src)
+    return target

@@ -1,0 +1,506 @@
+"""``localmed serve``: an OpenAI-compatible API on the laptop, over one engine process.
+
+Built on the standard library's ``ThreadingHTTPServer`` rather than llama-cpp-python's bundled
+server (whose running request is interrupted by the next one) or FastAPI (three more packages to
+install and audit on a clinic laptop): the server is one engine behind a first-come queue, so
+each request thread only parses, waits for its turn, and relays what the engine streams. Every
+request completes; a client that hangs up stops only its own reply.
+
+Every reply carries the disclaimer: the ``X-Localmed-Disclaimer`` header, and a ``localmed``
+object in the JSON (in the first chunk of a stream) with the disclaimer, the model's advisory
+and what was served. Requests are logged without their content unless ``--log-content``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import ipaddress
+import json
+import queue
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, TextIO
+
+from localmed.conversation import DISCLAIMER
+from localmed.errors import EngineDiedError, LocalmedError, ServeError
+from localmed.runtime import GenerationParams, GenerationStats, Runtime
+from localmed.templates import Message, PromptTemplate
+
+DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
+MAX_BODY = 8 * 1024 * 1024
+ROLES = ("system", "user", "assistant")
+
+
+class APIError(Exception):
+    """An OpenAI-style error answer: HTTP status and ``{"error": {...}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = \
+            status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+@dataclass
+class ServedModel:
+    """What the server offers: one model, its template and sampling defaults."""
+
+    id: str
+    runtime: Runtime
+    template: PromptTemplate
+    advisory: str
+    defaults: GenerationParams = field(default_factory=GenerationParams)
+
+    def notice(self) -> dict[str, Any]:
+        info = self.runtime.info
+        return {"disclaimer": DISCLAIMER, "advisory": self.advisory, "model_file": info.path.name,
+                "quant": info.label}
+
+
+@dataclass
+class Job:
+    """One request's generation: waits in the queue, then streams into ``events``."""
+
+    prompt: str
+    params: GenerationParams
+    stop: tuple[str, ...]
+    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+class JobQueue:
+    """The engine's one worker: jobs run one at a time, in arrival order, each to its end."""
+
+    def __init__(self, runtime: Runtime, log: TextIO) -> None:
+        self.runtime = runtime
+        self.log = log
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._current: Job | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="localmed-engine-queue",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        with self._lock:
+            if self._current is job:
+                self.runtime.stop()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._current is not None:
+                self.runtime.stop()
+        self._jobs.put(None)
+        self._thread.join(30)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            if job.cancelled.is_set():
+                continue
+            with self._lock:
+                self._current = job
+            try:
+                for piece in self.runtime.stream(job.prompt, job.params, stop=job.stop):
+                    job.events.put(("piece", piece))
+                job.events.put(("done", self.runtime.last_stats))
+            except EngineDiedError as died:
+                # Reloaded before the request hears of it: a client that retries at once
+                # finds the model there.
+                self._restart(died)
+                job.events.put(("error", died))
+            except Exception as exc:  # answered to this request; the server goes on
+                job.events.put(("error", exc))
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def reload(self, died: EngineDiedError) -> None:
+        """Reload a dead engine, unless another thread did already."""
+        if not getattr(self.runtime, "alive", True):
+            with self._lock:
+                self._restart(died)
+
+    def _restart(self, died: EngineDiedError) -> None:
+        restart = getattr(self.runtime, "restart", None)
+        print(f"localmed serve: {died}; reloading the model", file=self.log, flush=True)
+        if restart is not None:
+            try:
+                restart()
+            except Exception as exc:
+                print(f"localmed serve: reloading failed: {exc}", file=self.log, flush=True)
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise APIError(400, f"'{key}' must be a number from {low} to {high}", param=key)
+    return float(value)
+
+
+def sampling(body: dict[str, Any], defaults: GenerationParams) -> GenerationParams:
+    """OpenAI's sampling fields (and llama.cpp's top_k, min_p, repeat_penalty) over the
+    model's defaults."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise APIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n=1 is supported: one engine, one reply", param="n")
+    values = {
+        "max_tokens": limit,
+        "temperature": _number(body, "temperature", 0, 2),
+        "top_p": _number(body, "top_p", 0, 1),
+        "min_p": _number(body, "min_p", 0, 1),
+        "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
+    }
+    top_k = body.get("top_k")
+    if top_k is not None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise APIError(400, "'top_k' must be a non-negative integer", param="top_k")
+        values["top_k"] = top_k
+    return dataclasses.replace(defaults, **{k: v for k, v in values.items() if v is not None})
+
+
+def stop_strings(body: dict[str, Any], template_stops: tuple[str, ...]) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return template_stops
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > 4 or \
+            not all(isinstance(s, str) and s for s in stops):
+        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
+    return (*template_stops, *stops)
+
+
+def chat_messages(body: dict[str, Any]) -> list[Message]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise APIError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}",
+                           param=f"messages[{i}].role")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            parts = [p.get("text") for p in content if isinstance(p, dict)
+                     and p.get("type") == "text"]
+            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
+                raise APIError(400, f"messages[{i}]: only text content is supported",
+                               param=f"messages[{i}].content")
+            content = "".join(parts)  # type: ignore[arg-type]
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}]: 'content' must be text",
+                           param=f"messages[{i}].content")
+        out.append(Message(message["role"], content))
+    return out
+
+
+def finish_reason(stats: GenerationStats) -> str:
+    return "length" if stats.stopped_by in ("length", "context") else "stop"
+
+
+def usage(stats: GenerationStats) -> dict[str, int]:
+    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+
+
+# --- the HTTP side ------------------------------------------------------------------------------
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Routes the OpenAI endpoints; answers every failure as an OpenAI-style error."""
+
+    server: LocalServer
+    protocol_version = "HTTP/1.1"
+    server_version = "localmed"
+
+    def do_GET(self) -> None:
+        self._guarded(self._get)
+
+    def do_POST(self) -> None:
+        self._guarded(self._post)
+
+    def _get(self) -> None:
+        self._authorize()
+        if self.path.rstrip("/") == "/v1/models":
+            served = self.server.model
+            self._json(200, {"object": "list", "data": [{
+                "id": served.id, "object": "model", "created": self.server.started,
+                "owned_by": "localmed", "localmed": served.notice()}]})
+        elif self.path.rstrip("/") in ("", "/health"):
+            self._json(200, {"status": "ok", "model": self.server.model.id,
+                             "localmed": self.server.model.notice()})
+        else:
+            raise APIError(404, f"no such endpoint: GET {self.path}", code="not_found")
+
+    def _post(self) -> None:
+        self._authorize()
+        route = self.path.rstrip("/")
+        if route not in ("/v1/chat/completions", "/v1/completions"):
+            raise APIError(404, f"no such endpoint: POST {self.path}", code="not_found")
+        body = self._body()
+        served = self.server.model
+        model = body.get("model", served.id)
+        if model != served.id:
+            raise APIError(400, f"the model '{model}' is not served here; this server has "
+                           f"'{served.id}'", param="model", code="model_not_found")
+        params = sampling(body, served.defaults)
+        if route == "/v1/chat/completions":
+            prompt = served.template.render(chat_messages(body))
+            stops = stop_strings(body, served.template.stop)
+            kind = "chat.completion"
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if not isinstance(prompt, str) or not prompt:
+                raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
+            stops = stop_strings(body, ())
+            kind = "text_completion"
+        n_prompt = served.runtime.count_tokens(prompt)
+        n_ctx = served.runtime.n_ctx
+        if n_prompt >= n_ctx:
+            raise APIError(400, f"this model's context holds {n_ctx} tokens; the prompt has "
+                           f"{n_prompt}", param="messages" if kind.startswith("chat") else
+                           "prompt", code="context_length_exceeded")
+        job = Job(prompt, params, stops)
+        self.server.jobs.submit(job)
+        self._log_content(route, body)
+        if body.get("stream"):
+            self._stream(job, kind)
+        else:
+            self._complete(job, kind)
+
+    # --- answers --------------------------------------------------------------------------------
+
+    def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
+        while True:
+            event = job.events.get()
+            if event[0] == "error":
+                error = event[1]
+                if isinstance(error, EngineDiedError):
+                    raise APIError(503, f"{error}; it is being reloaded, retry the request",
+                                   kind="server_error", code="engine_died")
+                if isinstance(error, LocalmedError):
+                    raise APIError(400, str(error))
+                raise APIError(500, "the model engine failed on this request",
+                               kind="server_error")
+            yield event
+            if event[0] == "done":
+                return
+
+    def _complete(self, job: Job, kind: str) -> None:
+        try:
+            parts = []
+            stats = GenerationStats()
+            for name, value in self._events(job):
+                if name == "piece":
+                    parts.append(value)
+                else:
+                    stats = value
+        except BaseException:
+            self.server.jobs.cancel(job)
+            raise
+        text = "".join(parts)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
+        if kind == "chat.completion":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice |= {"text": text, "logprobs": None}
+        self.tokens = (stats.prompt_tokens, stats.generated_tokens)
+        self._json(200, {**self._head(kind), "choices": [choice], "usage": usage(stats),
+                         "localmed": self.server.model.notice()})
+
+    def _stream(self, job: Job, kind: str) -> None:
+        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
+        head = self._head(chunk_kind)
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.send_header(DISCLAIMER_HEADER, DISCLAIMER)
+        self.end_headers()
+        self.close_connection = True
+        self.status = 200
+
+        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
+            if kind != "chat.completion":
+                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "finish_reason": reason}
+
+        try:
+            self._event({**head, "choices": [choice("", None, True)],
+                         "localmed": self.server.model.notice()})
+            for name, value in self._events(job):
+                if name == "piece":
+                    self._event({**head, "choices": [choice(value, None)]})
+                else:
+                    self.tokens = (value.prompt_tokens, value.generated_tokens)
+                    self._event({**head, "choices": [choice(None, finish_reason(value))],
+                                 "usage": usage(value)})
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except APIError as failed:
+            self._event(failed.body())
+        except OSError:  # the client hung up: stop its reply, let the next one run
+            self.server.jobs.cancel(job)
+
+    def _event(self, data: dict[str, Any]) -> None:
+        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
+                "created": int(time.time()), "model": self.server.model.id}
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _guarded(self, route: Any) -> None:
+        self.started = time.monotonic()
+        self.status = 0
+        self.tokens = (0, 0)
+        try:
+            route()
+        except APIError as failed:
+            headers = {"WWW-Authenticate": "Bearer"} if failed.status == 401 else {}
+            self._json(failed.status, failed.body(), headers)
+        except OSError:
+            self.close_connection = True
+        except EngineDiedError as died:  # between requests: the next one reloads it
+            self._json(503, APIError(503, f"{died}; retry the request", kind="server_error",
+                                     code="engine_died").body())
+            self.server.jobs.reload(died)
+        except Exception as exc:  # never a traceback to the client; the server keeps serving
+            self._json(500, APIError(500, f"internal error: {type(exc).__name__}",
+                                     kind="server_error").body())
+        self._log_request()
+
+    def _authorize(self) -> None:
+        key = self.server.api_key
+        if key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer …)",
+                           code="invalid_api_key")
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise APIError(411, "a Content-Length header is required") from None
+        if length < 0 or length > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY // (1024 * 1024)} MiB")
+        raw = self.rfile.read(length)
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise APIError(400, f"the body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the body must be a JSON object")
+        return body
+
+    def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None
+              ) -> None:
+        payload = json.dumps(data).encode()
+        self.status = status
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            self.send_header(DISCLAIMER_HEADER, DISCLAIMER)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+        except OSError:
+            self.close_connection = True
+
+    def _log_content(self, route: str, body: dict[str, Any]) -> None:
+        if self.server.log_content:
+            print(f"localmed serve: {route} content: {json.dumps(body)[:4000]}",
+                  file=self.server.log, flush=True)
+
+    def _log_request(self) -> None:
+        seconds = time.monotonic() - self.started
+        prompt, completion = self.tokens
+        print(f"{self.log_date_time_string()} {self.client_address[0]} {self.command} "
+              f"{self.path} {self.status} {prompt}+{completion} tokens {seconds:.2f}s",
+              file=self.server.log, flush=True)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # one line per request, written by _log_request, without content
+
+
+class LocalServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], *, api_key: str | None,
+                 log_content: bool = False, log: TextIO = sys.stderr) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, Handler)
+        self.api_key = api_key
+        self.log_content = log_content
+        self.log = log
+        self.started = int(time.time())
+        self.model: ServedModel
+        self.jobs: JobQueue
+
+    def attach(self, model: ServedModel) -> None:
+        self.model = model
+        self.jobs = JobQueue(model.runtime, self.log)
+
+
+def check_host(host: str, api_key: str | None) -> None:
+    """A host that resolves; beyond loopback only with an API key."""
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except (socket.gaierror, UnicodeError):
+        raise ServeError(f"--host {host}: not an address or a name this machine can resolve") \
+            from None
+    loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
+    if not loopback and not api_key:
+        raise ServeError(f"--host {host} is reachable from other machines: set an API key "
+                         "(--api-key or LOCALMED_API_KEY) to serve beyond this laptop")
+
+
+def bind(host: str, port: int, *, api_key: str | None, log_content: bool = False,
+         log: TextIO = sys.stderr) -> LocalServer:
+    """Bind before the model loads: a port in use is said in a second, not after a minute."""
+    check_host(host, api_key)
+    if not 0 < port < 65536:
+        raise ServeError(f"--port {port}: not a TCP port (1-65535)")
+    try:
+        return LocalServer((host, port), api_key=api_key, log_content=log_content, log=log)
+    except PermissionError:
+        raise ServeError(f"port {port}: not allowed for this user (ports below 1024 need "
+                         "root); choose --port 8080 or above") from None
+    except OSError as exc:
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise ServeError(f"port {port} on {host} is in use (another localmed serve, "
+                             "Ollama or LM Studio?); choose another with --port") from None
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
