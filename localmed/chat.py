@@ -193,7 +193,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:
     info = runtime.info
     return resolve_template(
-        requested, embedded=info.chat_template, bos_token=info.bos_token,
+        requested, embedded=info.chat_template, bos_token=info.bos_token, add_bos=info.add_bos,
         eos_token=info.eos_token, registry_default=model.entry.template if model.entry else None,
         model_label=model.entry.id if model.entry else model.label)
 

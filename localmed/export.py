@@ -146,7 +146,7 @@ def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None
         raise ExportError(path, f"is a {info.format.upper()} model; Ollama and LM Studio run GGUF "
                           "files: export a GGUF made by `localmed quantize`")
     choice = resolve_template(
-        template, embedded=info.chat_template, bos_token=info.bos_token,
+        template, embedded=info.chat_template, bos_token=info.bos_token, add_bos=info.add_bos,
         eos_token=info.eos_token, registry_default=entry.template if entry else None,
         model_label=entry.id if entry else path.name)
     name = named_equivalent(choice.template)

@@ -278,7 +278,8 @@ def render_chat_template(source: str, messages: Sequence[Mapping[str, Any]], *,
         raise TemplateError(f"the model's chat template failed: {exc}") from None
 
 
-def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "") -> PromptTemplate:
+def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "",
+                  add_bos: bool = True) -> PromptTemplate:
     """A template from the Jinja source embedded in a GGUF, rendered in a sandbox.
 
     The sandbox (jinja2's ``ImmutableSandboxedEnvironment``) stops a template from reaching
@@ -299,8 +300,10 @@ def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "") -> P
                 raise
             folded = [Message(turns[0].role, f"{system}\n\n{turns[0].content}"), *turns[1:]]
             return render(None, folded, gen)
-        # The runtime adds BOS itself; a template that writes it would double it.
-        if bos_token and text.startswith(bos_token):
+        # The runtime adds BOS itself where the model asks for it (``add_bos``); a template that
+        # writes it would double it. Where the model does not (SmolLM2, whose "BOS" is
+        # <|im_start|>), the template's text is the prompt as it is.
+        if add_bos and bos_token and text.startswith(bos_token):
             text = text[len(bos_token):]
         return text
 
@@ -320,7 +323,8 @@ class TemplateChoice:
 
 
 def resolve_template(requested: str | None, *, embedded: str | None, bos_token: str = "",
-                     eos_token: str = "", registry_default: str | None = None,
+                     eos_token: str = "", add_bos: bool = True,
+                     registry_default: str | None = None,
                      model_label: str = "this model") -> TemplateChoice:
     """Pick the template for a GGUF.
 
@@ -331,7 +335,8 @@ def resolve_template(requested: str | None, *, embedded: str | None, bos_token: 
     if requested is not None and requested != GGUF_TEMPLATE:
         return TemplateChoice(get_template(requested), f"'{requested}' (chosen)")
     if embedded:
-        return TemplateChoice(gguf_template(embedded, bos_token=bos_token, eos_token=eos_token),
+        return TemplateChoice(gguf_template(embedded, bos_token=bos_token, eos_token=eos_token,
+                                            add_bos=add_bos),
                               "the chat template embedded in the GGUF")
     if requested == GGUF_TEMPLATE:
         raise TemplateError(f"{model_label} has no chat template embedded in its GGUF; "

@@ -136,6 +136,12 @@ class TestSmolLM2:
             assert "Paris" in reply
             assert session.stats.stopped_by == "eos"  # <|im_end|> ended the reply
             assert "<|im_end|>" not in reply and "<|im_start|>" not in reply
+            # SmolLM2 asks for no BOS, and its "BOS" is <|im_start|>: the template's text is
+            # the prompt as it stands (it used to be cut off as if the runtime would add it).
+            assert not session.runtime.info.add_bos
+            assert session.last_prompt.text.startswith("<|im_start|>system\n")
+            tokens = session.runtime.tokenize(session.last_prompt.text)
+            assert tokens[0] == session.runtime.tokenize("<|im_start|>", add_bos=False)[0]
         assert no_network == []
 
     def test_bench_runs_on_it(self, smollm2_converted, tmp_path):
