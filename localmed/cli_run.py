@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from rich.markup import escape
@@ -48,6 +49,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
+        session.params = dataclasses.replace(session.params, max_tokens=args.max_tokens,
+                                             ignore_eos=args.ignore_eos)
     except LocalmedError:
         runtime.close()
         raise

@@ -159,7 +159,7 @@ class TransformersRuntime(Runtime):
                 if not generated:
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
-                if token in self._eos:
+                if token in self._eos and not params.ignore_eos:
                     stats.stopped_by = "eos"
                     break
                 generated.append(token)

@@ -86,7 +86,7 @@ class LlamaCppRuntime(Runtime):
                 if stats.generated_tokens == 0:
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
-                if self._eog(self._vocab, token):
+                if not params.ignore_eos and self._eog(self._vocab, token):
                     stats.stopped_by = "eos"
                     break
                 stats.generated_tokens += 1

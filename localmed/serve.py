@@ -172,6 +172,10 @@ def sampling(body: dict[str, Any], defaults: GenerationParams) -> GenerationPara
         "min_p": _number(body, "min_p", 0, 1),
         "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
     }
+    ignore_eos = body.get("ignore_eos", False)  # llama.cpp server's extension (benchmarks)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(400, "'ignore_eos' must be true or false", param="ignore_eos")
+    values["ignore_eos"] = ignore_eos or None
     top_k = body.get("top_k")
     if top_k is not None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

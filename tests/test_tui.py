@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -312,3 +318,62 @@ class TestEngineProcess:
                 assert session.conversation.messages[-1].content
         finally:
             runtime.close()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+class TestRealTerminal:
+    """`localmed chat` in a tmux pane: a closed terminal or a kill mid-reply ends the app and
+    its engine (the app used to keep generating, unseen, after tmux kill-server)."""
+
+    def start(self, gguf, socket_name: str) -> tuple[list[str], int]:
+        tmux = ["tmux", "-L", socket_name]
+        subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30",
+                        f"exec {sys.executable} -m localmed chat {gguf} --max-tokens 4000 "
+                        "--ignore-eos --ctx 4096"], check=True)
+        pid = int(subprocess.run([*tmux, "list-panes", "-t", "t", "-F", "#{pane_pid}"],
+                                 capture_output=True, text=True).stdout)
+        self.wait(lambda: "Ask the model" in self.screen(tmux), "the chat screen")
+        subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "Write a long essay."], check=True)
+        subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
+        self.wait(lambda: "generating" in self.screen(tmux), "the reply to start")
+        return tmux, pid
+
+    @staticmethod
+    def screen(tmux: list[str]) -> str:
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True,
+                              text=True).stdout
+
+    @staticmethod
+    def wait(condition, what: str, timeout: float = 60) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            time.sleep(0.1)
+
+    @staticmethod
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+
+    def engines_of(self, pid: int) -> list[int]:
+        children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True,
+                                  text=True).stdout.split()
+        return [int(c) for c in children
+                if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+    @pytest.mark.parametrize("how", ["terminal closed", "SIGTERM"])
+    def test_the_app_and_its_engine_end(self, how, smollm2):
+        tmux, pid = self.start(smollm2["gguf"], f"localmed-test-{os.getpid()}")
+        try:
+            (engine,) = self.engines_of(pid)
+            if how == "SIGTERM":
+                os.kill(pid, signal.SIGTERM)
+            else:
+                subprocess.run([*tmux, "kill-server"], check=True)
+            self.wait(lambda: self.gone(pid) and self.gone(engine), "the app and engine to end",
+                      timeout=30)
+        finally:
+            subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+
 from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
@@ -25,6 +30,30 @@ class LocalmedApp(App[None]):
     def __init__(self, session: ChatSession) -> None:
         super().__init__()
         self.session = session
+
+    def on_mount(self) -> None:
+        # A closed terminal (SIGHUP) or a kill (SIGTERM) ends the app as Ctrl+Q does, and the
+        # model's engine with it; left to Python's handlers, the loop would run on unseen.
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGTERM, self.shutdown)
+            loop.add_signal_handler(signal.SIGHUP, self.hang_up)
+
+    def shutdown(self) -> None:
+        """Stop a reply in progress (its worker waits on the engine), then exit."""
+        self.session.stop()
+        self.exit()
+
+    def hang_up(self) -> None:
+        """The terminal is gone: nothing to restore on it, and Textual's writer thread can block
+        for ever on a closed tty (seen under tmux kill-server). The engine is closed, then the
+        process ends at once."""
+        self.session.stop()
+        self.session.runtime.close()
+        os._exit(128 + signal.SIGHUP)
+
+    async def action_quit(self) -> None:
+        self.shutdown()
 
     def get_default_screen(self) -> Screen:
         return ChatScreen(self.session)
