@@ -13,7 +13,6 @@ and what was served. Requests are logged without their content unless ``--log-co
 
 from __future__ import annotations
 
-import dataclasses
 import hmac
 import ipaddress
 import json
@@ -30,26 +29,19 @@ from typing import Any, TextIO
 
 from localmed.conversation import DISCLAIMER
 from localmed.errors import EngineDiedError, LocalmedError, ServeError
+from localmed.openai_api import (
+    APIError,
+    chat_messages,
+    finish_reason,
+    sampling,
+    stop_strings,
+    usage,
+)
 from localmed.runtime import GenerationParams, GenerationStats, Runtime
-from localmed.templates import Message, PromptTemplate
+from localmed.templates import PromptTemplate
 
 DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
-ROLES = ("system", "user", "assistant")
-
-
-class APIError(Exception):
-    """An OpenAI-style error answer: HTTP status and ``{"error": {...}}``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = \
-            status, message, param, code, kind
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": self.code}}
 
 
 @dataclass
@@ -143,89 +135,6 @@ class JobQueue:
                 restart()
             except Exception as exc:
                 print(f"localmed serve: reloading failed: {exc}", file=self.log, flush=True)
-
-
-# --- requests ----------------------------------------------------------------------------------
-
-
-def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | None:
-    value = body.get(key)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
-        raise APIError(400, f"'{key}' must be a number from {low} to {high}", param=key)
-    return float(value)
-
-
-def sampling(body: dict[str, Any], defaults: GenerationParams) -> GenerationParams:
-    """OpenAI's sampling fields (and llama.cpp's top_k, min_p, repeat_penalty) over the
-    model's defaults."""
-    limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise APIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported: one engine, one reply", param="n")
-    values = {
-        "max_tokens": limit,
-        "temperature": _number(body, "temperature", 0, 2),
-        "top_p": _number(body, "top_p", 0, 1),
-        "min_p": _number(body, "min_p", 0, 1),
-        "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
-    }
-    ignore_eos = body.get("ignore_eos", False)  # llama.cpp server's extension (benchmarks)
-    if not isinstance(ignore_eos, bool):
-        raise APIError(400, "'ignore_eos' must be true or false", param="ignore_eos")
-    values["ignore_eos"] = ignore_eos or None
-    top_k = body.get("top_k")
-    if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-            raise APIError(400, "'top_k' must be a non-negative integer", param="top_k")
-        values["top_k"] = top_k
-    return dataclasses.replace(defaults, **{k: v for k, v in values.items() if v is not None})
-
-
-def stop_strings(body: dict[str, Any], template_stops: tuple[str, ...]) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return template_stops
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or len(stops) > 4 or \
-            not all(isinstance(s, str) and s for s in stops):
-        raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    return (*template_stops, *stops)
-
-
-def chat_messages(body: dict[str, Any]) -> list[Message]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "'messages' must be a non-empty list", param="messages")
-    out = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ROLES:
-            raise APIError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}",
-                           param=f"messages[{i}].role")
-        content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict)
-                     and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise APIError(400, f"messages[{i}]: only text content is supported",
-                               param=f"messages[{i}].content")
-            content = "".join(parts)  # type: ignore[arg-type]
-        if not isinstance(content, str):
-            raise APIError(400, f"messages[{i}]: 'content' must be text",
-                           param=f"messages[{i}].content")
-        out.append(Message(message["role"], content))
-    return out
-
-
-def finish_reason(stats: GenerationStats) -> str:
-    return "length" if stats.stopped_by in ("length", "context") else "stop"
-
-
-def usage(stats: GenerationStats) -> dict[str, int]:
-    return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
 
 
 # --- the HTTP side ------------------------------------------------------------------------------

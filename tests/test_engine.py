@@ -1,0 +1,80 @@
+"""The engine process: a real tiny GGUF loaded in a spawned process behind the Runtime
+interface — the same stream, stop, tokens and errors as in-process, and a death said in words."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import pytest
+
+from localmed.engine import open_engine
+from localmed.errors import ContextFullError, EngineDiedError, GGUFFileError, ModelTooLargeError
+from localmed.formats import LoadOptions, load_runtime
+from localmed.runtime import GenerationParams
+
+GREEDY = GenerationParams(temperature=0.0, max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def tiny(converted):
+    return converted["llama"]["Q8_0"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny):
+    runtime = open_engine(tiny, LoadOptions(n_ctx=256))
+    yield runtime
+    runtime.close()
+
+
+def test_it_streams_what_the_model_in_process_streams(engine, tiny):
+    local = load_runtime(tiny, LoadOptions(n_ctx=256))
+    try:
+        expected = "".join(local.stream("The patient", GREEDY))
+        assert local.tokenize("chest pain") == engine.tokenize("chest pain")
+    finally:
+        local.close()
+    assert "".join(engine.stream("The patient", GREEDY)) == expected
+    assert engine.last_stats.generated_tokens == 24 and engine.last_stats.prompt_tokens > 1
+    assert engine.info.path == tiny and engine.n_ctx == 256 and engine.pid != os.getpid()
+
+
+def test_stop_ends_the_reply_after_the_current_token(engine):
+    params = GenerationParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    pieces = []
+    for piece in engine.stream("The patient", params):
+        pieces.append(piece)
+        engine.stop()
+    assert engine.last_stats.stopped_by == "user"
+    assert engine.last_stats.generated_tokens < 200
+
+
+def test_errors_cross_with_their_type_and_data(engine, tiny, tmp_path):
+    with pytest.raises(ContextFullError, match="256"):
+        list(engine.stream("fever " * 400, GREEDY))
+    # the engine goes on after a refused request
+    assert "".join(engine.stream("Cough", GREEDY))
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(tiny.read_bytes()[:4096])
+    with pytest.raises(GGUFFileError, match=r"broken\.gguf"):
+        open_engine(broken, LoadOptions())
+    with pytest.raises(ModelTooLargeError) as refused:
+        open_engine(tiny, LoadOptions(n_ctx=100_000_000))
+    assert refused.value.plan is not None and not refused.value.plan.fits
+
+
+@pytest.mark.parametrize(("sig", "words"), [(signal.SIGILL, "an instruction this CPU lacks"),
+                                            (signal.SIGKILL, "killed (out of memory?)"),
+                                            (signal.SIGABRT, "llama.cpp aborted")])
+def test_a_death_is_said_in_words_and_a_restart_brings_it_back(tiny, sig, words):
+    runtime = open_engine(tiny, LoadOptions(n_ctx=256))
+    try:
+        os.kill(runtime.pid, sig)
+        with pytest.raises(EngineDiedError, match=re.escape(f"{signal.Signals(sig).name}, {words}")):
+            list(runtime.stream("The patient", GREEDY))
+        runtime.restart()
+        assert runtime.alive and "".join(runtime.stream("The patient", GREEDY))
+    finally:
+        runtime.close()
