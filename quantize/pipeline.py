@@ -19,16 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from localmed import paths
 from localmed.atomic import (
@@ -101,10 +104,26 @@ def check_disk(conv: Conversion, quants: list[QuantType], out_dir: Path, *,
         raise DiskSpaceError(out_dir, need, free)
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes and bytes/s for the file tasks; ``done/total chunks`` for a task made with
+    ``unit="chunks"`` (the importance matrix's calibration run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes, self._speed = DownloadColumn(), TransferSpeedColumn()
+
+    def render(self, task: Task) -> RenderableType:
+        unit = task.fields.get("unit")
+        if unit:
+            total = "?" if task.total is None else f"{task.total:.0f}"
+            return Text(f"{task.completed:.0f}/{total} {unit}", style="progress.download")
+        return Text.assemble(self._bytes.render(task), " ", self._speed.render(task))
+
+
 def _bar(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(),
-                    TransferSpeedColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, transient=False)
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), _AmountColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=False)
 
 
 @dataclass
@@ -273,7 +292,7 @@ def _compute_auto_imatrix(conv: Conversion, pending: AutoImatrix, base: Path,
                           threads: int | None, bar: Progress) -> None:
     from quantize.imatrix_engine import compute_imatrix
 
-    task = bar.add_task("imatrix (medical)", total=AUTO_CHUNKS)
+    task = bar.add_task("imatrix (medical)", total=AUTO_CHUNKS, unit="chunks")
     matrix = compute_imatrix(base, pending.texts, n_ctx=AUTO_CTX, chunks=AUTO_CHUNKS,
                              threads=threads,
                              progress=lambda done, total, _: bar.update(task, completed=done,
@@ -396,6 +415,7 @@ def _write_streamed(conv: Conversion, quant: QuantType, skeleton: Path, final: P
         fill_tensors(tmp, conv.plan, DIRECT_TENSOR_TYPE[conv.intermediate.name], matrix=matrix,
                      threads=threads or os.cpu_count() or 1,
                      progress=lambda n: bar.advance(task, n))
+        bar.update(task, completed=size)  # the header, written by llama.cpp, counts too
     return _finish(conv, quant, final)
 
 
