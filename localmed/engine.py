@@ -14,6 +14,7 @@ Stopping goes through a shared event the engine checks after every token, as in-
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -206,15 +207,30 @@ class EngineRuntime(Runtime):
             self._stop.clear()
             self._send("stream", prompt, params or GenerationParams(), tuple(stop))
             self.last_stats = GenerationStats()
-            while True:
-                reply = self._receive()
-                if reply[0] == "piece":
-                    yield reply[1]
-                elif reply[0] == "done":
-                    self.last_stats = reply[1]
-                    return
-                else:
-                    raise _remote_error(reply)
+            finished = False
+            try:
+                while True:
+                    reply = self._receive()
+                    if reply[0] == "piece":
+                        yield reply[1]
+                    elif reply[0] == "done":
+                        self.last_stats = reply[1]
+                        finished = True
+                        return
+                    else:
+                        finished = True
+                        raise _remote_error(reply)
+            finally:
+                if not finished and self._process.is_alive():
+                    self._drain()
+
+    def _drain(self) -> None:
+        """A caller left a reply before its end: stop it, and read what is still on its way,
+        so the next request does not get this one's tail."""
+        self._stop.set()
+        with contextlib.suppress(EngineDiedError):
+            while self._receive()[0] == "piece":
+                pass
 
     def stop(self) -> None:
         self._stop.set()

@@ -51,6 +51,16 @@ def test_stop_ends_the_reply_after_the_current_token(engine):
     assert engine.last_stats.generated_tokens < 200
 
 
+def test_a_reply_left_midway_does_not_leak_into_the_next(engine):
+    params = GenerationParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    stream = engine.stream("The patient", params)
+    next(stream)
+    stream.close()  # the caller walks away after the first piece
+    assert "".join(engine.stream("The patient", GREEDY)) == \
+        "".join(engine.stream("The patient", GREEDY))
+    assert engine.last_stats.generated_tokens == 24
+
+
 def test_errors_cross_with_their_type_and_data(engine, tiny, tmp_path):
     with pytest.raises(ContextFullError, match="256"):
         list(engine.stream("fever " * 400, GREEDY))
