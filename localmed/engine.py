@@ -102,7 +102,10 @@ def describe_exit(code: int | None) -> str:
         return "is not responding"
     if code < 0:
         sig = -code
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         why = {
             signal.SIGILL: "an instruction this CPU lacks (a llama.cpp build for another CPU?)",
             signal.SIGKILL: "killed (out of memory?)",

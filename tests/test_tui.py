@@ -272,8 +272,6 @@ class TestEngineProcess:
 
     async def test_the_engine_killed_mid_reply(self, smollm2, tmp_path, monkeypatch):
         import contextlib
-        import os
-        import signal
 
         from textual.worker import WorkerFailed
 
