@@ -69,7 +69,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     model = _chat_model(args)
     hw = hardware.detect()
-    info, plan = formats.plan(model.path, formats.LoadOptions(
+    # One header read: the footprint serves the plan and the quant suggestion.
+    info, footprint = formats.footprint(model.path)
+    plan = formats.format_of(model.path).plan_footprint(footprint, formats.LoadOptions(
         n_ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads), hw)
     out = console()
     out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} "
@@ -78,18 +80,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
               + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
               + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
     out.print(escape(describe_plan(plan)))
-    _suggest_quant(info, model.path, plan.n_ctx, hw)
+    _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
     return 0 if plan.fits else 1
 
 
-def _suggest_quant(info, path, n_ctx: int, hw) -> None:
+def _suggest_quant(info, footprint, path, n_ctx: int, hw) -> None:
     """The quant to make for this machine at this context: measured by `localmed bench` for
     this model when its results exist, llama.cpp's published order otherwise."""
-    from localmed import formats
     from localmed.planner import RAM_OVERHEAD, gib
     from localmed.quant_choice import choose_quant, read_measured
 
-    _, footprint = formats.footprint(path)
     capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
     results = paths.data_dir() / "bench" / (info.model_id or path.parent.name) / "results.json"
     measured = read_measured(results)

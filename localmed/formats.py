@@ -51,10 +51,16 @@ class ModelFormat(ABC):
     def footprint(self, path: Path) -> tuple[ModelInfo, ModelFootprint]:
         """Its facts and what it needs in memory."""
 
-    @abstractmethod
     def plan(self, path: Path, options: LoadOptions,
              hardware: Hardware | None = None) -> tuple[ModelInfo, OffloadPlan]:
         """How it would load on this machine (or ``hardware``), and why."""
+        info, footprint = self.footprint(path)
+        return info, self.plan_footprint(footprint, options, hardware)
+
+    @abstractmethod
+    def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
+                       hardware: Hardware | None = None) -> OffloadPlan:
+        """The plan for a footprint already read (one header read for both)."""
 
     @abstractmethod
     def load(self, path: Path, options: LoadOptions) -> Runtime:
@@ -139,14 +145,13 @@ class GGUFFormat(ModelFormat):
 
         return read_gguf_footprint(path)
 
-    def plan(self, path: Path, options: LoadOptions,
-             hardware: Hardware | None = None) -> tuple[ModelInfo, OffloadPlan]:
+    def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
+                       hardware: Hardware | None = None) -> OffloadPlan:
         from localmed import hardware as detect
         from localmed.planner import plan_offload
 
-        info, footprint = self.footprint(path)
-        return info, plan_offload(footprint, hardware or detect.detect(), n_ctx=options.n_ctx,
-                                  gpu_layers=options.gpu_layers)
+        return plan_offload(footprint, hardware or detect.detect(), n_ctx=options.n_ctx,
+                            gpu_layers=options.gpu_layers)
 
     def load(self, path: Path, options: LoadOptions) -> Runtime:
         from localmed.runtime_llama import LlamaCppRuntime
@@ -177,12 +182,11 @@ class GPTQFormat(ModelFormat):
 
         return read_gptq_footprint(path)
 
-    def plan(self, path: Path, options: LoadOptions,
-             hardware: Hardware | None = None) -> tuple[ModelInfo, OffloadPlan]:
+    def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
+                       hardware: Hardware | None = None) -> OffloadPlan:
         from localmed.runtime_hf import plan_transformers
 
-        info, footprint = self.footprint(path)
-        return info, plan_transformers(footprint, options.n_ctx, hardware)
+        return plan_transformers(footprint, options.n_ctx, hardware)
 
     def load(self, path: Path, options: LoadOptions) -> Runtime:
         from localmed.runtime_hf import TransformersRuntime

@@ -128,8 +128,12 @@ class Conversion:
                           inputs_sha256=dict(self.input_hashes), created=self.created,
                           converter=self.converter, **self._imatrix_fields(quant))
 
+    def imatrix_for(self, quant: QuantType) -> ImportanceMatrix | None:
+        """The matrix llama.cpp's quantizer gets for ``quant`` (None: quantized without one)."""
+        return self.imatrix if quant.name in self.imatrix_quants else None
+
     def _imatrix_fields(self, quant: QuantType) -> dict[str, str]:
-        if self.imatrix_file is None or quant.name not in self.imatrix_quants:
+        if self.imatrix_file is None or self.imatrix_for(quant) is None:
             return {}
         return {"imatrix_file": self.imatrix_file.name, "imatrix_sha256": self.imatrix_sha256}
 

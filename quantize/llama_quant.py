@@ -26,8 +26,9 @@ _QUIET: list[object] = []
 def captured_llama_log(keep: int | None = 200) -> Iterator[list[str]]:
     """Route llama.cpp's log into a list for the duration (it is process-wide).
 
-    ``keep``: the last pieces kept (None: all). Afterwards llama.cpp's log stays silent: localmed loads models with ``verbose=False``, and
-    its messages would otherwise land on the terminal under the progress bars or the chat app.
+    ``keep``: the last pieces kept (None: all). Afterwards llama.cpp's log stays silent:
+    localmed loads models with ``verbose=False``, and its messages would otherwise land on the
+    terminal under the progress bars or the chat app.
     """
     import llama_cpp
 
@@ -77,6 +78,15 @@ def _reason(log: list[str], status: int) -> str:
                  or "failed" in line.lower()), f"llama.cpp returned {status}")
 
 
+def _params(quant: QuantType):
+    """llama.cpp's default quantize parameters, for ``quant``."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(quant.ftype)
+    return params
+
+
 def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | None = None,
                    metadata: Mapping[str, str] | None = None,
                    imatrix: ImportanceMatrix | None = None,
@@ -90,8 +100,7 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | Non
     """
     import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(quant.ftype)
+    params = _params(quant)
     params.nthread = threads or os.cpu_count() or 1
     overrides = _kv_overrides(metadata or {})
     params.kv_overrides = ctypes.cast(overrides, type(params.kv_overrides))
@@ -128,21 +137,21 @@ _NEEDS_MATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
 ``tensor_requires_imatrix``; also Q2_K inside a Q2_K_S file)."""
 
 
-def llama_requires_imatrix(src: Path, quant: QuantType) -> str:
+def llama_requires_imatrix(src: Path, quant: QuantType, *,
+                           label: Path | str | None = None) -> str:
     """llama.cpp's layout pass for ``quant`` over GGUF ``src`` as a dry run (headers only, no
     tensor data read or written): ``""`` when it can be made without an importance matrix,
     else which tensor needs one (``"blk.0.attn_k.weight would be iq2_s"``, or ``"some
-    tensors"`` where the log does not say)."""
+    tensors"`` where the log does not say). ``label`` is what a failure names."""
     import llama_cpp
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = int(quant.ftype)
+    params = _params(quant)
     params.dry_run = True
     with captured_llama_log(keep=None) as log:
         status = llama_cpp.llama_model_quantize(str(src).encode(), os.devnull.encode(),
                                                 ctypes.byref(params))
     if status != 0:
-        raise QuantizeError(src, quant.name, _reason(log, status))
+        raise QuantizeError(label or src, quant.name, _reason(log, status))
     text = "".join(log)
     if "will require an imatrix" not in text:
         return ""

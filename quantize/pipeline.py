@@ -381,7 +381,7 @@ def check_layouts(conv: Conversion, unweighted: list[QuantType], out_dir: Path) 
         return
     with _skeleton(conv, out_dir) as skeleton:
         for quant in unweighted:
-            tensor = llama_requires_imatrix(skeleton, quant)
+            tensor = llama_requires_imatrix(skeleton, quant, label=conv.source.label)
             if tensor:
                 raise UnsupportedQuantError(
                     quant.name, f"llama.cpp needs an importance matrix for this model at this "
@@ -400,7 +400,7 @@ def _write_streamed(conv: Conversion, quant: QuantType, skeleton: Path, final: P
     checkpoint (quantize/direct.py)."""
     from quantize.direct import fill_tensors
 
-    matrix = conv.imatrix if quant.name in conv.imatrix_quants else None
+    matrix = conv.imatrix_for(quant)
     estimate = conv.estimate_bytes(quant)
     plan_task = bar.add_task(f"lay out {quant.name} (llama.cpp)", total=estimate)
     task = bar.add_task(f"quantize {quant.name}", total=estimate)
@@ -464,7 +464,7 @@ def _write_llama(conv: Conversion, quant: QuantType, base: Path, final: Path,
     converter gets it while the quantized file is copied into place."""
     task = bar.add_task(f"quantize {quant.name}", total=conv.estimate_bytes(quant))
     overrides = _overrides(conv, quant)
-    matrix = conv.imatrix if quant.name in conv.imatrix_quants else None
+    matrix = conv.imatrix_for(quant)
     if matrix is not None and conv.family is None:
         check_matches(matrix, {t.name: t.shape for t in read_header(base).tensors},
                       conv.imatrix_file or base, base.name)

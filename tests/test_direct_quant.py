@@ -73,38 +73,28 @@ def mixtral_matrix(converted, tmp_path_factory) -> Path:
     return path
 
 
-class TestByteIdenticalToLlamaCpp:
-    """Each case: the same quants through both paths, compared byte for byte."""
+def assert_paths_agree(folder: Path, quants: str, tmp_path: Path,
+                       imatrix: Path | None = None) -> None:
+    """The same quants through the direct path and through the F16 file, byte for byte."""
+    direct = _quantize(folder, quants, tmp_path / "d", direct=True, imatrix=imatrix)
+    reference = _quantize(folder, quants, tmp_path / "r", direct=False, imatrix=imatrix)
+    for quant in quants.split(","):
+        assert_identical(direct[quant], reference[quant])
 
+
+class TestByteIdenticalToLlamaCpp:
     def test_k_quants_and_legacy_types_without_a_matrix(self, checkpoints, tmp_path):
-        quants = "Q4_K_M,Q3_K_S,Q6_K,Q4_0,IQ4_NL"
-        direct = _quantize(checkpoints["llama"], quants, tmp_path / "d", direct=True)
-        reference = _quantize(checkpoints["llama"], quants, tmp_path / "r", direct=False)
-        for quant in quants.split(","):
-            assert_identical(direct[quant], reference[quant])
+        assert_paths_agree(checkpoints["llama"], "Q4_K_M,Q3_K_S,Q6_K,Q4_0,IQ4_NL", tmp_path)
 
     def test_i_quants_with_an_importance_matrix(self, checkpoints, llama_matrix, tmp_path):
-        quants = "IQ3_XXS,IQ2_XS,Q2_K_S"
-        direct = _quantize(checkpoints["llama"], quants, tmp_path / "d", direct=True,
-                           imatrix=llama_matrix)
-        reference = _quantize(checkpoints["llama"], quants, tmp_path / "r", direct=False,
-                              imatrix=llama_matrix)
-        for quant in quants.split(","):
-            assert_identical(direct[quant], reference[quant])
+        assert_paths_agree(checkpoints["llama"], "IQ3_XXS,IQ2_XS,Q2_K_S", tmp_path,
+                           llama_matrix)
 
     def test_moe_experts_use_their_own_matrix_rows(self, checkpoints, mixtral_matrix, tmp_path):
-        quants = "Q3_K_M,IQ2_XXS"
-        direct = _quantize(checkpoints["mixtral"], quants, tmp_path / "d", direct=True,
-                           imatrix=mixtral_matrix)
-        reference = _quantize(checkpoints["mixtral"], quants, tmp_path / "r", direct=False,
-                              imatrix=mixtral_matrix)
-        for quant in quants.split(","):
-            assert_identical(direct[quant], reference[quant])
+        assert_paths_agree(checkpoints["mixtral"], "Q3_K_M,IQ2_XXS", tmp_path, mixtral_matrix)
 
     def test_a_bf16_checkpoint_through_its_bf16_intermediate(self, bf16_llama, tmp_path):
-        direct = _quantize(bf16_llama, "Q4_K_M", tmp_path / "d", direct=True)
-        reference = _quantize(bf16_llama, "Q4_K_M", tmp_path / "r", direct=False)
-        assert_identical(direct["Q4_K_M"], reference["Q4_K_M"])
+        assert_paths_agree(bf16_llama, "Q4_K_M", tmp_path)
 
 
 def test_a_real_model(smollm2, smollm2_converted, tmp_path):
