@@ -14,7 +14,9 @@ sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every
 
 Medians of ``--repeats`` runs, and each path's ratio to raw.
 
-    python benchmarks/decode_overhead.py [--tokens 256] [--repeats 3] [--gguf FILE ...]
+    python benchmarks/decode_overhead.py [--tokens 512] [--repeats 5] [--gguf FILE ...]
+
+(512 tokens, 5 runs: on a small shared VM one 256-token run varies by 10-15%.)
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ def wait_screen(predicate, what: str, timeout: float = 300, every: float = 0.1) 
     raise SystemExit(f"tui: timed out waiting for {what}; the screen:\n{screen()}")
 
 
-def tui_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
+def tui_tps(gguf: Path, threads: int, tokens: int, ctx: int, expected_s: float) -> float:
+    """``expected_s``: about how long the decode takes raw; the screen is not read before then
+    (each capture-pane is a process that would take CPU from the decode being measured)."""
     cmd = localmed("chat", str(gguf), "--threads", str(threads), "--ctx", str(ctx),
                    "--max-tokens", str(tokens), "--ignore-eos")
     subprocess.run([*TMUX, "kill-server"], capture_output=True)
@@ -127,6 +131,7 @@ def tui_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
         subprocess.run([*TMUX, "send-keys", "-t", "bench", "-l", MESSAGE], check=True)
         subprocess.run([*TMUX, "send-keys", "-t", "bench", "Enter"], check=True)
         wait_screen(lambda s: "generating" in s, "the reply to start")
+        time.sleep(expected_s * 0.9)
         done = wait_screen(lambda s: "generating" not in s and re.search(r"\d+\.\d tok/s", s),
                            "the reply to end", every=0.5)
         return float(re.search(r"(\d+\.\d) tok/s", done).group(1))
@@ -179,8 +184,8 @@ def smollm2() -> Path | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--gguf", type=Path, action="append", help="models (default: SmolLM2 "
                         "and a tiny Llama)")
@@ -201,7 +206,8 @@ def main() -> None:
                 runs = {"raw": [], "tui": [], "serve": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits every path alike
                     runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx))
-                    runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx))
+                    runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
+                                               args.tokens / runs["raw"][-1]))
                     runs["serve"].append(serve_tps(gguf, threads, args.tokens, args.ctx))
                 raw, tui, srv = (statistics.median(runs[k]) for k in ("raw", "tui", "serve"))
                 print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {tui:8.1f} {tui / raw:8.2f} "

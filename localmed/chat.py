@@ -179,15 +179,17 @@ class ChatSession:
 
 
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
-                 threads: int | None = None, in_process: bool = False) -> Runtime:
+                 threads: int | None = None, in_process: bool = False,
+                 batch_seconds: float | None = None) -> Runtime:
     """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ), in its
-    own engine process (:mod:`localmed.engine`) unless ``in_process``."""
+    own engine process (:mod:`localmed.engine`) unless ``in_process``; ``batch_seconds``: how
+    often the engine sends streamed text on (its default: the server's)."""
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
     if in_process:
         return formats.load_runtime(model.path, options)
-    from localmed.engine import open_engine
+    from localmed.engine import BATCH_SECONDS, open_engine
 
-    return open_engine(model.path, options)
+    return open_engine(model.path, options, batch_seconds=batch_seconds or BATCH_SECONDS)
 
 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:

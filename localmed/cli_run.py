@@ -40,12 +40,14 @@ def _chat_model(args: argparse.Namespace):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from localmed.chat import ChatSession, open_runtime
+    from tui.chat_screen import FLUSH_SECONDS
 
     err = err_console()
     with err.status("preparing the model…"):
         model = _chat_model(args)
+        # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                               threads=args.threads)
+                               threads=args.threads, batch_seconds=FLUSH_SECONDS)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")

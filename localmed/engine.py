@@ -33,7 +33,8 @@ from localmed.runtime import GenerationParams, GenerationStats, Runtime
 
 _STDERR_TAIL = 4096
 BATCH_SECONDS = 0.05
-"""Longest a streamed piece waits in the engine: what the chat app's screen flushes at anyway."""
+"""Longest a streamed piece waits in the engine, unless the caller asks otherwise: the server's
+stream. The chat app asks for what its screen shows new text at."""
 
 
 def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
@@ -79,15 +80,17 @@ def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path:
 
 
 def _stream(conn: Connection, runtime: Runtime, args: tuple[Any, ...]) -> None:
-    """Relay a reply in batches of at most BATCH_SECONDS: the caller wakes ~20 times a second,
-    not once per token. On a machine whose cores all decode, each wake-up of another process
-    preempts one of llama.cpp's threads, and its barrier stalls the rest (measured on 2 cores:
-    0.65x raw speed per token, 0.9x+ batched). Stop still acts after the current token."""
+    """Relay a reply in batches of at most ``batch_seconds`` (the last argument): the caller
+    wakes ~10-20 times a second, not once per token. On a machine whose cores all decode, each
+    wake-up of another process preempts one of llama.cpp's threads, and its barrier stalls the
+    rest (measured on 2 cores: 0.65x raw speed per token, 0.9x+ batched). Stop still acts after
+    the current token."""
+    *args, batch_seconds = args
     pending: list[str] = []
     last = time.monotonic()
     for piece in runtime.stream(*args):
         pending.append(piece)
-        if time.monotonic() - last >= BATCH_SECONDS:
+        if time.monotonic() - last >= batch_seconds:
             conn.send(("piece", "".join(pending)))
             pending.clear()
             last = time.monotonic()
@@ -118,11 +121,13 @@ def describe_exit(code: int | None) -> str:
 
 
 class EngineRuntime(Runtime):
-    """A :class:`Runtime` whose model is loaded in a child process."""
+    """A :class:`Runtime` whose model is loaded in a child process. ``batch_seconds``: how
+    long streamed text may wait in the engine before it is sent on."""
 
-    def __init__(self, path: Path, options: Any) -> None:
+    def __init__(self, path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS) -> None:
         self.path = Path(path)
         self.options = options
+        self.batch_seconds = batch_seconds
         self.last_stats = GenerationStats()
         self._lock = threading.Lock()
         self._start()
@@ -208,7 +213,8 @@ class EngineRuntime(Runtime):
                stop: Sequence[str] = ()) -> Iterator[str]:
         with self._lock:
             self._stop.clear()
-            self._send("stream", prompt, params or GenerationParams(), tuple(stop))
+            self._send("stream", prompt, params or GenerationParams(), tuple(stop),
+                       self.batch_seconds)
             self.last_stats = GenerationStats()
             finished = False
             try:
@@ -269,6 +275,7 @@ def _remote_error(reply: tuple[Any, ...]) -> LocalmedError:
     return reply[1]
 
 
-def open_engine(path: Path, options: Any) -> EngineRuntime:
+def open_engine(path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS
+                ) -> EngineRuntime:
     """Start an engine process with the model at ``path`` loaded (``options``: LoadOptions)."""
-    return EngineRuntime(path, options)
+    return EngineRuntime(path, options, batch_seconds=batch_seconds)

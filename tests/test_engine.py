@@ -51,6 +51,20 @@ def test_stop_ends_the_reply_after_the_current_token(engine):
     assert engine.last_stats.generated_tokens < 200
 
 
+def test_text_is_sent_in_batches_of_the_interval_asked_for(engine):
+    params = GenerationParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    try:
+        engine.batch_seconds = 0.0
+        per_token = list(engine.stream("The patient", params))
+        engine.batch_seconds = 0.25
+        batched = list(engine.stream("The patient", params))
+    finally:
+        engine.batch_seconds = 0.05
+    assert "".join(batched) == "".join(per_token)
+    assert len(per_token) >= 110  # a piece per token (a split character waits for the next)
+    assert len(batched) < 30, len(batched)
+
+
 def test_a_reply_left_midway_does_not_leak_into_the_next(engine):
     params = GenerationParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     stream = engine.stream("The patient", params)

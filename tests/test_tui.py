@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -47,14 +48,17 @@ def make_app(demo_gguf, cpu_machine, tmp_path, monkeypatch):
         runtime.close()
 
 
-async def send(pilot, text: str) -> None:
-    screen = pilot.app.screen
+async def send_without_waiting(pilot, text: str) -> None:
     await pilot.click("#prompt")
     for key in text:
         await pilot.press(key if key != " " else "space")
     await pilot.press("enter")
     await pilot.pause()
-    await screen.workers.wait_for_complete()
+
+
+async def send(pilot, text: str) -> None:
+    await send_without_waiting(pilot, text)
+    await pilot.app.screen.workers.wait_for_complete()
     await pilot.pause()
 
 
@@ -78,7 +82,7 @@ class TestChatting:
         async with app.run_test(size=SIZE) as pilot:
             await send(pilot, "How do I stop a reply?")
             reply = replies(app)[-1]
-            shown = reply.markdown.source
+            shown = reply.text
             assert "Escape" in shown
             assert app.session.conversation.messages[-1].content == shown.strip()
             assert app.session.stats.generated_tokens > 5
@@ -94,7 +98,7 @@ class TestChatting:
             await pilot.press("h", "i", "enter")
             for _ in range(500):  # until the first words arrive
                 await pilot.pause(0.01)
-                if replies(app) and replies(app)[-1].markdown.source:
+                if replies(app) and replies(app)[-1].text:
                     break
             await pilot.press("escape")
             await screen.workers.wait_for_complete()
@@ -103,6 +107,22 @@ class TestChatting:
             assert stats.stopped_by == "user"
             assert 0 < stats.generated_tokens < 4000
             assert not screen.generating
+
+    async def test_reading_back_during_a_reply_is_not_pulled_down(self, make_app, converted):
+        app = make_app(converted["llama3"]["F32"], n_ctx=4096,
+                       params=GenerationParams(max_tokens=600, ignore_eos=True),
+                       template="chatml")
+        async with app.run_test(size=SIZE) as pilot:
+            screen, log = app.screen, app.screen.query_one("#log")
+            await send_without_waiting(pilot, "hi")
+            while log.max_scroll_y < 5:  # until the reply is longer than the screen
+                await pilot.pause(0.05)
+            log.scroll_home(animate=False)  # the clinician scrolls up to read
+            await screen.workers.wait_for_complete()
+            await pilot.pause()
+            assert log.max_scroll_y > 5 and log.scroll_y == 0
+            await send(pilot, "x")  # a new message follows the conversation again
+            assert log.scroll_y == log.max_scroll_y
 
     async def test_switching_template_changes_the_prompt_sent(self, make_app):
         app = make_app()
@@ -292,7 +312,7 @@ class TestEngineProcess:
                 prompt.value = "Write a long list of the causes of chest pain, with details."
                 await pilot.press("enter")
                 first_pid = runtime.pid
-                while not (replies(app) and replies(app)[-1].markdown.source.strip()):
+                while not (replies(app) and replies(app)[-1].text.strip()):
                     await pilot.pause(0.05)  # until the reply has begun on screen
                 os.kill(first_pid, signal.SIGKILL)
                 with contextlib.suppress(WorkerFailed):  # the app handles it; asserted below
@@ -323,11 +343,12 @@ class TestRealTerminal:
     """`localmed chat` in a tmux pane: a closed terminal or a kill mid-reply ends the app and
     its engine (the app used to keep generating, unseen, after tmux kill-server)."""
 
-    def start(self, gguf, socket_name: str) -> tuple[list[str], int]:
+    def start(self, gguf, socket_name: str, max_tokens: int = 4000,
+              env: str = "") -> tuple[list[str], int]:
         tmux = ["tmux", "-L", socket_name]
         subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30",
-                        f"exec {sys.executable} -m localmed chat {gguf} --max-tokens 4000 "
-                        "--ignore-eos --ctx 4096"], check=True)
+                        f"{env} exec {sys.executable} -m localmed chat {gguf} --max-tokens "
+                        f"{max_tokens} --ignore-eos --ctx 4096"], check=True)
         pid = int(subprocess.run([*tmux, "list-panes", "-t", "t", "-F", "#{pane_pid}"],
                                  capture_output=True, text=True).stdout)
         self.wait(lambda: "Ask the model" in self.screen(tmux), "the chat screen")
@@ -373,5 +394,34 @@ class TestRealTerminal:
                 subprocess.run([*tmux, "kill-server"], check=True)
             self.wait(lambda: self.gone(pid) and self.gone(engine), "the app and engine to end",
                       timeout=30)
+        finally:
+            subprocess.run([*tmux, "kill-server"], capture_output=True)
+
+    def test_the_streaming_reply_is_drawn_as_it_grows(self, smollm2, tmp_path):
+        """Mid-reply, each two adjacent lines of text on the terminal are the reply's words as
+        they are: a line redrawn partly, or not at all, shows a stale piece the reply lacks."""
+        data = tmp_path / "data"
+        tmux, _ = self.start(smollm2["gguf"], f"localmed-test-{os.getpid()}", max_tokens=400,
+                               env=f"LOCALMED_DATA_DIR={data}")
+        try:
+            pairs: list[str] = []
+            while "generating" in (screen := self.screen(tmux)):
+                rows = screen.splitlines()
+                end = next(i for i, row in enumerate(rows) if row.startswith("▊▔"))
+                # The reply's rows only: not under a notification (its border: ▌ ▎), not the
+                # banner or a speaker's label, less the scrollbar (block elements).
+                rows = ["" if {"▌", "▎"} & set(row) else
+                        " ".join("".join(c for c in row if not "\u2580" <= c <= "\u259f").split())
+                        for row in rows[1:end]]
+                text = [row if row not in ("Model", "Clinician") and row not in DISCLAIMER
+                        else "" for row in rows]
+                pairs += [f"{a} {b}" for a, b in itertools.pairwise(text) if a and b]
+                time.sleep(0.3)
+            assert len(pairs) >= 10, pairs
+            subprocess.run([*tmux, "send-keys", "-t", "t", "C-e"], check=True)
+            self.wait(lambda: list(data.glob("exports/*.md")), "the export")
+            final = " ".join(next(data.glob("exports/*.md")).read_text().split())
+            for pair in pairs:
+                assert pair in final, pair
         finally:
             subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -11,8 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Input, Label, ListView, Markdown
-from textual.widgets.markdown import MarkdownStream
+from textual.widgets import Input, Label, ListView
 from textual.worker import Worker, WorkerState
 
 from localmed.chat import ChatSession
@@ -29,7 +28,11 @@ from tui.modals import (
 )
 from tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 
-FLUSH_SECONDS = 0.05
+FLUSH_SECONDS = 0.1
+"""How often new text of a reply reaches the screen. Each update is Python work in the app; when
+the engine decodes on every core, that work preempts one of llama.cpp's threads and stalls the
+rest at their barrier. Measured on 2 cores, all of them decoding (benchmarks/decode_overhead.py,
+512 tokens): 20 updates a second cost 7-8% of decode speed, 10 a second about 1%."""
 
 HELP_ROWS = [
     ("Enter", "send the message"),
@@ -83,7 +86,6 @@ class ChatScreen(Screen):
     def __init__(self, session: ChatSession) -> None:
         super().__init__()
         self.session = session
-        self._stream: MarkdownStream | None = None
         self._reply: MessageView | None = None
         self.generating = False
         self.engine_down = False
@@ -138,23 +140,26 @@ class ChatScreen(Screen):
         event.input.clear()
         log = self.query_one("#log", VerticalScroll)
         await log.mount(MessageView("user", text))
-        self._reply = MessageView("assistant")
+        # The reply grows half a screen at a time: a new layout every few seconds, not per line.
+        self._reply = MessageView("assistant", stream_step=max(log.size.height // 2, 4))
         await log.mount(self._reply)
-        self._stream = Markdown.get_stream(self._reply.markdown)
         self.generating = True
+        # A blinking cursor is two more screen updates a second, taken from the decode.
+        self.query_one("#prompt", Input).cursor_blink = False
         self.refresh_status("generating… (Esc stops)")
-        log.scroll_end(animate=False)
+        log.anchor()
         self.generate(text)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="generate")
     def generate(self, text: str) -> None:
-        # Pieces are batched to at most ~20 updates a second: re-rendering Markdown for every
-        # token would take the GIL from the decode loop and slow it down by half.
+        # The engine sends text every FLUSH_SECONDS (cmd_chat asks it to); an in-process runtime
+        # sends every token, so it is batched here too. Half the interval: a batch from the
+        # engine that comes a little early is shown, not held back for the next one.
         pending: list[str] = []
         last = time.monotonic()
         for piece in self.session.ask(text):
             pending.append(piece)
-            if time.monotonic() - last >= FLUSH_SECONDS:
+            if time.monotonic() - last >= FLUSH_SECONDS / 2:
                 self.post_message(self.Piece("".join(pending)))
                 pending.clear()
                 last = time.monotonic()
@@ -163,10 +168,9 @@ class ChatScreen(Screen):
         dropped = self.session.last_prompt.dropped_turns if self.session.last_prompt else 0
         self.post_message(self.Finished(dropped))
 
-    async def on_chat_screen_piece(self, message: Piece) -> None:
-        if self._stream is not None:
-            await self._stream.write(message.text)
-            self.query_one("#log", VerticalScroll).scroll_end(animate=False)
+    def on_chat_screen_piece(self, message: Piece) -> None:
+        if self._reply is not None:
+            self._reply.append(message.text)
 
     async def on_chat_screen_finished(self, message: Finished) -> None:
         await self._end_stream()
@@ -179,10 +183,10 @@ class ChatScreen(Screen):
                         "the prompt (the system prompt is kept).", severity="warning", timeout=10)
 
     async def _end_stream(self) -> None:
-        if self._stream is not None:
-            await self._stream.stop()
-            self._stream = None
+        if self._reply is not None:
+            await self._reply.finish()
         self.generating = False
+        self.query_one("#prompt", Input).cursor_blink = True
 
     async def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
         if event.worker.group == "reload" and event.state == WorkerState.ERROR:
