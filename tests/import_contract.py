@@ -18,8 +18,8 @@ from pathlib import Path
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Entry points: argument parsing and printing; they may reach anything below.
-    ("entry", ("localmed.cli", "localmed.cli_run", "localmed.cli_serve", "localmed.cli_common",
-               "localmed.__main__")),
+    ("entry", ("localmed.cli", "localmed.cli_run", "localmed.cli_serve", "localmed.cli_quantize",
+               "localmed.cli_common", "localmed.__main__")),
     # Applications: the Textual app, bench, serve, export.
     ("app", ("tui", "localmed.bench", "localmed.serve", "localmed.export")),
     # Core: what a session is, which format a model is in, the demo model.
