@@ -189,7 +189,8 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
         return formats.load_runtime(model.path, options)
     from localmed.engine import BATCH_SECONDS, open_engine
 
-    return open_engine(model.path, options, batch_seconds=batch_seconds or BATCH_SECONDS)
+    return open_engine(model.path, options,
+                       batch_seconds=BATCH_SECONDS if batch_seconds is None else batch_seconds)
 
 
 def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:

@@ -20,7 +20,6 @@ import os
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from localmed.errors import EngineDiedError, EngineError, LocalmedError
-from localmed.runtime import GenerationParams, GenerationStats, Runtime
+from localmed.runtime import GenerationParams, GenerationStats, Runtime, batched
 
 _STDERR_TAIL = 4096
 BATCH_SECONDS = 0.05
@@ -86,16 +85,8 @@ def _stream(conn: Connection, runtime: Runtime, args: tuple[Any, ...]) -> None:
     rest (measured on 2 cores: 0.65x raw speed per token, 0.9x+ batched). Stop still acts after
     the current token."""
     *args, batch_seconds = args
-    pending: list[str] = []
-    last = time.monotonic()
-    for piece in runtime.stream(*args):
-        pending.append(piece)
-        if time.monotonic() - last >= batch_seconds:
-            conn.send(("piece", "".join(pending)))
-            pending.clear()
-            last = time.monotonic()
-    if pending:
-        conn.send(("piece", "".join(pending)))
+    for text in batched(runtime.stream(*args), batch_seconds):
+        conn.send(("piece", text))
     conn.send(("done", runtime.last_stats))
 
 

@@ -9,8 +9,9 @@ model gets is decided by :mod:`localmed.formats`.
 from __future__ import annotations
 
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -160,6 +161,21 @@ class StopStringFilter:
     def flush(self) -> str:
         out, self.pending = ("" if self.hit else self.pending), ""
         return out
+
+
+def batched(pieces: Iterable[str], seconds: float) -> Iterator[str]:
+    """Streamed text joined into one piece per ``seconds`` at most (0: each as it comes), the
+    rest when the stream ends: whoever reads it wakes that often, not once per token."""
+    pending: list[str] = []
+    last = time.monotonic()
+    for piece in pieces:
+        pending.append(piece)
+        if time.monotonic() - last >= seconds:
+            yield "".join(pending)
+            pending.clear()
+            last = time.monotonic()
+    if pending:
+        yield "".join(pending)
 
 
 def describe_plan(plan: OffloadPlan) -> str:

@@ -9,7 +9,7 @@ import pytest
 from localmed.chat import ChatModel, ChatSession
 from localmed.conversation import Conversation, HistoryStore, build_prompt
 from localmed.errors import ContextFullError
-from localmed.runtime import GenerationParams, StopStringFilter
+from localmed.runtime import GenerationParams, StopStringFilter, batched
 from localmed.runtime_llama import LlamaCppRuntime
 from localmed.templates import Message, get_template
 
@@ -107,3 +107,10 @@ def test_session_records_turns_and_saves_only_when_asked(demo_runtime, demo_gguf
     assert path is not None and (path.stat().st_mode & 0o777) == 0o600
     assert (store.folder.stat().st_mode & 0o777) == 0o700
     assert store.list()[0].messages == session.conversation.messages
+
+
+def test_batched_joins_what_comes_within_the_interval():
+    pieces = ["The", " patient", " has", " chest", " pain"]
+    assert list(batched(pieces, 0)) == pieces
+    assert list(batched(iter(pieces), 60)) == ["The patient has chest pain"]
+    assert list(batched([], 0.1)) == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 from textual import on, work
@@ -17,7 +16,7 @@ from textual.worker import Worker, WorkerState
 from localmed.chat import ChatSession
 from localmed.conversation import Conversation
 from localmed.errors import EngineDiedError, LocalmedError
-from localmed.runtime import describe_plan
+from localmed.runtime import batched, describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
 from tui.modals import (
     EngineDiedScreen,
@@ -155,16 +154,8 @@ class ChatScreen(Screen):
         # The engine sends text every FLUSH_SECONDS (cmd_chat asks it to); an in-process runtime
         # sends every token, so it is batched here too. Half the interval: a batch from the
         # engine that comes a little early is shown, not held back for the next one.
-        pending: list[str] = []
-        last = time.monotonic()
-        for piece in self.session.ask(text):
-            pending.append(piece)
-            if time.monotonic() - last >= FLUSH_SECONDS / 2:
-                self.post_message(self.Piece("".join(pending)))
-                pending.clear()
-                last = time.monotonic()
-        if pending:
-            self.post_message(self.Piece("".join(pending)))
+        for piece in batched(self.session.ask(text), FLUSH_SECONDS / 2):
+            self.post_message(self.Piece(piece))
         dropped = self.session.last_prompt.dropped_turns if self.session.last_prompt else 0
         self.post_message(self.Finished(dropped))
 

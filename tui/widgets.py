@@ -33,9 +33,9 @@ class StreamingText(Widget):
     then the sizes it changed), about 10-30 ms of Python on a 120x40 terminal and more as the
     conversation grows. With the engine on every core, that time comes straight out of decoding.
     Here only the last line is wrapped again as text arrives (greedy wrapping does not change
-    the lines before it), only the lines that changed are redrawn, and the height grows ``step`` lines
-    at a time, so the screen is laid out again once a step. :meth:`MessageView.finish`
-    typesets the whole reply as Markdown at the end.
+    the lines before it), only the lines that changed are redrawn, and the height grows
+    ``step`` lines at a time, so the screen is laid out again once a step.
+    :meth:`MessageView.finish` typesets the whole reply as Markdown at the end.
     """
 
     DEFAULT_CSS = "StreamingText { height: 1; }"
