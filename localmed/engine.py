@@ -20,6 +20,7 @@ import os
 import signal
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -131,6 +132,8 @@ class EngineRuntime(Runtime):
         log.close()
         os.chmod(log.name, 0o600)
         self._log = Path(log.name)
+        # Gone with close(), or at the latest when this process exits without one.
+        self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
         self._process = ctx.Process(
             target=_engine_main, name="localmed-engine", daemon=True,
             args=(child, self._stop, str(self.path), self.options, str(self._log)))
@@ -252,7 +255,7 @@ class EngineRuntime(Runtime):
                 self._process.kill()
                 self._process.join()
         self._conn.close()
-        self._log.unlink(missing_ok=True)
+        self._remove_log()
 
 
 def _portable(exc: Exception) -> LocalmedError:

@@ -88,11 +88,14 @@ def test_one_chat_turn_through_the_transformers_runtime(gptq_models, no_network)
 
     model = resolve_chat_model(str(gptq_models["llama"]), Registry.load())
     runtime = open_runtime(model)
-    assert runtime.plan.label == "CPU" and runtime.info.quant == "GPTQ-4bit"
-    session = ChatSession.open(model, runtime)
-    session.params = GenerationParams(max_tokens=6, temperature=0.0)
-    assert session.template_name == "gguf"  # the checkpoint's own chat template
-    reply = "".join(session.ask("What is the first-line treatment of hypertension?"))
+    try:
+        assert runtime.plan.label == "CPU" and runtime.info.quant == "GPTQ-4bit"
+        session = ChatSession.open(model, runtime)
+        session.params = GenerationParams(max_tokens=6, temperature=0.0)
+        assert session.template_name == "gguf"  # the checkpoint's own chat template
+        reply = "".join(session.ask("What is the first-line treatment of hypertension?"))
+    finally:
+        runtime.close()
     assert session.stats.generated_tokens >= 1
     assert session.conversation.messages[-1].content == reply.strip()
     assert no_network == []
