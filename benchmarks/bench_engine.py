@@ -40,8 +40,8 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from localmed.engine import open_engine
     from localmed.formats import LoadOptions, load_runtime
+    from localmed.runtimes.process import open_engine
 
     gguf = args.gguf
     if gguf is None:

@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from localmed.planner import GIB, Hardware
-    from localmed.runtime_llama import LlamaCppRuntime
+    from localmed.runtimes.llama import LlamaCppRuntime
 
     machine = Hardware("cpu", 16 * GIB, 12 * GIB)
     with tempfile.TemporaryDirectory() as tmp:

@@ -122,7 +122,7 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
     """An unpacked llama.cpp converter: given, installed with localmed, or downloaded."""
     if given:
         return given
-    from quantize.llama_cpp_source import converter_dir
+    from localmed.quantize.llama_cpp_source import converter_dir
 
     if (converter_dir() / "convert_hf_to_gguf.py").is_file():
         return converter_dir()
@@ -158,7 +158,7 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--build-only", str(ckpt), "--layers",
                         str(args.layers), "--hidden", str(args.hidden), "--ffn", str(args.ffn)],
                        check=True)
-    from quantize.checkpoint import Checkpoint
+    from localmed.quantize.checkpoint import Checkpoint
 
     checkpoint = Checkpoint.open(ckpt)
     ckpt_bytes = sum(p.stat().st_size for p in checkpoint.weight_files)

@@ -46,9 +46,10 @@ TMUX = ["tmux", "-L", "localmed-bench"]
 
 
 def build_tiny(folder: Path) -> Path:
+    from localmed.quantize.pipeline import resolve_source, run_quantize
+
     from localmed.quants import QUANT_TYPES
     from localmed.registry import Registry
-    from quantize.pipeline import resolve_source, run_quantize
     from tests.tiny_models import build_spm_model
 
     ckpt = build_spm_model(folder / "ckpt", "llama", hidden_size=1024, intermediate_size=2816,
@@ -75,7 +76,7 @@ def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
     import llama_cpp
 
     from localmed import formats
-    from localmed.runtime import GenerationParams
+    from localmed.runtimes.base import GenerationParams
 
     params = GenerationParams()
     llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,

@@ -78,14 +78,14 @@ def kld(ref_path: Path, path: Path, docs: list[list[int]]) -> float:
 
 def bench_model(label: str, checkpoint: Path, work: Path, args: argparse.Namespace) -> None:
     import llama_cpp
+    from localmed.quantize.imatrix import write_imatrix
+    from localmed.quantize.imatrix_compute import compute_imatrix
+    from localmed.quantize.pipeline import resolve_source, run_quantize
     from rich.console import Console
 
     from localmed.errors import QuantizeError
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from quantize.imatrix import write_imatrix
-    from quantize.imatrix_engine import compute_imatrix
-    from quantize.pipeline import resolve_source, run_quantize
 
     quiet = Console(quiet=True)
     source = resolve_source(str(checkpoint), Registry.load())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -30,11 +31,26 @@ def atomic_path(final: Path, mode: int | None = None) -> Iterator[Path]:
             os.chmod(tmp, mode)
         os.replace(tmp, final)
     except BaseException as exc:
+        if isinstance(exc, OSError) and exc.errno is None and _disk_full(tmp.parent):
+            # numpy's tofile (gguf-py's tensor writes) reports a short write with no errno
+            exc.errno, exc.strerror = errno.ENOSPC, os.strerror(errno.ENOSPC)
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
             exc.filename = str(final)  # the file the user asked for, not the hidden temporary
         raise
+
+
+FULL_DISK_BYTES = 16 * 2**20
+"""Free space below which a failed write is taken for a full disk (checked before the partial
+file is removed: a write that ran out leaves at most a few blocks)."""
+
+
+def _disk_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < FULL_DISK_BYTES
+    except OSError:
+        return False
 
 
 def write_text_atomic(path: Path, text: str, mode: int | None = None) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from localmed import formats, paths
+from localmed import formats, library, paths
 from localmed.conversation import (
     Conversation,
     HistoryStore,
@@ -23,7 +23,7 @@ from localmed.conversation import (
 )
 from localmed.errors import ModelNotAvailableError, UnknownModelError
 from localmed.registry import ModelEntry, Registry
-from localmed.runtime import GenerationParams, GenerationStats, Runtime
+from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.templates import TemplateChoice, resolve_template
 
 
@@ -43,7 +43,7 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
     """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder."""
     from localmed.demo import DEMO_ENTRY, DEMO_ID, ensure_demo_model
 
-    models_dir = models_dir or paths.models_dir()
+    models_dir = models_dir or library.models_dir()
     if spec == DEMO_ID:
         path = ensure_demo_model(models_dir)
         return ChatModel("demo (not a medical model)", path, DEMO_ENTRY, DEMO_ENTRY.advisory)
@@ -59,7 +59,7 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
     from localmed.quants import get_quant
 
     quant_name = get_quant(quant).name if quant else entry.default_quant
-    path = models_dir / f"{entry.id}.{quant_name}.gguf"
+    path = library.gguf_path(entry.id, quant_name, models_dir)
     if not path.is_file():
         raise ModelNotAvailableError(entry.id, quant_name,
                                      f"localmed quantize {entry.id} --quant {quant_name}",
@@ -182,12 +182,12 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None) -> Runtime:
     """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ), in its
-    own engine process (:mod:`localmed.engine`) unless ``in_process``; ``batch_seconds``: how
+    own engine process (:mod:`localmed.runtimes.process`) unless ``in_process``; ``batch_seconds``: how
     often the engine sends streamed text on (its default: the server's)."""
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
     if in_process:
         return formats.load_runtime(model.path, options)
-    from localmed.engine import BATCH_SECONDS, open_engine
+    from localmed.runtimes.process import BATCH_SECONDS, open_engine
 
     return open_engine(model.path, options,
                        batch_seconds=BATCH_SECONDS if batch_seconds is None else batch_seconds)

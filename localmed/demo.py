@@ -10,7 +10,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from localmed import paths
+from localmed import library
 from localmed.registry import ModelEntry
 
 DEMO_ID = "demo"
@@ -25,14 +25,14 @@ DEMO_ENTRY = ModelEntry(
 
 
 def demo_path(models_dir: Path | None = None) -> Path:
-    return (models_dir or paths.models_dir()) / f"{DEMO_ID}.{DEMO_QUANT}.gguf"
+    return library.gguf_path(DEMO_ID, DEMO_QUANT, models_dir)
 
 
-def ensure_demo_model(models_dir: Path | None = None, console: object = None) -> Path:
+def ensure_demo_model(models_dir: Path | None = None) -> Path:
     """The demo GGUF, built on first use."""
+    from localmed.quantize.demo_model import build_checkpoint
+    from localmed.quantize.pipeline import Source, run_quantize
     from localmed.quants import QUANT_TYPES
-    from quantize.demo_model import build_checkpoint
-    from quantize.pipeline import Source, run_quantize
 
     target = demo_path(models_dir)
     if target.is_file():
@@ -40,6 +40,5 @@ def ensure_demo_model(models_dir: Path | None = None, console: object = None) ->
     with tempfile.TemporaryDirectory(prefix="localmed-demo-") as tmp:
         folder = build_checkpoint(Path(tmp) / "demo")
         source = Source(folder, "localmed demo (trained locally)", "local", DEMO_ENTRY, DEMO_ID)
-        run_quantize(source, [QUANT_TYPES[DEMO_QUANT]], target.parent,
-                     console=console)  # type: ignore[arg-type]
+        run_quantize(source, [QUANT_TYPES[DEMO_QUANT]], target.parent)
     return target

@@ -1,4 +1,4 @@
-"""Documents of text from a file: bench's ``--text`` and calibration text (GPTQ, imatrix).
+"""Documents of text from a file: bench's ``--text`` and calibration text (:mod:`localmed.calibration`).
 
 One reader for both: a ``.jsonl`` file (on each line, the first of the named fields that has
 text) or any other file of documents separated by blank lines.
@@ -17,7 +17,11 @@ from localmed.textfile import read_text
 def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[str]:
     """Texts from a ``.jsonl`` file (on each line, the first of ``fields`` that has text) or any
     other file of documents separated by blank lines; empty documents are dropped."""
-    raw = read_text(path)
+    return parse_documents(read_text(path), path, fields)
+
+
+def parse_documents(raw: str, path: Path, fields: Sequence[str] = ("question",)) -> list[str]:
+    """:func:`read_documents` on text already read from ``path``."""
     if path.suffix != ".jsonl":
         return [doc.strip() for doc in raw.split("\n\n") if doc.strip()]
     docs = []
@@ -32,6 +36,3 @@ def read_documents(path: Path, fields: Sequence[str] = ("question",)) -> list[st
             raise SuiteError(path, f"expected JSON with a {wanted} field", line_no) from None
     return docs
 
-
-CALIBRATION_FIELDS = ("text", "question")
-"""What a calibration ``.jsonl`` line may hold its document in (GPTQ and imatrix alike)."""

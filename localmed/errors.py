@@ -216,6 +216,14 @@ class GPTQError(LocalmedError, ValueError):
     """A GPTQ export that cannot be carried out (settings, calibration, missing package)."""
 
 
+class CalibrationError(LocalmedError, ValueError):
+    """Calibration text (GPTQ, importance matrices) that is missing or holds no documents."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {message}")
+
+
 class DataFileError(LocalmedError, ValueError):
     """A text file a user gave (registry, questions, calibration) that cannot be read as text."""
 

@@ -23,9 +23,9 @@ from localmed import __version__, formats
 from localmed.atomic import atomic_path, write_text_atomic
 from localmed.conversation import DISCLAIMER
 from localmed.errors import ExportError
-from localmed.model_info import ModelInfo
+from localmed.formats.info import ModelInfo
 from localmed.registry import ModelEntry
-from localmed.runtime import GenerationParams
+from localmed.runtimes.base import GenerationParams
 from localmed.templates import TEMPLATES, Message, PromptTemplate, resolve_template
 
 _FIRST_USER_SYSTEM = ('{{- $system := .System }}\n')

@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 from localmed.errors import HubAccessError, OfflineError
-from localmed.paths import hub_offline
 from localmed.provenance import CHECKPOINT_FILES
 
 DOWNLOAD_PATTERNS = ["*.safetensors", "*.safetensors.index.json", *CHECKPOINT_FILES]
@@ -31,7 +30,7 @@ def _progress_class():
 def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str | None = None,
                         gated: bool = False) -> tuple[Path, str]:
     """Fetch (or find in the cache) a checkpoint; returns its folder and resolved commit."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -40,7 +39,7 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str
         RevisionNotFoundError,
     )
 
-    offline = hub_offline()
+    offline = constants.HF_HUB_OFFLINE
     kwargs = {}
     if (progress := _progress_class()) is not None:
         kwargs["tqdm_class"] = progress

@@ -15,7 +15,7 @@ APP_NAME = "localmed"
 
 
 def data_dir() -> Path:
-    """Folder for models (GGUF files), transcripts and bench results."""
+    """Folder for models, transcripts and bench results (their names: :mod:`localmed.library`)."""
     if env := os.environ.get("LOCALMED_DATA_DIR"):
         return Path(env).expanduser()
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
@@ -28,16 +28,7 @@ def config_dir() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
 
 
-def models_dir() -> Path:
-    """Default output folder of ``localmed quantize``; chat and bench look here."""
-    return data_dir() / "models"
-
-
 def user_registry_path() -> Path:
     """The user's models.toml, whose entries add to or override the built-in registry."""
     return config_dir() / "models.toml"
 
-
-def hub_offline() -> bool:
-    """True when the user asked huggingface_hub to stay offline (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}

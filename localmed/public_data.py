@@ -39,7 +39,9 @@ def calibration_path() -> Path:
 def _download(name: str, path: Path, convert: Callable[[dict[str, Any], str | None],
                                                        dict[str, Any]]) -> None:
     """Fetch set ``name`` with ``datasets``, convert each row, write JSONL to ``path``."""
-    if paths.hub_offline():
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
         raise OfflineError(name, f"{path} is missing and HF_HUB_OFFLINE is set; put the file "
                            "there")
     try:

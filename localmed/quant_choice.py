@@ -7,12 +7,11 @@ published table otherwise.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from localmed.library import BenchResults
 from localmed.quants import QUANT_TYPES
 
 PUBLISHED_SOURCE = "llama.cpp's published KLD table (Llama-3-8B vs FP16, Wikitext)"
@@ -59,17 +58,12 @@ class QuantChoice:
 def read_measured(results: Path) -> dict[str, Measured]:
     """Each quant's full-vocabulary KLD on medical text from a bench results.json ({} when the
     file is missing, unreadable, or has no text metrics)."""
-    try:
-        data: Any = json.loads(results.read_text(encoding="utf-8"))
-        runs = data["runs"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
+    read = BenchResults.read(results)
     measured: dict[str, Measured] = {}
-    for run in runs if isinstance(runs, list) else []:
-        label, kld = run.get("quant"), run.get("text_kld")
-        if isinstance(label, str) and isinstance(kld, (int, float)) and label not in measured:
-            size = run.get("file_bytes")
-            measured[label] = Measured(float(kld), size if isinstance(size, int) else None)
+    for run in read.runs if read else []:
+        kld, size = run.text_kld, run.file_bytes
+        if isinstance(kld, (int, float)) and run.quant not in measured:
+            measured[run.quant] = Measured(float(kld), size if isinstance(size, int) else None)
     return measured
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from localmed.errors import CheckpointError, PickleRefusedError, SourceError
+from localmed.formats.safetensors import TensorRef, read_safetensors_header
 from localmed.provenance import CHECKPOINT_FILES
-from localmed.safetensors_index import TensorRef, read_safetensors_header
 
 
 @dataclass

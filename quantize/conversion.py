@@ -10,6 +10,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+from localmed.quantize.checkpoint import Checkpoint
+from localmed.quantize.families import (
+    ConverterFamily,
+    PlannedTensor,
+    family_for,
+    native_architectures,
+)
+from localmed.quantize.gguf_out import planned_bytes
+from localmed.quantize.imatrix import ImportanceMatrix
+from localmed.quantize.llama_cpp_source import LlamaCppConverter, converter_table, find_converter
+from localmed.quantize.vocab import LoadedVocab, load_vocab, write_vocab
 
 from localmed.errors import (
     ConverterMissingError,
@@ -22,12 +33,6 @@ from localmed.hub import download_checkpoint
 from localmed.provenance import Provenance, now
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 from localmed.registry import ModelEntry, Registry
-from quantize.checkpoint import Checkpoint
-from quantize.families import ConverterFamily, PlannedTensor, family_for, native_architectures
-from quantize.gguf_out import planned_bytes
-from quantize.imatrix import ImportanceMatrix
-from quantize.llama_cpp_source import LlamaCppConverter, converter_table, find_converter
-from quantize.vocab import LoadedVocab, load_vocab, write_vocab
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,11 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
+def requires_imatrix(qtype: int) -> bool:
+    """Whether ggml's row quantizer for ``qtype`` refuses to run without an importance matrix."""
+    return bool(_library().ggml_quantize_requires_imatrix(qtype))
+
+
 def row_size(qtype: int, n_per_row: int) -> int:
     """Bytes of one row of ``n_per_row`` values stored as ggml type ``qtype``."""
     return int(_library().ggml_row_size(qtype, n_per_row))
@@ -76,7 +81,7 @@ def quantize_rows(name: str, rows: np.ndarray, qtype: int, *,
     n_rows = rows.shape[0]
     n_per_row = int(widen(rows[:1]).shape[-1]) if n_rows else 0
     type_name = gguf.GGMLQuantizationType(qtype).name
-    if imatrix is None and lib.ggml_quantize_requires_imatrix(qtype):
+    if imatrix is None and requires_imatrix(qtype):
         raise QuantizeError(name, type_name, "this type needs an importance matrix")
     per_row = row_size(qtype, n_per_row)
     out = np.empty(n_rows * per_row, dtype=np.uint8)

@@ -7,7 +7,6 @@ tensor's data is loaded, converted and appended, and dropped before the next.
 
 from __future__ import annotations
 
-import contextlib
 import io
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -16,8 +15,7 @@ from typing import IO
 
 import gguf
 import numpy as np
-
-from quantize.families import ConverterFamily, PlannedTensor
+from localmed.quantize.families import ConverterFamily, PlannedTensor
 
 Progress = Callable[[int], None]
 
@@ -126,17 +124,40 @@ def write_gguf(
 
 def copy_with_metadata(src: Path, dst: Path, strings: Mapping[str, str],
                        progress: Progress | None = None) -> None:
-    """Copy GGUF ``src`` to ``dst`` with string keys added or replaced (gguf-py's own
-    ``gguf_new_metadata`` copy: every other key, tensor info and tensor byte as it was)."""
-    from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
-
+    """Copy GGUF ``src`` to ``dst`` with string keys replaced where they are, or added after the
+    others; every other key, tensor info and tensor byte as it was (gguf-py's GGUFReader into
+    its GGUFWriter, as its ``gguf_new_metadata`` script copies). ``progress`` gets the bytes
+    written so far, and the file's size when it is complete."""
     reader = gguf.GGUFReader(src)
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
-    new = {key: MetadataDetails(gguf.GGUFValueType.STRING, value)
-           for key, value in strings.items()}
-    # gguf-py draws its own tqdm bar on stderr; localmed's progress is on screen already.
-    with contextlib.redirect_stderr(io.StringIO()):
-        copy_with_new_metadata(reader, writer, new, remove_metadata=[])
+    try:
+        for field in reader.fields.values():
+            # GGUF.* are the reader's own (version, counts); the writer adds the architecture.
+            if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
+                continue
+            if field.name in strings:
+                writer.add_key_value(field.name, strings[field.name], gguf.GGUFValueType.STRING)
+                continue
+            kind = field.types[0]
+            sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+        for key, value in strings.items():
+            if key not in reader.fields:
+                writer.add_key_value(key, value, gguf.GGUFValueType.STRING)
+        for tensor in reader.tensors:
+            writer.add_tensor_info(tensor.name, tensor.data.shape, tensor.data.dtype,
+                                   tensor.data.nbytes, tensor.tensor_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        done = 0
+        for tensor in reader.tensors:
+            writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+            done += int(tensor.n_bytes)
+            if progress is not None:
+                progress(done)
+    finally:
+        writer.close()
     if progress is not None:
         progress(dst.stat().st_size)

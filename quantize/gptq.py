@@ -14,14 +14,16 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from localmed.documents import CALIBRATION_FIELDS, read_documents
-from localmed.engine_deps import private_working_dir, require_gptqmodel
-from localmed.errors import GPTQError, UnsupportedArchitectureError
-from localmed.gptq_info import MANIFEST
+from localmed.quantize.checkpoint import Checkpoint, sha256_file
+from localmed.quantize.conversion import Source
+from localmed.quantize.preflight import check_output_dir
+
+from localmed import library
+from localmed.calibration import Calibration, load_calibration
+from localmed.errors import CalibrationError, GPTQError, UnsupportedArchitectureError
+from localmed.formats.gptq import MANIFEST
 from localmed.provenance import TOKENIZER_FILES, Provenance
-from localmed.public_data import calibration_path
-from quantize.checkpoint import Checkpoint, sha256_file
-from quantize.pipeline import Source, check_output_dir
+from localmed.runtimes.optional import private_working_dir, require_gptqmodel
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
@@ -43,32 +45,18 @@ class GPTQSettings:
             raise GPTQError(f"--group-size {self.group_size}: use a positive size, or -1")
 
 
-def load_calibration(path: Path | None, samples: int) -> tuple[list[str], Path]:
-    """Medical calibration texts: a JSONL file (``question`` or ``text`` per line) or a text
-    file (documents separated by blank lines); by default PubMedQA abstracts."""
-    if path is None:
-        path = default_calibration()
-    path = Path(path)
-    if not path.is_file():
-        raise GPTQError(f"{path}: calibration file not found")
-    texts = read_documents(path, fields=CALIBRATION_FIELDS)
-    texts = [t for t in texts if len(t.split()) >= 8][:samples]
+def gptq_texts(calibration: Calibration, samples: int) -> list[str]:
+    """The first ``samples`` calibration documents of 8 words or more (a shorter one gives
+    GPTQ's Hessian almost nothing)."""
+    texts = [t for t in calibration.texts if len(t.split()) >= 8][:samples]
     if not texts:
-        raise GPTQError(f"{path}: no calibration text in it (need documents of 8+ words)")
-    return texts, path
-
-
-def default_calibration() -> Path:
-    """PubMedQA abstracts in the data dir (``localmed data pull calibration`` fetches them)."""
-    path = calibration_path()
-    if not path.is_file():
-        raise GPTQError(f"no medical calibration text at {path}; get it with `localmed data "
-                        "pull calibration`, or pass --calibration FILE")
-    return path
+        raise CalibrationError(calibration.path, "no calibration text in it (need documents of "
+                               "8+ words)")
+    return texts
 
 
 def output_folder(out_dir: Path, name: str, settings: GPTQSettings) -> Path:
-    return out_dir / f"{name}-GPTQ-{settings.bits}bit-g{settings.group_size}"
+    return library.gptq_path(name, settings.bits, settings.group_size, out_dir)
 
 
 def run_gptq(source: Source, out_dir: Path, settings: GPTQSettings) -> Path:
@@ -77,7 +65,8 @@ def run_gptq(source: Source, out_dir: Path, settings: GPTQSettings) -> Path:
     checkpoint = Checkpoint.open(source.folder)
     if checkpoint.architecture not in GPTQ_ARCHITECTURES:
         raise UnsupportedArchitectureError(checkpoint.architecture, GPTQ_ARCHITECTURES)
-    texts, calibration_path = load_calibration(settings.calibration, settings.samples)
+    calibration = load_calibration(settings.calibration)
+    texts = gptq_texts(calibration, settings.samples)
     gptqmodel = require_gptqmodel()
     check_output_dir(out_dir)
     out_dir, source_folder = out_dir.resolve(), source.folder.resolve()  # absolute: see below
@@ -92,7 +81,7 @@ def run_gptq(source: Source, out_dir: Path, settings: GPTQSettings) -> Path:
             model.quantize(texts, batch_size=1)
             model.save(str(staging))
         _copy_tokenizer(source.folder, staging)
-        _write_manifest(staging, source, checkpoint, settings, calibration_path, len(texts))
+        _write_manifest(staging, source, checkpoint, settings, calibration, len(texts))
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
@@ -117,7 +106,7 @@ def _copy_tokenizer(src: Path, dst: Path) -> None:
 
 
 def _write_manifest(folder: Path, source: Source, checkpoint: Checkpoint,
-                    settings: GPTQSettings, calibration: Path, n_texts: int) -> None:
+                    settings: GPTQSettings, calibration: Calibration, n_texts: int) -> None:
     import gptqmodel
 
     entry = source.entry
@@ -125,7 +114,7 @@ def _write_manifest(folder: Path, source: Source, checkpoint: Checkpoint,
         source=source.label, revision=source.revision, quant=f"GPTQ-{settings.bits}bit",
         model_id=entry.id if entry else "", advisory=entry.advisory if entry else "",
         inputs_sha256={p.name: sha256_file(p) for p in checkpoint.iter_input_files()},
-        calibration={"file": str(calibration), "sha256": sha256_file(calibration),
+        calibration={"file": str(calibration.path), "sha256": calibration.sha256,
                      "texts": n_texts})
     record = {
         "format": "gptq", "bits": settings.bits, "group_size": settings.group_size,

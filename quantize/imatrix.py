@@ -48,11 +48,6 @@ class ImportanceMatrix:
         return sorted(n for n, c in self.counts.items() if (c == 0).any())
 
 
-def dataset_label(calibration: Path, sha256: str) -> str:
-    """How a matrix names its calibration text in ``imatrix.datasets``: file name and sha256."""
-    return f"{calibration.name} sha256:{sha256}"
-
-
 def write_imatrix(path: Path, matrix: ImportanceMatrix) -> None:
     writer = gguf.GGUFWriter(path, arch="", endianess=gguf.GGUFEndian.LITTLE)
     writer.add_type(gguf.GGUFType.IMATRIX)

@@ -14,9 +14,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
+from localmed.quantize.imatrix import ImportanceMatrix, to_llama
+
 from localmed.errors import QuantizeError
 from localmed.quants import QuantType
-from quantize.imatrix import ImportanceMatrix, to_llama
 
 _QUIET: list[object] = []
 """The callback installed after a capture; kept referenced, as ctypes requires."""
@@ -132,9 +133,11 @@ def llama_quantize(src: Path, dst: Path, quant: QuantType, *, threads: int | Non
         progress(dst.stat().st_size)
 
 
-_NEEDS_MATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
-"""ggml types llama.cpp's quantizer refuses to write without a matrix (``llama-quant.cpp``,
-``tensor_requires_imatrix``; also Q2_K inside a Q2_K_S file)."""
+NEEDS_MATRIX = ("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_m", "iq1_s")
+"""ggml types llama.cpp's quantizer refuses to write without a matrix (also Q2_K inside a Q2_K_S
+file): ``tensor_requires_imatrix`` in ``llama-quant.cpp``, a static function that llama.h does
+not export. ggml's exported ``ggml_quantize_requires_imatrix`` answers for the row quantizers and
+names only three of these six (IQ2_XXS, IQ2_XS, IQ1_S); a test keeps that a subset of this."""
 
 
 def llama_requires_imatrix(src: Path, quant: QuantType, *,
@@ -155,7 +158,7 @@ def llama_requires_imatrix(src: Path, quant: QuantType, *,
     text = "".join(log)
     if "will require an imatrix" not in text:
         return ""
-    needs = _NEEDS_MATRIX + (("q2_K",) if quant.name == "Q2_K_S" else ())
+    needs = NEEDS_MATRIX + (("q2_K",) if quant.name == "Q2_K_S" else ())
     # Each tensor's line: "[  4/ 21] name - [shape], type = f16, size = ... MiB (iq2_s)".
     for line in text.splitlines():
         if "] " in line and line.rstrip().endswith(")"):

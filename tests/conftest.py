@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from rich.console import Console
 
 from tests.tiny_models import (
     BPE_GGUF,
@@ -60,17 +59,14 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, shared_vocab: Path) ->
     return out
 
 
-def quiet_console() -> Console:
-    return Console(file=open(os.devnull, "w"), force_terminal=False)
-
-
 @pytest.fixture(scope="session")
 def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
               ) -> dict[str, dict[str, Path]]:
     """GGUF files per family: F32 for all; Q8_0, Q4_K_M and Q2_K for llama too."""
+    from localmed.quantize.pipeline import resolve_source, run_quantize
+
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from quantize.pipeline import resolve_source, run_quantize
 
     registry = Registry.load()
     out_dir = tmp_path_factory.mktemp("gguf")
@@ -78,8 +74,7 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
     for family, folder in checkpoints.items():
         quants = "F32,F16,Q8_0,Q4_K_M,Q2_K" if family == "llama" else "F32"
         source = resolve_source(str(folder), registry)
-        outputs = run_quantize(source, parse_quant_list(quants), out_dir, threads=2,
-                               console=quiet_console())
+        outputs = run_quantize(source, parse_quant_list(quants), out_dir, threads=2)
         result[family] = {o.quant: o.path for o in outputs}
     return result
 
@@ -98,7 +93,7 @@ def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The `localmed chat demo` model, built as a new user's first run builds it."""
     from localmed.demo import ensure_demo_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("demo-models"), console=quiet_console())
+    return ensure_demo_model(tmp_path_factory.mktemp("demo-models"))
 
 
 @pytest.fixture
@@ -149,14 +144,14 @@ def smollm2() -> dict[str, Path]:
 def smollm2_converted(smollm2: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
                       ) -> dict[str, Path]:
     """SmolLM2 converted by `localmed quantize` (native path): F32, F16, Q8_0, Q4_K_M."""
+    from localmed.quantize.pipeline import resolve_source, run_quantize
+
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from quantize.pipeline import resolve_source, run_quantize
 
     out = tmp_path_factory.mktemp("smollm2-gguf")
     source = resolve_source(str(smollm2["checkpoint"]), Registry.load())
-    outputs = run_quantize(source, parse_quant_list("F32,F16,Q8_0,Q4_K_M"), out, threads=2,
-                           console=quiet_console())
+    outputs = run_quantize(source, parse_quant_list("F32,F16,Q8_0,Q4_K_M"), out, threads=2)
     return {o.quant: o.path for o in outputs}
 
 
@@ -165,10 +160,10 @@ def gemma3_real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real Gemma 3 270M: its original GGUF, a rebuilt checkpoint, and that checkpoint
     converted by `localmed quantize` (llama.cpp's converter path) to F16 and Q4_K_M."""
     import transformers
+    from localmed.quantize.pipeline import resolve_source, run_quantize
 
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from quantize.pipeline import resolve_source, run_quantize
     from tests.real_models import Unavailable, cache_dir, gemma3_gguf, rebuild_checkpoint
 
     try:
@@ -179,7 +174,6 @@ def gemma3_real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         gguf, cache_dir() / f"gemma3-270m-hf-transformers-{transformers.__version__}")
     out = tmp_path_factory.mktemp("gemma3-real")
     outputs = run_quantize(resolve_source(str(folder), Registry.load()),
-                           parse_quant_list("F16,Q4_K_M"), out, threads=2,
-                           console=quiet_console())
+                           parse_quant_list("F16,Q4_K_M"), out, threads=2)
     return {"gguf": gguf, "checkpoint": folder, **{o.quant: o.path for o in outputs},
             "converter": outputs[0].converter}

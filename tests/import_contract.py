@@ -4,7 +4,7 @@ Every ``import`` statement of every module is read with :mod:`ast`, function-lev
 included (the sys.modules check this replaces could not see those). A module belongs to the layer
 whose most specific prefix names it; a layer may import itself and the layers below it, never one
 above. Some third-party packages belong to one layer only (:data:`OWNED_PACKAGES`): llama.cpp,
-transformers, torch and GPTQModel to the engines, Textual to the app.
+transformers, torch and GPTQModel to the backends, Textual to the app.
 
 The directions are written down once, here, in :data:`LAYERS` (top to bottom).
 """
@@ -12,29 +12,38 @@ The directions are written down once, here, in :data:`LAYERS` (top to bottom).
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Entry points: argument parsing and printing; they may reach anything below.
-    ("entry", ("localmed.cli", "localmed.cli_run", "localmed.cli_serve", "localmed.cli_quantize",
-               "localmed.cli_common", "localmed.__main__")),
-    # Applications: the Textual app, bench, serve, export.
-    ("app", ("tui", "localmed.bench", "localmed.serve", "localmed.export")),
-    # Core: what a session is, which format a model is in, the demo model.
+    ("entry", ("localmed.cli", "localmed.__main__")),
+    # Applications: the Textual app, bench, the server, export.
+    ("app", ("localmed.tui", "localmed.bench", "localmed.serve", "localmed.export")),
+    # Core: what a chat session is, the registry of model formats, the demo model, and the
+    # engine process that holds a runtime.
     ("core", ("localmed.chat", "localmed.conversation", "localmed.formats", "localmed.demo",
-              "localmed.engine")),
-    # Engines: converters, quantizers and the runtimes that hold llama.cpp or transformers.
-    ("engines", ("quantize", "localmed.runtime_llama", "localmed.runtime_hf",
-                 "localmed.hardware", "localmed.engine_deps")),
-    # Base: plain data and shared helpers every layer uses; imports nothing above it.
-    ("base", ("localmed",)),
+              "localmed.runtimes.process")),
+    # Backends: what holds llama.cpp, transformers or GPTQModel: converters and quantizers, the
+    # runtimes, and what this machine's llama.cpp can do.
+    ("backends", ("localmed.quantize", "localmed.runtimes")),
+    # Base: plain data and shared helpers every layer uses; imports nothing above it. The Runtime
+    # interface and the header readers of the formats are base: the backends use them too.
+    ("base", ("localmed", "localmed.runtimes.base", "localmed.formats.info",
+              "localmed.formats.gguf_header", "localmed.formats.gguf", "localmed.formats.gptq",
+              "localmed.formats.safetensors")),
 )
 
 OWNED_PACKAGES: dict[str, str] = {
     **dict.fromkeys(("llama_cpp", "transformers", "torch", "gptqmodel", "optimum",
-                     "sentencepiece"), "engines"),
+                     "sentencepiece"), "backends"),
     "textual": "app",
 }
 """Third-party packages that only one layer may import: engines stay swappable (and can move
@@ -59,19 +68,29 @@ class ImportGraph:
     """Module → (imported module or package, line)."""
 
 
-def module_name(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
+def source_packages(root: Path) -> dict[str, str]:
+    """Source folder → installed package, as pyproject.toml's ``package-dir`` maps them (the
+    top-level folders ``quantize/`` and ``tui/`` install as ``localmed.quantize`` and
+    ``localmed.tui``)."""
+    with (root / "pyproject.toml").open("rb") as fh:
+        mapping = tomllib.load(fh)["tool"]["setuptools"]["package-dir"]
+    return {folder: package for package, folder in mapping.items()}
+
+
+def module_name(folder: Path, package: str, path: Path) -> str:
+    parts = [package, *path.relative_to(folder).with_suffix("").parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def read_graph(root: Path, packages: Iterable[str]) -> ImportGraph:
-    """Every import of every module under ``root/<package>``, resolved to absolute names."""
+def read_graph(root: Path, packages: Mapping[str, str]) -> ImportGraph:
+    """Every import of every module under ``root/<folder>`` (installed as ``packages[folder]``),
+    resolved to absolute names."""
     graph = ImportGraph()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            graph.modules[module_name(root, path)] = path
+    for folder, package in packages.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            graph.modules[module_name(root / folder, package, path)] = path
     for name, path in graph.modules.items():
         is_package = path.name == "__init__.py"
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))

@@ -98,7 +98,7 @@ def _reader_value(reader: gguf.GGUFReader, key: str):
 @pytest.mark.parametrize("quant,file_type", [("F32", 0), ("Q8_0", 7), ("Q4_K_M", 15),
                                              ("Q2_K", 10)])
 def test_metadata_and_provenance(quant, file_type, checkpoints, converted):
-    from quantize.checkpoint import sha256_file
+    from localmed.quantize.checkpoint import sha256_file
 
     path = converted["llama"][quant]
     reader = gguf.GGUFReader(path)
@@ -149,17 +149,17 @@ def test_llama3_tied_embeddings_and_bpe_metadata(converted):
 
 def test_bf16_checkpoint_converts_exactly_and_quantizes_from_bf16(tmp_path):
     """bf16 weights stay bf16 (no f16 overflow), and K-quants are made from a BF16 file."""
+    from localmed.quantize.pipeline import prepare, resolve_source, run_quantize
+
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from quantize.pipeline import prepare, resolve_source, run_quantize
-    from tests.conftest import quiet_console
     from tests.tiny_models import build_spm_model
 
     folder = build_spm_model(tmp_path / "bf16", "mistral", seed=5, dtype="bfloat16")
     source = resolve_source(str(folder), Registry.load())
     assert prepare(source).intermediate.name == "BF16"
     outputs = run_quantize(source, parse_quant_list("BF16,Q4_K_M"), tmp_path / "out",
-                           threads=2, console=quiet_console())
+                           threads=2)
     files = {o.quant: o.path for o in outputs}
     reader = gguf.GGUFReader(files["BF16"])
     q = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")

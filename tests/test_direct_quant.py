@@ -14,17 +14,16 @@ import pytest
 
 from localmed.quants import parse_quant_list
 from localmed.registry import Registry
-from tests.conftest import quiet_console
 from tests.test_imatrix import CALIBRATION, activations_imatrix
 from tests.tiny_models import build_spm_model
 
 
 def _quantize(folder: Path, quants: str, out: Path, *, direct: bool,
               imatrix: Path | None = None) -> dict[str, Path]:
-    from quantize.pipeline import resolve_source, run_quantize
+    from localmed.quantize.pipeline import resolve_source, run_quantize
 
     outputs = run_quantize(resolve_source(str(folder), Registry.load()), parse_quant_list(quants, imatrix=imatrix is not None),
-                           out, threads=2, console=quiet_console(), imatrix=imatrix,
+                           out, threads=2, imatrix=imatrix,
                            direct=direct)
     return {o.quant: o.path for o in outputs}
 
@@ -63,8 +62,8 @@ def llama_matrix(checkpoints, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def mixtral_matrix(converted, tmp_path_factory) -> Path:
     """Per expert, over the tokens routed to each (llama.cpp's engine on the F32 file)."""
-    from quantize.imatrix import write_imatrix
-    from quantize.imatrix_engine import compute_imatrix
+    from localmed.quantize.imatrix import write_imatrix
+    from localmed.quantize.imatrix_compute import compute_imatrix
 
     matrix = compute_imatrix(converted["mixtral"]["F32"], CALIBRATION * 4, n_ctx=32, chunks=4,
                              threads=2)

@@ -9,10 +9,10 @@ import signal
 
 import pytest
 
-from localmed.engine import open_engine
 from localmed.errors import ContextFullError, EngineDiedError, GGUFFileError, ModelTooLargeError
 from localmed.formats import LoadOptions, load_runtime
-from localmed.runtime import GenerationParams
+from localmed.runtimes.base import GenerationParams
+from localmed.runtimes.process import open_engine
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=24)
 

@@ -12,10 +12,9 @@ import pytest
 
 from localmed import cli, formats
 from localmed.errors import GGUFFileError, GPTQFolderError, ModelFileError
-from localmed.gguf_info import GGUFInfo
+from localmed.formats.gguf import GGUFInfo
 from localmed.planner import GIB, Hardware
 from localmed.provenance import CHECKPOINT_FILES, Provenance
-from tests.conftest import quiet_console
 
 PROVENANCE_FIELDS = {f.name for f in dataclasses.fields(Provenance)} - {"calibration"}
 
@@ -68,7 +67,7 @@ class TestGPTQFolders:
         return folder
 
     def test_described_with_its_own_info_type(self, gptq_folder):
-        from localmed.gptq_info import GPTQInfo
+        from localmed.formats.gptq import GPTQInfo
 
         info = formats.describe(gptq_folder)
         assert isinstance(info, GPTQInfo) and info.format == "gptq"
@@ -100,7 +99,7 @@ class TestGPTQFolders:
 
 class TestProvenance:
     def test_gguf_metadata_and_manifest_hold_the_same_record(self, converted):
-        from localmed.gguf_header import read_header
+        from localmed.formats.gguf_header import read_header
 
         path = converted["llama"]["Q4_K_M"]
         from_gguf = Provenance.from_gguf(read_header(path).fields)
@@ -122,10 +121,11 @@ class TestProvenance:
         assert Provenance.from_gguf({"general.name": "x"}) is None
 
     def test_every_file_the_converter_reads_is_hashed(self, checkpoints, tmp_path):
+        from localmed.quantize.checkpoint import sha256_file
+        from localmed.quantize.pipeline import resolve_source, run_quantize
+
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
-        from quantize.checkpoint import sha256_file
-        from quantize.pipeline import resolve_source, run_quantize
 
         folder = tmp_path / "with-extras"
         shutil.copytree(checkpoints["llama"], folder)
@@ -134,8 +134,7 @@ class TestProvenance:
         (folder / "added_tokens.json").write_text("{}")
         (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))
         outputs = run_quantize(resolve_source(str(folder), Registry.load()),
-                               parse_quant_list("F16"), tmp_path / "out",
-                               console=quiet_console())
+                               parse_quant_list("F16"), tmp_path / "out")
         manifest = json.loads(outputs[0].manifest.read_text())
         present = {name for name in CHECKPOINT_FILES if (folder / name).is_file()}
         assert {"chat_template.json", "added_tokens.json", "generation_config.json"} <= present

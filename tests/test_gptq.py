@@ -20,9 +20,10 @@ TEXT = ("A 58-year-old woman with type 2 diabetes presents with crushing subster
 
 @pytest.fixture(scope="session")
 def gptq_models(checkpoints, tmp_path_factory) -> dict[str, Path]:
+    from localmed.quantize.gptq import GPTQSettings, run_gptq
+    from localmed.quantize.pipeline import resolve_source
+
     from localmed.registry import Registry
-    from quantize.gptq import GPTQSettings, run_gptq
-    from quantize.pipeline import resolve_source
 
     out = tmp_path_factory.mktemp("gptq")
     settings = GPTQSettings(bits=4, group_size=128, calibration=CALIBRATION, samples=16)
@@ -84,7 +85,7 @@ def test_gptq_reloads_in_transformers_close_to_fp32(family, checkpoints, gptq_mo
 def test_one_chat_turn_through_the_transformers_runtime(gptq_models, no_network):
     from localmed.chat import ChatSession, open_runtime, resolve_chat_model
     from localmed.registry import Registry
-    from localmed.runtime import GenerationParams
+    from localmed.runtimes.base import GenerationParams
 
     model = resolve_chat_model(str(gptq_models["llama"]), Registry.load())
     runtime = open_runtime(model)
@@ -197,7 +198,7 @@ class TestTransformersRuntime:
         assert runtime.tokens_evaluated - before == (len(c) - 1) + len(c)
 
     def _ids(self, runtime, prompt: str = TEXT, **params) -> list[int]:
-        from localmed.runtime import GenerationParams
+        from localmed.runtimes.base import GenerationParams
 
         settings = {"max_tokens": 24, "temperature": 0.0, "top_k": 0, "top_p": 1.0,
                     "min_p": 0.0, "repeat_penalty": 1.0, **params}

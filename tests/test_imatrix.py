@@ -25,9 +25,8 @@ def activations_imatrix(checkpoint: Path, out: Path,
     llama-imatrix collects): on ``token_chunks``, or on three medical sentences."""
     import sentencepiece as spm
     import torch
+    from localmed.quantize.imatrix import ImportanceMatrix, write_imatrix
     from transformers import AutoModelForCausalLM
-
-    from quantize.imatrix import ImportanceMatrix, write_imatrix
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
@@ -108,6 +107,18 @@ def test_imatrix_only_types_load_and_generate(quant, checkpoints, imatrix_file, 
     llm.close()
 
 
+def test_ggml_s_own_list_of_matrix_types_is_within_the_quantizer_s():
+    # llama.cpp's quantizer refuses six types without a matrix (tensor_requires_imatrix, not
+    # exported); ggml's exported check knows the row quantizers' three. If ggml ever names one
+    # that localmed's table lacks, the table is out of date.
+    import gguf
+    from localmed.quantize.ggml_rows import requires_imatrix
+    from localmed.quantize.llama_quant import NEEDS_MATRIX
+
+    ggml_says = {t.name.lower() for t in gguf.GGMLQuantizationType if requires_imatrix(t.value)}
+    assert ggml_says and ggml_says <= set(NEEDS_MATRIX)
+
+
 class TestBadImatrix:
     def test_without_an_imatrix_the_i_quants_are_refused(self, checkpoints, tmp_path, capsys):
         code, err = run_cli(capsys, "quantize", str(checkpoints["llama"]), "--quant", "IQ2_XS",
@@ -117,7 +128,7 @@ class TestBadImatrix:
     def test_one_made_for_another_model_is_refused_before_quantizing(self, checkpoints,
                                                                      imatrix_file, tmp_path,
                                                                      capsys):
-        from quantize.imatrix import read_imatrix, write_imatrix
+        from localmed.quantize.imatrix import read_imatrix, write_imatrix
 
         matrix = read_imatrix(imatrix_file)
         matrix.sums["blk.0.attn_q.weight"] = np.ones(512, np.float32)
@@ -140,9 +151,8 @@ def test_llama_cpp_engine_collects_what_the_activations_are(checkpoints, convert
     """The eval-callback engine, run on the F32 GGUF, gives the sums and counts that
     transformers' own activations give on the same token chunks."""
     import llama_cpp
-
-    from quantize.imatrix import read_imatrix
-    from quantize.imatrix_engine import compute_imatrix
+    from localmed.quantize.imatrix import read_imatrix
+    from localmed.quantize.imatrix_compute import compute_imatrix
 
     texts, n_ctx = [MEDICAL_TEXT] * 12, 64
     gguf_path = converted["llama"]["F32"]

@@ -110,7 +110,7 @@ def test_footprint_groups_tensors_by_block():
 
 
 def test_footprint_of_a_real_gguf_matches_its_file(converted):
-    from localmed.gguf_info import read_gguf_footprint as read_footprint
+    from localmed.formats.gguf import read_gguf_footprint as read_footprint
 
     path = converted["llama"]["Q4_K_M"]
     info, fp = read_footprint(path)
@@ -122,7 +122,7 @@ def test_footprint_of_a_real_gguf_matches_its_file(converted):
 
 
 def test_a_model_too_big_is_refused_before_loading(converted):
-    from localmed.runtime_llama import LlamaCppRuntime
+    from localmed.runtimes.llama import LlamaCppRuntime
 
     tiny_machine = Hardware("cpu", 64 * MIB, 16 * MIB)
     with pytest.raises(ModelTooLargeError) as err:
@@ -136,13 +136,13 @@ def test_a_model_too_big_is_refused_before_loading(converted):
     (("cpu", "vulkan"), False, "cpu"),
 ])
 def test_the_gpu_backend_is_named_from_the_ggml_libraries(libs, offload, expected):
-    from localmed.hardware import LlamaBuild
+    from localmed.runtimes.hardware import LlamaBuild
 
     assert LlamaBuild("0.3.36", libs, offload).gpu_backend == expected
 
 
 def test_the_installed_build_is_read_from_llama_cpp():
-    from localmed.hardware import llama_build
+    from localmed.runtimes.hardware import llama_build
 
     build = llama_build()
     assert build.version == "0.3.36" and "cpu" in build.backends

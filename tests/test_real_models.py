@@ -13,7 +13,6 @@ import pytest
 
 from localmed import cli
 from localmed.chat import ChatSession
-from tests.conftest import quiet_console
 from tests.test_convert import gguf_logits, hf_logits, mean_kld
 from tests.tiny_models import SHARED, build_gemma3_model
 
@@ -46,7 +45,7 @@ def chat_session(path: Path, *, n_ctx: int, max_tokens: int, template: str | Non
     """A chat session on a GGUF, as `localmed chat FILE` opens one, greedy decoding."""
     from localmed.chat import open_runtime, resolve_chat_model
     from localmed.registry import Registry
-    from localmed.runtime import GenerationParams
+    from localmed.runtimes.base import GenerationParams
 
     model = resolve_chat_model(str(path), Registry.load())
     runtime = open_runtime(model, n_ctx=n_ctx, threads=2)
@@ -59,7 +58,7 @@ def chat_session(path: Path, *, n_ctx: int, max_tokens: int, template: str | Non
 
 
 def gguf_field(path: Path, key: str) -> object:
-    from localmed.gguf_header import read_header
+    from localmed.formats.gguf_header import read_header
 
     return read_header(path).fields.get(key)
 
@@ -77,15 +76,15 @@ class TestSmolLM2:
 
     def test_a_wrong_pre_tokenizer_is_caught(self, smollm2, tmp_path, monkeypatch):
         # The same comparison fails when the GGUF names a pre-tokenizer other than the model's.
-        import quantize.vocab
+        import localmed.quantize.vocab
+        from localmed.quantize.pipeline import resolve_source, run_quantize
+
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
-        from quantize.pipeline import resolve_source, run_quantize
 
-        monkeypatch.setattr(quantize.vocab, "identify_pre_tokenizer", lambda folder: "llama-bpe")
+        monkeypatch.setattr(localmed.quantize.vocab, "identify_pre_tokenizer", lambda folder: "llama-bpe")
         source = resolve_source(str(smollm2["checkpoint"]), Registry.load())
-        wrong = run_quantize(source, parse_quant_list("Q8_0"), tmp_path,
-                             console=quiet_console())[0].path
+        wrong = run_quantize(source, parse_quant_list("Q8_0"), tmp_path)[0].path
         assert gguf_field(wrong, "tokenizer.ggml.pre") == "llama-bpe"
         assert token_mismatches(smollm2["gguf"], wrong)
 
@@ -111,12 +110,13 @@ class TestSmolLM2:
 
     def test_llama_cpp_converter_gives_the_same_model(self, smollm2, smollm2_converted,
                                                       tmp_path):
+        from localmed.quantize.pipeline import resolve_source, run_quantize
+
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
-        from quantize.pipeline import resolve_source, run_quantize
 
         source = resolve_source(str(smollm2["checkpoint"]), Registry.load())
-        out = run_quantize(source, parse_quant_list("F16"), tmp_path, console=quiet_console(),
+        out = run_quantize(source, parse_quant_list("F16"), tmp_path,
                            converter="llama.cpp")[0]
         assert out.converter.startswith("llama.cpp's convert_hf_to_gguf.py")
         manifest = json.loads(out.manifest.read_text())
@@ -189,15 +189,15 @@ class TestGemma3Real:
 class TestLlamaCppPath:
     @pytest.fixture(scope="class")
     def gemma3(self, tmp_path_factory) -> dict[str, Path]:
+        from localmed.quantize.pipeline import resolve_source, run_quantize
+
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
-        from quantize.pipeline import resolve_source, run_quantize
 
         root = tmp_path_factory.mktemp("gemma3")
         folder = build_gemma3_model(root / "tiny-gemma3")
         outputs = run_quantize(resolve_source(str(folder), Registry.load()),
-                               parse_quant_list("F32,Q4_K_M"), root / "out",
-                               console=quiet_console())
+                               parse_quant_list("F32,Q4_K_M"), root / "out")
         return {"checkpoint": folder, **{o.quant: o.path for o in outputs}}
 
     def test_gemma3_converts_through_llama_cpp_with_provenance(self, gemma3):
@@ -287,9 +287,10 @@ class TestBadInput:
 
 
 def test_every_registry_model_has_a_converter(capsys):
+    from localmed.quantize.families import native_architectures
+    from localmed.quantize.llama_cpp_source import converter_table
+
     from localmed.registry import Registry
-    from quantize.families import native_architectures
-    from quantize.llama_cpp_source import converter_table
 
     known = set(native_architectures()) | converter_table().architectures
     registry = Registry.load()

@@ -112,10 +112,10 @@ class TestOutputs:
             self, tmp_path, capsys, checkpoints, monkeypatch):
         import errno
 
-        import quantize.gguf_out
+        import localmed.quantize.gguf_out
 
         written = {"n": 0}
-        real = quantize.gguf_out.encode
+        real = localmed.quantize.gguf_out.encode
 
         def fill_disk(data, qtype):
             written["n"] += 1
@@ -123,7 +123,7 @@ class TestOutputs:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return real(data, qtype)
 
-        monkeypatch.setattr(quantize.gguf_out, "encode", fill_disk)
+        monkeypatch.setattr(localmed.quantize.gguf_out, "encode", fill_disk)
         out = tmp_path / "out"
         code, err = run_cli(capsys, "quantize", str(checkpoints["llama"]), "--quant", "F16",
                             "--out", str(out))
@@ -179,6 +179,13 @@ class TestDamagedGGUF:
         bad = self.rewrite(good, tmp_path / "blocks.gguf", **{
             "llama.block_count": (gguf.GGUFValueType.UINT32, 1_000_000_000)})
         self.check(capsys, bad, "damaged", "block_count")
+
+    def test_a_context_longer_than_llama_cpp_holds(self, good, tmp_path, capsys):
+        # 2^32-1 once passed, then bench died in llama-cpp-python's tokenizer
+        bad = self.rewrite(good, tmp_path / "context.gguf", **{
+            "llama.context_length": (gguf.GGUFValueType.UINT32, 2**32 - 1)})
+        self.check(capsys, bad, "damaged", "llama.context_length is 4,294,967,295",
+                   "2,147,483,647 tokens llama.cpp can hold")
 
     def test_zero_heads(self, good, tmp_path, capsys):
         bad = self.rewrite(good, tmp_path / "heads.gguf", **{
@@ -416,3 +423,34 @@ def test_an_os_error_names_the_final_file_not_the_temporary(tmp_path):
     with pytest.raises(OSError) as raised, atomic_path(final) as tmp:
         raise OSError(28, "No space left on device", str(tmp))
     assert raised.value.filename == str(final)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a real filesystem that fills up (needs root and mount, as CI has)."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_disk_that_fills_during_a_tensor_write_is_out_of_disk(full_disk, converted):
+    # gguf-py writes tensors with numpy's tofile, whose short write is an OSError with no errno
+    from localmed.quantize.gguf_out import copy_with_metadata
+
+    from localmed.atomic import atomic_path
+
+    source = converted["llama"]["F16"]
+    assert source.stat().st_size > 2**20
+    final = full_disk / "model.gguf"
+    with pytest.raises(OSError) as raised, atomic_path(final) as tmp:
+        copy_with_metadata(source, tmp, {"general.name": "x"})
+    assert cli.failure_message(raised.value) == \
+        f"{final}: out of disk space; the partial file was removed"
+    assert list(full_disk.iterdir()) == []

@@ -9,8 +9,8 @@ import pytest
 from localmed.chat import ChatModel, ChatSession
 from localmed.conversation import Conversation, HistoryStore, build_prompt
 from localmed.errors import ContextFullError
-from localmed.runtime import GenerationParams, StopStringFilter, batched
-from localmed.runtime_llama import LlamaCppRuntime
+from localmed.runtimes.base import GenerationParams, StopStringFilter, batched
+from localmed.runtimes.llama import LlamaCppRuntime
 from localmed.templates import Message, get_template
 
 

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from localmed.conversation import DISCLAIMER
-from localmed.serve import DISCLAIMER_HEADER
+from localmed.serve.server import DISCLAIMER_HEADER
 
 GREEDY = {"temperature": 0}
 

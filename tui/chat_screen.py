@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from localmed.tui.modals import (
+    EngineDiedScreen,
+    ErrorScreen,
+    InfoScreen,
+    SystemPromptScreen,
+    TemplateScreen,
+)
+from localmed.tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -16,16 +24,8 @@ from textual.worker import Worker, WorkerState
 from localmed.chat import ChatSession
 from localmed.conversation import Conversation
 from localmed.errors import EngineDiedError, LocalmedError
-from localmed.runtime import batched, describe_plan
+from localmed.runtimes.base import batched, describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
-from tui.modals import (
-    EngineDiedScreen,
-    ErrorScreen,
-    InfoScreen,
-    SystemPromptScreen,
-    TemplateScreen,
-)
-from tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 
 FLUSH_SECONDS = 0.1
 """How often new text of a reply reaches the screen. Each update is Python work in the app; when
@@ -226,10 +226,7 @@ class ChatScreen(Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="reload")
     def reload_engine(self) -> None:
-        restart = getattr(self.session.runtime, "restart", None)
-        if restart is None:
-            raise LocalmedError("this model runs inside the app and cannot be reloaded")
-        restart()
+        self.session.runtime.restart()
         self.post_message(self.Reloaded())
 
     def on_chat_screen_reloaded(self, message: Reloaded) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from localmed.tui.widgets import DisclaimerBanner
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -12,8 +13,6 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
-
-from tui.widgets import DisclaimerBanner
 
 
 class BannerModal(ModalScreen):

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from localmed import formats, paths
+from localmed import formats, library, paths
 from localmed.bench.report import aggregate, tables, write_outputs
 from localmed.bench.runner import (
     BenchConfig,
@@ -20,11 +20,11 @@ from localmed.bench.runner import (
 from localmed.bench.suites import KNOWN_SUITES, Suite, load_suite, resolve_suite
 from localmed.documents import read_documents
 from localmed.errors import LocalmedError, SuiteError, UnknownModelError
-from localmed.model_info import ModelInfo
+from localmed.formats.info import ModelInfo
 from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
-from localmed.runtime import Runtime
+from localmed.runtimes.base import Runtime
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,8 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
     if spec not in registry:
         raise UnknownModelError(spec, registry)
     entry = registry[spec]
-    models = paths.models_dir()
-    infos = formats.models_in(models, lambda p: p.name.startswith(f"{entry.id}.")
-                              or p.name.startswith(f"{entry.id}-GPTQ-")) \
+    models = library.models_dir()
+    infos = formats.models_in(models, lambda p: library.belongs_to(p, entry.id)) \
         if models.is_dir() else []
     files = _by_label(infos)
     return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
@@ -141,8 +140,7 @@ def run(args: object, console: Console, err: Console) -> int:
         shot_examples[suite.name] = tuple(suite.questions[: args.shots])
         suites.append(Suite(suite.name, suite.path, suite.questions[args.shots:]))
     texts = load_texts(Path(args.text) if args.text else None, suites, args.text_docs)
-    out = Path(args.out).expanduser() if args.out else \
-        paths.data_dir() / "bench" / model.label
+    out = Path(args.out).expanduser() if args.out else library.bench_dir(model.label)
     config = BenchConfig(model=model.label, files=files, reference=reference, suites=suites,
                          out=out, shots=args.shots, shot_examples=shot_examples,
                          prompt_format=args.prompt_format,

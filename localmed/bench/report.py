@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 from rich.table import Table
 
@@ -16,9 +16,10 @@ from localmed.atomic import write_text_atomic
 from localmed.bench.runner import BenchConfig, Records
 from localmed.bench.scoring import kl_divergence
 from localmed.bench.stats import mcnemar_exact, paired_difference, wilson_interval
+from localmed.library import RESULTS_FILE, BenchResults, BenchRun
 
 
-def _text_metrics(records: Records, quant: str) -> dict[str, float | None]:
+def _text_metrics(records: Records, quant: str) -> dict[str, float | int | None]:
     rows = list(records.read(quant, "text").values())
     tokens = sum(r["tokens"] for r in rows)
     if not tokens:
@@ -31,7 +32,7 @@ def _text_metrics(records: Records, quant: str) -> dict[str, float | None]:
     }
 
 
-def aggregate(config: BenchConfig) -> dict[str, Any]:
+def aggregate(config: BenchConfig) -> BenchResults:
     """results.json's content, from the records on disk."""
     records = Records(config.out)
     runs = []
@@ -56,62 +57,61 @@ def aggregate(config: BenchConfig) -> dict[str, Any]:
             agree = sum(rows[i]["predicted"] == ref_rows[i]["predicted"] for i in indices)
             kld = [kl_divergence(ref_rows[i]["probs"], rows[i]["probs"]) for i in indices]
             card = config.entry.scores.get(suite.name) if config.entry else None
-            runs.append({
-                "quant": quant, "suite": suite.name, "n": n, "imatrix": imatrix,
-                "accuracy": k / n if n else None,
-                "accuracy_ci": list(wilson_interval(k, n)) if n else None,
-                "delta": delta, "delta_ci": list(delta_ci),
-                "mcnemar_p": mcnemar_exact(only_ref, only_this),
-                "agreement": agree / n if n else None,
-                "option_kld": sum(kld) / n if n else None,
+            runs.append(BenchRun(
+                quant=quant, suite=suite.name, n=n, imatrix=imatrix,
+                accuracy=k / n if n else None,
+                accuracy_ci=list(wilson_interval(k, n)) if n else None,
+                delta=delta, delta_ci=list(delta_ci),
+                mcnemar_p=mcnemar_exact(only_ref, only_this),
+                agreement=agree / n if n else None,
+                option_kld=sum(kld) / n if n else None,
                 **text,
-                "file_bytes": speed.get("file_bytes"),
-                "peak_rss_bytes": speed.get("peak_rss_bytes"),
-                "prefill_tps": speed.get("prefill_tps"),
-                "decode_tps": speed.get("decode_tps"),
-                "card_score": card / 100 if card is not None else None,
-                "complete": n == len(suite.questions),
-                "truncated": sum(bool(rows[i].get("truncated")) for i in indices),
-            })
-    return {"model": config.model, "reference": config.reference,
-            "settings": config.fingerprint(), "runs": runs}
+                file_bytes=speed.get("file_bytes"),
+                peak_rss_bytes=speed.get("peak_rss_bytes"),
+                prefill_tps=speed.get("prefill_tps"),
+                decode_tps=speed.get("decode_tps"),
+                card_score=card / 100 if card is not None else None,
+                complete=n == len(suite.questions),
+                truncated=sum(bool(rows[i].get("truncated")) for i in indices),
+            ))
+    return BenchResults(config.model, config.reference, config.fingerprint(), runs)
 
 
 def _fmt(value: float | None, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def tables(results: dict[str, Any]) -> list[Table]:
+def tables(results: BenchResults) -> list[Table]:
     """Accuracy per quant and suite; then cost and text metrics per quant."""
-    acc = Table(title=f"{results['model']}: accuracy against {results['reference']} "
+    acc = Table(title=f"{results.model}: accuracy against {results.reference} "
                 "(95% CIs; Δ paired)", title_justify="left")
     for col in ("quant", "suite", "n", "accuracy", "Δ vs ref", "McNemar p", "agree",
                 "option KLD", "card"):
         acc.add_column(col, justify="left" if col in ("quant", "suite") else "right",
                        no_wrap=True)
-    for r in results["runs"]:
-        ci = r["accuracy_ci"] or (None, None)
+    for r in results.runs:
+        ci = r.accuracy_ci or (None, None)
         acc.add_row(
-            r["quant"], r["suite"], str(r["n"]),
-            f"{_fmt(r['accuracy'], '.1%')}\n[dim][{_fmt(ci[0], '.1%')}, {_fmt(ci[1], '.1%')}][/]",
-            f"{r['delta']:+.1%}\n[dim][{r['delta_ci'][0]:+.1%}, {r['delta_ci'][1]:+.1%}][/]",
-            _fmt(r["mcnemar_p"], ".3f"), _fmt(r["agreement"], ".1%"),
-            _fmt(r["option_kld"], ".4f"), _fmt(r["card_score"], ".1%"))
+            r.quant, r.suite, str(r.n),
+            f"{_fmt(r.accuracy, '.1%')}\n[dim][{_fmt(ci[0], '.1%')}, {_fmt(ci[1], '.1%')}][/]",
+            f"{r.delta:+.1%}\n[dim][{r.delta_ci[0]:+.1%}, {r.delta_ci[1]:+.1%}][/]",
+            _fmt(r.mcnemar_p, ".3f"), _fmt(r.agreement, ".1%"),
+            _fmt(r.option_kld, ".4f"), _fmt(r.card_score, ".1%"))
     cost = Table(title="cost per quant (medical text: full-vocabulary KLD, perplexity, top-1 "
                  "agreement)", title_justify="left")
     for col in ("quant", "size", "peak RAM", "prefill t/s", "decode t/s", "text KLD", "PPL",
                 "top-1"):
         cost.add_column(col, justify="left" if col == "quant" else "right", no_wrap=True)
     seen = set()
-    for r in results["runs"]:
-        if r["quant"] in seen:
+    for r in results.runs:
+        if r.quant in seen:
             continue
-        seen.add(r["quant"])
+        seen.add(r.quant)
         cost.add_row(
-            r["quant"], _fmt(r["file_bytes"] and r["file_bytes"] / 1e9, ".2f") + " GB",
-            _fmt(r["peak_rss_bytes"] and r["peak_rss_bytes"] / 1e9, ".2f") + " GB",
-            _fmt(r["prefill_tps"], ".0f"), _fmt(r["decode_tps"], ".1f"),
-            _fmt(r["text_kld"], ".4f"), _fmt(r["text_ppl"], ".2f"), _fmt(r["text_top1"], ".1%"))
+            r.quant, _fmt(r.file_bytes and r.file_bytes / 1e9, ".2f") + " GB",
+            _fmt(r.peak_rss_bytes and r.peak_rss_bytes / 1e9, ".2f") + " GB",
+            _fmt(r.prefill_tps, ".0f"), _fmt(r.decode_tps, ".1f"),
+            _fmt(r.text_kld, ".4f"), _fmt(r.text_ppl, ".2f"), _fmt(r.text_top1, ".1%"))
     return [acc, cost]
 
 
@@ -121,24 +121,24 @@ CSV_FIELDS = ["quant", "suite", "n", "accuracy", "accuracy_ci_low", "accuracy_ci
               "prefill_tps", "decode_tps", "card_score"]
 
 
-def write_outputs(results: dict[str, Any], out: Path) -> list[Path]:
+def write_outputs(results: BenchResults, out: Path) -> list[Path]:
     """results.json, results.csv and results.png in ``out``."""
-    json_path, csv_path, png_path = out / "results.json", out / "results.csv", out / "results.png"
-    write_text_atomic(json_path, json.dumps(results, indent=2) + "\n")
+    json_path, csv_path, png_path = out / RESULTS_FILE, out / "results.csv", out / "results.png"
+    write_text_atomic(json_path, results.to_json())
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    for r in results["runs"]:
-        row = dict(r)
-        row["accuracy_ci_low"], row["accuracy_ci_high"] = r["accuracy_ci"] or (None, None)
-        row["delta_ci_low"], row["delta_ci_high"] = r["delta_ci"]
+    for r in results.runs:
+        row = dataclasses.asdict(r)
+        row["accuracy_ci_low"], row["accuracy_ci_high"] = r.accuracy_ci or (None, None)
+        row["delta_ci_low"], row["delta_ci_high"] = r.delta_ci
         writer.writerow(row)
     write_text_atomic(csv_path, buffer.getvalue())
     plot(results, png_path)
     return [json_path, csv_path, png_path]
 
 
-def plot(results: dict[str, Any], path: Path) -> None:
+def plot(results: BenchResults, path: Path) -> None:
     """Accuracy (with CI bars) and KLD against file size, one series per suite."""
     import matplotlib
 
@@ -146,33 +146,33 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    suites = sorted({r["suite"] for r in results["runs"]})
+    suites = sorted({r.suite for r in results.runs})
     for suite in suites:
-        rows = sorted((r for r in results["runs"] if r["suite"] == suite and r["n"]),
-                      key=lambda r: r["file_bytes"] or 0)
-        sizes = [(r["file_bytes"] or 0) / 1e9 for r in rows]
-        acc = [r["accuracy"] for r in rows]
+        rows = sorted((r for r in results.runs if r.suite == suite and r.n),
+                      key=lambda r: r.file_bytes or 0)
+        sizes = [(r.file_bytes or 0) / 1e9 for r in rows]
+        acc = [r.accuracy for r in rows]
         # max(0, …): at 0% or 100% the Wilson bound equals the estimate up to rounding
-        err = [[max(0.0, a - r["accuracy_ci"][0]) for a, r in zip(acc, rows, strict=True)],
-               [max(0.0, r["accuracy_ci"][1] - a) for a, r in zip(acc, rows, strict=True)]]
+        err = [[max(0.0, a - r.accuracy_ci[0]) for a, r in zip(acc, rows, strict=True)],
+               [max(0.0, r.accuracy_ci[1] - a) for a, r in zip(acc, rows, strict=True)]]
         left.errorbar(sizes, acc, yerr=err, marker="o", capsize=3, label=suite)
-        right.plot(sizes, [r["option_kld"] for r in rows], marker="o", label=f"{suite} options")
+        right.plot(sizes, [r.option_kld for r in rows], marker="o", label=f"{suite} options")
         for x, y, r in zip(sizes, acc, rows, strict=True):
-            left.annotate(r["quant"], (x, y), textcoords="offset points", xytext=(4, 4),
+            left.annotate(r.quant, (x, y), textcoords="offset points", xytext=(4, 4),
                           fontsize=7)
-    text_rows = {r["quant"]: r for r in results["runs"] if r["text_kld"] is not None}
+    text_rows = {r.quant: r for r in results.runs if r.text_kld is not None}
     if text_rows:
-        rows = sorted(text_rows.values(), key=lambda r: r["file_bytes"] or 0)
-        right.plot([(r["file_bytes"] or 0) / 1e9 for r in rows], [r["text_kld"] for r in rows],
+        rows = sorted(text_rows.values(), key=lambda r: r.file_bytes or 0)
+        right.plot([(r.file_bytes or 0) / 1e9 for r in rows], [r.text_kld for r in rows],
                    marker="s", linestyle="--", color="black", label="medical text (full vocab)")
     left.set(xlabel="file size (GB)", ylabel="accuracy", title="Accuracy, 95% CI")
     right.set(xlabel="file size (GB)", ylabel="mean KL divergence vs reference (nats)",
-              title=f"KLD vs {results['reference']}")
+              title=f"KLD vs {results.reference}")
     right.set_yscale("symlog", linthresh=1e-4)
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"{results['model']} — what quantization cost", fontsize=11)
+    fig.suptitle(f"{results.model} — what quantization cost", fontsize=11)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.part")
     fig.savefig(tmp, dpi=110, format="png")

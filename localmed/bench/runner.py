@@ -38,7 +38,7 @@ from localmed.bench.scoring import (
 from localmed.bench.suites import Question, Suite
 from localmed.errors import BenchSettingsError
 from localmed.registry import ModelEntry
-from localmed.runtime import GenerationParams, Runtime
+from localmed.runtimes.base import GenerationParams, Runtime
 
 SPEED_PROMPT = ("### Instruction:\nList the first steps in managing suspected sepsis in the "
                 "emergency department.\n\n### Response:\n")

@@ -14,7 +14,7 @@ import numpy as np
 
 from localmed.bench.suites import Question, Suite
 from localmed.errors import ScoringError
-from localmed.runtime import Runtime
+from localmed.runtimes.base import Runtime
 from localmed.templates import Message, PromptTemplate
 
 HEADER = "The following are multiple choice questions (with answers) about medicine.\n\n"

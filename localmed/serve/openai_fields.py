@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from localmed.runtime import GenerationParams, GenerationStats
+from localmed.runtimes.base import GenerationParams, GenerationStats
 from localmed.templates import Message
 
 ROLES = ("system", "user", "assistant")

@@ -8,12 +8,15 @@ import os
 
 from rich.markup import escape
 
-from localmed import paths
-from localmed.cli_common import console, err_console
+from localmed import library
+from localmed.cli.common import console, err_console, model_options, positive
+from localmed.cli.progress import progress_bars
 from localmed.errors import LocalmedError
 
 
 def _chat_model(args: argparse.Namespace):
+    from huggingface_hub import constants
+
     from localmed.chat import resolve_chat_model, stdin_is_interactive
     from localmed.errors import ModelNotAvailableError
     from localmed.registry import Registry
@@ -22,7 +25,7 @@ def _chat_model(args: argparse.Namespace):
     try:
         return resolve_chat_model(args.model, registry, quant=args.quant)
     except ModelNotAvailableError as missing:
-        if paths.hub_offline() or not stdin_is_interactive():
+        if constants.HF_HUB_OFFLINE or not stdin_is_interactive():
             raise
         entry = registry[missing.model_id]
         size = entry.parameters_b * 2
@@ -30,17 +33,18 @@ def _chat_model(args: argparse.Namespace):
                        f"(~{size:.0f} GB of weights) and quantize it now? [y/N] ")
         if answer.strip().lower() not in {"y", "yes"}:
             raise
+        from localmed.quantize.pipeline import resolve_source, run_quantize
         from localmed.quants import get_quant
-        from quantize.pipeline import resolve_source, run_quantize
 
         source = resolve_source(entry.id, registry, token=os.environ.get("HF_TOKEN"))
-        run_quantize(source, [get_quant(missing.quant)], console=err_console())
+        with progress_bars(err_console()) as progress:
+            run_quantize(source, [get_quant(missing.quant)], progress=progress)
         return resolve_chat_model(args.model, registry, quant=args.quant)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from localmed.chat import ChatSession, open_runtime
-    from tui.chat_screen import FLUSH_SECONDS
+    from localmed.tui.chat_screen import FLUSH_SECONDS
 
     err = err_console()
     with err.status("preparing the model…"):
@@ -58,16 +62,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise
     if session.template_choice.fallback:
         err.print(f"[yellow]note:[/] prompt template {escape(session.template_choice.reason)}")
-    from tui.app import run_chat
+    from localmed.tui.app import run_chat
 
     run_chat(session)
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from localmed import formats, hardware
+    from localmed import formats
     from localmed.planner import gib
-    from localmed.runtime import describe_plan
+    from localmed.runtimes import hardware
+    from localmed.runtimes.base import describe_plan
 
     model = _chat_model(args)
     hw = hardware.detect()
@@ -93,7 +98,7 @@ def _suggest_quant(info, footprint, path, n_ctx: int, hw) -> None:
     from localmed.quant_choice import choose_quant, read_measured
 
     capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
-    results = paths.data_dir() / "bench" / (info.model_id or path.parent.name) / "results.json"
+    results = library.bench_results_path(info.model_id or path.parent.name)
     measured = read_measured(results)
     choice = choose_quant(info.n_parameters, capacity=capacity, measured=measured,
                           fixed_bytes=footprint.kv_bytes(n_ctx) + RAM_OVERHEAD)
@@ -122,8 +127,8 @@ def _suggest_quant(info, footprint, path, n_ctx: int, hw) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from localmed import hardware
     from localmed.planner import gib
+    from localmed.runtimes import hardware
 
     out = console()
     build = hardware.llama_build()
@@ -153,3 +158,27 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register this module's commands."""
+    p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
+    model_options(p)
+    p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
+                   "else the registry's)")
+    p.add_argument("--system", help="system prompt")
+    p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
+                   "data folder; off by default")
+    p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "
+                   "(default 1024)")
+    # benchmarks/decode_overhead.py forces the same token count on every path with it
+    p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_chat)
+
+
+    p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
+    model_options(p)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "
+                       "and memory it sees")
+    model_options(p, optional=True)
+    p.set_defaults(func=cmd_doctor)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from localmed.errors import EngineDiedError, EngineError, LocalmedError
-from localmed.runtime import GenerationParams, GenerationStats, Runtime, batched
+from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, batched
 
 _STDERR_TAIL = 4096
 BATCH_SECONDS = 0.05
@@ -53,7 +53,7 @@ def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path:
     except Exception as exc:
         conn.send(("error", _portable(exc)))
         return
-    runtime._stop = stop  # the shared event: the caller's stop() reaches the token loop
+    runtime.share_stop(stop)
     conn.send(("ok", (runtime.info, runtime.plan, runtime.n_ctx)))
     while True:
         try:
@@ -145,6 +145,10 @@ class EngineRuntime(Runtime):
             self.close()
             raise
 
+    @property
+    def restartable(self) -> bool:
+        return True
+
     def restart(self) -> None:
         """Load the model again in a new engine (after it died); the caller's state is kept.
         Calls from other threads wait for it."""
@@ -234,9 +238,6 @@ class EngineRuntime(Runtime):
         with contextlib.suppress(EngineDiedError):
             while self._receive()[0] == "piece":
                 pass
-
-    def stop(self) -> None:
-        self._stop.set()
 
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
         return self._call("next_logits", list(tokens))

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from localmed.engine_deps import require_gptqmodel
 from localmed.errors import GPTQFolderError, ModelTooLargeError
-from localmed.gptq_info import read_gptq_footprint
-from localmed.model_info import ModelInfo
+from localmed.formats.gptq import read_gptq_footprint
+from localmed.formats.info import ModelInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan, plan_offload
-from localmed.runtime import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.runtimes.optional import require_gptqmodel
 from localmed.templates import TURN_END_MARKERS
 
 REPEAT_LAST_N = 64

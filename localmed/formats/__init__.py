@@ -2,7 +2,7 @@
 
 chat, bench, plan, info and serve ask here and never test a suffix themselves. A format detects
 its own paths, reads their info and memory footprint without loading weights, plans the load on
-this machine, and loads a :class:`~localmed.runtime.Runtime`. A new format (an engine process, a
+this machine, and loads a :class:`~localmed.runtimes.base.Runtime`. A new format (an engine process, a
 new quantization) is one more class registered with :func:`register`.
 """
 
@@ -12,12 +12,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from localmed.errors import ModelFileError
-from localmed.model_info import ModelInfo
+from localmed.formats.info import ModelInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan
-from localmed.runtime import Runtime
+
+if TYPE_CHECKING:
+    # Only named in annotations: the Runtime interface reads ModelInfo from this package, so
+    # importing it here at run time would make a cycle (runtimes.base → formats → runtimes.base).
+    from localmed.runtimes.base import Runtime
 
 
 @dataclass(frozen=True)
@@ -136,25 +140,25 @@ class GGUFFormat(ModelFormat):
             return fh.read(4) == b"GGUF"
 
     def info(self, path: Path) -> ModelInfo:
-        from localmed.gguf_info import read_gguf_info
+        from localmed.formats.gguf import read_gguf_info
 
         return read_gguf_info(path)
 
     def footprint(self, path: Path) -> tuple[ModelInfo, ModelFootprint]:
-        from localmed.gguf_info import read_gguf_footprint
+        from localmed.formats.gguf import read_gguf_footprint
 
         return read_gguf_footprint(path)
 
     def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
                        hardware: Hardware | None = None) -> OffloadPlan:
-        from localmed import hardware as detect
         from localmed.planner import plan_offload
+        from localmed.runtimes import hardware as detect
 
         return plan_offload(footprint, hardware or detect.detect(), n_ctx=options.n_ctx,
                             gpu_layers=options.gpu_layers)
 
     def load(self, path: Path, options: LoadOptions) -> Runtime:
-        from localmed.runtime_llama import LlamaCppRuntime
+        from localmed.runtimes.llama import LlamaCppRuntime
 
         return LlamaCppRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
                                     threads=options.threads, logits_all=options.logits_all)
@@ -168,27 +172,27 @@ class GPTQFormat(ModelFormat):
     description = "a GPTQ checkpoint folder"
 
     def detect(self, path: Path) -> bool:
-        from localmed.gptq_info import is_gptq_folder
+        from localmed.formats.gptq import is_gptq_folder
 
         return is_gptq_folder(path)
 
     def info(self, path: Path) -> ModelInfo:
-        from localmed.gptq_info import read_gptq_info
+        from localmed.formats.gptq import read_gptq_info
 
         return read_gptq_info(path)
 
     def footprint(self, path: Path) -> tuple[ModelInfo, ModelFootprint]:
-        from localmed.gptq_info import read_gptq_footprint
+        from localmed.formats.gptq import read_gptq_footprint
 
         return read_gptq_footprint(path)
 
     def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
                        hardware: Hardware | None = None) -> OffloadPlan:
-        from localmed.runtime_hf import plan_transformers
+        from localmed.runtimes.hf import plan_transformers
 
         return plan_transformers(footprint, options.n_ctx, hardware)
 
     def load(self, path: Path, options: LoadOptions) -> Runtime:
-        from localmed.runtime_hf import TransformersRuntime
+        from localmed.runtimes.hf import TransformersRuntime
 
         return TransformersRuntime.load(path, n_ctx=options.n_ctx)

@@ -1,6 +1,6 @@
 """What a GGUF file is: architecture, quant, size, template, provenance and memory footprint.
 
-Read with :mod:`localmed.gguf_header` (only the header is touched, big arrays are skipped); keys
+Read with :mod:`localmed.formats.gguf_header` (only the header is touched, big arrays are skipped); keys
 are gguf-py's :class:`gguf.Keys`.
 """
 
@@ -12,8 +12,8 @@ from pathlib import Path
 from gguf import Keys
 
 from localmed.errors import GGUFFileError
-from localmed.gguf_header import GGUFHeader, read_header
-from localmed.model_info import ModelInfo
+from localmed.formats.gguf_header import GGUFHeader, read_header
+from localmed.formats.info import ModelInfo
 from localmed.planner import ModelFootprint, footprint_from_tensors
 from localmed.provenance import Provenance
 from localmed.quants import quant_from_file_type
@@ -28,6 +28,11 @@ class GGUFInfo(ModelInfo):
 
 MAX_LAYERS = 1024
 """More blocks than any released model has (Llama-3.1-405B: 126)."""
+
+MAX_CONTEXT = 2**31 - 1
+"""The longest training context llama.cpp can hold: ``llama_model_n_ctx_train`` is an int32, and
+llama-cpp-python sizes its tokenizer's buffer by it (a larger value ends there, as a negative
+array length)."""
 
 
 def read_gguf_info(path: Path) -> GGUFInfo:
@@ -65,6 +70,10 @@ def check_hparams(header: GGUFHeader, info: GGUFInfo) -> None:
         value = header.fields.get(key.format(arch=arch))
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise bad(f"{key.format(arch=arch)} is {value!r}")
+    context = header.fields.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch))
+    if isinstance(context, int) and context > MAX_CONTEXT:
+        raise bad(f"{Keys.LLM.CONTEXT_LENGTH.format(arch=arch)} is {context:,}, more than the "
+                  f"{MAX_CONTEXT:,} tokens llama.cpp can hold")
 
 
 def read_header_checked(path: Path) -> GGUFHeader:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from localmed.errors import GGUFFileError, ModelTooLargeError
-from localmed.gguf_info import GGUFInfo, read_gguf_footprint
+from localmed.formats.gguf import GGUFInfo, read_gguf_footprint
 from localmed.planner import Hardware, OffloadPlan
-from localmed.runtime import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
 
 
 @dataclass
@@ -52,8 +52,8 @@ class LlamaCppRuntime(Runtime):
              threads: int | None = None, hardware: Hardware | None = None,
              logits_all: bool = False) -> LlamaCppRuntime:
         """Plan, refuse what cannot fit, then load."""
-        from localmed import hardware as hw_detect
         from localmed.planner import plan_offload
+        from localmed.runtimes import hardware as hw_detect
 
         info, footprint = read_gguf_footprint(Path(path))
         hw = hardware or hw_detect.detect()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from localmed.cli_common import console, err_console
+from localmed.cli.common import console, err_console, model_options
 from localmed.errors import LocalmedError
 
 API_KEY_ENV = "LOCALMED_API_KEY"
@@ -22,12 +22,13 @@ def _model(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from localmed import serve
     from localmed.chat import choose_template, open_runtime
+    from localmed.serve.jobs import ServedModel
+    from localmed.serve.server import bind
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     err = err_console()
-    server = serve.bind(args.host, args.port, api_key=api_key, log_content=args.log_content)
+    server = bind(args.host, args.port, api_key=api_key, log_content=args.log_content)
     runtime = None
     try:
         with err.status("loading the model…"):
@@ -36,7 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                    threads=args.threads)
             choice = choose_template(model, runtime, args.template)
         served_id = model.entry.id if model.entry else model.path.stem
-        server.attach(serve.ServedModel(served_id, runtime, choice.template, model.advisory))
+        server.attach(ServedModel(served_id, runtime, choice.template, model.advisory))
         host = f"[{args.host}]" if ":" in args.host else args.host
         out = console()
         out.print(f"[bold]localmed serve[/]: {escape(served_id)} at http://{host}:{args.port}/v1 "
@@ -52,8 +53,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             err.print("localmed serve: stopping")
         return 0
     finally:
-        if hasattr(server, "jobs"):
-            server.jobs.close()
         server.server_close()
         if runtime is not None:
             runtime.close()
@@ -84,7 +83,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parsers(sub: argparse._SubParsersAction, model_options, positive) -> None:
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    """Register this module's commands."""
     p = sub.add_parser("serve", help="an OpenAI-compatible API on this laptop (loopback by "
                        "default)")
     model_options(p)

@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from localmed.errors import CheckpointError, GPTQFolderError
-from localmed.model_info import ModelInfo
+from localmed.formats.info import ModelInfo
+from localmed.formats.safetensors import read_safetensors_header
 from localmed.planner import HF_NAMES, ModelFootprint, footprint_from_tensors
 from localmed.provenance import Provenance
-from localmed.safetensors_index import read_safetensors_header
 
 MANIFEST = "localmed.manifest.json"
 """localmed's provenance manifest inside a GPTQ folder it wrote."""

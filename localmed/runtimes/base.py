@@ -2,7 +2,7 @@
 
 A Runtime is a loaded model: it streams text pieces for a prompt, stops at once when asked (from
 any thread), counts tokens, and reports its context size and offload. llama.cpp's implementation
-is :mod:`localmed.runtime_llama`, transformers' (GPTQ) :mod:`localmed.runtime_hf`; which one a
+is :mod:`localmed.runtimes.llama`, transformers' (GPTQ) :mod:`localmed.runtimes.hf`; which one a
 model gets is decided by :mod:`localmed.formats`.
 """
 
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from localmed.errors import ContextFullError
-from localmed.model_info import ModelInfo
+from localmed.errors import ContextFullError, EngineError
+from localmed.formats.info import ModelInfo
 from localmed.planner import OffloadPlan, gib
 
 
@@ -85,6 +85,25 @@ class Runtime(ABC):
     def stop(self) -> None:
         """Ask a running ``stream`` to end after the current token (thread-safe)."""
         self._stop.set()
+
+    def share_stop(self, event: threading.Event) -> None:
+        """Take ``event`` as the stop flag: an engine process hands its runtime the event its
+        parent sets, so the parent's :meth:`stop` reaches this token loop."""
+        self._stop = event
+
+    @property
+    def alive(self) -> bool:
+        """Whether the model can answer; a runtime in this process is, until :meth:`close`."""
+        return True
+
+    @property
+    def restartable(self) -> bool:
+        """Whether :meth:`restart` can bring back a model whose runtime died."""
+        return False
+
+    def restart(self) -> None:
+        """Load the model again after its runtime died; the caller's state is kept."""
+        raise EngineError("this model runs inside the app and cannot be reloaded")
 
     @abstractmethod
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,65 @@
+"""What every command module shares: the consoles (results on stdout, progress and errors on
+stderr), the one-line argument parser, argument types and the options of a model to run."""
+
+from __future__ import annotations
+
+import argparse
+from typing import NoReturn
+
+from rich.console import Console
+from rich.markup import escape
+
+EXIT_USER_ERROR = 2
+
+
+def console() -> Console:
+    return Console(highlight=False)
+
+
+def err_console() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``error: …``) and exit status 2, like ours."""
+
+    def error(self, message: str) -> NoReturn:
+        err_console().print(f"[bold red]error:[/] {escape(self.prog)}: {escape(message)} "
+                            f"(see {escape(self.prog)} --help)", soft_wrap=True)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _integer(text: str, minimum: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    return value
+
+
+def positive(text: str) -> int:
+    return _integer(text, 1, "a positive number")
+
+
+def non_negative(text: str) -> int:
+    return _integer(text, 0, "zero or more")
+
+
+def layers(text: str) -> int:
+    return _integer(text, -1, "a number of layers (-1: all)")
+
+
+def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """MODEL and the options that say how to load it (chat, serve, export, plan, doctor)."""
+    p.add_argument("model", metavar="MODEL", nargs="?" if optional else None,
+                   help="registry id (internist-7b), a .gguf file, or 'demo'")
+    p.add_argument("--quant", "-q", help="which local quant of a registry model "
+                   "(default: its default quant)")
+    p.add_argument("--ctx", type=positive, help="context size in tokens (default: the model's, "
+                   "at most 4096)")
+    p.add_argument("--gpu-layers", type=layers, help="layers to offload to the GPU (-1: all); "
+                   "default: as many as fit")
+    p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
+

@@ -1,0 +1,146 @@
+"""The local model library: where localmed keeps models, importance matrices and bench results,
+and what each file and folder is called.
+
+This is the one module that knows the names (``<id>.<QUANT>.gguf``, ``<id>-GPTQ-4bit-g128``,
+``<name>.imatrix.gguf``, ``bench/<model>/results.json``); everything else asks it. Paths come from
+functions and nothing is created here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from localmed.paths import data_dir
+
+GGUF_SUFFIX = ".gguf"
+IMATRIX_SUFFIX = ".imatrix.gguf"
+MANIFEST_SUFFIX = ".manifest.json"
+GPTQ_MARK = "-GPTQ-"
+RESULTS_FILE = "results.json"
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+def models_dir() -> Path:
+    """Default output folder of ``localmed quantize``; chat, bench and plan look here."""
+    return data_dir() / "models"
+
+
+def gguf_path(model: str, quant: str, folder: Path | None = None) -> Path:
+    """``<folder>/<model>.<QUANT>.gguf``: one quant of one model."""
+    return (folder or models_dir()) / f"{model}.{quant}{GGUF_SUFFIX}"
+
+
+def manifest_path(model_file: Path) -> Path:
+    """The provenance manifest beside a model file: ``<id>.<QUANT>.manifest.json``."""
+    return model_file.with_name(model_file.name.removesuffix(GGUF_SUFFIX) + MANIFEST_SUFFIX)
+
+
+def gptq_path(model: str, bits: int, group_size: int, folder: Path | None = None) -> Path:
+    """``<folder>/<model>-GPTQ-<bits>bit-g<group>``: a GPTQ checkpoint folder."""
+    return (folder or models_dir()) / f"{model}{GPTQ_MARK}{bits}bit-g{group_size}"
+
+
+def belongs_to(path: Path, model: str) -> bool:
+    """Whether a file or folder in the library is one of ``model``'s quants (GGUF or GPTQ)."""
+    return path.name.startswith((f"{model}.", f"{model}{GPTQ_MARK}")) \
+        and not path.name.endswith((IMATRIX_SUFFIX, MANIFEST_SUFFIX))
+
+
+def local_quants(model: str, folder: Path | None = None) -> list[str]:
+    """The quants of ``model`` present as GGUF files in the library, sorted by file name."""
+    folder = folder or models_dir()
+    if not folder.is_dir():
+        return []
+    prefix = f"{model}."
+    return [path.name[len(prefix):-len(GGUF_SUFFIX)]
+            for path in sorted(folder.glob(f"{prefix}*{GGUF_SUFFIX}"))
+            if not path.name.endswith(IMATRIX_SUFFIX)]
+
+
+def local_files(model: str, quants: tuple[str, ...], folder: Path | None = None) -> list[Path]:
+    """Those of ``model``'s ``quants`` that exist, in the order asked."""
+    return [p for p in (gguf_path(model, q, folder) for q in quants) if p.is_file()]
+
+
+# --- importance matrices --------------------------------------------------------------------------
+
+def imatrix_path(name: str, folder: Path | None = None) -> Path:
+    """Where ``localmed imatrix`` writes ``name``'s matrix by default."""
+    return (folder or models_dir()) / f"{name}{IMATRIX_SUFFIX}"
+
+
+def imatrix_cache_path(name: str, key: str) -> Path:
+    """The cached medical matrix of ``quantize --imatrix auto``, per checkpoint and settings."""
+    return data_dir() / "imatrix" / f"{name}-{key}{IMATRIX_SUFFIX}"
+
+
+# --- bench results --------------------------------------------------------------------------------
+
+def bench_dir(model: str) -> Path:
+    """``localmed bench MODEL``'s results folder (records, results.json/.csv/.png)."""
+    return data_dir() / "bench" / model
+
+
+def bench_results_path(model: str) -> Path:
+    return bench_dir(model) / RESULTS_FILE
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One quant on one question set, as results.json holds it."""
+
+    quant: str
+    """The bench row: ``Q4_K_M``, ``Q4_K_M+imatrix``, ``GPTQ-4bit``."""
+    suite: str
+    n: int
+    imatrix: dict[str, str] | None
+    accuracy: float | None
+    accuracy_ci: list[float] | None
+    delta: float
+    """Accuracy minus the reference's, on the same questions."""
+    delta_ci: list[float]
+    mcnemar_p: float | None
+    agreement: float | None
+    """Share of questions where this quant picked the reference's option."""
+    option_kld: float | None
+    text_kld: float | None
+    """Mean full-vocabulary KL divergence from the reference on medical text (nats/token)."""
+    text_ppl: float | None
+    text_top1: float | None
+    text_tokens: int
+    file_bytes: int | None
+    peak_rss_bytes: int | None
+    prefill_tps: float | None
+    decode_tps: float | None
+    card_score: float | None
+    complete: bool
+    truncated: int
+
+
+@dataclass(frozen=True)
+class BenchResults:
+    """results.json: what ``localmed bench`` writes and ``localmed plan`` reads back."""
+
+    model: str
+    reference: str
+    settings: dict[str, Any]
+    runs: list[BenchRun]
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> BenchResults | None:
+        """The results in ``path``; None when it is missing or not a results.json of this
+        shape (a damaged file is treated as no results, never as a crash)."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            runs = [BenchRun(**run) for run in data["runs"]]
+            return cls(data["model"], data["reference"], data["settings"], runs)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None

@@ -1,0 +1,1 @@
+"""``localmed serve``: the OpenAI-compatible API over one engine process."""
