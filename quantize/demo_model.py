@@ -86,11 +86,18 @@ def build_checkpoint(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
         labels[row, : len(ids)] = torch.tensor(ids)
     optim = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
-    for _ in range(steps):
-        loss = model(inputs, labels=labels).loss
-        optim.zero_grad()
-        loss.backward()
-        optim.step()
+    # One thread: the model is tiny, and torch's OpenMP workers spin-wait, so on a laptop whose
+    # cores are busy (a build, an editor) more threads took minutes instead of seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(steps):
+            loss = model(inputs, labels=labels).loss
+            optim.zero_grad()
+            loss.backward()
+            optim.step()
+    finally:
+        torch.set_num_threads(threads)
     model.eval()
     model.save_pretrained(folder, safe_serialization=True)
     (folder / "tokenizer_config.json").write_text(json.dumps({

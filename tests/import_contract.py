@@ -3,8 +3,9 @@
 Every ``import`` statement of every module is read with :mod:`ast`, function-level imports
 included (the sys.modules check this replaces could not see those). A module belongs to the layer
 whose most specific prefix names it; a layer may import itself and the layers below it, never one
-above. Some third-party packages belong to one layer only (:data:`OWNED_PACKAGES`): llama.cpp,
-transformers, torch and GPTQModel to the backends, Textual to the app.
+above. Some third-party packages belong to some layers only (:data:`OWNED_PACKAGES`): llama.cpp,
+transformers, torch and GPTQModel to the backends, Textual to the app, rich to the app and the
+entry points (what is drawn on a screen).
 
 The directions are written down once, here, in :data:`LAYERS` (top to bottom).
 """
@@ -41,13 +42,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "localmed.formats.safetensors")),
 )
 
-OWNED_PACKAGES: dict[str, str] = {
+OWNED_PACKAGES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama_cpp", "transformers", "torch", "gptqmodel", "optimum",
-                     "sentencepiece"), "backends"),
-    "textual": "app",
+                     "sentencepiece"), ("backends",)),
+    "textual": ("app",),
+    "rich": ("entry", "app"),
 }
-"""Third-party packages that only one layer may import: engines stay swappable (and can move
-into their own process), and the core never depends on the UI."""
+"""Third-party packages that only some layers may import: backends stay swappable (and can move
+into their own process), the core never depends on the UI, and long work reports progress
+through :mod:`localmed.progress` rather than drawing it."""
 
 
 @dataclass
@@ -129,7 +132,7 @@ def layer_of(module: str, layers: Sequence[tuple[str, tuple[str, ...]]] = LAYERS
 
 
 def check(graph: ImportGraph, layers: Sequence[tuple[str, tuple[str, ...]]] = LAYERS,
-          owned: Mapping[str, str] = OWNED_PACKAGES) -> list[Violation]:
+          owned: Mapping[str, tuple[str, ...]] = OWNED_PACKAGES) -> list[Violation]:
     """Wrong-way imports, owned packages imported outside their layer, and cycles."""
     names = [name for name, _ in layers]
     violations: list[Violation] = []
@@ -138,10 +141,12 @@ def check(graph: ImportGraph, layers: Sequence[tuple[str, tuple[str, ...]]] = LA
         own = layer_of(module, layers)
         for imported, line in imports:
             top = imported.split(".")[0]
-            if top in owned and (own is None or names[own] != owned[top]):
+            if top in owned and (own is None or names[own] not in owned[top]):
                 where = names[own] if own is not None else "no layer"
+                allowed = " and ".join(f"'{name}'" for name in owned[top])
+                layer_word = "layer" if len(owned[top]) == 1 else "layers"
                 violations.append(Violation(module, line, imported,
-                                            f"{top} belongs to the '{owned[top]}' layer only, "
+                                            f"{top} belongs to the {allowed} {layer_word} only, "
                                             f"and {module} is in '{where}'"))
                 continue
             target = _internal_target(imported, graph.modules)

@@ -81,11 +81,13 @@ def test_a_cycle_within_one_layer_is_caught(tmp_path):
 def test_owned_packages_stay_in_their_layer(tmp_path):
     root = _tree(tmp_path, {**BASE_FIXTURE,
                             "localmed/chat.py": "def run():\n    import llama_cpp\n",
-                            "localmed/errors.py": "from textual.app import App\n"})
+                            "localmed/errors.py": "from textual.app import App\n",
+                            "localmed/paths.py": "from rich.progress import Progress\n"})
     messages = sorted(str(v) for v in check(read_graph(root, PACKAGES)))
-    assert len(messages) == 2
+    assert len(messages) == 3
     assert "llama_cpp belongs to the 'backends' layer only" in messages[0]
     assert "textual belongs to the 'app' layer only" in messages[1]
+    assert "rich belongs to the 'entry' and 'app' layers only" in messages[2]
 
 
 def test_importing_the_core_is_light():

@@ -162,6 +162,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--paths", action="store_true", help="show where registry and models live")
     p.set_defaults(func=cmd_models)
 
+    p = sub.add_parser("templates", help="list the prompt templates")
+    p.set_defaults(func=cmd_templates)
+
     p = sub.add_parser("info", help="describe a model (GGUF file or GPTQ folder): "
                        "architecture, quant, template, provenance")
     p.add_argument("file", metavar="MODEL", help="a .gguf file or a GPTQ folder")
@@ -179,5 +182,3 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     pull.add_argument("--force", action="store_true", help="fetch again what is there")
     pull.set_defaults(func=cmd_data_pull)
 
-    p = sub.add_parser("templates", help="list the prompt templates")
-    p.set_defaults(func=cmd_templates)
