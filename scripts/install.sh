@@ -20,21 +20,9 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 # The CPU build of torch, before anything that depends on torch can pull a CUDA one.
 "${PIP[@]}" install --quiet "torch==2.13.0"
 
-# llama.cpp: the library and its common code only (no server, tools, tests or multimodal),
-# which roughly halves the build.
-cmake_args="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
-cmake_args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
-cmake_args+=" -DLLAMA_OPENSSL=OFF"
-if [ "$(uname -m)" = "x86_64" ]; then
-    # An AVX2 baseline instead of -march=native: native builds use AMX where the CPU lists it,
-    # and virtual machines that list AMX without enabling it die with SIGILL on Q8_0/Q4 models.
-    cmake_args+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
-    cmake_args+=" -DGGML_BMI2=ON"
-fi
-if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
-    cmake_args+=" -DGGML_CUDA=on"
-fi
-cmake_args+=" ${CMAKE_ARGS:-}"
+# shellcheck source=scripts/llama-cmake-args.sh
+. scripts/llama-cmake-args.sh
+cmake_args=$(llama_cmake_args)
 
 # One source archive of the pinned llama-cpp-python serves twice: llama.cpp is built from it, and
 # llama.cpp's own convert_hf_to_gguf.py (for architectures localmed does not convert itself) is

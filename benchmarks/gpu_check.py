@@ -1,0 +1,433 @@
+"""The GPU check's two halves (benchmarks/gpu_check.sh runs them).
+
+``prepare`` (here): what travels to the GPU machine, in ``.gpu/``: llama-cpp-python's source
+archive pruned to what the build reads (the whole archive, 77 MB, is over the 64 MiB transfer
+limit: vocabulary files, docs and llama.cpp's own tests are most of it), localmed's wheel, and
+the pure-Python wheels that machine's Python 3.12 lacks. It checks the working tree plus ``.gpu/``
+against the limit and the device command against its 2,000 characters.
+
+``checks`` (there, or here with ``--dry-run``): doctor; a ~0.76B-parameter Llama of random
+weights made there and quantized to Q8_0 by localmed; plan at full and half offload; decode
+tokens/s at full offload, half and on the CPU, against the memory-bandwidth bound (weight bytes
+read per token ÷ the measured device copy bandwidth); the ``gpu``-marked tests; ``localmed
+serve`` streaming at full offload; GPTQ on CUDA where GPTQModel imports. One report,
+``report.txt`` and ``report.json``, in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+TRANSFER_LIMIT = 64 * 2**20
+COMMAND_LIMIT = 2000
+DEVICE_COMMAND = "bash benchmarks/gpu_check.sh --device"
+
+WHEELS = ["gguf==0.19.0", "textual>=8.2,<9", "mdit-py-plugins", "platformdirs", "diskcache"]
+"""What localmed and llama-cpp-python need that the GPU machine's image does not hold (its
+package list is in the device tool's KINDS.md); the rest (torch, transformers, numpy, rich,
+jinja2, httpx, pytest, scikit-build-core, cmake, ninja) is there."""
+
+PRUNED = ("vendor/llama.cpp/models/", "vendor/llama.cpp/docs/", "vendor/llama.cpp/media/",
+          "vendor/llama.cpp/tests/", "vendor/llama.cpp/benches/", "vendor/llama.cpp/examples/",
+          "vendor/llama.cpp/tools/", "vendor/llama.cpp/.devops/", "vendor/llama.cpp/gguf-py/",
+          "vendor/llama.cpp/conversion/", ".git/", "docs/", "examples/", "tests/")
+"""Parts of the source archive a build with scripts/llama-cmake-args.sh's options never reads
+(no tests, tools, examples, server or multimodal; vocab GGUFs and docs are data)."""
+
+
+# --- prepare (here) -------------------------------------------------------------------------------
+
+def prepare(carry: Path, version: str) -> int:
+    carry = ROOT / carry
+    wheels = carry / "wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    sdist = carry / f"llama_cpp_python-{version}.tar.gz"
+    if not sdist.is_file():
+        _pruned_sdist(version, sdist)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    subprocess.run([*pip, "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                    "--python-version", "3.12", "--implementation", "cp",
+                    *[f"--platform={p}" for p in ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
+                                                   "manylinux2014_x86_64")],
+                    "-d", str(wheels), *WHEELS], check=True)
+    with tempfile.TemporaryDirectory() as tmp:  # a copy: a build writes build/ and egg-info
+        tree = Path(tmp) / "localmed"
+        shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(
+            ".git", ".venv", ".gpu", "__pycache__", "*.egg-info", "build", "dist"))
+        subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
+                        str(wheels), str(tree)], check=True)
+    travels = _travelling_bytes(carry)
+    manifest = {
+        "files": {p.relative_to(carry).as_posix(): {"bytes": p.stat().st_size,
+                                                     "sha256": _sha256(p)}
+                  for p in sorted(carry.rglob("*")) if p.is_file() and p.name != "manifest.json"},
+        "travels_bytes": travels, "limit_bytes": TRANSFER_LIMIT,
+        "command": DEVICE_COMMAND, "carry": [carry.name],
+    }
+    (carry / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"what travels: {travels / 2**20:.1f} MiB of {TRANSFER_LIMIT / 2**20:.0f} MiB "
+          f"(the working tree and {carry.name}/)")
+    print(f'device call: run(command="{DEVICE_COMMAND}", carry=["{carry.name}"], timeout_s=600)')
+    if travels > TRANSFER_LIMIT:
+        print("error: over the transfer limit", file=sys.stderr)
+        return 2
+    if len(DEVICE_COMMAND) > COMMAND_LIMIT:
+        print("error: the device command is over 2,000 characters", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _pruned_sdist(version: str, target: Path) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary=:all:", f"llama-cpp-python=={version}", "-d", tmp],
+                       check=True)
+        (archive,) = Path(tmp).glob("llama_cpp_python-*.tar.gz")
+        partial = target.with_name(target.name + ".part")
+        with tarfile.open(archive) as src, tarfile.open(partial, "w:gz") as dst:
+            for member in src:
+                inner = member.name.split("/", 1)[1] if "/" in member.name else ""
+                if inner.startswith(PRUNED) or inner.rstrip("/") + "/" in PRUNED:
+                    continue
+                dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+        partial.replace(target)
+
+
+def _travelling_bytes(carry: Path) -> int:
+    """The working tree as the device tool sends it (tracked, and untracked files git does not
+    ignore) plus the carried folder."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            check=True).stdout.split(b"\0")
+    tree = sum((ROOT / name.decode()).stat().st_size for name in listed
+               if name and (ROOT / name.decode()).is_file())
+    return tree + sum(p.stat().st_size for p in carry.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- checks (there) -------------------------------------------------------------------------------
+
+class Report:
+    def __init__(self, out: Path, dry_run: bool) -> None:
+        self.out, self.dry_run = out, dry_run
+        self.steps: list[dict[str, Any]] = []
+        self.started = time.time()
+
+    def step(self, name: str, work: Callable[[], dict[str, Any]], *,
+             needs_gpu: bool = False) -> dict[str, Any]:
+        if needs_gpu and self.dry_run:
+            record = {"name": name, "status": "skipped", "why": "needs the GPU (dry run)"}
+        else:
+            start = time.perf_counter()
+            try:
+                record = {"name": name, "status": "ok", **work()}
+            except Exception as exc:
+                record = {"name": name, "status": "failed", "error": f"{type(exc).__name__}: "
+                          f"{exc}", "traceback": traceback.format_exc(limit=4)}
+            record["seconds"] = round(time.perf_counter() - start, 2)
+        self.steps.append(record)
+        print(f"[{record['status']}] {name}", flush=True)
+        self.write()
+        return record
+
+    def write(self) -> None:
+        data = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "dry_run": self.dry_run,
+                "steps": self.steps}
+        (self.out / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        lines = [f"localmed GPU check, {data['date']}" + (" (dry run: no GPU)" if self.dry_run
+                                                            else "")]
+        for s in self.steps:
+            lines.append(f"\n## {s['name']}: {s['status']}"
+                         + (f" ({s['seconds']} s)" if "seconds" in s else ""))
+            for key, value in s.items():
+                if key not in ("name", "status", "seconds", "traceback"):
+                    text = value if isinstance(value, str) else json.dumps(value, default=str)
+                    lines.append(f"{key}: {text}")
+        (self.out / "report.txt").write_text("\n".join(lines) + "\n")
+
+
+def _localmed(*args: str, timeout: float = 300) -> str:
+    done = subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if done.returncode not in (0, 1):  # plan exits 1 when the model does not fit
+        raise RuntimeError(f"localmed {' '.join(args)}: exit {done.returncode}: "
+                           f"{done.stderr.strip()[-800:]}")
+    return (done.stdout + done.stderr).strip()
+
+
+def environment() -> dict[str, Any]:
+    import llama_cpp
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
+                            "llama_cpp_python": llama_cpp.__version__,
+                            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
+    except ImportError:
+        info["torch"] = None
+    return info
+
+
+def make_models(work: Path, dry_run: bool) -> dict[str, Any]:
+    """The demo model (trained: confident next tokens, for CPU/GPU token equality) and a Llama of
+    random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
+    run), quantized to Q8_0 by ``localmed quantize``."""
+    import torch
+    from localmed.quantize.demo_model import build_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localmed.demo import ensure_demo_model
+
+    demo = ensure_demo_model(work / "models")
+    tokenizer = build_checkpoint(work / "tokenizer", steps=1)
+    size = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2) if dry_run else \
+        dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+             num_attention_heads=16, num_key_value_heads=8)
+    config = LlamaConfig(vocab_size=512, max_position_embeddings=2048, bos_token_id=1,
+                         eos_token_id=2, tie_word_embeddings=False, **size)
+    torch.manual_seed(0)
+    folder = work / "checkpoint"
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, folder / name)
+    _localmed("quantize", str(folder), "--quant", "Q8_0", "--name", "gpu-check", "--out",
+              str(work / "models"), timeout=600)
+    shutil.rmtree(folder)
+    model = work / "models" / "gpu-check.Q8_0.gguf"
+    return {"demo": str(demo), "model": str(model), "model_bytes": model.stat().st_size,
+            "parameters": sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+            if dry_run else "~0.76B", "layers": config.num_hidden_layers}
+
+
+def decode_tps(model: Path, gpu_layers: int, tokens: int) -> float:
+    """Greedy decode speed, first token to last, prefill excluded (llama-cpp-python's Llama)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), n_gpu_layers=gpu_layers, n_ctx=1024,
+                          n_threads=os.cpu_count(), verbose=False)
+    try:
+        prompt = llm.tokenize(b"The patient presented with")
+        count, first = 0, 0.0
+        for _ in llm.generate(prompt, temp=0.0, reset=True):
+            count += 1
+            if count == 1:
+                first = time.perf_counter()
+            if count == tokens:
+                break
+        return (count - 1) / (time.perf_counter() - first)
+    finally:
+        llm.close()
+        del llm
+        gc.collect()
+
+
+def weight_bytes_per_token(model: Path) -> int:
+    """What decoding one token reads: every tensor but the token embedding (one row of it)."""
+    from localmed.formats.gguf_header import read_header
+
+    return sum(t.n_bytes for t in read_header(model).tensors if not t.name.startswith("token_embd"))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read plus written per second (the roof for decoding)."""
+    import torch
+
+    n = 2 * 2**30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1000
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * n * 10 / seconds
+
+
+@contextlib.contextmanager
+def serving(model: Path, *args: str) -> Iterator[tuple[str, str]]:
+    """``localmed serve`` on a free loopback port: its URL and the model id it serves."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "localmed", "serve", str(model), "--port",
+                               str(port), *args], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 180
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"serve exited {server.returncode}: "
+                                   f"{server.stderr.read()[-800:] if server.stderr else ''}")
+            with contextlib.suppress(httpx.HTTPError):
+                listed = httpx.get(f"{url}/models", timeout=2)
+                if listed.status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError("serve did not answer within 180 s")
+            time.sleep(0.5)
+        yield url, listed.json()["data"][0]["id"]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def serve_stream(model: Path, gpu_layers: int, tokens: int) -> dict[str, Any]:
+    import httpx
+
+    with serving(model, "--gpu-layers", str(gpu_layers)) as (url, served):
+        body = {"model": served, "prompt": "The patient presented with",
+                "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+        start, first, pieces, generated = time.perf_counter(), None, 0, 0
+        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as reply:
+            reply.raise_for_status()
+            for line in reply.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                if event["choices"][0].get("text"):
+                    pieces += 1
+                    first = first or time.perf_counter()
+                if event.get("usage"):
+                    generated = event["usage"]["completion_tokens"]
+        end = time.perf_counter()
+    # Pieces are the engine's 50 ms batches, so the rate is counted over the whole stream.
+    return {"tokens": generated, "pieces": pieces,
+            "first_piece_s": round((first or end) - start, 3),
+            "stream_seconds": round(end - start, 3),
+            "tok_per_s_with_prefill": round(generated / (end - start), 1)}
+
+
+def gpu_tests(models: dict[str, Any]) -> dict[str, Any]:
+    env = {**os.environ, "LOCALMED_GPU_TEST_GGUF": models["model"]}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q",
+                           "-p", "no:cacheprovider", "tests/test_gpu.py"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-400:]
+    if done.returncode != 0:
+        raise RuntimeError(f"pytest exit {done.returncode}: {summary}\n{done.stdout[-3000:]}")
+    return {"summary": summary}
+
+
+def gptq_on_cuda() -> dict[str, Any]:
+    """The transformers Runtime on CUDA needs GPTQModel's kernels."""
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:
+        return {"status": "skipped", "why": "GPTQModel is not installed there, and cannot be "
+                "carried: PyPI has no binary wheel of GPTQModel 7.6.0 for Python 3.12, and its "
+                "source build compiles CUDA kernels and fetches its dependencies"}
+    raise RuntimeError("GPTQModel imports there: add the GPTQ check (a tiny GPTQ checkpoint "
+                       "through localmed.runtimes.hf on CUDA)")
+
+
+def checks(out: Path, dry_run: bool) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    report = Report(out, dry_run)
+    work = Path(tempfile.mkdtemp(prefix="localmed-gpu-check-"))
+    os.environ["LOCALMED_DATA_DIR"] = str(work / "data")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokens = 32 if dry_run else 128
+    try:
+        env = report.step("environment", environment)
+        report.step("localmed doctor", lambda: {"output": _localmed("doctor")})
+        made = report.step("models", lambda: make_models(work, dry_run))
+        if made["status"] != "ok":
+            return 1
+        model, layers = Path(made["model"]), made["layers"]
+        half = layers // 2
+        report.step("localmed plan (full offload)", lambda: {"output": _localmed("plan",
+                                                                                 str(model))})
+        report.step(f"localmed plan (--gpu-layers {half})",
+                    lambda: {"output": _localmed("plan", str(model), "--gpu-layers", str(half))})
+        speeds: dict[str, float] = {}
+
+        def decode(label: str, n: int) -> dict[str, Any]:
+            speeds[label] = decode_tps(model, n, tokens)
+            return {"tokens": tokens, "tok_per_s": round(speeds[label], 1)}
+
+        report.step("decode, full offload", lambda: decode("full", -1), needs_gpu=True)
+        report.step(f"decode, {half} of {layers} layers", lambda: decode("half", half),
+                    needs_gpu=True)
+        report.step("decode, CPU", lambda: decode("cpu", 0))
+
+        def bound() -> dict[str, Any]:
+            bandwidth, per_token = copy_bandwidth(), weight_bytes_per_token(model)
+            roof = bandwidth / per_token
+            return {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+                    "weight_bytes_per_token": per_token, "bound_tok_per_s": round(roof, 1),
+                    "full_offload_of_bound": round(speeds["full"] / roof, 3)
+                    if "full" in speeds else None}
+
+        report.step("memory-bandwidth bound", bound, needs_gpu=True)
+        report.step("gpu-marked tests", lambda: gpu_tests(made))
+        report.step("localmed serve, streaming" + ("" if dry_run else ", full offload"),
+                    lambda: serve_stream(model, 0 if dry_run else -1, tokens))
+        report.step("GPTQ runtime on CUDA", gptq_on_cuda, needs_gpu=True)
+        failed = [s["name"] for s in report.steps if s["status"] == "failed"]
+        if not dry_run and not env.get("gpu_offload"):
+            failed.append("llama.cpp was not built with CUDA")
+        print(f"report: {out / 'report.txt'}" + (f"; failed: {', '.join(failed)}"
+                                                 if failed else ""))
+        return 1 if failed and dry_run else 0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--carry", type=Path, default=Path(".gpu"))
+    p.add_argument("--version", default="0.3.36")
+    p = sub.add_parser("checks")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args()
+    if args.what == "prepare":
+        return prepare(args.carry, args.version)
+    return checks(args.out, args.dry_run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

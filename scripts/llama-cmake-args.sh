@@ -1,0 +1,18 @@
+# The CMake options llama.cpp is built with (sourced by scripts/install.sh and
+# benchmarks/gpu_check.sh, so the GPU check builds what users get, plus CUDA): the library and
+# its common code only (no server, tools, tests or multimodal), which roughly halves the build.
+llama_cmake_args() {
+    local args="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
+    args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
+    args+=" -DLLAMA_OPENSSL=OFF"
+    if [ "$(uname -m)" = "x86_64" ]; then
+        # An AVX2 baseline instead of -march=native: native builds use AMX where the CPU lists
+        # it, and virtual machines that list AMX without enabling it die with SIGILL on Q8_0/Q4.
+        args+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+        args+=" -DGGML_BMI2=ON"
+    fi
+    if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
+        args+=" -DGGML_CUDA=on"
+    fi
+    echo "$args ${CMAKE_ARGS:-}"
+}
