@@ -47,7 +47,6 @@ TMUX = ["tmux", "-L", "localmed-bench"]
 
 def build_tiny(folder: Path) -> Path:
     from localmed.quantize.pipeline import resolve_source, run_quantize
-
     from localmed.quants import QUANT_TYPES
     from localmed.registry import Registry
     from tests.tiny_models import build_spm_model

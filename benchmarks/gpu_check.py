@@ -204,10 +204,10 @@ def make_models(work: Path, dry_run: bool) -> dict[str, Any]:
     random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
     run), quantized to Q8_0 by ``localmed quantize``."""
     import torch
-    from localmed.quantize.demo_model import build_checkpoint
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from localmed.demo import ensure_demo_model
+    from localmed.quantize.demo_model import build_checkpoint
 
     demo = ensure_demo_model(work / "models")
     tokenizer = build_checkpoint(work / "tokenizer", steps=1)

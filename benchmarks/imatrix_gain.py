@@ -78,12 +78,12 @@ def kld(ref_path: Path, path: Path, docs: list[list[int]]) -> float:
 
 def bench_model(label: str, checkpoint: Path, work: Path, args: argparse.Namespace) -> None:
     import llama_cpp
-    from localmed.quantize.imatrix import write_imatrix
-    from localmed.quantize.imatrix_compute import compute_imatrix
-    from localmed.quantize.pipeline import resolve_source, run_quantize
     from rich.console import Console
 
     from localmed.errors import QuantizeError
+    from localmed.quantize.imatrix import write_imatrix
+    from localmed.quantize.imatrix_compute import compute_imatrix
+    from localmed.quantize.pipeline import resolve_source, run_quantize
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
 

@@ -182,8 +182,8 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None) -> Runtime:
     """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ), in its
-    own engine process (:mod:`localmed.runtimes.process`) unless ``in_process``; ``batch_seconds``: how
-    often the engine sends streamed text on (its default: the server's)."""
+    own engine process (:mod:`localmed.runtimes.process`) unless ``in_process``;
+    ``batch_seconds``: how often the engine sends streamed text on (its default: the server's)."""
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
     if in_process:
         return formats.load_runtime(model.path, options)

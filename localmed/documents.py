@@ -1,4 +1,5 @@
-"""Documents of text from a file: bench's ``--text`` and calibration text (:mod:`localmed.calibration`).
+"""Documents of text from a file: bench's ``--text``, and calibration text
+(:mod:`localmed.calibration`).
 
 One reader for both: a ``.jsonl`` file (on each line, the first of the named fields that has
 text) or any other file of documents separated by blank lines.

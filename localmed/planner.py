@@ -2,7 +2,8 @@
 
 Pure arithmetic on two records, so that every case (CPU only, partial, full offload, refusal) is
 tested from given figures: :class:`ModelFootprint` (read from a GGUF's tensor table) and
-:class:`Hardware` (detected by :mod:`localmed.runtimes.hardware`). The plan explains itself in words.
+:class:`Hardware` (detected by :mod:`localmed.runtimes.hardware`). The plan explains itself in
+words.
 """
 
 from __future__ import annotations

@@ -9,14 +9,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from localmed.quantize.checkpoint import sha256_file
-from localmed.quantize.conversion import Conversion
-from localmed.quantize.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
-
 from localmed import library
 from localmed.atomic import atomic_path
 from localmed.calibration import Calibration
 from localmed.progress import Progress
+from localmed.quantize.checkpoint import sha256_file
+from localmed.quantize.conversion import Conversion
+from localmed.quantize.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from localmed.quants import QuantType
 
 AUTO_CHUNKS, AUTO_CTX = 32, 512
@@ -37,8 +36,8 @@ def plan_auto_imatrix(conv: Conversion, quants: list[QuantType], calibration: Ca
     """Reuse this source's cached medical matrix, or say that one must be computed."""
     if calibration is None:
         return None
-    key = hashlib.sha256(json.dumps([conv.input_hashes, calibration.sha256, AUTO_CHUNKS, AUTO_CTX],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    settings = [conv.input_hashes, calibration.sha256, AUTO_CHUNKS, AUTO_CTX]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     cache = library.imatrix_cache_path(conv.source.name, key)
     conv.imatrix_quants = frozenset(q.name for q in quants if q.low_bit)
     if cache.is_file():
@@ -53,10 +52,10 @@ def compute_auto_imatrix(conv: Conversion, pending: AutoImatrix, base: Path,
     from localmed.quantize.imatrix_compute import compute_imatrix
 
     task = progress.add_task("imatrix (medical)", total=AUTO_CHUNKS, unit="chunks")
-    matrix = compute_imatrix(base, list(pending.calibration.texts), n_ctx=AUTO_CTX, chunks=AUTO_CHUNKS,
-                             threads=threads,
-                             progress=lambda done, total, _: progress.update(task, completed=done,
-                                                                         total=total))
+    matrix = compute_imatrix(
+        base, list(pending.calibration.texts), n_ctx=AUTO_CTX, chunks=AUTO_CHUNKS,
+        threads=threads,
+        progress=lambda done, total, _: progress.update(task, completed=done, total=total))
     matrix.datasets = [pending.calibration.label]
     pending.cache.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(pending.cache) as tmp:

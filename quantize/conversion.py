@@ -10,6 +10,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import gguf
+
+from localmed.errors import (
+    ConverterMissingError,
+    SourceError,
+    TokenizerError,
+    UnknownModelError,
+    UnsupportedArchitectureError,
+)
+from localmed.hub import download_checkpoint
+from localmed.provenance import Provenance, now
 from localmed.quantize.checkpoint import Checkpoint
 from localmed.quantize.families import (
     ConverterFamily,
@@ -21,16 +31,6 @@ from localmed.quantize.gguf_out import planned_bytes
 from localmed.quantize.imatrix import ImportanceMatrix
 from localmed.quantize.llama_cpp_source import LlamaCppConverter, converter_table, find_converter
 from localmed.quantize.vocab import LoadedVocab, load_vocab, write_vocab
-
-from localmed.errors import (
-    ConverterMissingError,
-    SourceError,
-    TokenizerError,
-    UnknownModelError,
-    UnsupportedArchitectureError,
-)
-from localmed.hub import download_checkpoint
-from localmed.provenance import Provenance, now
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 from localmed.registry import ModelEntry, Registry
 

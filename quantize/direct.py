@@ -24,12 +24,12 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+
+from localmed.errors import QuantizeError
 from localmed.quantize.families import PlannedTensor
 from localmed.quantize.ggml_rows import quantize_rows, split_rows
 from localmed.quantize.gguf_out import encode, tensor_type
 from localmed.quantize.imatrix import ImportanceMatrix
-
-from localmed.errors import QuantizeError
 
 Progress = Callable[[int], None]
 

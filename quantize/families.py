@@ -16,11 +16,11 @@ from typing import Any, ClassVar
 
 import gguf
 import numpy as np
-from localmed.quantize.checkpoint import Checkpoint
 
 from localmed.errors import CheckpointError, SourceError, UnsupportedArchitectureError
 from localmed.formats.safetensors import TensorRef
 from localmed.planner import HF_LAYER
+from localmed.quantize.checkpoint import Checkpoint
 
 Loader = Callable[[], np.ndarray]
 

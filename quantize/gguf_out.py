@@ -15,6 +15,7 @@ from typing import IO
 
 import gguf
 import numpy as np
+
 from localmed.quantize.families import ConverterFamily, PlannedTensor
 
 Progress = Callable[[int], None]

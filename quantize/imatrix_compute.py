@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from localmed.quantize.imatrix import ImportanceMatrix
-from localmed.quantize.llama_quant import captured_llama_log
 
 from localmed.errors import ImatrixError
+from localmed.quantize.imatrix import ImportanceMatrix
+from localmed.quantize.llama_quant import captured_llama_log
 
 GGML_OP_MUL_MAT, GGML_OP_MUL_MAT_ID = 29, 30
 """Positions in the pinned ggml's ``enum ggml_op`` (ggml/include/ggml.h)."""

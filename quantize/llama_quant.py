@@ -14,9 +14,8 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from localmed.quantize.imatrix import ImportanceMatrix, to_llama
-
 from localmed.errors import QuantizeError
+from localmed.quantize.imatrix import ImportanceMatrix, to_llama
 from localmed.quants import QuantType
 
 _QUIET: list[object] = []

@@ -10,6 +10,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from localmed import library
+from localmed.calibration import Calibration, default_available, load_calibration
+from localmed.errors import UnsupportedQuantError
+from localmed.progress import NoProgress, Progress
+from localmed.public_data import calibration_path
 from localmed.quantize.auto_imatrix import compute_auto_imatrix, plan_auto_imatrix
 from localmed.quantize.checkpoint import sha256_file
 from localmed.quantize.conversion import Source, prepare
@@ -33,12 +38,6 @@ from localmed.quantize.writers import (
     write_llama,
     write_streamed,
 )
-
-from localmed import library
-from localmed.calibration import Calibration, default_available, load_calibration
-from localmed.errors import UnsupportedQuantError
-from localmed.progress import NoProgress, Progress
-from localmed.public_data import calibration_path
 from localmed.quants import QuantType
 
 __all__ = ["Output", "Source", "prepare", "resolve_source", "run_quantize"]
@@ -57,8 +56,8 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     quantizer weights its rounding error by it, and the I-quants become possible.
 
     ``direct``: on localmed's converter path, write llama.cpp-quantized files straight from the
-    checkpoint (:mod:`localmed.quantize.direct`), with no full-size intermediate on disk; False takes the
-    F16/BF16-intermediate path (also the only one when llama.cpp's converter is used).
+    checkpoint (:mod:`localmed.quantize.direct`), with no full-size intermediate on disk; False
+    takes the F16/BF16-intermediate path (also the only one when llama.cpp's converter is used).
 
     ``progress`` hears how far each step is, and the remarks on the way (the entry layer draws
     them); by default no one does.

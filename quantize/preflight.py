@@ -7,12 +7,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from localmed.atomic import remove_stale_temporaries, temp_path_for
+from localmed.errors import DiskSpaceError, OutputError, UnsupportedQuantError
 from localmed.quantize.conversion import Conversion
 from localmed.quantize.llama_quant import llama_requires_imatrix
 from localmed.quantize.writers import llama_cpp_outtype, output_path, skeleton
-
-from localmed.atomic import remove_stale_temporaries, temp_path_for
-from localmed.errors import DiskSpaceError, OutputError, UnsupportedQuantError
 from localmed.quants import QUANT_TYPES, QuantType
 
 

@@ -18,9 +18,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import gguf
-from localmed.quantize.llama_cpp_source import converter_table, tokenizer_checksum
 
 from localmed.errors import ConverterMissingError, SourceError, TokenizerError
+from localmed.quantize.llama_cpp_source import converter_table, tokenizer_checksum
 
 
 class ByteLevelBpeVocab(gguf.BpeVocab):

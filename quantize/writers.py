@@ -21,12 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-from localmed.quantize.checkpoint import sha256_file
-from localmed.quantize.conversion import NATIVE, Conversion
-from localmed.quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
-from localmed.quantize.imatrix import check_matches
-from localmed.quantize.llama_cpp_source import run_converter
-from localmed.quantize.llama_quant import llama_quantize
 
 from localmed import library
 from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
@@ -34,6 +28,12 @@ from localmed.errors import ConverterError
 from localmed.formats.gguf_header import read_header
 from localmed.progress import Progress
 from localmed.provenance import gguf_key
+from localmed.quantize.checkpoint import sha256_file
+from localmed.quantize.conversion import NATIVE, Conversion
+from localmed.quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
+from localmed.quantize.imatrix import check_matches
+from localmed.quantize.llama_cpp_source import run_converter
+from localmed.quantize.llama_quant import llama_quantize
 from localmed.quants import DIRECT_TENSOR_TYPE, QUANT_TYPES, QuantType
 
 

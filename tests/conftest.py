@@ -64,7 +64,6 @@ def converted(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFac
               ) -> dict[str, dict[str, Path]]:
     """GGUF files per family: F32 for all; Q8_0, Q4_K_M and Q2_K for llama too."""
     from localmed.quantize.pipeline import resolve_source, run_quantize
-
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
 
@@ -145,7 +144,6 @@ def smollm2_converted(smollm2: dict[str, Path], tmp_path_factory: pytest.TempPat
                       ) -> dict[str, Path]:
     """SmolLM2 converted by `localmed quantize` (native path): F32, F16, Q8_0, Q4_K_M."""
     from localmed.quantize.pipeline import resolve_source, run_quantize
-
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
 
@@ -160,8 +158,8 @@ def gemma3_real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The real Gemma 3 270M: its original GGUF, a rebuilt checkpoint, and that checkpoint
     converted by `localmed quantize` (llama.cpp's converter path) to F16 and Q4_K_M."""
     import transformers
-    from localmed.quantize.pipeline import resolve_source, run_quantize
 
+    from localmed.quantize.pipeline import resolve_source, run_quantize
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
     from tests.real_models import Unavailable, cache_dir, gemma3_gguf, rebuild_checkpoint

@@ -150,7 +150,6 @@ def test_llama3_tied_embeddings_and_bpe_metadata(converted):
 def test_bf16_checkpoint_converts_exactly_and_quantizes_from_bf16(tmp_path):
     """bf16 weights stay bf16 (no f16 overflow), and K-quants are made from a BF16 file."""
     from localmed.quantize.pipeline import prepare, resolve_source, run_quantize
-
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
     from tests.tiny_models import build_spm_model

@@ -123,7 +123,6 @@ class TestProvenance:
     def test_every_file_the_converter_reads_is_hashed(self, checkpoints, tmp_path):
         from localmed.quantize.checkpoint import sha256_file
         from localmed.quantize.pipeline import resolve_source, run_quantize
-
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
 

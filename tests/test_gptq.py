@@ -22,7 +22,6 @@ TEXT = ("A 58-year-old woman with type 2 diabetes presents with crushing subster
 def gptq_models(checkpoints, tmp_path_factory) -> dict[str, Path]:
     from localmed.quantize.gptq import GPTQSettings, run_gptq
     from localmed.quantize.pipeline import resolve_source
-
     from localmed.registry import Registry
 
     out = tmp_path_factory.mktemp("gptq")

@@ -37,9 +37,8 @@ def big_gguf() -> Path:
 
 def _load(path: Path, gpu_layers: int | None = None):
     """A runtime, and the layers llama.cpp says it offloaded (from its own log)."""
-    from localmed.quantize.llama_quant import captured_llama_log
-
     from localmed import formats
+    from localmed.quantize.llama_quant import captured_llama_log
 
     with captured_llama_log(keep=None) as log:
         runtime = formats.load_runtime(path, formats.LoadOptions(gpu_layers=gpu_layers))

@@ -25,8 +25,9 @@ def activations_imatrix(checkpoint: Path, out: Path,
     llama-imatrix collects): on ``token_chunks``, or on three medical sentences."""
     import sentencepiece as spm
     import torch
-    from localmed.quantize.imatrix import ImportanceMatrix, write_imatrix
     from transformers import AutoModelForCausalLM
+
+    from localmed.quantize.imatrix import ImportanceMatrix, write_imatrix
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
@@ -112,6 +113,7 @@ def test_ggml_s_own_list_of_matrix_types_is_within_the_quantizer_s():
     # exported); ggml's exported check knows the row quantizers' three. If ggml ever names one
     # that localmed's table lacks, the table is out of date.
     import gguf
+
     from localmed.quantize.ggml_rows import requires_imatrix
     from localmed.quantize.llama_quant import NEEDS_MATRIX
 
@@ -151,6 +153,7 @@ def test_llama_cpp_engine_collects_what_the_activations_are(checkpoints, convert
     """The eval-callback engine, run on the F32 GGUF, gives the sums and counts that
     transformers' own activations give on the same token chunks."""
     import llama_cpp
+
     from localmed.quantize.imatrix import read_imatrix
     from localmed.quantize.imatrix_compute import compute_imatrix
 

@@ -1,4 +1,4 @@
-"""Imports go one way (entry → app → core → backends → base), with no cycles (STYLE.md, point 4).
+"""Imports go one way (entry → app → core → backends → base), with no cycles (STYLE.md 4).
 
 The contract is checked statically (tests/import_contract.py), function-level imports included,
 and the checker itself is shown to catch what it must on a small fixture tree.

@@ -78,11 +78,11 @@ class TestSmolLM2:
         # The same comparison fails when the GGUF names a pre-tokenizer other than the model's.
         import localmed.quantize.vocab
         from localmed.quantize.pipeline import resolve_source, run_quantize
-
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
 
-        monkeypatch.setattr(localmed.quantize.vocab, "identify_pre_tokenizer", lambda folder: "llama-bpe")
+        monkeypatch.setattr(localmed.quantize.vocab, "identify_pre_tokenizer",
+                            lambda folder: "llama-bpe")
         source = resolve_source(str(smollm2["checkpoint"]), Registry.load())
         wrong = run_quantize(source, parse_quant_list("Q8_0"), tmp_path)[0].path
         assert gguf_field(wrong, "tokenizer.ggml.pre") == "llama-bpe"
@@ -111,7 +111,6 @@ class TestSmolLM2:
     def test_llama_cpp_converter_gives_the_same_model(self, smollm2, smollm2_converted,
                                                       tmp_path):
         from localmed.quantize.pipeline import resolve_source, run_quantize
-
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
 
@@ -190,7 +189,6 @@ class TestLlamaCppPath:
     @pytest.fixture(scope="class")
     def gemma3(self, tmp_path_factory) -> dict[str, Path]:
         from localmed.quantize.pipeline import resolve_source, run_quantize
-
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
 
@@ -289,7 +287,6 @@ class TestBadInput:
 def test_every_registry_model_has_a_converter(capsys):
     from localmed.quantize.families import native_architectures
     from localmed.quantize.llama_cpp_source import converter_table
-
     from localmed.registry import Registry
 
     known = set(native_architectures()) | converter_table().architectures

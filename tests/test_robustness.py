@@ -442,9 +442,8 @@ def full_disk(tmp_path):
 
 def test_a_disk_that_fills_during_a_tensor_write_is_out_of_disk(full_disk, converted):
     # gguf-py writes tensors with numpy's tofile, whose short write is an OSError with no errno
-    from localmed.quantize.gguf_out import copy_with_metadata
-
     from localmed.atomic import atomic_path
+    from localmed.quantize.gguf_out import copy_with_metadata
 
     source = converted["llama"]["F16"]
     assert source.stat().st_size > 2**20

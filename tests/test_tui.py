@@ -12,10 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from localmed.tui.app import LocalmedApp
-from localmed.tui.chat_screen import ChatScreen
-from localmed.tui.modals import ErrorScreen
-from localmed.tui.widgets import DisclaimerBanner, MessageView
 from textual.widgets import OptionList
 
 from localmed.chat import ChatModel, ChatSession
@@ -23,6 +19,10 @@ from localmed.conversation import DISCLAIMER, HistoryStore
 from localmed.demo import DEMO_ENTRY
 from localmed.runtimes.base import GenerationParams
 from localmed.runtimes.llama import LlamaCppRuntime
+from localmed.tui.app import LocalmedApp
+from localmed.tui.chat_screen import ChatScreen
+from localmed.tui.modals import ErrorScreen
+from localmed.tui.widgets import DisclaimerBanner, MessageView
 
 SIZE = (100, 30)
 
@@ -293,11 +293,11 @@ class TestEngineProcess:
     async def test_the_engine_killed_mid_reply(self, smollm2, tmp_path, monkeypatch):
         import contextlib
 
-        from localmed.tui.modals import EngineDiedScreen
         from textual.worker import WorkerFailed
 
         from localmed.formats import LoadOptions
         from localmed.runtimes.process import open_engine
+        from localmed.tui.modals import EngineDiedScreen
 
         monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
         runtime = open_engine(smollm2["gguf"], LoadOptions(n_ctx=1024))

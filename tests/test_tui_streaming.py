@@ -7,11 +7,12 @@ import random
 from pathlib import Path
 
 import pytest
-from localmed.tui.widgets import MessageView, StreamingText
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Markdown
+
+from localmed.tui.widgets import MessageView, StreamingText
 
 SIZE = (72, 24)
 STEP = 6

@@ -7,13 +7,13 @@ import contextlib
 import os
 import signal
 
-from localmed.tui.chat_screen import HELP_ROWS, ChatScreen
-from localmed.tui.modals import BannerModal, InfoScreen
 from textual.app import App
 from textual.binding import Binding
 from textual.screen import Screen
 
 from localmed.chat import ChatSession
+from localmed.tui.chat_screen import HELP_ROWS, ChatScreen
+from localmed.tui.modals import BannerModal, InfoScreen
 
 
 class LocalmedApp(App[None]):

@@ -4,14 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from localmed.tui.modals import (
-    EngineDiedScreen,
-    ErrorScreen,
-    InfoScreen,
-    SystemPromptScreen,
-    TemplateScreen,
-)
-from localmed.tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -26,6 +18,14 @@ from localmed.conversation import Conversation
 from localmed.errors import EngineDiedError, LocalmedError
 from localmed.runtimes.base import batched, describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
+from localmed.tui.modals import (
+    EngineDiedScreen,
+    ErrorScreen,
+    InfoScreen,
+    SystemPromptScreen,
+    TemplateScreen,
+)
+from localmed.tui.widgets import DisclaimerBanner, HistoryItem, MessageView, StatusLine
 
 FLUSH_SECONDS = 0.1
 """How often new text of a reply reaches the screen. Each update is Python work in the app; when

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from localmed.tui.widgets import DisclaimerBanner
 from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
@@ -13,6 +12,8 @@ from textual.containers import Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
+
+from localmed.tui.widgets import DisclaimerBanner
 
 
 class BannerModal(ModalScreen):

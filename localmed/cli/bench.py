@@ -26,13 +26,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", action="append", metavar="FILE.jsonl",
                    help="a custom question set (repeatable), named after the file")
     p.add_argument("--limit", type=positive, help="score only the first N questions of each set")
-    p.add_argument("--shots", type=non_negative, default=0, help="worked examples before each question "
-                   "(the first K of each set, not scored)")
+    p.add_argument("--shots", type=non_negative, default=0, help="worked examples before each "
+                   "question (the first K of each set, not scored)")
     p.add_argument("--prompt-format", choices=["plain", "chat"], default="plain",
                    help="plain text (default, right for base models) or the model's template")
     p.add_argument("--text", metavar="FILE", help="medical text for perplexity and full-"
                    "vocabulary KLD (.jsonl with 'question', or .txt with blank-line documents)")
-    p.add_argument("--text-docs", type=non_negative, default=8, help="documents of it to use (0: none)")
+    p.add_argument("--text-docs", type=non_negative, default=8,
+                   help="documents of it to use (0: none)")
     p.add_argument("--ctx", type=positive, default=2048, help="context for question prompts")
     p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
     p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "

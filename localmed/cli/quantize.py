@@ -106,7 +106,8 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
                       TextColumn("chunks"), TimeRemainingColumn(), console=err) as bar:
             task = bar.add_task("imatrix", total=None)
             matrix = compute_imatrix(
-                gguf_path, list(calibration.texts), n_ctx=args.ctx, chunks=args.chunks, threads=args.threads,
+                gguf_path, list(calibration.texts), n_ctx=args.ctx, chunks=args.chunks,
+                threads=args.threads,
                 progress=lambda done, total, _: bar.update(task, completed=done, total=total))
     matrix.datasets = [calibration.label]
     with atomic_path(out) as tmp_out:

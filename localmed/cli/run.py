@@ -134,7 +134,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     build = hardware.llama_build()
     backend = build.gpu_backend
     out.print(f"llama-cpp-python {build.version}; ggml backends: {', '.join(build.backends)}")
-    out.print(f"GPU offload: {'yes (' + backend.upper() + ')' if build.offload else 'no: CPU only'}")
+    offload = f"yes ({backend.upper()})" if build.offload else "no: CPU only"
+    out.print(f"GPU offload: {offload}")
     total, available = hardware.ram()
     out.print(f"RAM: {gib(available)} available of {gib(total)}")
     if backend == "cuda":

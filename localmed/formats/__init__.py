@@ -2,8 +2,8 @@
 
 chat, bench, plan, info and serve ask here and never test a suffix themselves. A format detects
 its own paths, reads their info and memory footprint without loading weights, plans the load on
-this machine, and loads a :class:`~localmed.runtimes.base.Runtime`. A new format (an engine process, a
-new quantization) is one more class registered with :func:`register`.
+this machine, and loads a :class:`~localmed.runtimes.base.Runtime`. A new format (an engine
+process, a new quantization) is one more class registered with :func:`register`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from localmed.planner import Hardware, ModelFootprint, OffloadPlan
 
 if TYPE_CHECKING:
     # Only named in annotations: the Runtime interface reads ModelInfo from this package, so
-    # importing it here at run time would make a cycle (runtimes.base → formats → runtimes.base).
+    # importing it here at run time would make a cycle (runtimes.base → formats →
+    # runtimes.base).
     from localmed.runtimes.base import Runtime
 
 

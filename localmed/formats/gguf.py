@@ -1,7 +1,7 @@
 """What a GGUF file is: architecture, quant, size, template, provenance and memory footprint.
 
-Read with :mod:`localmed.formats.gguf_header` (only the header is touched, big arrays are skipped); keys
-are gguf-py's :class:`gguf.Keys`.
+Read with :mod:`localmed.formats.gguf_header` (only the header is touched, big arrays are
+skipped); keys are gguf-py's :class:`gguf.Keys`.
 """
 
 from __future__ import annotations
