@@ -33,7 +33,7 @@ if [ -x .venv/bin/python ]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHO
 . scripts/llama-cmake-args.sh
 
 prepare() {
-    "$PY" benchmarks/gpu_check.py prepare --carry "$CARRY" --version "$VERSION" || exit 2
+    "$PY" benchmarks/gpu_carry.py --carry "$CARRY" --version "$VERSION" || exit 2
 }
 
 configure_only() {
@@ -96,7 +96,7 @@ case "$MODE" in
         SITE=$(mktemp -d)
         install_site || { echo "install: FAILED" >&2; exit 1; }
         # llama.cpp, torch and the rest from this machine's environment; localmed from $SITE
-        PYTHONPATH="$SITE" "$PY" benchmarks/gpu_check.py checks --out "$OUT" --dry-run
+        PYTHONPATH="$SITE" "$PY" benchmarks/gpu_check.py --out "$OUT" --dry-run
         status=$?
         rm -rf "$SITE"
         echo "dry run: report in $OUT" >&2
@@ -106,7 +106,7 @@ case "$MODE" in
         nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
         install_site || { echo "install: FAILED" | tee "$OUT/report.txt"; exit 1; }
         build_cuda || { echo "CUDA build failed or ran out of time" >>"$OUT/build.txt"; }
-        PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py checks --out "$OUT"
+        PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py --out "$OUT"
         ;;
     *)
         echo "usage: benchmarks/gpu_check.sh --prepare | --dry-run | --device" >&2
