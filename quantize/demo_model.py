@@ -6,7 +6,10 @@ with localmed's own converter and labels it everywhere it appears.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 _PREAMBLE = "You are the localmed demo."
@@ -50,8 +53,35 @@ def _corpus_text() -> list[str]:
     return [alpaca.render([Message("user", q)], system=_PREAMBLE) + a for q, a in _CORPUS]
 
 
+@contextlib.contextmanager
+def _quiet_first_run() -> Iterator[None]:
+    """A new user's first `localmed chat demo` shows a spinner, not library chatter: torchao
+    (installed with the gptq extra) logs kernels it cannot load when transformers imports it,
+    torch logs a deprecation about it, and save_pretrained draws its own progress bar."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def build_checkpoint(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
     """Train the demo checkpoint (seconds on a laptop CPU) into ``folder``."""
+    with _quiet_first_run():
+        return _train(folder, steps, seed)
+
+
+def _train(folder: Path, steps: int, seed: int) -> Path:
     import io
 
     import sentencepiece as spm
