@@ -132,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     table.add_row("architecture", info.architecture)
     table.add_row("quant", info.quant)
     table.add_row("size", f"{human_bytes(info.file_bytes)} ({info.file_bytes:,} bytes)")
-    tensors = getattr(info, "n_tensors", 0)
+    tensors = info.n_tensors
     table.add_row("parameters", f"{info.n_parameters:,}" + (f" in {tensors} tensors"
                                                              if tensors else ""))
     table.add_row("layers", str(info.block_count))

@@ -21,9 +21,7 @@ from localmed.quants import quant_from_file_type
 
 @dataclass(frozen=True)
 class GGUFInfo(ModelInfo):
-    """A GGUF file; ``n_tensors`` from its tensor table."""
-
-    n_tensors: int = 0
+    """A GGUF file (``n_tensors`` from its tensor table)."""
 
 
 MAX_LAYERS = 1024

@@ -28,6 +28,8 @@ class ModelInfo:
     add_bos: bool
     provenance: Provenance | None = None
     """None for a file localmed did not make."""
+    n_tensors: int = 0
+    """Tensors in the file's table (0 where the format keeps no single table)."""
 
     @property
     def label(self) -> str:
