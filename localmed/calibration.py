@@ -35,11 +35,6 @@ class Calibration:
         return f"{self.path.name} sha256:{self.sha256}"
 
 
-def default_available(path: Path | None = None) -> bool:
-    """Whether there is calibration text to load: ``path``, or the default file."""
-    return (path or calibration_path()).is_file()
-
-
 def load_calibration(path: Path | None = None) -> Calibration:
     """The documents of ``path`` (``.jsonl`` with ``text`` or ``question`` per line, or
     documents separated by blank lines), PubMedQA abstracts by default. A missing or empty file

@@ -54,10 +54,6 @@ def gptq_texts(calibration: Calibration, samples: int) -> list[str]:
     return texts
 
 
-def output_folder(out_dir: Path, name: str, settings: GPTQSettings) -> Path:
-    return library.gptq_path(name, settings.bits, settings.group_size, out_dir)
-
-
 def run_gptq(source: Source, out_dir: Path, settings: GPTQSettings) -> Path:
     """Quantize ``source`` with GPTQ; returns the finished folder."""
     settings.check()
@@ -69,7 +65,7 @@ def run_gptq(source: Source, out_dir: Path, settings: GPTQSettings) -> Path:
     gptqmodel = require_gptqmodel()
     check_output_dir(out_dir)
     out_dir, source_folder = out_dir.resolve(), source.folder.resolve()  # absolute: see below
-    final = output_folder(out_dir, source.name, settings)
+    final = library.gptq_path(source.name, settings.bits, settings.group_size, out_dir)
     staging = out_dir / f".{final.name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from localmed import library
-from localmed.calibration import Calibration, default_available, load_calibration
+from localmed.calibration import Calibration, load_calibration
 from localmed.errors import UnsupportedQuantError
 from localmed.progress import NoProgress, Progress
 from localmed.public_data import calibration_path
@@ -32,7 +32,6 @@ from localmed.quantize.writers import (
     calibration_model,
     converted_by_llama_cpp,
     intermediate,
-    output_path,
     skeleton,
     write_direct,
     write_llama,
@@ -70,7 +69,7 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     matrix = read_imatrix(matrix_file) if matrix_file is not None else None
     auto_text: Calibration | None = None
     if auto and any(q.low_bit for q in quants):
-        if calibration is not None or default_available():
+        if calibration is not None or calibration_path().is_file():
             auto_text = load_calibration(calibration)
         elif any(q.needs_imatrix for q in quants):
             raise UnsupportedQuantError(
@@ -119,19 +118,18 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     # llama.cpp path, comes from llama.cpp's quantizer on an intermediate file.
     native = conv.llama_cpp is None
     via_llama = [q for q in quants if not (native and q.direct)]
+    final = {q.name: library.gguf_path(source.name, q.name, out_dir) for q in quants}
     for quant in quants:
         if quant not in via_llama:
-            outputs.append(write_direct(conv, quant, output_path(out_dir, source.name, quant),
-                                        progress))
+            outputs.append(write_direct(conv, quant, final[quant.name], progress))
     if via_llama and native and direct:
         if pending is not None:
             with calibration_model(conv, out_dir, outputs, progress) as model:
                 compute_auto_imatrix(conv, pending, model, threads, progress)
         with skeleton(conv, out_dir) as layout:
             for quant in via_llama:
-                outputs.append(write_streamed(conv, quant, layout,
-                                              output_path(out_dir, source.name, quant),
-                                              threads, progress))
+                outputs.append(write_streamed(conv, quant, layout, final[quant.name], threads,
+                                              progress))
     elif via_llama:
         base_file = intermediate(conv, out_dir, outputs, progress) if native else \
             converted_by_llama_cpp(conv, quants, out_dir, progress)
@@ -139,7 +137,6 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
             if pending is not None:
                 compute_auto_imatrix(conv, pending, base, threads, progress)
             for quant in via_llama:
-                outputs.append(write_llama(conv, quant, base,
-                                           output_path(out_dir, source.name, quant),
-                                           threads, progress))
+                outputs.append(write_llama(conv, quant, base, final[quant.name], threads,
+                                           progress))
     return outputs

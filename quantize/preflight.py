@@ -7,11 +7,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from localmed import library
 from localmed.atomic import remove_stale_temporaries, temp_path_for
 from localmed.errors import DiskSpaceError, OutputError, UnsupportedQuantError
 from localmed.quantize.conversion import Conversion
 from localmed.quantize.llama_quant import llama_requires_imatrix
-from localmed.quantize.writers import llama_cpp_outtype, output_path, skeleton
+from localmed.quantize.writers import llama_cpp_outtype, skeleton
 from localmed.quants import QUANT_TYPES, QuantType
 
 
@@ -43,7 +44,7 @@ def check_output_dir(out_dir: Path) -> None:
 
 def check_outputs(out_dir: Path, name: str, quants: list[QuantType]) -> None:
     for quant in quants:
-        final = output_path(out_dir, name, quant)
+        final = library.gguf_path(name, quant.name, out_dir)
         if final.is_dir():
             raise OutputError(final, "is a folder; the GGUF cannot be written there")
 

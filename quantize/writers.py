@@ -48,10 +48,6 @@ class Output:
     converter: str = NATIVE
 
 
-def output_path(out_dir: Path, name: str, quant: QuantType) -> Path:
-    return library.gguf_path(name, quant.name, out_dir)
-
-
 def write_direct(conv: Conversion, quant: QuantType, final: Path, progress: Progress) -> Output:
     target = DIRECT_TENSOR_TYPE[quant.name]
     task = progress.add_task(f"convert {quant.name}", total=planned_bytes(conv.plan, target))

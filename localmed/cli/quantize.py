@@ -67,20 +67,13 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     """Compute a medical importance matrix in llama.cpp's format (llama-imatrix's method)."""
     import tempfile
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
-
     from localmed import formats
     from localmed.atomic import atomic_path
     from localmed.calibration import load_calibration
     from localmed.quantize.imatrix import write_imatrix
     from localmed.quantize.imatrix_compute import compute_imatrix
-    from localmed.quantize.pipeline import check_output_name, run_quantize
+    from localmed.quantize.pipeline import run_quantize
+    from localmed.quantize.preflight import check_output_name
     from localmed.quants import QUANT_TYPES
     from localmed.registry import Registry
 
@@ -90,25 +83,23 @@ def cmd_imatrix(args: argparse.Namespace) -> int:
     registry = Registry.load()
     if not source.exists() and args.source in registry:  # its local Q8_0 or F16, if made
         source = next(iter(library.local_files(args.source, ("Q8_0", "F16", "BF16"))), source)
-    with tempfile.TemporaryDirectory(prefix="localmed-imatrix-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="localmed-imatrix-") as tmp, \
+            progress_bars(err) as progress:
         if source.is_file() and formats.format_of(source).name == "gguf":
             gguf_path, name = source, source.name.split(".")[0]
         else:  # a checkpoint: a Q8_0 of it fits in RAM where its fp32 would not
             src = _source(args, registry)
-            with progress_bars(err) as progress:
-                gguf_path = run_quantize(src, [QUANT_TYPES["Q8_0"]], Path(tmp),
-                                         progress=progress)[0].path
+            gguf_path = run_quantize(src, [QUANT_TYPES["Q8_0"]], Path(tmp),
+                                     progress=progress)[0].path
             name = src.name
         out = Path(args.out).expanduser() if args.out else \
             library.imatrix_path(check_output_name(name))
         out.parent.mkdir(parents=True, exist_ok=True)
-        with Progress(TextColumn("[bold]imatrix"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("chunks"), TimeRemainingColumn(), console=err) as bar:
-            task = bar.add_task("imatrix", total=None)
-            matrix = compute_imatrix(
-                gguf_path, list(calibration.texts), n_ctx=args.ctx, chunks=args.chunks,
-                threads=args.threads,
-                progress=lambda done, total, _: bar.update(task, completed=done, total=total))
+        task = progress.add_task("imatrix", total=None, unit="chunks")
+        matrix = compute_imatrix(
+            gguf_path, list(calibration.texts), n_ctx=args.ctx, chunks=args.chunks,
+            threads=args.threads,
+            progress=lambda done, total, _: progress.update(task, completed=done, total=total))
     matrix.datasets = [calibration.label]
     with atomic_path(out) as tmp_out:
         write_imatrix(tmp_out, matrix)
