@@ -192,6 +192,10 @@ class TestDamagedGGUF:
             "llama.attention.head_count": (gguf.GGUFValueType.UINT32, 0)})
         self.check(capsys, bad, "damaged", "head_count")
 
+    def test_a_header_cut_short_says_so(self, good, capsys):
+        good.write_bytes(good.read_bytes()[:16])  # the magic is right; the counts are missing
+        self.check(capsys, good, "truncated GGUF header (16 bytes)")
+
     def test_a_folder_named_gguf(self, tmp_path, capsys):
         (tmp_path / "x.gguf").mkdir()
         self.check(capsys, tmp_path / "x.gguf", "is a folder")

@@ -128,8 +128,10 @@ _MAX_DIMS = 4
 def _parse(buf: mmap.mmap, path: Path) -> GGUFHeader:
     """Parse and check the header against the file: a damaged or crafted file raises
     GGUFFileError before any count or size in it is trusted for an allocation."""
-    if len(buf) < 24 or buf[:4] != b"GGUF":
+    if buf[:4] != b"GGUF":
         raise GGUFFileError(path, "not a GGUF file (bad magic)")
+    if len(buf) < 24:
+        raise GGUFFileError(path, f"truncated GGUF header ({len(buf)} bytes)")
     cur = _Cursor(buf, path)
     cur.pos = 4
     version = cur.unpack("<I")
