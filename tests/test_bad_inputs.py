@@ -180,6 +180,13 @@ def test_atomic_path_leaves_nothing_on_error(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def interruptible() -> None:
+    """``preexec_fn`` for a process a test sends SIGINT: Ctrl-C reaches it as it reaches a
+    command typed at a terminal. A test run started in the background (``cmd &`` in a script)
+    ignores SIGINT, the ignoring is inherited, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_leaves_no_partial_gguf(tmp_path, checkpoints):
     """A real SIGINT to a running `localmed quantize`: exit 130, only complete files remain."""
     import gguf
@@ -190,7 +197,7 @@ def test_ctrl_c_leaves_no_partial_gguf(tmp_path, checkpoints):
     proc = subprocess.Popen(
         [sys.executable, "-m", "localmed", "quantize", str(checkpoints["mixtral"]),
          "--quant", ",".join(quants), "--out", str(out), "--threads", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=interruptible)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if any(out.glob("*.gguf")):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from localmed import cli
+from tests.test_bad_inputs import interruptible
 from tests.tiny_models import SHARED
 
 BENCH = SHARED / "benchmarks"
@@ -120,11 +121,9 @@ def test_interrupted_run_resumes_to_the_same_result(bench_models, bench_run, tmp
     _, expected = bench_run
     out = tmp_path / "resumed"
     cmd = [sys.executable, "-m", "localmed", *bench_args(bench_models, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    # Interrupted while the reference (scored first) is partly recorded: three more quants are
-    # still to load and score, so the signal cannot arrive after the run has ended (the last
-    # quant's questions take a tiny model milliseconds).
-    partial = out / "records" / "F16" / "medqa.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            preexec_fn=interruptible)
+    partial = out / "records" / "Q8_0" / "medqa.jsonl"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         if partial.is_file() and partial.read_text().count("\n") >= 3:
