@@ -75,31 +75,40 @@ class Report:
 def _localmed(*args: str, timeout: float = 300) -> str:
     done = subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
                           text=True, timeout=timeout)
-    if done.returncode not in (0, 1):  # plan exits 1 when the model does not fit
+    allowed = (0, 1) if args[0] == "plan" else (0,)  # plan exits 1 when the model does not fit
+    if done.returncode not in allowed:
         raise RuntimeError(f"localmed {' '.join(args)}: exit {done.returncode}: "
                            f"{done.stderr.strip()[-800:]}")
     return (done.stdout + done.stderr).strip()
 
 
-def environment() -> dict[str, Any]:
+def engine_info() -> dict[str, Any]:
     import llama_cpp
 
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count(),
-                            "llama_cpp_python": llama_cpp.__version__,
-                            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    return {"python": platform.python_version(), "cpus": os.cpu_count(),
+            "llama_cpp_python": llama_cpp.__version__,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+
+
+def torch_info() -> dict[str, Any]:
     try:
         import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-            info["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
     except ImportError:
-        info["torch"] = None
+        return {"torch": None}
+    info: dict[str, Any] = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gib"] = round(torch.cuda.mem_get_info()[1] / 2**30, 1)
     return info
 
 
-def make_models(work: Path, dry_run: bool) -> dict[str, Any]:
+def both_in_one_process() -> dict[str, Any]:
+    """llama.cpp's CUDA build and torch's CUDA in one interpreter, llama.cpp first (as a
+    process that loads a GGUF and then a transformers model would)."""
+    return {**engine_info(), **torch_info()}
+
+
+def make_models(work: str, dry_run: bool) -> dict[str, Any]:
     """The demo model (trained: confident next tokens, for CPU/GPU token equality) and a Llama of
     random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
     run), quantized to Q8_0 by ``localmed quantize``."""
@@ -107,6 +116,8 @@ def make_models(work: Path, dry_run: bool) -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from localmed.demo import ensure_demo_model
+
+    work = Path(work)
     from localmed.quantize.demo_model import build_checkpoint
 
     demo = ensure_demo_model(work / "models")
@@ -131,11 +142,11 @@ def make_models(work: Path, dry_run: bool) -> dict[str, Any]:
             if dry_run else "~0.76B", "layers": config.num_hidden_layers}
 
 
-def decode_tps(model: Path, gpu_layers: int, tokens: int) -> float:
+def decode_tps(model: str, gpu_layers: int, tokens: int) -> float:
     """Greedy decode speed, first token to last, prefill excluded (llama-cpp-python's Llama)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), n_gpu_layers=gpu_layers, n_ctx=1024,
+    llm = llama_cpp.Llama(model_path=model, n_gpu_layers=gpu_layers, n_ctx=1024,
                           n_threads=os.cpu_count(), verbose=False)
     try:
         prompt = llm.tokenize(b"The patient presented with")
@@ -261,6 +272,36 @@ def gptq_on_cuda() -> dict[str, Any]:
                        "through localmed.runtimes.hf on CUDA)")
 
 
+STEPS: dict[str, Callable[..., Any]] = {
+    "engine": engine_info, "torch": torch_info, "both": both_in_one_process,
+    "models": make_models, "decode": decode_tps, "bandwidth": copy_bandwidth,
+}
+"""What runs in a child process of its own: whatever imports llama.cpp's CUDA build or torch.
+A native crash there (an abort, a segfault, two CUDA runtimes at odds) fails that step alone
+and the report goes on."""
+
+
+def isolated(step: str, timeout: float = 600, **kwargs: Any) -> Callable[[], Any]:
+    def work() -> Any:
+        with tempfile.NamedTemporaryFile(suffix=".json") as result:
+            done = subprocess.run([sys.executable, __file__, "--step", step, "--kwargs",
+                                   json.dumps(kwargs), "--result", result.name],
+                                  capture_output=True, text=True, timeout=timeout)
+            if done.returncode != 0:
+                how = (f"signal {-done.returncode}" if done.returncode < 0
+                       else f"exit {done.returncode}")
+                tail = (done.stderr.strip() or done.stdout.strip())[-1500:]
+                raise RuntimeError(f"{step} step died ({how}): {tail}")
+            return json.loads(Path(result.name).read_text())
+    return work
+
+
+def run_step(step: str, kwargs: str, result: Path) -> int:
+    value = STEPS[step](**json.loads(kwargs))
+    result.write_text(json.dumps(value))
+    return 0
+
+
 def checks(out: Path, dry_run: bool) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, dry_run)
@@ -269,9 +310,11 @@ def checks(out: Path, dry_run: bool) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tokens = 32 if dry_run else 128
     try:
-        env = report.step("environment", environment)
+        env = report.step("environment: llama.cpp", isolated("engine", 120))
+        report.step("environment: torch", isolated("torch", 120))
+        report.step("llama.cpp and torch in one process", isolated("both", 120))
         report.step("localmed doctor", lambda: {"output": _localmed("doctor")})
-        made = report.step("models", lambda: make_models(work, dry_run))
+        made = report.step("models", isolated("models", 900, work=str(work), dry_run=dry_run))
         if made["status"] != "ok":
             return 1
         model, layers = Path(made["model"]), made["layers"]
@@ -283,7 +326,8 @@ def checks(out: Path, dry_run: bool) -> int:
         speeds: dict[str, float] = {}
 
         def decode(label: str, n: int) -> dict[str, Any]:
-            speeds[label] = decode_tps(model, n, tokens)
+            speeds[label] = isolated("decode", 300, model=str(model), gpu_layers=n,
+                                     tokens=tokens)()
             return {"tokens": tokens, "tok_per_s": round(speeds[label], 1)}
 
         report.step("decode, full offload", lambda: decode("full", -1), needs_gpu=True)
@@ -292,7 +336,8 @@ def checks(out: Path, dry_run: bool) -> int:
         report.step("decode, CPU", lambda: decode("cpu", 0))
 
         def bound() -> dict[str, Any]:
-            bandwidth, per_token = copy_bandwidth(), weight_bytes_per_token(model)
+            bandwidth = isolated("bandwidth", 120)()
+            per_token = weight_bytes_per_token(model)
             roof = bandwidth / per_token
             return {"copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
                     "weight_bytes_per_token": per_token, "bound_tok_per_s": round(roof, 1),
@@ -316,9 +361,16 @@ def checks(out: Path, dry_run: bool) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.step:
+        return run_step(args.step, args.kwargs, args.result)
+    if args.out is None:
+        parser.error("--out is required")
     return checks(args.out, args.dry_run)
 
 

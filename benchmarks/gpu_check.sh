@@ -77,12 +77,15 @@ build_cuda() {
     export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
     # A build folder that outlives the call: a second call on the still-warm machine resumes
     # the build where the budget stopped it (ninja rebuilds only what is missing).
-    timeout "$BUILD_BUDGET" "$PY" -m pip install --quiet --no-index --no-deps \
+    # -v: ninja's [done/total] lines land in build.txt, so a build cut short says how far it got
+    timeout "$BUILD_BUDGET" "$PY" -m pip install -v --no-index --no-deps \
         --no-build-isolation --no-cache-dir --config-settings=build-dir=/tmp/localmed-gpu-build \
         --target "$SITE" "$SDIST" >"$OUT/build.txt" 2>&1
     local status=$?
-    echo "build: exit $status after $((SECONDS - start)) s (budget $BUILD_BUDGET s)" \
-        | tee -a "$OUT/build.txt"
+    local reached
+    reached=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$OUT/build.txt" | tail -1 | tr -d ' ')
+    echo "build: exit $status after $((SECONDS - start)) s (budget $BUILD_BUDGET s;" \
+        "last ninja step ${reached:-none})" | tee -a "$OUT/build.txt"
     return $status
 }
 

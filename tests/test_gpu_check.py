@@ -39,7 +39,8 @@ def test_the_dry_run_passes_and_what_travels_fits(tmp_path):
     report = json.loads((out / "report.json").read_text())
     status = {step["name"]: step["status"] for step in report["steps"]}
     assert report["dry_run"] is True
-    for step in ("environment", "localmed doctor", "models", "localmed plan (full offload)",
+    for step in ("environment: llama.cpp", "environment: torch",
+                 "llama.cpp and torch in one process", "localmed doctor", "models", "localmed plan (full offload)",
                  "localmed plan (--gpu-layers 2)", "decode, CPU", "gpu-marked tests",
                  "localmed serve, streaming"):
         assert status.pop(step) == "ok", (step, report)

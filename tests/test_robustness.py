@@ -457,3 +457,14 @@ def test_a_disk_that_fills_during_a_tensor_write_is_out_of_disk(full_disk, conve
     assert cli.failure_message(raised.value) == \
         f"{final}: out of disk space; the partial file was removed"
     assert list(full_disk.iterdir()) == []
+
+
+def test_a_missing_dependency_is_one_line_naming_the_distribution(tmp_path):
+    # A broken environment (llama-cpp-python uninstalled, or a GPU machine's own python that
+    # lacks it): doctor says what is missing and how to fix it, not an ImportError traceback
+    hide = ("import sys; sys.modules['llama_cpp'] = None; from localmed.cli import main; "
+            "sys.exit(main(['doctor']))")
+    done = subprocess.run([sys.executable, "-c", hide], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert_one_line_error(done.returncode, done.stderr.strip(),
+                          "llama-cpp-python is not installed in this Python", "scripts/install.sh")

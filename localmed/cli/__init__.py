@@ -67,10 +67,20 @@ def _signals_as_interrupts() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+DISTRIBUTIONS = {"llama_cpp": "llama-cpp-python", "huggingface_hub": "huggingface-hub",
+                 "gptqmodel": "GPTQModel (the gptq extra)"}
+"""Import names whose distribution is called otherwise."""
+
+
 def failure_message(exc: BaseException) -> str | None:
     """The one line a user sees for an expected failure; None for a bug (shown as a traceback)."""
     if isinstance(exc, LocalmedError):
         return str(exc)
+    if isinstance(exc, ModuleNotFoundError) and exc.name and \
+            exc.name.partition(".")[0] != "localmed":
+        package = DISTRIBUTIONS.get(exc.name.partition(".")[0], exc.name)
+        return (f"{package} is not installed in this Python ({sys.executable}); reinstall "
+                "localmed with scripts/install.sh (README: Install)")
     if isinstance(exc, OSError) and exc.errno is not None:
         where = f"{exc.filename}: " if exc.filename else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
