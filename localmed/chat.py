@@ -22,6 +22,7 @@ from localmed.conversation import (
     export_markdown,
 )
 from localmed.errors import ModelNotAvailableError, UnknownModelError
+from localmed.formats.info import ModelInfo
 from localmed.registry import ModelEntry, Registry
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.templates import TemplateChoice, resolve_template
@@ -86,7 +87,7 @@ class ChatSession:
     @classmethod
     def open(cls, model: ChatModel, runtime: Runtime, *, template: str | None = None,
              save_history: bool = False, system: str = "") -> ChatSession:
-        choice = choose_template(model, runtime, template)
+        choice = choose_template(model, runtime.info, template)
         session = cls(model, runtime, choice, save_history)
         session.conversation.system = system
         return session
@@ -100,7 +101,7 @@ class ChatSession:
 
     def set_template(self, name: str) -> TemplateChoice:
         """Switch the prompt template live; the next prompt uses it."""
-        self.template_choice = choose_template(self.model, self.runtime, name)
+        self.template_choice = choose_template(self.model, self.runtime.info, name)
         self.conversation.template = self.template_name
         return self.template_choice
 
@@ -193,8 +194,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                        batch_seconds=BATCH_SECONDS if batch_seconds is None else batch_seconds)
 
 
-def choose_template(model: ChatModel, runtime: Runtime, requested: str | None) -> TemplateChoice:
-    info = runtime.info
+def choose_template(model: ChatModel, info: ModelInfo, requested: str | None) -> TemplateChoice:
     return resolve_template(
         requested, embedded=info.chat_template, bos_token=info.bos_token, add_bos=info.add_bos,
         eos_token=info.eos_token, registry_default=model.entry.template if model.entry else None,

@@ -44,12 +44,16 @@ class PromptTemplate:
     has_system: bool = True
     """False where the format has no system slot: the system prompt is folded into the first
     user turn."""
+    own_rules: bool = False
+    """True where the template itself decides which turn orders it accepts (a GGUF's Jinja:
+    Qwen2.5's takes two user messages in a row); else turns must alternate user/assistant."""
 
     def render(self, messages: Sequence[Message], *, system: str | None = None,
                add_generation_prompt: bool = True) -> str:
         """Render a conversation; ``system`` overrides any system message in ``messages``."""
         sys_prompt, turns = _split_system(messages, system)
-        _check_turns(self.name, turns)
+        if not self.own_rules:
+            _check_turns(self.name, turns)
         return self.render_fn(sys_prompt, turns, add_generation_prompt)
 
 
@@ -309,7 +313,7 @@ def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "",
 
     stops = tuple(m for m in TURN_END_MARKERS if m in source and m != eos_token)
     return PromptTemplate(GGUF_TEMPLATE, "the chat template embedded in the GGUF file", render,
-                          stop=stops)
+                          stop=stops, own_rules=True)
 
 
 @dataclass(frozen=True)

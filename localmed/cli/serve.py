@@ -5,13 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 from rich.markup import escape
 
-from localmed.cli.common import console, err_console, model_options
-from localmed.errors import LocalmedError
+from localmed.cli.common import console, err_console, model_options, non_negative, positive
+from localmed.errors import LocalmedError, ServeError
+
+if TYPE_CHECKING:
+    from localmed.chat import ChatModel
+    from localmed.formats.info import ModelInfo
+    from localmed.planner import OffloadPlan
+    from localmed.serve.jobs import Jobs
 
 API_KEY_ENV = "LOCALMED_API_KEY"
+DEFAULT_QUEUE = 16
+CTX_GRANULE = 256
+"""llama.cpp rounds each sequence's share of the context to a multiple of this."""
 
 
 def _model(args: argparse.Namespace):
@@ -21,29 +31,71 @@ def _model(args: argparse.Namespace):
     return resolve_chat_model(args.model, Registry.load(), quant=args.quant)
 
 
+def default_parallel() -> int:
+    """Replies decoded together unless --parallel says: llama-server's automatic 4, fewer on a
+    machine with fewer cores (at least 2, so one long reply never holds up everyone)."""
+    return min(4, max(2, os.cpu_count() or 1))
+
+
+def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[ModelInfo, OffloadPlan, Jobs]:
+    """The engine for the model's format: several replies at once for a GGUF, one at a time
+    for a transformers GPTQ folder."""
+    from localmed.serve.jobs import BatchJobs, SerialJobs
+
+    if model.path.is_file():  # a GGUF
+        from localmed.runtimes.batch_process import BatchClient, BatchOptions
+
+        parallel = args.parallel or default_parallel()
+        # --ctx is the whole context, split among the replies as llama-server splits -c; each
+        # share rounded up to llama.cpp's 256-token granule (what llama.cpp itself does)
+        per_reply = -(-args.ctx // parallel // CTX_GRANULE) * CTX_GRANULE if args.ctx else None
+        client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
+                                                      args.threads),
+                             on_restart=lambda why: print(f"localmed serve: the model engine: "
+                                                          f"{why}; reloading", file=log,
+                                                          flush=True))
+        return client.info, client.plan, BatchJobs(client, args.queue, log)
+    from localmed.chat import open_runtime
+
+    if args.parallel and args.parallel > 1:
+        raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
+    runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
+                           threads=args.threads)
+    return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    from localmed.chat import choose_template, open_runtime
+    import sys
+
+    from localmed.chat import choose_template
     from localmed.serve.jobs import ServedModel
     from localmed.serve.server import bind
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     err = err_console()
     server = bind(args.host, args.port, api_key=api_key, log_content=args.log_content)
-    runtime = None
+    jobs = None
     try:
         with err.status("loading the model…"):
             model = _model(args)
-            runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                                   threads=args.threads)
-            choice = choose_template(model, runtime, args.template)
+            info, plan, jobs = _open(model, args, sys.stderr)
+            choice = choose_template(model, info, args.template)
         served_id = model.entry.id if model.entry else model.path.stem
-        server.attach(ServedModel(served_id, runtime, choice.template, model.advisory))
+        server.attach(ServedModel(served_id, info, plan.label, choice.template, model.advisory),
+                      jobs)
         host = f"[{args.host}]" if ":" in args.host else args.host
         out = console()
         out.print(f"[bold]localmed serve[/]: {escape(served_id)} at http://{host}:{args.port}/v1 "
                   "(OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)")
-        out.print(f"  template: {escape(choice.reason)}; context {runtime.n_ctx} tokens; "
-                  f"{escape(runtime.plan.label)}")
+        out.print(f"  template: {escape(choice.reason)}; {escape(plan.label)}")
+        if jobs.parallel > 1:
+            out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
+                      f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
+                      f"{jobs.parallel} -c {plan.n_ctx} splits it)")
+        else:
+            out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
+        out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
+                  "503 with Retry-After (--queue)")
         out.print(f"  {'API key required' if api_key else 'no API key (loopback only)'}; "
                   f"requests are logged {'with' if args.log_content else 'without'} their "
                   "content; Ctrl-C stops")
@@ -54,8 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.server_close()
-        if runtime is not None:
-            runtime.close()
+        if jobs is not None:
+            jobs.close()
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -95,6 +147,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set "
                    f"{API_KEY_ENV})")
+    p.add_argument("--parallel", "-np", type=positive, help="replies decoded together "
+                   f"(default: {default_parallel()} here; --ctx is split among them)")
+    p.add_argument("--queue", type=non_negative, default=DEFAULT_QUEUE, help="requests that "
+                   f"may wait beyond those (default {DEFAULT_QUEUE}); more get 503 at once")
     p.add_argument("--log-content", action="store_true", help="log prompts and settings of "
                    "each request (off: only method, path, status, token counts, time)")
     p.set_defaults(func=cmd_serve)

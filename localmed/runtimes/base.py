@@ -31,6 +31,8 @@ class GenerationParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.1
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     ignore_eos: bool = False
     """Generate ``max_tokens`` whatever the model says (benchmarks force a token count with
     it); never set for answers."""

@@ -80,7 +80,9 @@ class LlamaCppRuntime(Runtime):
         start = first = time.perf_counter()
         generator = self._llm.generate(tokens, top_k=params.top_k, top_p=params.top_p,
                                        min_p=params.min_p, temp=params.temperature,
-                                       repeat_penalty=params.repeat_penalty, reset=True)
+                                       repeat_penalty=params.repeat_penalty,
+                                       frequency_penalty=params.frequency_penalty,
+                                       presence_penalty=params.presence_penalty, reset=True)
         try:
             for token in generator:
                 if stats.generated_tokens == 0:

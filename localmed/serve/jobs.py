@@ -1,17 +1,34 @@
-"""The one engine behind ``localmed serve``: the model served, and the first-come queue of
-requests (jobs) that its single worker thread runs, one reply at a time."""
+"""The engine behind ``localmed serve``: what is served, and how requests reach the model.
+
+A GGUF is served by the multi-sequence engine (:mod:`localmed.runtimes.batch_process`): up to
+``--parallel`` replies decode together, later requests wait in arrival order, and beyond
+``--queue`` waiting ones a request is refused at once. A GPTQ folder (transformers) is served one
+reply at a time by :class:`SerialJobs`. Either way admission is decided before a request waits:
+:meth:`Jobs.admit` counts what is running and queued and refuses, never blocks.
+"""
 
 from __future__ import annotations
 
 import queue
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from localmed.conversation import DISCLAIMER
-from localmed.errors import EngineDiedError
+from localmed.errors import EngineDiedError, LocalmedError
+from localmed.formats.info import ModelInfo
 from localmed.runtimes.base import GenerationParams, Runtime
 from localmed.templates import PromptTemplate
+
+
+class ServerBusyError(LocalmedError):
+    """Every slot and queue place is taken: answered at once with 503 and Retry-After."""
+
+
+class UnsupportedError(LocalmedError):
+    """A request field this engine cannot honour (a grammar on transformers, say)."""
 
 
 @dataclass
@@ -19,43 +36,149 @@ class ServedModel:
     """What the server offers: one model, its template and sampling defaults."""
 
     id: str
-    runtime: Runtime
+    info: ModelInfo
+    label: str
+    """How it runs (``CPU``, ``GPU 33/33 layers``)."""
     template: PromptTemplate
     advisory: str
     defaults: GenerationParams = field(default_factory=GenerationParams)
 
     def notice(self) -> dict[str, Any]:
-        info = self.runtime.info
-        return {"disclaimer": DISCLAIMER, "advisory": self.advisory, "model_file": info.path.name,
-                "quant": info.label}
+        return {"disclaimer": DISCLAIMER, "advisory": self.advisory,
+                "model_file": self.info.path.name, "quant": self.info.label}
 
 
 @dataclass
 class Job:
-    """One request's generation: waits in the queue, then streams into ``events``."""
+    """One request's generation: admitted, then streams into ``events``."""
 
     prompt: str
     params: GenerationParams
     stop: tuple[str, ...]
+    tokens: list[int] = field(default_factory=list)
+    seed: int | None = None
+    grammar: str | None = None
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    handle: int | None = None
+    """The engine's id for it, once submitted."""
 
 
-class JobQueue:
-    """The engine's one worker: jobs run one at a time, in arrival order, each to its end."""
+class Jobs(ABC):
+    """Admission (running + queued at most ``parallel + queue``) over an engine."""
 
-    def __init__(self, runtime: Runtime, log: TextIO) -> None:
-        self.runtime = runtime
+    def __init__(self, parallel: int, queue_size: int, log: TextIO) -> None:
+        self.parallel = parallel
+        self.queue_size = queue_size
         self.log = log
-        self._jobs: queue.Queue[Job | None] = queue.Queue()
+        self._in_flight = 0
+        self._admission = threading.Lock()
+
+    @property
+    @abstractmethod
+    def n_ctx(self) -> int:
+        """Tokens one reply may hold, prompt included."""
+
+    @abstractmethod
+    def tokenize(self, text: str) -> list[int]:
+        """The prompt's tokens, without waiting on a running reply (where the engine allows)."""
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        """The grammar that holds a reply to JSON (to ``schema``, if given)."""
+        raise UnsupportedError("response_format needs llama.cpp's grammar sampler: serve a GGUF")
+
+    @abstractmethod
+    def _start(self, job: Job, on_end: Callable[[], None]) -> None:
+        """Hand an admitted job to the engine; ``on_end`` once its last event is out."""
+
+    @abstractmethod
+    def cancel(self, job: Job) -> None:
+        """Stop a job's reply (its client left); other jobs go on."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def reload(self, died: EngineDiedError) -> None:  # noqa: B027 (most engines reload alone)
+        """Bring back an engine that died between requests (where the engine does not)."""
+
+    def admit(self, job: Job) -> None:
+        """Start ``job`` now or queue it, in arrival order; refuse it if all is taken."""
+        with self._admission:
+            if self._in_flight >= self.parallel + self.queue_size:
+                raise ServerBusyError(
+                    f"the server is busy: {self.parallel} replies running and "
+                    f"{self.queue_size} waiting; retry shortly")
+            self._in_flight += 1
+            try:
+                self._start(job, self._ended)
+            except BaseException:
+                self._in_flight -= 1
+                raise
+
+    def _ended(self) -> None:
+        with self._admission:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+
+class BatchJobs(Jobs):
+    """The multi-sequence engine: ``parallel`` replies decoded together."""
+
+    def __init__(self, client: Any, queue_size: int, log: TextIO) -> None:
+        super().__init__(client.n_parallel, queue_size, log)
+        self.client = client
+
+    @property
+    def n_ctx(self) -> int:
+        return self.client.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.client.tokenize(text)
+
+    def json_grammar(self, schema: dict[str, Any] | None) -> str:
+        return self.client.json_grammar(schema)
+
+    def _start(self, job: Job, on_end: Callable[[], None]) -> None:
+        job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events,
+                                        seed=job.seed, grammar=job.grammar, on_end=on_end)
+
+    def cancel(self, job: Job) -> None:
+        job.cancelled.set()
+        if job.handle is not None:
+            self.client.cancel(job.handle)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class SerialJobs(Jobs):
+    """One :class:`Runtime`, one reply at a time, in arrival order (transformers' GPTQ)."""
+
+    def __init__(self, runtime: Runtime, queue_size: int, log: TextIO) -> None:
+        super().__init__(1, queue_size, log)
+        self.runtime = runtime
+        self._jobs: queue.Queue[tuple[Job, Callable[[], None]] | None] = queue.Queue()
         self._current: Job | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="localmed-engine-queue",
                                         daemon=True)
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        self._jobs.put(job)
+    @property
+    def n_ctx(self) -> int:
+        return self.runtime.n_ctx
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.runtime.tokenize(text)
+
+    def _start(self, job: Job, on_end: Callable[[], None]) -> None:
+        if job.seed is not None or job.params.frequency_penalty or job.params.presence_penalty:
+            raise UnsupportedError("'seed', 'frequency_penalty' and 'presence_penalty' need "
+                                   "llama.cpp's samplers: serve a GGUF")
+        self._jobs.put((job, on_end))
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
@@ -71,12 +194,14 @@ class JobQueue:
         self._thread.join(30)
 
     def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if job.cancelled.is_set():
-                continue
-            with self._lock:
-                self._current = job
+        while (item := self._jobs.get()) is not None:
+            job, on_end = item
             try:
+                if job.cancelled.is_set():
+                    job.events.put(("error", LocalmedError("cancelled")))
+                    continue
+                with self._lock:
+                    self._current = job
                 for piece in self.runtime.stream(job.prompt, job.params, stop=job.stop):
                     job.events.put(("piece", piece))
                 job.events.put(("done", self.runtime.last_stats))
@@ -90,9 +215,9 @@ class JobQueue:
             finally:
                 with self._lock:
                     self._current = None
+                on_end()
 
     def reload(self, died: EngineDiedError) -> None:
-        """Reload a dead engine, unless another thread did already."""
         if not self.runtime.alive:
             with self._lock:
                 self._restart(died)

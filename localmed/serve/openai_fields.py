@@ -45,14 +45,15 @@ def sampling(body: dict[str, Any], defaults: GenerationParams) -> GenerationPara
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise APIError(400, "'max_tokens' must be a positive integer", param="max_tokens")
-    if body.get("n", 1) != 1:
-        raise APIError(400, "only n=1 is supported: one engine, one reply", param="n")
+    refuse_unsupported(body)
     values = {
         "max_tokens": limit,
         "temperature": _number(body, "temperature", 0, 2),
         "top_p": _number(body, "top_p", 0, 1),
         "min_p": _number(body, "min_p", 0, 1),
         "repeat_penalty": _number(body, "repeat_penalty", 0, 10),
+        "frequency_penalty": _number(body, "frequency_penalty", -2, 2),
+        "presence_penalty": _number(body, "presence_penalty", -2, 2),
     }
     ignore_eos = body.get("ignore_eos", False)  # llama.cpp server's extension (benchmarks)
     if not isinstance(ignore_eos, bool):
@@ -64,6 +65,64 @@ def sampling(body: dict[str, Any], defaults: GenerationParams) -> GenerationPara
             raise APIError(400, "'top_k' must be a non-negative integer", param="top_k")
         values["top_k"] = top_k
     return dataclasses.replace(defaults, **{k: v for k, v in values.items() if v is not None})
+
+
+UNSUPPORTED = {
+    "tools": "tool calls are not supported by localmed serve",
+    "tool_choice": "tool calls are not supported by localmed serve",
+    "functions": "function calls are not supported by localmed serve",
+    "function_call": "function calls are not supported by localmed serve",
+    "logit_bias": "'logit_bias' is not supported",
+    "logprobs": "'logprobs' is not supported",
+    "top_logprobs": "'top_logprobs' is not supported",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+"""Fields that would change the answer and that localmed does not honour: refused, never
+dropped. Their empty or off values (``tools: []``, ``logprobs: false``) pass."""
+
+
+def refuse_unsupported(body: dict[str, Any]) -> None:
+    for key, why in UNSUPPORTED.items():
+        value = body.get(key)
+        if value in (None, False, [], {}) or (key == "tool_choice" and value in ("none", "auto")):
+            continue  # absent, off or empty: nothing asked that is not given
+        raise APIError(400, f"{why}; remove '{key}' from the request", param=key,
+                       code="unsupported_parameter")
+    n = body.get("n", 1)
+    if n != 1:
+        raise APIError(400, "only n=1 is supported: one reply per request", param="n",
+                       code="unsupported_parameter")
+
+
+def seed(body: dict[str, Any]) -> int | None:
+    value = body.get("seed")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise APIError(400, "'seed' must be an integer", param="seed")
+    return value
+
+
+def response_format(body: dict[str, Any]) -> tuple[bool, dict[str, Any] | None]:
+    """(whether the reply must be JSON, its schema if one is given)."""
+    value = body.get("response_format")
+    if value is None:
+        return False, None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format json_schema needs 'json_schema': {'name': …, "
+                           "'schema': {…}}", param="response_format.json_schema")
+        return True, schema
+    raise APIError(400, "'response_format' type must be 'text', 'json_object' or "
+                   "'json_schema'", param="response_format.type", code="unsupported_parameter")
 
 
 def stop_strings(body: dict[str, Any], template_stops: tuple[str, ...]) -> tuple[str, ...]:
@@ -98,6 +157,18 @@ def chat_messages(body: dict[str, Any]) -> list[Message]:
             raise APIError(400, f"messages[{i}]: 'content' must be text",
                            param=f"messages[{i}].content")
         out.append(Message(message["role"], content))
+    return out
+
+
+def merge_runs(messages: list[Message]) -> list[Message]:
+    """Consecutive messages of one role as one (blank line between): for templates that
+    require turns to alternate, as chat folds a system prompt into a template without one."""
+    out: list[Message] = []
+    for message in messages:
+        if out and out[-1].role == message.role:
+            out[-1] = Message(message.role, f"{out[-1].content}\n\n{message.content}")
+        else:
+            out.append(message)
     return out
 
 

@@ -25,17 +25,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, TextIO
 
 from localmed.conversation import DISCLAIMER
-from localmed.errors import EngineDiedError, LocalmedError, ServeError
+from localmed.errors import (
+    ContextFullError,
+    EngineDiedError,
+    LocalmedError,
+    ServeError,
+    TemplateError,
+)
 from localmed.runtimes.base import GenerationStats
-from localmed.serve.jobs import Job, JobQueue, ServedModel
+from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
 from localmed.serve.openai_fields import (
     APIError,
     chat_messages,
     finish_reason,
+    merge_runs,
+    response_format,
     sampling,
+    seed,
     stop_strings,
     usage,
 )
+from localmed.templates import Message
 
 DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
@@ -71,21 +81,25 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(404, f"no such endpoint: GET {self.path}", code="not_found")
 
     def _post(self) -> None:
+        """Everything that can refuse a request is decided here, before it waits: the body,
+        its fields, the template, the schema's grammar, the prompt's length (tokenized beside
+        any running decode), then room in the queue."""
         self._authorize()
         route = self.path.rstrip("/")
         if route not in ("/v1/chat/completions", "/v1/completions"):
             raise APIError(404, f"no such endpoint: POST {self.path}", code="not_found")
         body = self._body()
-        served = self.server.model
+        served, jobs = self.server.model, self.server.jobs
         model = body.get("model", served.id)
         if model != served.id:
             raise APIError(400, f"the model '{model}' is not served here; this server has "
                            f"'{served.id}'", param="model", code="model_not_found")
         params = sampling(body, served.defaults)
+        wants_json, schema = response_format(body)
         if route == "/v1/chat/completions":
-            prompt = served.template.render(chat_messages(body))
+            prompt = self._render(chat_messages(body))
             stops = stop_strings(body, served.template.stop)
-            kind = "chat.completion"
+            kind, where = "chat.completion", "messages"
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
@@ -93,20 +107,35 @@ class Handler(BaseHTTPRequestHandler):
             if not isinstance(prompt, str) or not prompt:
                 raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
             stops = stop_strings(body, ())
-            kind = "text_completion"
-        n_prompt = served.runtime.count_tokens(prompt)
-        n_ctx = served.runtime.n_ctx
-        if n_prompt >= n_ctx:
-            raise APIError(400, f"this model's context holds {n_ctx} tokens; the prompt has "
-                           f"{n_prompt}", param="messages" if kind.startswith("chat") else
-                           "prompt", code="context_length_exceeded")
-        job = Job(prompt, params, stops)
-        self.server.jobs.submit(job)
+            kind, where = "text_completion", "prompt"
+        grammar = jobs.json_grammar(schema) if wants_json else None
+        tokens = jobs.tokenize(prompt)
+        if len(tokens) >= jobs.n_ctx:
+            raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
+                           f"({jobs.parallel} at once); the prompt has {len(tokens)}",
+                           param=where, code="context_length_exceeded")
+        job = Job(prompt, params, stops, tokens, seed(body), grammar)
+        jobs.admit(job)
         self._log_content(route, body)
         if body.get("stream"):
             self._stream(job, kind)
         else:
             self._complete(job, kind)
+
+    def _render(self, messages: list[Message]) -> str:
+        """The template's prompt; consecutive messages of one role merged where the template
+        wants turns to alternate."""
+        template = self.server.model.template
+        try:
+            return template.render(messages)
+        except TemplateError as refused:
+            merged = merge_runs(messages)
+            if len(merged) == len(messages):
+                raise APIError(400, str(refused), param="messages") from None
+        try:
+            return template.render(merged)
+        except TemplateError as refused:
+            raise APIError(400, str(refused), param="messages") from None
 
     # --- answers --------------------------------------------------------------------------------
 
@@ -119,7 +148,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise APIError(503, f"{error}; it is being reloaded, retry the request",
                                    kind="server_error", code="engine_died")
                 if isinstance(error, LocalmedError):
-                    raise APIError(400, str(error))
+                    raise APIError(400, str(error), code=_code(error))
                 raise APIError(500, "the model engine failed on this request",
                                kind="server_error")
             yield event
@@ -205,13 +234,20 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as failed:
             headers = {"WWW-Authenticate": "Bearer"} if failed.status == 401 else {}
             self._json(failed.status, failed.body(), headers)
-        except OSError:
-            self.close_connection = True
+        except ServerBusyError as busy:  # decided at once: nobody waits to hear it
+            self._json(503, APIError(503, str(busy), kind="server_error",
+                                     code="server_busy").body(), {"Retry-After": "1"})
         except EngineDiedError as died:  # between requests: the next one reloads it
             self._json(503, APIError(503, f"{died}; retry the request", kind="server_error",
-                                     code="engine_died").body())
+                                     code="engine_died").body(), {"Retry-After": "5"})
             self.server.jobs.reload(died)
+        except LocalmedError as refused:  # the request's fault, in localmed's own sentence
+            self._json(400, APIError(400, str(refused), code=_code(refused)).body())
+        except OSError:
+            self.close_connection = True
         except Exception as exc:  # never a traceback to the client; the server keeps serving
+            print(f"localmed serve: internal error: {type(exc).__name__}: {exc}",
+                  file=self.server.log, flush=True)
             self._json(500, APIError(500, f"internal error: {type(exc).__name__}",
                                      kind="server_error").body())
         self._log_request()
@@ -285,17 +321,25 @@ class LocalServer(ThreadingHTTPServer):
         self.log = log
         self.started = int(time.time())
         self.model: ServedModel
-        self.jobs: JobQueue
+        self.jobs: Jobs
 
-    def attach(self, model: ServedModel) -> None:
+    def attach(self, model: ServedModel, jobs: Jobs) -> None:
         self.model = model
-        self.jobs = JobQueue(model.runtime, self.log)
+        self.jobs = jobs
 
     def server_close(self) -> None:
         """Close the socket, and the queue's worker if a model was attached."""
         if hasattr(self, "jobs"):
             self.jobs.close()
         super().server_close()
+
+
+def _code(error: LocalmedError) -> str | None:
+    if isinstance(error, ContextFullError):
+        return "context_length_exceeded"
+    if isinstance(error, UnsupportedError):
+        return "unsupported_parameter"
+    return None
 
 
 def check_host(host: str, api_key: str | None) -> None:

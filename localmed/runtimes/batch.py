@@ -1,0 +1,351 @@
+"""Several replies at once on one llama.cpp context: continuous batching for ``localmed serve``.
+
+One context holds ``n_parallel`` sequences, each with its own share of the KV cache
+(``n_ctx / n_parallel`` tokens, as ``llama-server -np N`` splits it). Every :meth:`BatchEngine.step`
+is one ``llama_decode``: the next token of each sequence that is generating, then as much of
+the waiting prompts as the batch holds (a long prompt is fed in chunks, so the others keep
+decoding between them). Each sequence samples with its own llama.cpp sampler chain — the chain
+``llama_cpp.Llama`` builds, so a reply at temperature 0 is the one ``localmed chat`` gives —
+with its own seed and, for JSON replies, llama.cpp's grammar sampler.
+
+A slot keeps the tokens of its last sequence in the cache: the next request whose prompt starts
+the same way (a conversation's next turn) is fed only from where they differ, and the cells
+after that are removed with ``llama_memory_seq_rm`` before it is. A cancelled or finished
+sequence leaves its slot at once; its cells stay only as that prefix, in its own share of the
+cache, where they crowd no other sequence.
+
+Everything here is llama-cpp-python's public low-level API (``llama_batch_init``,
+``llama_decode``, ``llama_sampler_*``, ``llama_memory_seq_rm``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from localmed.errors import ContextFullError, EngineError, GGUFFileError, LocalmedError
+from localmed.runtimes.base import GenerationParams, GenerationStats, StopStringFilter
+
+PENALTY_LAST_N = 64
+"""Tokens the repeat penalty looks back over: ``llama_cpp.Llama``'s ``last_n_tokens_size``."""
+
+
+class GrammarError(LocalmedError):
+    """A JSON schema or grammar that llama.cpp cannot use."""
+
+
+def json_grammar(schema: dict[str, Any] | None) -> str:
+    """llama.cpp's GBNF for any JSON object (``schema`` None) or for one JSON schema."""
+    from llama_cpp import llama_grammar
+
+    if schema is None:
+        return llama_grammar.JSON_GBNF
+    try:
+        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter raises whatever its walk meets
+        raise GrammarError(f"llama.cpp cannot turn this JSON schema into a grammar: "
+                           f"{type(exc).__name__}: {exc}") from None
+
+
+@dataclass
+class Request:
+    """One reply to generate: the prompt's tokens and how to sample."""
+
+    id: int
+    tokens: list[int]
+    params: GenerationParams
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    grammar: str | None = None
+
+
+@dataclass
+class _Sequence:
+    request: Request
+    slot: int
+    sampler: Any
+    budget: int
+    fed: int
+    """Prompt tokens in the cache (a kept prefix counts)."""
+    stats: GenerationStats
+    stops: StopStringFilter
+    decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(
+        errors="replace"))
+    next_token: int | None = None
+    """Sampled, not yet fed back."""
+    logits_at: int = -1
+    started: float = field(default_factory=time.perf_counter)
+    first: float = 0.0
+    pending: list[str] = field(default_factory=list)
+    flushed: float = 0.0
+    """When text was last sent on (0: never, so the first piece goes at once)."""
+
+
+class BatchEngine:
+    """A GGUF loaded for ``n_parallel`` sequences decoded together."""
+
+    def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
+                 threads: int | None = None, n_batch: int = 512) -> None:
+        import llama_cpp
+
+        self._llama = llama_cpp
+        self.n_parallel = n_parallel
+        self.n_batch = n_batch
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise GGUFFileError(Path(path), "llama.cpp could not load it")
+        cores = os.cpu_count() or 1
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = ctx_params.n_ubatch = n_batch
+        ctx_params.n_seq_max = n_parallel
+        ctx_params.kv_unified = False  # each sequence its own n_ctx / n_parallel cells
+        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # llama_cpp.Llama's defaults: half the cores for one token, all of them for batches
+        ctx_params.n_threads = threads or max(cores // 2, 1)
+        ctx_params.n_threads_batch = threads or cores
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise EngineError(f"llama.cpp could not make a {n_ctx}-token context for "
+                              f"{n_parallel} sequences (out of memory?)")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
+        self._waiting: deque[Request] = deque()
+        self._running: dict[int, _Sequence] = {}  # by request id
+        self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
+        self._piece = ctypes.create_string_buffer(256)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        """Token ids of ``text``, special tokens parsed (safe beside a running ``step``)."""
+        data = text.encode("utf-8")
+        size = len(data) + 8
+        tokens = (self._llama.llama_token * size)()
+        n = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size,
+                                       add_bos and self._add_bos, True)
+        if n < 0:
+            size = -n
+            tokens = (self._llama.llama_token * size)()
+            n = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size,
+                                           add_bos and self._add_bos, True)
+        return list(tokens[:n])
+
+    def check_grammar(self, grammar: str) -> None:
+        """Refuse a grammar llama.cpp does not parse, before any request waits on it."""
+        sampler = self._llama.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise GrammarError("llama.cpp could not parse the grammar made from this schema")
+        self._llama.llama_sampler_free(sampler)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request; it starts in arrival order when a slot is free."""
+        if not request.tokens:
+            raise ContextFullError("the prompt is empty")
+        if len(request.tokens) >= self.n_ctx_seq:
+            raise ContextFullError(f"the prompt has {len(request.tokens)} tokens; each of the "
+                                   f"{self.n_parallel} sequences holds {self.n_ctx_seq}")
+        self._waiting.append(request)
+
+    def cancel(self, request_id: int) -> list[tuple[str, int, Any]]:
+        """Stop a request, running or waiting: its ``done`` event (stopped by the user)."""
+        for request in self._waiting:
+            if request.id == request_id:
+                self._waiting.remove(request)
+                return [("done", request_id, GenerationStats(stopped_by="user"))]
+        seq = self._running.get(request_id)
+        if seq is None:
+            return []
+        seq.stats.stopped_by = "user"
+        return self._finish(seq)
+
+    def request_ids(self) -> list[int]:
+        """Every request running or waiting."""
+        return [*self._running, *(r.id for r in self._waiting)]
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running or self._waiting)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    def step(self, flush_seconds: float = 0.0) -> list[tuple[str, int, Any]]:
+        """One ``llama_decode`` over every sequence: the events it produced, ``("piece", id,
+        text)`` (a sequence's text joined while younger than ``flush_seconds``) and ``("done",
+        id, stats)``."""
+        self._admit()
+        if not self._running:
+            return []
+        llama = self._llama
+        batch = self._batch
+        n = 0
+
+        def add(token: int, pos: int, slot: int, logits: bool) -> None:
+            nonlocal n
+            batch.token[n] = token
+            batch.pos[n] = pos
+            batch.n_seq_id[n] = 1
+            batch.seq_id[n][0] = slot
+            batch.logits[n] = logits
+            n += 1
+
+        order = sorted(self._running.values(), key=lambda s: s.request.id)
+        for seq in order:  # the generating ones first: one token each
+            seq.logits_at = -1
+            if seq.next_token is not None:
+                cached = self._cached[seq.slot]
+                add(seq.next_token, len(cached), seq.slot, True)
+                cached.append(seq.next_token)
+                seq.logits_at = n - 1
+                seq.next_token = None
+        for seq in order:  # then prompts, oldest first, as much as the batch holds
+            tokens = seq.request.tokens
+            if seq.fed >= len(tokens) or seq.stats.generated_tokens or n >= self.n_batch:
+                continue
+            take = min(len(tokens) - seq.fed, self.n_batch - n)
+            cached = self._cached[seq.slot]
+            for token in tokens[seq.fed:seq.fed + take]:
+                seq.fed += 1
+                add(token, len(cached), seq.slot, seq.fed == len(tokens))
+                cached.append(token)
+            if seq.fed == len(tokens):
+                seq.logits_at = n - 1
+        batch.n_tokens = n
+        status = llama.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed (status {status}) with {n} tokens of "
+                              f"{len(order)} sequences")
+        events: list[tuple[str, int, Any]] = []
+        now = time.monotonic()
+        for seq in order:
+            if seq.logits_at < 0:
+                continue
+            token = llama.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
+            events += self._take(seq, int(token))
+            if seq.request.id in self._running and seq.pending and \
+                    now - seq.flushed >= flush_seconds:
+                events.append(("piece", seq.request.id, "".join(seq.pending)))
+                seq.pending.clear()
+                seq.flushed = now
+        return events
+
+    def _admit(self) -> None:
+        free = [s for s in range(self.n_parallel)
+                if all(seq.slot != s for seq in self._running.values())]
+        while self._waiting and free:
+            request = self._waiting.popleft()
+            tokens = request.tokens
+            shared = {slot: _common_prefix(self._cached[slot], tokens[:-1]) for slot in free}
+            slot = max(free, key=lambda s: shared[s])
+            free.remove(slot)
+            keep = shared[slot]  # one token at least is fed: its logits start the reply
+            self._llama.llama_memory_seq_rm(self._memory, slot, keep, -1)
+            del self._cached[slot][keep:]
+            room = self.n_ctx_seq - len(tokens)
+            stats = GenerationStats(prompt_tokens=len(tokens))
+            self._running[request.id] = _Sequence(
+                request, slot, self._sampler(request), min(request.params.max_tokens, room),
+                keep, stats, StopStringFilter(request.stop))
+
+    def _sampler(self, request: Request) -> Any:
+        """``llama_cpp.Llama``'s chain: penalties, grammar, then greedy or top-k … dist."""
+        llama, params = self._llama, request.params
+        chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+
+        def add(sampler: Any) -> None:
+            llama.llama_sampler_chain_add(chain, sampler)
+
+        add(llama.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N,
+                                               params.repeat_penalty,
+                                               params.frequency_penalty,
+                                               params.presence_penalty))
+        if request.grammar is not None:
+            grammar = llama.llama_sampler_init_grammar(self._vocab, request.grammar.encode(),
+                                                       b"root")
+            if not grammar:
+                llama.llama_sampler_free(chain)
+                raise GrammarError("llama.cpp could not parse the grammar")
+            add(grammar)
+        if params.temperature == 0:
+            add(llama.llama_sampler_init_greedy())
+        else:
+            add(llama.llama_sampler_init_top_k(params.top_k))
+            add(llama.llama_sampler_init_typical(1.0, 1))
+            add(llama.llama_sampler_init_top_p(params.top_p, 1))
+            add(llama.llama_sampler_init_min_p(params.min_p, 1))
+            add(llama.llama_sampler_init_temp(params.temperature))
+            seed = request.seed if request.seed is not None else random.getrandbits(32)
+            add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        return chain
+
+    def _take(self, seq: _Sequence, token: int) -> list[tuple[str, int, Any]]:
+        """A sampled token: text, or the sequence's end."""
+        stats, params = seq.stats, seq.request.params
+        if stats.generated_tokens == 0:
+            seq.first = time.perf_counter()
+            stats.prefill_seconds = seq.first - seq.started
+        if not params.ignore_eos and self._llama.llama_vocab_is_eog(self._vocab, token):
+            stats.stopped_by = "eos"
+            return self._finish(seq)
+        stats.generated_tokens += 1
+        stats.token_ids.append(token)
+        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece,
+                                             len(self._piece), 0, False)
+        piece = seq.decoder.decode(self._piece.raw[:max(n, 0)])
+        if piece and (text := seq.stops.feed(piece)):
+            seq.pending.append(text)
+        if seq.stops.hit:
+            stats.stopped_by = "stop"
+        elif stats.generated_tokens >= seq.budget:
+            stats.stopped_by = "length" if seq.budget == params.max_tokens else "context"
+        if stats.stopped_by:
+            return self._finish(seq)
+        seq.next_token = token
+        return []
+
+    def _finish(self, seq: _Sequence) -> list[tuple[str, int, Any]]:
+        del self._running[seq.request.id]
+        self._llama.llama_sampler_free(seq.sampler)
+        if seq.first:
+            seq.stats.decode_seconds = time.perf_counter() - seq.first
+        tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
+        text = "".join(seq.pending) + tail
+        events: list[tuple[str, int, Any]] = []
+        if text:
+            events.append(("piece", seq.request.id, text))
+        events.append(("done", seq.request.id, seq.stats))
+        return events
+
+    def close(self) -> None:
+        llama = self._llama
+        for seq in list(self._running.values()):
+            llama.llama_sampler_free(seq.sampler)
+        self._running.clear()
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        llama.llama_model_free(self._model)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    same = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        same += 1
+    return same
