@@ -8,11 +8,12 @@ decoding between them). Each sequence samples with its own llama.cpp sampler cha
 ``llama_cpp.Llama`` builds, so a reply at temperature 0 is the one ``localmed chat`` gives —
 with its own seed and, for JSON replies, llama.cpp's grammar sampler.
 
-A slot keeps the tokens of its last sequence in the cache: the next request whose prompt starts
-the same way (a conversation's next turn) is fed only from where they differ, and the cells
-after that are removed with ``llama_memory_seq_rm`` before it is. A cancelled or finished
-sequence leaves its slot at once; its cells stay only as that prefix, in its own share of the
-cache, where they crowd no other sequence.
+A finished or cancelled sequence leaves its slot at once, and its cells are removed with
+``llama_memory_seq_rm``. No prompt prefix is kept for the next request: llama.cpp's CPU kernels
+sum in an order that depends on how many tokens a batch holds, so a prefix computed in another
+request's batch changes later tokens (measured on SmolLM2: one of four greedy replies differed
+from itself run alone). A reply here depends on its request alone, whatever else the server is
+doing.
 
 Everything here is llama-cpp-python's public low-level API (``llama_batch_init``,
 ``llama_decode``, ``llama_sampler_*``, ``llama_memory_seq_rm``).
@@ -27,7 +28,6 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,10 +74,10 @@ class _Sequence:
     slot: int
     sampler: Any
     budget: int
-    fed: int
-    """Prompt tokens in the cache (a kept prefix counts)."""
     stats: GenerationStats
     stops: StopStringFilter
+    fed: int = 0
+    """Prompt tokens in the cache."""
     decoder: Any = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")(
         errors="replace"))
     next_token: int | None = None
@@ -128,7 +128,7 @@ class BatchEngine:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Sequence] = {}  # by request id
-        self._cached: list[list[int]] = [[] for _ in range(n_parallel)]
+        self._n_past = [0] * n_parallel  # tokens in each slot's cells
         self._piece = ctypes.create_string_buffer(256)
 
     # --- requests -------------------------------------------------------------------------------
@@ -209,9 +209,8 @@ class BatchEngine:
         for seq in order:  # the generating ones first: one token each
             seq.logits_at = -1
             if seq.next_token is not None:
-                cached = self._cached[seq.slot]
-                add(seq.next_token, len(cached), seq.slot, True)
-                cached.append(seq.next_token)
+                add(seq.next_token, self._n_past[seq.slot], seq.slot, True)
+                self._n_past[seq.slot] += 1
                 seq.logits_at = n - 1
                 seq.next_token = None
         for seq in order:  # then prompts, oldest first, as much as the batch holds
@@ -219,11 +218,10 @@ class BatchEngine:
             if seq.fed >= len(tokens) or seq.stats.generated_tokens or n >= self.n_batch:
                 continue
             take = min(len(tokens) - seq.fed, self.n_batch - n)
-            cached = self._cached[seq.slot]
             for token in tokens[seq.fed:seq.fed + take]:
                 seq.fed += 1
-                add(token, len(cached), seq.slot, seq.fed == len(tokens))
-                cached.append(token)
+                add(token, self._n_past[seq.slot], seq.slot, seq.fed == len(tokens))
+                self._n_past[seq.slot] += 1
             if seq.fed == len(tokens):
                 seq.logits_at = n - 1
         batch.n_tokens = n
@@ -251,17 +249,12 @@ class BatchEngine:
         while self._waiting and free:
             request = self._waiting.popleft()
             tokens = request.tokens
-            shared = {slot: _common_prefix(self._cached[slot], tokens[:-1]) for slot in free}
-            slot = max(free, key=lambda s: shared[s])
-            free.remove(slot)
-            keep = shared[slot]  # one token at least is fed: its logits start the reply
-            self._llama.llama_memory_seq_rm(self._memory, slot, keep, -1)
-            del self._cached[slot][keep:]
+            slot = free.pop(0)
             room = self.n_ctx_seq - len(tokens)
             stats = GenerationStats(prompt_tokens=len(tokens))
             self._running[request.id] = _Sequence(
                 request, slot, self._sampler(request), min(request.params.max_tokens, room),
-                keep, stats, StopStringFilter(request.stop))
+                stats=stats, stops=StopStringFilter(request.stop))
 
     def _sampler(self, request: Request) -> Any:
         """``llama_cpp.Llama``'s chain: penalties, grammar, then greedy or top-k … dist."""
@@ -322,6 +315,8 @@ class BatchEngine:
     def _finish(self, seq: _Sequence) -> list[tuple[str, int, Any]]:
         del self._running[seq.request.id]
         self._llama.llama_sampler_free(seq.sampler)
+        self._llama.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
+        self._n_past[seq.slot] = 0
         if seq.first:
             seq.stats.decode_seconds = time.perf_counter() - seq.first
         tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
@@ -340,12 +335,3 @@ class BatchEngine:
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         llama.llama_model_free(self._model)
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    same = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        same += 1
-    return same
