@@ -29,9 +29,9 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Applications: the Textual app, bench, the server, export.
     ("app", ("localmed.tui", "localmed.bench", "localmed.serve", "localmed.export")),
     # Core: what a chat session is, the registry of model formats, the demo model, and the
-    # engine process that holds a runtime.
+    # engine processes that hold a runtime (one sequence) or the multi-sequence engine.
     ("core", ("localmed.chat", "localmed.conversation", "localmed.formats", "localmed.demo",
-              "localmed.runtimes.process")),
+              "localmed.runtimes.process", "localmed.runtimes.batch_process")),
     # Backends: what holds llama.cpp, transformers or GPTQModel: converters and quantizers, the
     # runtimes, and what this machine's llama.cpp can do.
     ("backends", ("localmed.quantize", "localmed.runtimes")),

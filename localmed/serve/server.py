@@ -2,9 +2,10 @@
 
 Built on the standard library's ``ThreadingHTTPServer`` rather than llama-cpp-python's bundled
 server (whose running request is interrupted by the next one) or FastAPI (three more packages to
-install and audit on a clinic laptop): the server is one engine behind a first-come queue, so
-each request thread only parses, waits for its turn, and relays what the engine streams. Every
-request completes; a client that hangs up stops only its own reply.
+install and audit on a clinic laptop): the decoding happens in the engine
+(:mod:`localmed.serve.jobs`), so each request thread only checks the request, is admitted or
+refused at once, and relays what the engine streams. A client that hangs up stops only its own
+reply.
 
 Every reply carries the disclaimer: the ``X-Localmed-Disclaimer`` header, and a ``localmed``
 object in the JSON (in the first chunk of a stream) with the disclaimer, the model's advisory
@@ -33,6 +34,7 @@ from localmed.errors import (
     TemplateError,
 )
 from localmed.runtimes.base import GenerationStats
+from localmed.runtimes.batch import GrammarError
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
 from localmed.serve.openai_fields import (
     APIError,
@@ -242,7 +244,8 @@ class Handler(BaseHTTPRequestHandler):
                                      code="engine_died").body(), {"Retry-After": "5"})
             self.server.jobs.reload(died)
         except LocalmedError as refused:  # the request's fault, in localmed's own sentence
-            self._json(400, APIError(400, str(refused), code=_code(refused)).body())
+            self._json(400, APIError(400, str(refused), param=_param(refused),
+                                     code=_code(refused)).body())
         except OSError:
             self.close_connection = True
         except Exception as exc:  # never a traceback to the client; the server keeps serving
@@ -339,6 +342,16 @@ def _code(error: LocalmedError) -> str | None:
         return "context_length_exceeded"
     if isinstance(error, UnsupportedError):
         return "unsupported_parameter"
+    if isinstance(error, GrammarError):
+        return "invalid_json_schema"
+    return None
+
+
+def _param(error: LocalmedError) -> str | None:
+    if isinstance(error, GrammarError):
+        return "response_format.json_schema.schema"
+    if isinstance(error, TemplateError):
+        return "messages"
     return None
 
 

@@ -1,0 +1,246 @@
+"""Several clinicians at once: ``localmed serve --parallel N`` against llama.cpp's own
+``llama-server -np N``, in the same run.
+
+Both serve the same GGUF with the same threads, context per stream and prompt; N clients each
+stream a fixed number of tokens (``ignore_eos``, greedy) from ``/v1/completions`` at once. For
+each N: aggregate tokens/s (every stream's tokens ÷ the time from the first request to the last
+token) and time to first token (median and max over the streams), the ratio of localmed to
+llama-server beside them. Each configuration runs ``--rounds`` times, the servers alternating,
+and the median round is reported.
+
+llama-server is built once from the pinned llama-cpp-python source archive (the same llama.cpp
+localmed runs), with ``scripts/install.sh``'s CMake options plus the server, into
+``~/.cache/localmed-bench`` (downloading the archive from PyPI the first time). Flash attention
+is off in both: ``llama_cpp.Llama``'s setting, which localmed's engines share.
+
+    python benchmarks/serve_load.py                       # SmolLM2-135M (from tests' cache)
+    python benchmarks/serve_load.py --model big.gguf --streams 1 4 8 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+VERSION = "0.3.36"
+CACHE = Path(os.environ.get("LOCALMED_BENCH_CACHE", Path.home() / ".cache" / "localmed-bench"))
+PROMPT = ("A 67-year-old man presents to the emergency department with crushing chest pain "
+          "radiating to the left arm, diaphoresis and shortness of breath. Describe the workup.")
+
+
+# --- llama-server, built once ---------------------------------------------------------------------
+
+def cmake_args() -> list[str]:
+    """scripts/install.sh's options (through the same shell file), plus the server."""
+    line = subprocess.run(["bash", "-c", ". scripts/llama-cmake-args.sh; llama_cmake_args"],
+                          cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    return [*line, "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_APP=OFF",
+            "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def llama_server() -> Path:
+    args = cmake_args()
+    key = hashlib.sha256(" ".join(args).encode()).hexdigest()[:12]
+    binary = CACHE / f"llama-server-{VERSION}-{key}" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    CACHE.mkdir(parents=True, exist_ok=True)
+    archive = CACHE / f"llama_cpp_python-{VERSION}.tar.gz"
+    if not archive.is_file():
+        print(f"downloading llama-cpp-python {VERSION}'s source archive (PyPI)…", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                        "--no-binary", ":all:", f"llama-cpp-python=={VERSION}", "-d",
+                        str(CACHE)], check=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        print(f"building llama-server from it ({' '.join(args)})…", flush=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(work, filter="data")
+        source = Path(work) / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
+        build = Path(work) / "build"
+        subprocess.run(["cmake", "-S", str(source), "-B", str(build), *args], check=True,
+                       stdout=subprocess.DEVNULL)
+        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j",
+                        str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
+        target = binary.parent.parent
+        shutil.rmtree(target, ignore_errors=True)
+        (target / "bin").mkdir(parents=True)
+        for built in (build / "bin").iterdir():  # the binary and the shared libraries beside it
+            shutil.copy2(built, target / "bin" / built.name)
+    return binary
+
+
+# --- the servers --------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command[0]} exited {proc.returncode}: "
+                                   f"{proc.stderr.read()[-2000:] if proc.stderr else ''}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200 and \
+                        httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{command[0]} did not answer in 300 s")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def serve_command(which: str, model: Path, streams: int, ctx: int, threads: int,
+                  port: int) -> list[str]:
+    if which == "localmed":
+        return [sys.executable, "-m", "localmed", "serve", str(model), "--port", str(port),
+                "--parallel", str(streams), "--ctx", str(ctx * streams), "--threads",
+                str(threads), "--queue", "0"]
+    return [str(llama_server()), "-m", str(model), "--port", str(port), "-np", str(streams),
+            "-c", str(ctx * streams), "-t", str(threads), "-tb", str(threads), "-fa", "off",
+            "--no-webui", "-ngl", "0"]
+
+
+def load(url: str, streams: int, tokens: int) -> dict[str, float]:
+    """``streams`` clients at once, each streaming ``tokens`` tokens."""
+    firsts: list[float] = []
+    counts: list[int] = []
+    ends: list[float] = []
+    go = threading.Barrier(streams)
+    failures: list[str] = []
+
+    def client() -> None:
+        body = {"model": "x", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        go.wait()
+        start = time.monotonic()
+        first, generated = None, 0
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("choices") and event["choices"][0].get("text") and first is None:
+                        first = time.monotonic() - start
+                    if event.get("usage"):
+                        generated = event["usage"]["completion_tokens"]
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            return
+        ends.append(time.monotonic())
+        firsts.append(first if first is not None else float("nan"))
+        counts.append(generated)
+
+    threads = [threading.Thread(target=client) for _ in range(streams)]
+    begin = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failures:
+        raise RuntimeError(f"{len(failures)} streams failed: {failures[0]}")
+    if any(c != tokens for c in counts):
+        raise RuntimeError(f"streams generated {counts}, not {tokens} each")
+    return {"tok_per_s": sum(counts) / (max(ends) - begin),
+            "ttft_median_s": statistics.median(firsts), "ttft_max_s": max(firsts)}
+
+
+def measure(model: Path, streams: list[int], tokens: int, ctx: int, threads: int,
+            rounds: int) -> list[dict[str, object]]:
+    rows = []
+    for n in streams:
+        results: dict[str, list[dict[str, float]]] = {"localmed": [], "llama-server": []}
+        for round_ in range(rounds):
+            order = ["localmed", "llama-server"] if round_ % 2 == 0 else \
+                ["llama-server", "localmed"]
+            for which in order:
+                port = free_port()
+                with running(serve_command(which, model, n, ctx, threads, port), port) as url:
+                    load(url, n, min(tokens, 16))  # warm-up: pages in the weights
+                    results[which].append(load(url, n, tokens))
+        row: dict[str, object] = {"streams": n}
+        for which, runs in results.items():
+            runs.sort(key=lambda r: r["tok_per_s"])
+            row[which] = runs[len(runs) // 2]
+        ours, theirs = row["localmed"], row["llama-server"]
+        row["ratio"] = ours["tok_per_s"] / theirs["tok_per_s"]  # type: ignore[index]
+        rows.append(row)
+        print(format_row(row), flush=True)
+    return rows
+
+
+def format_row(row: dict[str, object]) -> str:
+    ours, theirs = row["localmed"], row["llama-server"]
+    return (f"{row['streams']:>3} streams  localmed {ours['tok_per_s']:7.1f} tok/s, TTFT "  # type: ignore[index]
+            f"{ours['ttft_median_s']:.2f}/{ours['ttft_max_s']:.2f} s   llama-server "  # type: ignore[index]
+            f"{theirs['tok_per_s']:7.1f} tok/s, TTFT {theirs['ttft_median_s']:.2f}/"  # type: ignore[index]
+            f"{theirs['ttft_max_s']:.2f} s   ratio {row['ratio']:.2f}x")  # type: ignore[index]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="a GGUF (default: SmolLM2-135M-Instruct "
+                        "from the tests' cache)")
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
+    parser.add_argument("--ctx", type=int, default=1024, help="context per stream")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    parser.add_argument("--build-only", action="store_true", help="build llama-server, stop")
+    args = parser.parse_args()
+    server = llama_server()
+    if args.build_only:
+        print(server)
+        return 0
+    model = args.model
+    if model is None:
+        sys.path.insert(0, str(ROOT))
+        from tests.real_models import smollm2_gguf
+
+        model = smollm2_gguf()
+    print(f"{model.name}: {args.tokens} tokens a stream, {args.ctx} tokens of context each, "
+          f"{args.threads} threads, median of {args.rounds} rounds", flush=True)
+    rows = measure(model, args.streams, args.tokens, args.ctx, args.threads, args.rounds)
+    if args.json:
+        args.json.write_text(json.dumps({"model": str(model), "tokens": args.tokens,
+                                         "threads": args.threads, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
