@@ -223,30 +223,50 @@ def serving(model: Path, *args: str) -> Iterator[tuple[str, str]]:
         server.wait(30)
 
 
-def serve_stream(model: Path, gpu_layers: int, tokens: int) -> dict[str, Any]:
+def serve_stream(model: Path, gpu_layers: int, tokens: int, streams: int = 1
+                 ) -> dict[str, Any]:
+    """``streams`` clients at once against ``serve --parallel streams``: tokens/s over all."""
+    import threading
+
     import httpx
 
-    with serving(model, "--gpu-layers", str(gpu_layers)) as (url, served):
-        body = {"model": served, "prompt": "The patient presented with",
-                "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
-        start, first, pieces, generated = time.perf_counter(), None, 0, 0
-        with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as reply:
-            reply.raise_for_status()
-            for line in reply.iter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                event = json.loads(line[6:])
-                if event["choices"][0].get("text"):
-                    pieces += 1
-                    first = first or time.perf_counter()
-                if event.get("usage"):
-                    generated = event["usage"]["completion_tokens"]
-        end = time.perf_counter()
+    with serving(model, "--gpu-layers", str(gpu_layers), "--parallel", str(streams)
+                 ) as (url, served):
+        results: list[dict[str, Any]] = []
+
+        def one(case: int) -> None:
+            body = {"model": served, "prompt": f"Case {case}. The patient presented with",
+                    "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
+            start, first, pieces, generated = time.perf_counter(), None, 0, 0
+            with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as reply:
+                reply.raise_for_status()
+                for line in reply.iter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    event = json.loads(line[6:])
+                    if event["choices"] and event["choices"][0].get("text"):
+                        pieces += 1
+                        first = first or time.perf_counter()
+                    if event.get("usage"):
+                        generated = event["usage"]["completion_tokens"]
+            end = time.perf_counter()
+            results.append({"tokens": generated, "pieces": pieces, "start": start,
+                            "first": first or end, "end": end})
+
+        clients = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join()
+    if len(results) != streams:
+        raise RuntimeError(f"{streams - len(results)} of {streams} streams failed")
+    begin, end = min(r["start"] for r in results), max(r["end"] for r in results)
+    generated = sum(r["tokens"] for r in results)
     # Pieces are the engine's 50 ms batches, so the rate is counted over the whole stream.
-    return {"tokens": generated, "pieces": pieces,
-            "first_piece_s": round((first or end) - start, 3),
-            "stream_seconds": round(end - start, 3),
-            "tok_per_s_with_prefill": round(generated / (end - start), 1)}
+    return {"streams": streams, "tokens": generated,
+            "first_piece_s": round(max(r["first"] - r["start"] for r in results), 3),
+            "seconds": round(end - begin, 3),
+            "tok_per_s_with_prefill": round(generated / (end - begin), 1)}
 
 
 def gpu_tests(models: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +368,8 @@ def checks(out: Path, dry_run: bool) -> int:
         report.step("gpu-marked tests", lambda: gpu_tests(made))
         report.step("localmed serve, streaming" + ("" if dry_run else ", full offload"),
                     lambda: serve_stream(model, 0 if dry_run else -1, tokens))
+        report.step("localmed serve, 4 streams at once" + ("" if dry_run else ", full offload"),
+                    lambda: serve_stream(model, 0 if dry_run else -1, tokens, 4))
         report.step("GPTQ runtime on CUDA", gptq_on_cuda, needs_gpu=True)
         failed = [s["name"] for s in report.steps if s["status"] == "failed"]
         if not dry_run and not env.get("gpu_offload"):

@@ -1,7 +1,8 @@
 """Several clinicians at once: ``localmed serve --parallel N`` against llama.cpp's own
 ``llama-server -np N``, in the same run.
 
-Both serve the same GGUF with the same threads, context per stream and prompt; N clients each
+Both serve the same GGUF with the same threads, context per stream and prompt (numbered, so
+that neither answers from a cached prefix); N clients each
 stream a fixed number of tokens (``ignore_eos``, greedy) from ``/v1/completions`` at once. For
 each N: aggregate tokens/s (every stream's tokens ÷ the time from the first request to the last
 token) and time to first token (median and max over the streams), the ratio of localmed to
@@ -86,6 +87,34 @@ def llama_server() -> Path:
     return binary
 
 
+def large_model() -> Path:
+    """A ~1B Llama of random weights (TinyLlama's width, 16 layers; the demo's 512-token
+    vocabulary), quantized to Q4_K_M by ``localmed quantize``, made once into the cache."""
+    gguf = CACHE / "serve-load-1b.Q4_K_M.gguf"
+    if gguf.is_file():
+        return gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localmed.quantize.demo_model import build_checkpoint
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as work:
+        tokenizer = build_checkpoint(Path(work) / "tokenizer", steps=1)
+        config = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632,
+                             num_hidden_layers=16, num_attention_heads=32,
+                             num_key_value_heads=4, max_position_embeddings=4096,
+                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        torch.manual_seed(0)
+        folder = Path(work) / "checkpoint"
+        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer) / name, folder / name)
+        subprocess.run([sys.executable, "-m", "localmed", "quantize", str(folder), "--quant",
+                        "Q4_K_M", "--name", "serve-load-1b", "--out", str(CACHE)], check=True)
+    return gguf
+
+
 # --- the servers --------------------------------------------------------------------------------
 
 def free_port() -> int:
@@ -133,16 +162,22 @@ def serve_command(which: str, model: Path, streams: int, ctx: int, threads: int,
             "--no-webui", "-ngl", "0"]
 
 
+_requests = iter(range(1, 10**9))
+
+
 def load(url: str, streams: int, tokens: int) -> dict[str, float]:
-    """``streams`` clients at once, each streaming ``tokens`` tokens."""
+    """``streams`` clients at once, each streaming ``tokens`` tokens. Each prompt begins with
+    its own case number, as different clinicians' do: no server can answer it from a prompt
+    cache (llama-server keeps each slot's last prompt and would skip the prefill of a repeat)."""
     firsts: list[float] = []
     counts: list[int] = []
     ends: list[float] = []
     go = threading.Barrier(streams)
     failures: list[str] = []
+    served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
     def client() -> None:
-        body = {"model": "x", "prompt": PROMPT, "max_tokens": tokens, "temperature": 0,
+        body = {"model": served, "prompt": f"Case {next(_requests)}. {PROMPT}", "max_tokens": tokens, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         go.wait()
         start = time.monotonic()
@@ -158,6 +193,10 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
                         first = time.monotonic() - start
                     if event.get("usage"):
                         generated = event["usage"]["completion_tokens"]
+        except httpx.HTTPStatusError as exc:
+            exc.response.read()
+            failures.append(f"{exc.response.status_code}: {exc.response.text[:300]}")
+            return
         except Exception as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
             return
@@ -189,7 +228,12 @@ def measure(model: Path, streams: list[int], tokens: int, ctx: int, threads: int
                 ["llama-server", "localmed"]
             for which in order:
                 port = free_port()
-                with running(serve_command(which, model, n, ctx, threads, port), port) as url:
+                command = serve_command(which, model, n, ctx, threads, port)
+                # llama-server's shared libraries lie beside it (its RUNPATH names the build
+                # folder, gone once it is copied)
+                env = {"LD_LIBRARY_PATH": str(Path(command[0]).parent)} \
+                    if which == "llama-server" else None
+                with running(command, port, env) as url:
                     load(url, n, min(tokens, 16))  # warm-up: pages in the weights
                     results[which].append(load(url, n, tokens))
         row: dict[str, object] = {"streams": n}
@@ -215,6 +259,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="a GGUF (default: SmolLM2-135M-Instruct "
                         "from the tests' cache)")
+    parser.add_argument("--large", action="store_true", help="a ~1B Llama made (once) by "
+                        "localmed quantize instead")
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--tokens", type=int, default=128, help="tokens each stream generates")
     parser.add_argument("--ctx", type=int, default=1024, help="context per stream")
@@ -227,7 +273,7 @@ def main() -> int:
     if args.build_only:
         print(server)
         return 0
-    model = args.model
+    model = large_model() if args.large else args.model
     if model is None:
         sys.path.insert(0, str(ROOT))
         from tests.real_models import smollm2_gguf

@@ -133,6 +133,62 @@ def footprint_from_tensors(tensors: Iterable[tuple[str, int]], *, n_layers: int,
                           n_parameters, quant)
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's config says, enough to estimate a GGUF of it before it exists."""
+
+    parameters: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+    hidden_size: int = 0
+    vocab_size: int = 0
+    tied_embeddings: bool = False
+    context_length: int = 4096
+
+
+OUTPUT_BPW = 6.5625
+"""Bits per weight llama.cpp gives the output head (and a tied token embedding, which serves as
+it) below 6 bits: Q6_K's (llama_tensor_get_type)."""
+QK_K = 256
+"""Row length k-quants and i-quants work in: rows of another length get a legacy type."""
+FALLBACK_BPW = {"Q2_K": 4.5, "Q2_K_S": 4.5, "Q3_K_S": 4.5, "Q3_K_M": 4.8, "Q3_K_L": 5.0,
+                "Q4_K_S": 5.5, "Q4_K_M": 6.0, "Q5_K_S": 6.0, "Q5_K_M": 6.4, "Q6_K": 8.5}
+"""Bits per weight of each k-quant where the rows are not a multiple of QK_K: llama.cpp falls
+back to IQ4_NL, Q5_0, Q5_1 and Q8_0 for Q2_K/Q3_K, Q4_K, Q5_K and Q6_K (their mix as in the
+published type); i-quants go to IQ4_NL."""
+
+
+def _bpw(quant: str, row: int) -> tuple[float, float]:
+    """(blocks', output head's) bits per weight at ``quant`` for rows of length ``row``."""
+    bpw = QUANT_TYPES[quant].bits_per_weight
+    fits = row == 0 or row % QK_K == 0
+    if not fits and quant in FALLBACK_BPW:
+        bpw = FALLBACK_BPW[quant]
+    elif not fits and quant.startswith("IQ"):
+        bpw = 4.5
+    output = bpw if bpw >= 6 else (OUTPUT_BPW if fits else 8.5)
+    return bpw, output
+
+
+def estimate_footprint(shape: ModelShape, quant: str) -> ModelFootprint:
+    """A GGUF's footprint at ``quant``, estimated from the model's shape and llama.cpp's bits
+    per weight: blocks and token embedding at the quant's, the output head at Q6_K's where that
+    is finer, both at llama.cpp's fallback types where rows are not a multiple of 256."""
+    bpw, output_bpw = _bpw(quant, shape.hidden_size)
+    embedding = shape.vocab_size * shape.hidden_size
+    if shape.tied_embeddings:
+        output, other = 0, int(embedding * output_bpw / 8)
+    else:
+        output = int(embedding * output_bpw / 8)
+        other = output + int(embedding * bpw / 8)
+    blocks = max(shape.parameters - embedding * (1 if shape.tied_embeddings else 2), 0)
+    per_layer = int(blocks * bpw / 8 / shape.layers)
+    kv_per_token = 2 * shape.layers * shape.kv_heads * shape.head_dim * 2  # K and V, f16
+    return ModelFootprint(shape.layers, (per_layer,) * shape.layers, other, output,
+                          kv_per_token, shape.context_length, shape.parameters, quant)
+
+
 def plan_offload(model: ModelFootprint, hw: Hardware, *, n_ctx: int | None = None,
                  gpu_layers: int | None = None) -> OffloadPlan:
     """Decide how many layers go to the GPU.

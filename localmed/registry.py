@@ -17,6 +17,7 @@ from typing import Any
 
 from localmed import paths
 from localmed.errors import DataFileError, RegistryError, UnknownModelError
+from localmed.planner import ModelShape
 from localmed.quants import QUANT_TYPES, get_quant
 from localmed.templates import TEMPLATES
 from localmed.textfile import read_text
@@ -55,6 +56,17 @@ class ModelEntry:
     """Accuracies (%) the model card publishes, by suite (``medqa``)."""
     source: Path = Path()
     """The models.toml the entry (or its last override) came from."""
+    shape: Mapping[str, int | bool] = field(default_factory=lambda: MappingProxyType({}))
+    """From the model's config.json, for `plan` before download: ``layers``, ``kv_heads``,
+    ``head_dim``, optionally ``hidden_size``, ``vocab_size``, ``tied_embeddings``; empty where
+    not confirmed."""
+
+    def model_shape(self) -> ModelShape | None:
+        """The shape to estimate a GGUF of it from, if the entry gives one."""
+        if not self.shape:
+            return None
+        return ModelShape(int(self.parameters_b * 1e9), context_length=self.context_length,
+                          **self.shape)  # type: ignore[arg-type]
 
 
 _FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -69,7 +81,9 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "default_quant": str,
     "advisory": str,
 }
-_OPTIONAL = {"scores"}
+_OPTIONAL = {"scores", "shape"}
+_SHAPE_REQUIRED = ("layers", "kv_heads", "head_dim")
+_SHAPE_OPTIONAL = ("hidden_size", "vocab_size")
 _KIND_WORDS: dict[object, str] = {str: "a string", int: "an integer", bool: "true or false"}
 
 
@@ -132,6 +146,19 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
     ):
         raise RegistryError(path, "must be a table of suite = accuracy (%)",
                             entry=model_id, field="scores")
+    shape = raw.get("shape", {})
+    if shape:
+        keys = set(shape) if isinstance(shape, dict) else set()
+        known = {*_SHAPE_REQUIRED, *_SHAPE_OPTIONAL, "tied_embeddings"}
+        counts_ok = isinstance(shape, dict) and all(
+            isinstance(shape[k], int) and not isinstance(shape[k], bool) and shape[k] > 0
+            for k in (keys & known) - {"tied_embeddings"})
+        if not isinstance(shape, dict) or keys - known or not set(_SHAPE_REQUIRED) <= keys \
+                or not counts_ok or not isinstance(shape.get("tied_embeddings", False), bool):
+            raise RegistryError(path, f"must be a table with {', '.join(_SHAPE_REQUIRED)} "
+                                f"(and optionally {', '.join(_SHAPE_OPTIONAL)}) as positive "
+                                "integers, and tied_embeddings as true or false",
+                                entry=model_id, field="shape")
     return ModelEntry(
         id=model_id,
         name=raw["name"],
@@ -146,6 +173,7 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
         advisory=raw["advisory"].strip(),
         scores=MappingProxyType({k: float(v) for k, v in scores.items()}),
         source=path,
+        shape=MappingProxyType(dict(shape)),
     )
 
 

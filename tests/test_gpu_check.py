@@ -42,11 +42,12 @@ def test_the_dry_run_passes_and_what_travels_fits(tmp_path):
     for step in ("environment: llama.cpp", "environment: torch",
                  "llama.cpp and torch in one process", "localmed doctor", "models", "localmed plan (full offload)",
                  "localmed plan (--gpu-layers 2)", "decode, CPU", "gpu-marked tests",
-                 "localmed serve, streaming"):
+                 "localmed serve, streaming", "localmed serve, 4 streams at once"):
         assert status.pop(step) == "ok", (step, report)
     assert set(status.values()) == {"skipped"}  # the GPU's: decode with offload, bound, GPTQ
     steps = {step["name"]: step for step in report["steps"]}
     assert steps["localmed serve, streaming"]["tokens"] == 32
+    assert steps["localmed serve, 4 streams at once"]["tokens"] == 4 * 32
     assert steps["decode, CPU"]["tok_per_s"] > 0
     assert "skipped" in steps["gpu-marked tests"]["summary"]
     assert (out / "report.txt").read_text().startswith("localmed GPU check")

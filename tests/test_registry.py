@@ -92,6 +92,12 @@ scores = { medqa = 40 }
     ('[models.internist-7b]\ncolour = "red"\n', "internist-7b", "colour", "unknown field"),
     ('[models.internist-7b]\nscores = { medqa = "high" }\n', "internist-7b", "scores",
      "suite = accuracy"),
+    ('[models.internist-7b]\nshape = { layers = 32, kv_heads = 8 }\n', "internist-7b", "shape",
+     "layers, kv_heads, head_dim"),
+    ('[models.internist-7b]\nshape = { layers = 32, kv_heads = 8, head_dim = 0 }\n',
+     "internist-7b", "shape", "positive integers"),
+    ('[models.internist-7b]\nshape = { layers = 32, kv_heads = 8, head_dim = 128, heads = 32 }\n',
+     "internist-7b", "shape", "positive integers"),
 ])
 def test_broken_user_file_names_file_entry_and_field(tmp_path, text, entry, field, fragment):
     user = write_user(tmp_path, text)

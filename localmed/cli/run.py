@@ -70,11 +70,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from localmed import formats
+    from localmed.chat import resolve_chat_model
+    from localmed.errors import ModelNotAvailableError
     from localmed.planner import gib
+    from localmed.registry import Registry
     from localmed.runtimes import hardware
     from localmed.runtimes.base import describe_plan
 
-    model = _chat_model(args)
+    registry = Registry.load()
+    try:  # plan never offers a download: a model not here is estimated instead
+        model = resolve_chat_model(args.model, registry, quant=args.quant)
+    except ModelNotAvailableError as missing:
+        return _plan_estimate(registry[missing.model_id], missing, args)
     hw = hardware.detect()
     # One header read: the footprint serves the plan and the quant suggestion.
     info, footprint = formats.footprint(model.path)
@@ -88,6 +95,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
               + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
     out.print(escape(describe_plan(plan)))
     _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
+    return 0 if plan.fits else 1
+
+
+def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
+    """`plan` for a registry model that is not on disk: its footprint estimated from the
+    registry's shape and llama.cpp's bits per weight, marked as such."""
+    from localmed.planner import estimate_footprint, gib, plan_offload
+    from localmed.runtimes import hardware
+    from localmed.runtimes.base import describe_plan
+
+    shape = entry.model_shape()
+    if shape is None:
+        raise LocalmedError(f"{missing}; the registry gives no shape (layers, kv_heads, "
+                            f"head_dim) for {entry.id} to estimate it from before download")
+    footprint = estimate_footprint(shape, missing.quant)
+    hw = hardware.detect()
+    plan = plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers)
+    out = console()
+    out.print(f"[bold]{escape(entry.id)}[/]  {missing.quant}, not on this machine: [bold]an "
+              f"estimate[/] from the registry ({entry.parameters_b:g}B parameters, "
+              f"{shape.layers} layers) and llama.cpp's bits per weight")
+    out.print(f"  ~{gib(footprint.weights_bytes)} GGUF")
+    out.print(f"machine: {hw.backend.upper()}"
+              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
+              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
+    out.print(escape(describe_plan(plan)))
+    out.print(f"to get it: {escape(missing.command)}")
     return 0 if plan.fits else 1
 
 
