@@ -145,8 +145,9 @@ def serve_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # one stream, so one sequence with the whole context, as the raw engine has
     proc = subprocess.Popen(localmed("serve", str(gguf), "--threads", str(threads), "--ctx",
-                                     str(ctx), "--port", str(port)),
+                                     str(ctx), "--parallel", "1", "--port", str(port)),
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         assert "localmed serve" in proc.stdout.readline()

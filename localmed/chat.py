@@ -21,7 +21,7 @@ from localmed.conversation import (
     build_prompt,
     export_markdown,
 )
-from localmed.errors import ModelNotAvailableError, UnknownModelError
+from localmed.errors import LocalmedError, ModelNotAvailableError, UnknownModelError
 from localmed.formats.info import ModelInfo
 from localmed.registry import ModelEntry, Registry
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
@@ -55,7 +55,22 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
         return ChatModel(candidate.name, candidate, entry,
                          info.advisory or (entry.advisory if entry else ""))
     if spec not in registry:
-        raise UnknownModelError(spec, [*registry, DEMO_ID])
+        pulled = library.local_quants(spec, models_dir)
+        if not pulled:
+            raise UnknownModelError(spec, [*registry, DEMO_ID])
+        # a model placed by `localmed pull` (or by hand) under a library name
+        from localmed.quants import get_quant
+
+        wanted = get_quant(quant).name if quant else None
+        if wanted is None and len(pulled) > 1:
+            raise LocalmedError(f"{spec} has {len(pulled)} quants in {models_dir} "
+                                f"({', '.join(pulled)}): choose one with --quant")
+        name = wanted or pulled[0]
+        path = library.gguf_path(spec, name, models_dir)
+        if not path.is_file():
+            raise ModelNotAvailableError(spec, name, f"localmed pull REPO:{name} (it has "
+                                         f"{', '.join(pulled)})", models_dir)
+        return ChatModel(f"{spec} {name}", path, None, formats.describe(path).advisory)
     entry = registry[spec]
     from localmed.quants import get_quant
 

@@ -154,8 +154,35 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    import os
+
+    from localmed.planner import gib
+    from localmed.pull import pull
+
+    folder = Path(args.dir).expanduser() if args.dir else None
+    with err_console().status(f"pulling {escape(args.spec)}…"):
+        path, provenance = pull(args.spec, revision=args.revision,
+                                token=os.environ.get("HF_TOKEN"), folder=folder)
+    out = console()
+    out.print(f"[green]placed[/] {escape(str(path))}  ({gib(path.stat().st_size)}, "
+              f"{provenance.quant}, {escape(provenance.source)}@{provenance.revision[:12]}, "
+              "sha256 checked)")
+    out.print(f"then: localmed chat {escape(provenance.model_id)} --quant {provenance.quant}  "
+              "(or plan, serve, bench, export)")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
+    p = sub.add_parser("pull", help="download a ready-made GGUF from a hub repository "
+                       "(owner/name[:QUANT]) into the models folder")
+    p.add_argument("spec", metavar="REPO[:QUANT]", help="e.g. "
+                   "bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M (quant in any case)")
+    p.add_argument("--revision", help="a branch, tag or commit of the repository")
+    p.add_argument("--dir", help="models folder to place it in (default: the data dir's)")
+    p.set_defaults(func=cmd_pull)
+
     p = sub.add_parser("models", help="list the model registry and which quants exist locally")
     p.add_argument("--dir", help="models folder to look in (default: the data dir)")
     p.add_argument("--json", action="store_true", help="machine-readable output")

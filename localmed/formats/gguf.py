@@ -6,11 +6,13 @@ skipped); keys are gguf-py's :class:`gguf.Keys`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from gguf import Keys
 
+from localmed import library
 from localmed.errors import GGUFFileError
 from localmed.formats.gguf_header import GGUFHeader, read_header
 from localmed.formats.info import ModelInfo
@@ -86,6 +88,16 @@ def read_header_checked(path: Path) -> GGUFHeader:
     return header
 
 
+def _manifest_provenance(path: Path) -> Provenance | None:
+    """Where a GGUF localmed did not write came from (``localmed pull``'s manifest beside it)."""
+    manifest = library.manifest_path(path)
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return Provenance.from_manifest(record) if isinstance(record, dict) else None
+
+
 def info_from_header(header: GGUFHeader) -> GGUFInfo:
     fields = header.fields
     arch = fields[Keys.General.ARCHITECTURE]
@@ -97,7 +109,7 @@ def info_from_header(header: GGUFHeader) -> GGUFInfo:
             return bytes(tokens[idx]).decode("utf-8", errors="replace")
         return ""
 
-    provenance = Provenance.from_gguf(fields)
+    provenance = Provenance.from_gguf(fields) or _manifest_provenance(header.path)
     file_type = fields.get(Keys.General.FILE_TYPE)
     quant = (provenance.quant if provenance else "") or (
         quant_from_file_type(file_type) if isinstance(file_type, int) else "unknown")

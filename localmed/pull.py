@@ -1,0 +1,201 @@
+"""``localmed pull``: a ready-made GGUF from a Hugging Face hub repository, into the library.
+
+The file is chosen by quant among the repo's GGUFs (``Q4_K_M``, any case), fetched with
+huggingface_hub (resumable; ``HF_TOKEN`` or ``hf auth login`` for gated repos; with
+``HF_HUB_OFFLINE=1`` from the local cache only), checked against the hub's sha256 (the LFS
+metadata online; offline, the cache's blob name, which is that digest), its header validated,
+then placed in the models folder under a library name (``<id>.<QUANT>.gguf``) with a manifest
+saying where it came from: repo, commit, file, sha256 and ``converter: "<repo> (not made by
+localmed)"``. Nothing is placed until all of that holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from localmed import library
+from localmed.atomic import atomic_path
+from localmed.errors import HubAccessError, LocalmedError, OfflineError
+from localmed.provenance import Provenance
+from localmed.quants import QUANT_TYPES
+
+QUANT_IN_NAME = re.compile(
+    r"(?<![A-Za-z0-9])(I?Q[1-8]_(?:K_[SML]|K_XL|K|[01]|XXS|XS|S|M|NL|L)|BF16|F16|F32)"
+    r"(?![A-Za-z0-9])", re.IGNORECASE)
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class PullError(LocalmedError):
+    """A pull that cannot go on: no such quant, several matches, a bad file."""
+
+
+@dataclass(frozen=True)
+class HubFile:
+    name: str
+    size: int
+    sha256: str
+    """The hub's sha256 of the file (LFS); empty where the hub gives none."""
+
+    @property
+    def quant(self) -> str:
+        found = QUANT_IN_NAME.findall(Path(self.name).name)
+        return found[-1].upper() if found else ""
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``owner/repo[:QUANT]`` → (repo, QUANT or None)."""
+    repo, _, quant = spec.partition(":")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise PullError(f"'{spec}': give a hub repository as owner/name[:QUANT] "
+                        "(e.g. bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M)")
+    return repo, (quant.upper() or None)
+
+
+def repo_files(repo: str, *, revision: str | None = None, token: str | None = None
+               ) -> tuple[str, list[HubFile]]:
+    """The repo's commit and its GGUF files, from the hub, or the cache when offline."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        if constants.HF_HUB_OFFLINE:
+            folder = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.gguf"],
+                                            local_files_only=True))
+            files = []
+            for path in sorted(folder.rglob("*.gguf")):
+                blob = Path(os.path.realpath(path)).name
+                files.append(HubFile(path.relative_to(folder).as_posix(), path.stat().st_size,
+                                     blob if SHA256.match(blob) else ""))
+            return folder.name, files
+        info = HfApi().model_info(repo, revision=revision, files_metadata=True, token=token)
+    except GatedRepoError:
+        raise HubAccessError(repo, f"gated repository: accept its terms at "
+                             f"https://huggingface.co/{repo}, then log in with `hf auth login` "
+                             "or set HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise HubAccessError(repo, "repository not found (if it is private or gated, log in "
+                             "with `hf auth login` or set HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise HubAccessError(repo, f"revision '{revision}' not found") from None
+    except LocalEntryNotFoundError:
+        raise OfflineError(repo, "no GGUF of it is in the local Hugging Face cache and "
+                           "HF_HUB_OFFLINE is set") from None
+    except HfHubHTTPError as exc:
+        raise HubAccessError(repo, f"hub error: {exc}".splitlines()[0]) from None
+    except OSError as exc:  # no network: the connection refused or the name unresolved
+        raise OfflineError(repo, f"cannot reach the Hugging Face hub ({exc.strerror or exc})"
+                           ) from None
+    files = [HubFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else "")
+             for s in info.siblings or [] if s.rfilename.endswith(".gguf")]
+    return info.sha or "", files
+
+
+def choose(repo: str, files: list[HubFile], quant: str | None) -> list[HubFile]:
+    """The file (or the parts of a split file) of ``quant`` among the repo's GGUFs."""
+    models = [f for f in files if "mmproj" not in f.name.lower()]
+    if not models:
+        raise PullError(f"{repo} has no GGUF file")
+    has = sorted({f.quant or Path(f.name).name for f in models})
+    if quant is None:
+        if len({SPLIT.sub(".gguf", f.name) for f in models}) == 1:
+            return _parts(repo, models)
+        raise PullError(f"{repo} has several GGUFs: name one ({', '.join(has)}), e.g. "
+                        f"localmed pull {repo}:{has[0]}")
+    if quant not in QUANT_TYPES and not quant.startswith(("IQ", "Q")):
+        raise PullError(f"'{quant}' is not a llama.cpp quant type")
+    matches = [f for f in models if f.quant == quant]
+    if not matches:
+        raise PullError(f"{repo} has no {quant} GGUF; it has: {', '.join(has)}")
+    if len({SPLIT.sub(".gguf", f.name) for f in matches}) > 1:
+        raise PullError(f"{repo} has several {quant} GGUFs ("
+                        f"{', '.join(sorted(f.name for f in matches))}); "
+                        "pull one by its repository's other name or ask its maintainer")
+    return _parts(repo, matches)
+
+
+def _parts(repo: str, files: list[HubFile]) -> list[HubFile]:
+    files = sorted(files, key=lambda f: f.name)
+    splits = [SPLIT.search(f.name) for f in files]
+    if len(files) == 1 and not splits[0]:
+        return files
+    counts = {int(m.group(2)) for m in splits if m}
+    numbers = [int(m.group(1)) for m in splits if m]
+    if None in splits or len(counts) != 1 or numbers != list(range(1, len(files) + 1)) \
+            or counts != {len(files)}:
+        raise PullError(f"{repo}: the parts of {files[0].name} are not complete "
+                        f"({', '.join(f.name for f in files)})")
+    raise PullError(f"{repo}: {files[0].name} is split in {len(files)} parts; localmed "
+                    "cannot place split GGUFs yet (merge them with llama.cpp's "
+                    "llama-gguf-split --merge, then pass the file's path)")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def model_id_for(repo: str) -> str:
+    """The library id of a pulled repo: its name, without the ``-GGUF`` suffix, lowercased."""
+    name = repo.split("/")[1]
+    return re.sub(r"[-_.]gguf$", "", name, flags=re.IGNORECASE).lower()
+
+
+def pull(spec: str, *, revision: str | None = None, token: str | None = None,
+         folder: Path | None = None) -> tuple[Path, Provenance]:
+    """Fetch, check and place one GGUF; returns where it is and its provenance."""
+    from huggingface_hub import constants, hf_hub_download
+
+    from localmed.formats.gguf import read_gguf_info
+
+    repo, quant = parse_spec(spec)
+    commit, files = repo_files(repo, revision=revision, token=token)
+    [chosen] = choose(repo, files, quant)
+    try:
+        local = Path(hf_hub_download(repo, chosen.name, revision=commit or revision,
+                                     token=token, local_files_only=constants.HF_HUB_OFFLINE))
+    except OSError as exc:
+        raise OfflineError(repo, f"download of {chosen.name} failed: {exc}") from None
+    digest = _sha256(local)
+    if chosen.sha256 and digest != chosen.sha256:
+        raise PullError(f"{repo}/{chosen.name}: sha256 {digest[:16]}… differs from the hub's "
+                        f"{chosen.sha256[:16]}…; the download is damaged (delete it from the "
+                        "Hugging Face cache and pull again)")
+    info = read_gguf_info(local)  # a damaged header stops here, before anything is placed
+    label = chosen.quant or info.quant
+    model_id = model_id_for(repo)
+    target = library.gguf_path(model_id, label, folder)
+    provenance = Provenance(source=repo, revision=commit, quant=label, model_id=model_id,
+                            inputs_sha256={chosen.name: digest},
+                            converter=f"{repo} (not made by localmed)")
+    if target.exists():
+        raise PullError(f"{target} is already in the library; remove it (and its manifest) "
+                        "to pull it again")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    manifest = library.manifest_path(target)
+    # The manifest first, then the model; a failure of either leaves neither
+    with atomic_path(manifest) as tmp:
+        tmp.write_text(json.dumps({**provenance.to_manifest(), "files": [chosen.name],
+                                   "size": chosen.size or local.stat().st_size}, indent=1))
+    try:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(local, tmp)
+    except BaseException:
+        manifest.unlink(missing_ok=True)
+        raise
+    return target, provenance

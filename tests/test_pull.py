@@ -1,0 +1,126 @@
+"""`localmed pull` with no network: a Hugging Face cache laid out as huggingface_hub lays it out
+(``models--owner--name/{blobs,snapshots,refs}``, blobs named by their sha256), read by the real
+huggingface_hub with ``HF_HUB_OFFLINE=1``. The real SmolLM2 GGUF is pulled, checked, placed
+with its manifest, then planned and served by ID."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.test_serve import Server
+
+COMMIT = "a" * 40
+REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+
+
+def lay_out(cache: Path, repo: str, files: dict[str, Path], *, commit: str = COMMIT,
+            lie: set[str] = frozenset()) -> None:
+    """huggingface_hub's cache layout; ``lie``: files whose blob name is not their sha256."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True, exist_ok=True)
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (root / "blobs").mkdir(exist_ok=True)
+    for name, source in files.items():
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        if name in lie:
+            digest = hashlib.sha256(b"another file").hexdigest()
+        blob = root / "blobs" / digest
+        shutil.copyfile(source, blob)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def localmed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=300)
+
+
+@pytest.fixture
+def hub(tmp_path, smollm2, converted) -> dict[str, str]:
+    cache = tmp_path / "hf"
+    lay_out(cache, REPO, {"smollm2-135m-instruct-q4_1.gguf": smollm2["gguf"],
+                          "smollm2-135m-instruct-Q8_0.gguf": converted["llama"]["Q8_0"]})
+    lay_out(cache, "someone/two-q4", {"a-Q4_K_M.gguf": converted["llama"]["Q4_K_M"],
+                                      "b-Q4_K_M.gguf": converted["llama"]["Q4_K_M"]})
+    lay_out(cache, "someone/no-gguf", {"README.gguf.txt": smollm2["gguf"]})
+    lay_out(cache, "someone/tampered", {"m-Q4_1.gguf": smollm2["gguf"]}, lie={"m-Q4_1.gguf"})
+    damaged = tmp_path / "damaged.gguf"
+    damaged.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
+    lay_out(cache, "someone/damaged", {"m-Q4_1.gguf": damaged})
+    lay_out(cache, "someone/split", {"m-Q8_0-00001-of-00002.gguf": converted["llama"]["Q8_0"],
+                                     "m-Q8_0-00002-of-00002.gguf": converted["llama"]["Q8_0"]})
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+            "LOCALMED_DATA_DIR": str(tmp_path / "data")}
+
+
+def models(env: dict[str, str]) -> list[str]:
+    folder = Path(env["LOCALMED_DATA_DIR"]) / "models"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_pull_checks_places_and_records(hub, smollm2):
+    done = localmed(hub, "pull", f"{REPO}:q4_1")
+    assert done.returncode == 0, done.stderr
+    assert models(hub) == ["smollm2-135m-instruct.Q4_1.gguf",
+                           "smollm2-135m-instruct.Q4_1.manifest.json"]
+    placed = Path(hub["LOCALMED_DATA_DIR"]) / "models" / "smollm2-135m-instruct.Q4_1.gguf"
+    assert placed.read_bytes() == smollm2["gguf"].read_bytes()
+    manifest = json.loads(placed.with_name("smollm2-135m-instruct.Q4_1.manifest.json")
+                          .read_text())
+    digest = hashlib.sha256(smollm2["gguf"].read_bytes()).hexdigest()
+    assert manifest["source"] == REPO and manifest["revision"] == COMMIT
+    assert manifest["inputs_sha256"] == {"smollm2-135m-instruct-q4_1.gguf": digest}
+    assert manifest["converter"] == f"{REPO} (not made by localmed)"
+    info = localmed(hub, "info", str(placed), "--json")
+    assert json.loads(info.stdout)["provenance"]["converter"].endswith("(not made by localmed)")
+    # found by ID
+    plan = localmed(hub, "plan", "smollm2-135m-instruct")
+    assert plan.returncode == 0, plan.stderr
+    assert "Q4_1" in plan.stdout
+    again = localmed(hub, "pull", f"{REPO}:Q4_1")
+    assert again.returncode == 2 and "already in the library" in again.stderr
+
+
+def test_a_pulled_model_is_served_by_id(hub):
+    assert localmed(hub, "pull", f"{REPO}:Q4_1").returncode == 0
+    running = Server(Path("smollm2-135m-instruct"), "--threads", "2",
+                     env={"LOCALMED_DATA_DIR": hub["LOCALMED_DATA_DIR"]})
+    try:
+        reply = httpx.post(f"{running.url}/v1/chat/completions", timeout=120, json={
+            "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8,
+            "temperature": 0})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(("spec", "fragments"), [
+    (f"{REPO}:Q5_K_M", ["has no Q5_K_M GGUF", "it has: Q4_1, Q8_0"]),
+    (REPO, ["several GGUFs", "Q4_1, Q8_0"]),
+    ("someone/two-q4:Q4_K_M", ["several Q4_K_M GGUFs", "a-Q4_K_M.gguf, b-Q4_K_M.gguf"]),
+    ("someone/no-gguf", ["has no GGUF file"]),
+    ("someone/tampered:Q4_1", ["differs from the hub's", "damaged"]),
+    ("someone/damaged:Q4_1", ["m-Q4_1.gguf"]),
+    ("someone/split:Q8_0", ["split in 2 parts"]),
+    ("someone/not-cached:Q4_1", ["not-cached", "HF_HUB_OFFLINE"]),
+    ("no-slash", ["owner/name[:QUANT]"]),
+])
+def test_bad_pulls_are_one_line_and_place_nothing(hub, spec, fragments):
+    done = localmed(hub, "pull", spec)
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:"), err
+    for fragment in fragments:
+        assert fragment in err, err
+    assert models(hub) == []
