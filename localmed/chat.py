@@ -66,8 +66,8 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
             raise LocalmedError(f"{spec} has {len(pulled)} quants in {models_dir} "
                                 f"({', '.join(pulled)}): choose one with --quant")
         name = wanted or pulled[0]
-        path = library.gguf_path(spec, name, models_dir)
-        if not path.is_file():
+        path = library.find_gguf(spec, name, models_dir)
+        if path is None:
             raise ModelNotAvailableError(spec, name, f"localmed pull REPO:{name} (it has "
                                          f"{', '.join(pulled)})", models_dir)
         return ChatModel(f"{spec} {name}", path, None, formats.describe(path).advisory)
@@ -75,8 +75,8 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
     from localmed.quants import get_quant
 
     quant_name = get_quant(quant).name if quant else entry.default_quant
-    path = library.gguf_path(entry.id, quant_name, models_dir)
-    if not path.is_file():
+    path = library.find_gguf(entry.id, quant_name, models_dir)
+    if path is None:
         raise ModelNotAvailableError(entry.id, quant_name,
                                      f"localmed quantize {entry.id} --quant {quant_name}",
                                      models_dir)

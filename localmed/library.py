@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,53 @@ def gguf_path(model: str, quant: str, folder: Path | None = None) -> Path:
     return (folder or models_dir()) / f"{model}.{quant}{GGUF_SUFFIX}"
 
 
+SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+"""llama.cpp's split GGUF parts: ``<prefix>-00001-of-00003.gguf``."""
+
+
+def split_name(model: str, quant: str, number: int, count: int,
+               folder: Path | None = None) -> Path:
+    """Part ``number`` (1-based) of a split GGUF in the library."""
+    return (folder or models_dir()) / f"{model}.{quant}-{number:05d}-of-{count:05d}{GGUF_SUFFIX}"
+
+
+def split_parts(first: Path, count: int) -> list[Path] | None:
+    """Every part of the split GGUF whose first part is ``first``; None if it is not named as
+    a first part of ``count``."""
+    match = SPLIT_PART.search(first.name)
+    if not match or int(match.group(1)) != 1 or int(match.group(2)) != count:
+        return None
+    prefix = first.name[:match.start()]
+    return [first.with_name(f"{prefix}-{n:05d}-of-{count:05d}{GGUF_SUFFIX}")
+            for n in range(1, count + 1)]
+
+
+def gguf_files(path: Path) -> list[Path]:
+    """The files of a GGUF: itself, or every part of a split one named by its first part."""
+    match = SPLIT_PART.search(path.name)
+    if match and int(match.group(1)) == 1:
+        parts = split_parts(path, int(match.group(2)))
+        if parts and all(p.is_file() for p in parts):
+            return parts
+    return [path]
+
+
+def find_gguf(model: str, quant: str, folder: Path | None = None) -> Path | None:
+    """The library's GGUF of ``model`` at ``quant``: the file, or a split one's first part."""
+    single = gguf_path(model, quant, folder)
+    if single.is_file():
+        return single
+    folder = folder or models_dir()
+    firsts = sorted(folder.glob(f"{model}.{quant}-00001-of-*{GGUF_SUFFIX}")) \
+        if folder.is_dir() else []
+    return firsts[0] if firsts else None
+
+
 def manifest_path(model_file: Path) -> Path:
-    """The provenance manifest beside a model file: ``<id>.<QUANT>.manifest.json``."""
-    return model_file.with_name(model_file.name.removesuffix(GGUF_SUFFIX) + MANIFEST_SUFFIX)
+    """The provenance manifest beside a model file: ``<id>.<QUANT>.manifest.json`` (for a split
+    GGUF, one for all its parts)."""
+    name = SPLIT_PART.sub(GGUF_SUFFIX, model_file.name)
+    return model_file.with_name(name.removesuffix(GGUF_SUFFIX) + MANIFEST_SUFFIX)
 
 
 def gptq_path(model: str, bits: int, group_size: int, folder: Path | None = None) -> Path:
@@ -57,9 +102,16 @@ def local_quants(model: str, folder: Path | None = None) -> list[str]:
     if not folder.is_dir():
         return []
     prefix = f"{model}."
-    return [path.name[len(prefix):-len(GGUF_SUFFIX)]
-            for path in sorted(folder.glob(f"{prefix}*{GGUF_SUFFIX}"))
-            if not path.name.endswith(IMATRIX_SUFFIX)]
+    quants = []
+    for path in sorted(folder.glob(f"{prefix}*{GGUF_SUFFIX}")):
+        if path.name.endswith(IMATRIX_SUFFIX):
+            continue
+        part = SPLIT_PART.search(path.name)
+        if part and int(part.group(1)) != 1:
+            continue  # a split GGUF counts once, by its first part
+        name = path.name[:part.start()] + GGUF_SUFFIX if part else path.name
+        quants.append(name[len(prefix):-len(GGUF_SUFFIX)])
+    return quants
 
 
 def local_files(model: str, quants: tuple[str, ...], folder: Path | None = None) -> list[Path]:

@@ -4,9 +4,10 @@ The file is chosen by quant among the repo's GGUFs (``Q4_K_M``, any case), fetch
 huggingface_hub (resumable; ``HF_TOKEN`` or ``hf auth login`` for gated repos; with
 ``HF_HUB_OFFLINE=1`` from the local cache only), checked against the hub's sha256 (the LFS
 metadata online; offline, the cache's blob name, which is that digest), its header validated,
-then placed in the models folder under a library name (``<id>.<QUANT>.gguf``) with a manifest
-saying where it came from: repo, commit, file, sha256 and ``converter: "<repo> (not made by
-localmed)"``. Nothing is placed until all of that holds.
+then placed in the models folder under a library name (``<id>.<QUANT>.gguf``; a split one's parts
+as ``<id>.<QUANT>-00001-of-0000N.gguf``…, as llama.cpp loads them) with a manifest saying where
+it came from: repo, commit, files, sha256 and ``converter: "<repo> (not made by localmed)"``.
+Nothing stays placed unless all of that holds.
 """
 
 from __future__ import annotations
@@ -137,9 +138,7 @@ def _parts(repo: str, files: list[HubFile]) -> list[HubFile]:
             or counts != {len(files)}:
         raise PullError(f"{repo}: the parts of {files[0].name} are not complete "
                         f"({', '.join(f.name for f in files)})")
-    raise PullError(f"{repo}: {files[0].name} is split in {len(files)} parts; localmed "
-                    "cannot place split GGUFs yet (merge them with llama.cpp's "
-                    "llama-gguf-split --merge, then pass the file's path)")
+    return files
 
 
 def _sha256(path: Path) -> str:
@@ -165,37 +164,50 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
 
     repo, quant = parse_spec(spec)
     commit, files = repo_files(repo, revision=revision, token=token)
-    [chosen] = choose(repo, files, quant)
-    try:
-        local = Path(hf_hub_download(repo, chosen.name, revision=commit or revision,
-                                     token=token, local_files_only=constants.HF_HUB_OFFLINE))
-    except OSError as exc:
-        raise OfflineError(repo, f"download of {chosen.name} failed: {exc}") from None
-    digest = _sha256(local)
-    if chosen.sha256 and digest != chosen.sha256:
-        raise PullError(f"{repo}/{chosen.name}: sha256 {digest[:16]}… differs from the hub's "
-                        f"{chosen.sha256[:16]}…; the download is damaged (delete it from the "
-                        "Hugging Face cache and pull again)")
-    info = read_gguf_info(local)  # a damaged header stops here, before anything is placed
-    label = chosen.quant or info.quant
+    chosen = choose(repo, files, quant)
+    local, digests = [], {}
+    for part in chosen:  # every part fetched and checked before anything is placed
+        try:
+            path = Path(hf_hub_download(repo, part.name, revision=commit or revision,
+                                        token=token, local_files_only=constants.HF_HUB_OFFLINE))
+        except OSError as exc:
+            raise OfflineError(repo, f"download of {part.name} failed: {exc}") from None
+        digest = _sha256(path)
+        if part.sha256 and digest != part.sha256:
+            raise PullError(f"{repo}/{part.name}: sha256 {digest[:16]}… differs from the hub's "
+                            f"{part.sha256[:16]}…; the download is damaged (delete it from the "
+                            "Hugging Face cache and pull again)")
+        local.append(path)
+        digests[part.name] = digest
+    # the header (with every part of a split one) validated before anything is placed
+    info = read_gguf_info(local[0])
+    label = chosen[0].quant or info.quant
     model_id = model_id_for(repo)
-    target = library.gguf_path(model_id, label, folder)
-    provenance = Provenance(source=repo, revision=commit, quant=label, model_id=model_id,
-                            inputs_sha256={chosen.name: digest},
-                            converter=f"{repo} (not made by localmed)")
-    if target.exists():
-        raise PullError(f"{target} is already in the library; remove it (and its manifest) "
-                        "to pull it again")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    manifest = library.manifest_path(target)
-    # The manifest first, then the model; a failure of either leaves neither
-    with atomic_path(manifest) as tmp:
-        tmp.write_text(json.dumps({**provenance.to_manifest(), "files": [chosen.name],
-                                   "size": chosen.size or local.stat().st_size}, indent=1))
+    count = len(chosen)
+    targets = [library.gguf_path(model_id, label, folder)] if count == 1 else \
+        [library.split_name(model_id, label, n, count, folder) for n in range(1, count + 1)]
+    for target in targets:
+        if target.exists():
+            raise PullError(f"{target} is already in the library; remove it (and its "
+                            "manifest) to pull it again")
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    manifest = library.manifest_path(targets[0])
+    placed: list[Path] = []
     try:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(local, tmp)
+        for source, target in zip(local, targets, strict=True):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            placed.append(target)
+        provenance = Provenance(source=repo, revision=commit, quant=label, model_id=model_id,
+                                inputs_sha256=digests,
+                                converter=f"{repo} (not made by localmed)")
+        with atomic_path(manifest) as tmp:
+            tmp.write_text(json.dumps({**provenance.to_manifest(),
+                                       "files": [p.name for p in chosen],
+                                       "size": sum(p.stat().st_size for p in targets)},
+                                      indent=1))
     except BaseException:
-        manifest.unlink(missing_ok=True)
+        for target in placed:
+            target.unlink(missing_ok=True)
         raise
-    return target, provenance
+    return targets[0], provenance

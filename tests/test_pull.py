@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import gguf
 import httpx
 import pytest
 
@@ -40,6 +42,29 @@ def lay_out(cache: Path, repo: str, files: dict[str, Path], *, commit: str = COM
         (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
 
 
+def write_split(source: Path, path: Path, parts: int = 2) -> list[Path]:
+    """``source`` rewritten by gguf-py's GGUFWriter as a split GGUF (llama.cpp's format:
+    ``split.*`` keys, ``-0000k-of-0000N.gguf`` names), ``parts`` files."""
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    writer = gguf.GGUFWriter(path, arch=arch,
+                             split_max_tensors=math.ceil(len(reader.tensors) / parts))
+    for field in reader.fields.values():
+        if field.name == gguf.Keys.General.ARCHITECTURE or \
+                field.name.startswith(("GGUF.", "split.")):
+            continue
+        kind = field.types[0]
+        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+
+
 def localmed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=300)
@@ -57,8 +82,12 @@ def hub(tmp_path, smollm2, converted) -> dict[str, str]:
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 64)
     lay_out(cache, "someone/damaged", {"m-Q4_1.gguf": damaged})
-    lay_out(cache, "someone/split", {"m-Q8_0-00001-of-00002.gguf": converted["llama"]["Q8_0"],
-                                     "m-Q8_0-00002-of-00002.gguf": converted["llama"]["Q8_0"]})
+    (tmp_path / "split").mkdir()
+    parts = write_split(smollm2["gguf"], tmp_path / "split" / "smollm2-q4_1.gguf")
+    assert [p.name for p in parts] == ["smollm2-q4_1-00001-of-00002.gguf",
+                                       "smollm2-q4_1-00002-of-00002.gguf"]
+    lay_out(cache, "someone/SmolLM2-split-GGUF", {p.name: p for p in parts})
+    lay_out(cache, "someone/half-split", {parts[0].name: parts[0]})
     return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
             "LOCALMED_DATA_DIR": str(tmp_path / "data")}
 
@@ -112,7 +141,7 @@ def test_a_pulled_model_is_served_by_id(hub):
     ("someone/no-gguf", ["has no GGUF file"]),
     ("someone/tampered:Q4_1", ["differs from the hub's", "damaged"]),
     ("someone/damaged:Q4_1", ["m-Q4_1.gguf"]),
-    ("someone/split:Q8_0", ["split in 2 parts"]),
+    ("someone/half-split:Q4_1", ["parts of smollm2-q4_1-00001-of-00002.gguf are not complete"]),
     ("someone/not-cached:Q4_1", ["not-cached", "HF_HUB_OFFLINE"]),
     ("no-slash", ["owner/name[:QUANT]"]),
 ])
@@ -124,3 +153,45 @@ def test_bad_pulls_are_one_line_and_place_nothing(hub, spec, fragments):
     for fragment in fragments:
         assert fragment in err, err
     assert models(hub) == []
+
+
+def test_a_split_gguf_is_pulled_whole_and_loads_as_llama_cpp_loads_it(hub, smollm2):
+    done = localmed(hub, "pull", "someone/SmolLM2-split-GGUF:Q4_1")
+    assert done.returncode == 0, done.stderr
+    assert models(hub) == ["smollm2-split.Q4_1-00001-of-00002.gguf",
+                           "smollm2-split.Q4_1-00002-of-00002.gguf",
+                           "smollm2-split.Q4_1.manifest.json"]
+    manifest = json.loads((Path(hub["LOCALMED_DATA_DIR"]) / "models" /
+                           "smollm2-split.Q4_1.manifest.json").read_text())
+    assert manifest["files"] == ["smollm2-q4_1-00001-of-00002.gguf",
+                                 "smollm2-q4_1-00002-of-00002.gguf"]
+    assert len(manifest["inputs_sha256"]) == 2
+    # the footprint counts both parts: the same as the whole file's
+    plan = localmed(hub, "plan", "smollm2-split")
+    whole = localmed(hub, "plan", str(smollm2["gguf"]))
+    assert plan.returncode == 0, plan.stderr
+    line = next(x for x in plan.stdout.splitlines() if "weights" in x)
+    assert line in whole.stdout, (plan.stdout, whole.stdout)
+    # and llama.cpp answers from it, found by ID
+    running = Server(Path("smollm2-split"), "--threads", "2",
+                     env={"LOCALMED_DATA_DIR": hub["LOCALMED_DATA_DIR"]})
+    try:
+        reply = httpx.post(f"{running.url}/v1/completions", timeout=120, json={
+            "prompt": "The patient", "max_tokens": 4, "temperature": 0})
+        assert reply.status_code == 200, reply.text
+    finally:
+        running.stop()
+
+
+def test_a_split_gguf_read_from_the_wrong_part_or_with_a_part_missing_is_one_line(
+        tmp_path, smollm2):
+    from localmed.errors import GGUFFileError
+    from localmed.formats.gguf import read_gguf_info
+
+    first, second = write_split(smollm2["gguf"], tmp_path / "m.gguf")
+    assert read_gguf_info(first).n_tensors == read_gguf_info(smollm2["gguf"]).n_tensors
+    with pytest.raises(GGUFFileError, match="open its first part"):
+        read_gguf_info(second)
+    second.unlink()
+    with pytest.raises(GGUFFileError, match=r"m-00002-of-00002\.gguf is missing"):
+        read_gguf_info(first)

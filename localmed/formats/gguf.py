@@ -6,6 +6,7 @@ skipped); keys are gguf-py's :class:`gguf.Keys`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,9 +84,36 @@ def read_header_checked(path: Path) -> GGUFHeader:
     if not path.is_file():
         raise GGUFFileError(path, "no such file")
     header = read_header(path)
+    number = header.fields.get(Keys.Split.LLM_KV_SPLIT_NO)
+    if isinstance(number, int) and number > 0:
+        raise GGUFFileError(path, f"part {number + 1} of a split GGUF: open its first part "
+                            "(-00001-of-…)")
     if not isinstance(header.fields.get(Keys.General.ARCHITECTURE), str):
         raise GGUFFileError(path, "not a model GGUF (no general.architecture)")
-    return header
+    return _with_other_parts(header)
+
+
+def _with_other_parts(header: GGUFHeader) -> GGUFHeader:
+    """A split GGUF (llama.cpp's ``-00001-of-0000N.gguf``) as llama.cpp loads it from its first
+    part: the tensors of every part, each part checked to be there and to belong."""
+    count = header.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT)
+    if not isinstance(count, int) or count <= 1:
+        return header
+    parts = library.split_parts(header.path, count)
+    if header.fields.get(Keys.Split.LLM_KV_SPLIT_NO, 0) != 0 or parts is None:
+        raise GGUFFileError(header.path, f"part of a GGUF split in {count}: open its first part "
+                            "(-00001-of-…), named as llama.cpp names the parts")
+    tensors = list(header.tensors)
+    for number, part in enumerate(parts[1:], start=1):
+        if not part.is_file():
+            raise GGUFFileError(header.path, f"split in {count} parts, and {part.name} is "
+                                "missing")
+        other = read_header(part)
+        if other.fields.get(Keys.Split.LLM_KV_SPLIT_NO) != number or \
+                other.fields.get(Keys.Split.LLM_KV_SPLIT_COUNT) != count:
+            raise GGUFFileError(part, f"is not part {number + 1} of {count} of {header.path.name}")
+        tensors += other.tensors
+    return dataclasses.replace(header, tensors=tensors)
 
 
 def _manifest_provenance(path: Path) -> Provenance | None:
@@ -120,7 +148,7 @@ def info_from_header(header: GGUFHeader) -> GGUFInfo:
         architecture=arch,
         name=fields.get(Keys.General.NAME) or header.path.stem,
         quant=str(quant),
-        file_bytes=header.path.stat().st_size,
+        file_bytes=sum(p.stat().st_size for p in library.gguf_files(header.path)),
         n_parameters=sum(t.n_elements for t in header.tensors),
         n_tensors=len(header.tensors),
         context_length=fields.get(Keys.LLM.CONTEXT_LENGTH.format(arch=arch)),
