@@ -77,9 +77,9 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
     quant_name = get_quant(quant).name if quant else entry.default_quant
     path = library.find_gguf(entry.id, quant_name, models_dir)
     if path is None:
-        raise ModelNotAvailableError(entry.id, quant_name,
-                                     f"localmed quantize {entry.id} --quant {quant_name}",
-                                     models_dir)
+        command = f"localmed pull {entry.id}:{quant_name}" if entry.gguf_repos else \
+            f"localmed quantize {entry.id} --quant {quant_name}"
+        raise ModelNotAvailableError(entry.id, quant_name, command, models_dir)
     return ChatModel(f"{entry.id} {quant_name}", path, entry, entry.advisory)
 
 

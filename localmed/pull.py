@@ -25,6 +25,7 @@ from localmed.atomic import atomic_path
 from localmed.errors import HubAccessError, LocalmedError, OfflineError
 from localmed.provenance import Provenance
 from localmed.quants import QUANT_TYPES
+from localmed.registry import Registry
 
 QUANT_IN_NAME = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8]_(?:K_[SML]|K_XL|K|[01]|XXS|XS|S|M|NL|L)|BF16|F16|F32)"
@@ -50,13 +51,22 @@ class HubFile:
         return found[-1].upper() if found else ""
 
 
-def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``owner/repo[:QUANT]`` → (repo, QUANT or None)."""
-    repo, _, quant = spec.partition(":")
-    if repo.count("/") != 1 or not all(repo.split("/")):
+def parse_spec(spec: str, registry: Registry | None = None) -> tuple[str, str | None, str]:
+    """``owner/repo[:QUANT]`` or a registry ``ID[:QUANT]`` → (repo, QUANT or None, the id the
+    library will know it by)."""
+    name, _, quant = spec.partition(":")
+    if registry is not None and name in registry:
+        entry = registry[name]
+        if not entry.gguf_repos:
+            raise PullError(f"the registry names no GGUF repository for {name}: pull one by "
+                            f"its name (localmed pull owner/name:QUANT), or make it with "
+                            f"localmed quantize {name}")
+        return entry.gguf_repos[0], (quant.upper() or entry.default_quant), entry.id
+    if name.count("/") != 1 or not all(name.split("/")):
         raise PullError(f"'{spec}': give a hub repository as owner/name[:QUANT] "
-                        "(e.g. bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M)")
-    return repo, (quant.upper() or None)
+                        "(e.g. bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M) or a registry id "
+                        "with a GGUF repository")
+    return name, (quant.upper() or None), model_id_for(name)
 
 
 def repo_files(repo: str, *, revision: str | None = None, token: str | None = None
@@ -156,13 +166,14 @@ def model_id_for(repo: str) -> str:
 
 
 def pull(spec: str, *, revision: str | None = None, token: str | None = None,
-         folder: Path | None = None) -> tuple[Path, Provenance]:
+         folder: Path | None = None, registry: Registry | None = None
+         ) -> tuple[Path, Provenance]:
     """Fetch, check and place one GGUF; returns where it is and its provenance."""
     from huggingface_hub import constants, hf_hub_download
 
     from localmed.formats.gguf import read_gguf_info
 
-    repo, quant = parse_spec(spec)
+    repo, quant, model_id = parse_spec(spec, registry)
     commit, files = repo_files(repo, revision=revision, token=token)
     chosen = choose(repo, files, quant)
     local, digests = [], {}
@@ -182,7 +193,6 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
     # the header (with every part of a split one) validated before anything is placed
     info = read_gguf_info(local[0])
     label = chosen[0].quant or info.quant
-    model_id = model_id_for(repo)
     count = len(chosen)
     targets = [library.gguf_path(model_id, label, folder)] if count == 1 else \
         [library.split_name(model_id, label, n, count, folder) for n in range(1, count + 1)]

@@ -56,6 +56,9 @@ class ModelEntry:
     """Accuracies (%) the model card publishes, by suite (``medqa``)."""
     source: Path = Path()
     """The models.toml the entry (or its last override) came from."""
+    gguf_repos: tuple[str, ...] = ()
+    """Hub repositories of ready-made GGUFs of it (``localmed pull ID``); empty where none is
+    confirmed."""
     shape: Mapping[str, int | bool] = field(default_factory=lambda: MappingProxyType({}))
     """From the model's config.json, for `plan` before download: ``layers``, ``kv_heads``,
     ``head_dim``, optionally ``hidden_size``, ``vocab_size``, ``tied_embeddings``; empty where
@@ -81,7 +84,7 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "default_quant": str,
     "advisory": str,
 }
-_OPTIONAL = {"scores", "shape"}
+_OPTIONAL = {"scores", "shape", "gguf_repos"}
 _SHAPE_REQUIRED = ("layers", "kv_heads", "head_dim")
 _SHAPE_OPTIONAL = ("hidden_size", "vocab_size")
 _KIND_WORDS: dict[object, str] = {str: "a string", int: "an integer", bool: "true or false"}
@@ -146,6 +149,11 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
     ):
         raise RegistryError(path, "must be a table of suite = accuracy (%)",
                             entry=model_id, field="scores")
+    repos = raw.get("gguf_repos", [])
+    if not isinstance(repos, list) or not all(
+            isinstance(r, str) and r.count("/") == 1 and all(r.split("/")) for r in repos):
+        raise RegistryError(path, "must be a list of hub repositories (\"owner/name\")",
+                            entry=model_id, field="gguf_repos")
     shape = raw.get("shape", {})
     if shape:
         keys = set(shape) if isinstance(shape, dict) else set()
@@ -174,6 +182,7 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
         scores=MappingProxyType({k: float(v) for k, v in scores.items()}),
         source=path,
         shape=MappingProxyType(dict(shape)),
+        gguf_repos=tuple(repos),
     )
 
 

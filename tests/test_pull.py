@@ -195,3 +195,24 @@ def test_a_split_gguf_read_from_the_wrong_part_or_with_a_part_missing_is_one_lin
     second.unlink()
     with pytest.raises(GGUFFileError, match=r"m-00002-of-00002\.gguf is missing"):
         read_gguf_info(first)
+
+
+def test_a_registry_id_that_names_a_gguf_repo_is_pulled_by_id(hub, tmp_path):
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "models.toml").write_text(
+        '[models.internist-7b]\ngguf_repos = ["HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"]\n'
+        'default_quant = "Q4_1"\n')
+    env = {**hub, "LOCALMED_CONFIG_DIR": str(config)}
+    missing = localmed(env, "plan", "internist-7b", "--quant", "Q4_1")
+    assert "localmed pull internist-7b:Q4_1" in missing.stdout  # the way to get it
+    done = localmed(env, "pull", "internist-7b")
+    assert done.returncode == 0, done.stderr
+    assert models(env) == ["internist-7b.Q4_1.gguf", "internist-7b.Q4_1.manifest.json"]
+    plan = localmed(env, "plan", "internist-7b")
+    assert plan.returncode == 0 and "an estimate" not in plan.stdout, plan.stdout
+    # an id whose entry names no repo says how else to get it
+    other = localmed(env, "pull", "meditron-7b")
+    assert other.returncode == 2
+    assert "names no GGUF repository for meditron-7b" in other.stderr
+    assert "localmed quantize meditron-7b" in other.stderr

@@ -92,6 +92,8 @@ scores = { medqa = 40 }
     ('[models.internist-7b]\ncolour = "red"\n', "internist-7b", "colour", "unknown field"),
     ('[models.internist-7b]\nscores = { medqa = "high" }\n', "internist-7b", "scores",
      "suite = accuracy"),
+    ('[models.internist-7b]\ngguf_repos = ["no-slash"]\n', "internist-7b", "gguf_repos",
+     "owner/name"),
     ('[models.internist-7b]\nshape = { layers = 32, kv_heads = 8 }\n', "internist-7b", "shape",
      "layers, kv_heads, head_dim"),
     ('[models.internist-7b]\nshape = { layers = 32, kv_heads = 8, head_dim = 0 }\n',

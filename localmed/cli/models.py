@@ -159,11 +159,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
     from localmed.planner import gib
     from localmed.pull import pull
+    from localmed.registry import Registry
 
     folder = Path(args.dir).expanduser() if args.dir else None
     with err_console().status(f"pulling {escape(args.spec)}…"):
         path, provenance = pull(args.spec, revision=args.revision,
-                                token=os.environ.get("HF_TOKEN"), folder=folder)
+                                token=os.environ.get("HF_TOKEN"), folder=folder,
+                                registry=Registry.load())
     out = console()
     out.print(f"[green]placed[/] {escape(str(path))}  ({gib(path.stat().st_size)}, "
               f"{provenance.quant}, {escape(provenance.source)}@{provenance.revision[:12]}, "
@@ -176,9 +178,10 @@ def cmd_pull(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("pull", help="download a ready-made GGUF from a hub repository "
-                       "(owner/name[:QUANT]) into the models folder")
+                       "(owner/name[:QUANT], or a registry ID that names one) into the models "
+                       "folder")
     p.add_argument("spec", metavar="REPO[:QUANT]", help="e.g. "
-                   "bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M (quant in any case)")
+                   "bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M (quant in any case), or ID[:QUANT]")
     p.add_argument("--revision", help="a branch, tag or commit of the repository")
     p.add_argument("--dir", help="models folder to place it in (default: the data dir's)")
     p.set_defaults(func=cmd_pull)

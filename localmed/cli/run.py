@@ -28,6 +28,20 @@ def _chat_model(args: argparse.Namespace):
         if constants.HF_HUB_OFFLINE or not stdin_is_interactive():
             raise
         entry = registry[missing.model_id]
+        if entry.gguf_repos:
+            from localmed.planner import ModelShape, estimate_footprint, gib
+            from localmed.pull import pull
+
+            shape = entry.model_shape() or ModelShape(int(entry.parameters_b * 1e9), 1, 1, 1)
+            size = gib(estimate_footprint(shape, missing.quant).weights_bytes)
+            answer = input(f"{entry.id} {missing.quant} is not here. Pull the ready-made GGUF "
+                           f"from {entry.gguf_repos[0]} (~{size})? [y/N] ")
+            if answer.strip().lower() not in {"y", "yes"}:
+                raise
+            with err_console().status(f"pulling {entry.gguf_repos[0]}…"):
+                pull(f"{entry.id}:{missing.quant}", token=os.environ.get("HF_TOKEN"),
+                     registry=registry)
+            return resolve_chat_model(args.model, registry, quant=args.quant)
         size = entry.parameters_b * 2
         answer = input(f"{entry.id} {missing.quant} is not here. Download {entry.repo} "
                        f"(~{size:.0f} GB of weights) and quantize it now? [y/N] ")
