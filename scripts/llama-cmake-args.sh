@@ -12,7 +12,11 @@ llama_cmake_args() {
         args+=" -DGGML_BMI2=ON"
     fi
     if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
-        args+=" -DGGML_CUDA=on"
+        # No flash-attention kernels: localmed's contexts run with flash attention off (as
+        # llama_cpp.Llama's default, so replies equal across chat and serve), and those kernels
+        # are the largest part of ggml-cuda's compile (the build ran out of a 330 s budget on
+        # an H200 machine's 16 cores). Enabling flash attention must remove this.
+        args+=" -DGGML_CUDA=on -DGGML_CUDA_FA=OFF"
     fi
     echo "$args ${CMAKE_ARGS:-}"
 }

@@ -255,3 +255,37 @@ def test_gptq_manifest_uses_the_one_provenance_schema(gptq_models, converted):
     assert provenance_keys - {"calibration"} <= set(gguf_manifest)
     assert "localmed_version" not in manifest
     assert formats.describe(folder).provenance == record
+
+
+def test_serve_gives_a_gptq_folder_one_reply_at_a_time(gptq_models):
+    """transformers' runtime behind `localmed serve`: answered in order, one at a time; what
+    only llama.cpp's samplers can do is a 400 naming it; --parallel is refused at start."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from tests.test_serve import Server, free_port
+
+    folder = gptq_models["llama"]
+    refused = subprocess.run([sys.executable, "-m", "localmed", "serve", str(folder),
+                              "--parallel", "2", "--port", str(free_port())], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2 and "--parallel needs a GGUF" in refused.stderr
+    running = Server(folder, "--queue", "4")
+    try:
+        def ask(i: int) -> int:
+            return httpx.post(f"{running.url}/v1/completions", timeout=300, json={
+                "prompt": f"Patient {i}", "max_tokens": 4, "temperature": 0}).status_code
+
+        with ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(ask, range(3))) == [200, 200, 200]
+        r = httpx.post(f"{running.url}/v1/completions", timeout=60, json={
+            "prompt": "x", "max_tokens": 4, "response_format": {"type": "json_object"}})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_parameter"
+        r = httpx.post(f"{running.url}/v1/completions", timeout=60, json={
+            "prompt": "x", "max_tokens": 4, "seed": 3})
+        assert r.status_code == 400 and "serve a GGUF" in r.json()["error"]["message"]
+    finally:
+        running.stop()
