@@ -24,7 +24,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import tempfile
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -35,9 +34,14 @@ from typing import Any
 
 from localmed.errors import EngineDiedError, LocalmedError, ModelTooLargeError
 from localmed.runtimes.base import GenerationParams
-from localmed.runtimes.process import BATCH_SECONDS, _portable, describe_exit
-
-_STDERR_TAIL = 4096
+from localmed.runtimes.process import (
+    BATCH_SECONDS,
+    _portable,
+    describe_exit,
+    last_line,
+    new_engine_log,
+    stop_engine,
+)
 
 
 @dataclass(frozen=True)
@@ -176,10 +180,7 @@ class BatchClient:
     def _start(self) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        log = tempfile.NamedTemporaryFile(prefix="localmed-engine-", suffix=".log", delete=False)
-        log.close()
-        os.chmod(log.name, 0o600)
-        self._log = Path(log.name)
+        self._log = new_engine_log()
         self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
         self._process = ctx.Process(
             target=_engine_main, name="localmed-engine", daemon=True,
@@ -237,13 +238,7 @@ class BatchClient:
                 on_end()
 
     def _stderr_tail(self) -> str:
-        try:
-            with self._log.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - _STDERR_TAIL))
-                lines = log.read().decode("utf-8", errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1].strip() if lines else ""
+        return last_line(self._log)
 
     def _send(self, events: queue.Queue[tuple[str, Any]], on_end: Callable[[], None] | None,
               op: str, *args: Any) -> int:
@@ -301,14 +296,7 @@ class BatchClient:
         return self._process.pid
 
     def _stop_process(self) -> None:
-        if self._process.is_alive():
-            with contextlib.suppress(OSError):
-                self._conn.send(("close",))
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._conn.close()
+        stop_engine(self._process, self._conn)
         self._remove_log()
 
     def close(self) -> None:

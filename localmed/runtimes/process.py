@@ -91,6 +91,25 @@ def _stream(conn: Connection, runtime: Runtime, args: tuple[Any, ...]) -> None:
     conn.send(("done", runtime.last_stats))
 
 
+def new_engine_log() -> Path:
+    """A private (0600) file for an engine process's stderr: llama.cpp's last words."""
+    log = tempfile.NamedTemporaryFile(prefix="localmed-engine-", suffix=".log", delete=False)
+    log.close()
+    os.chmod(log.name, 0o600)
+    return Path(log.name)
+
+
+def last_line(log: Path) -> str:
+    """The last line an engine wrote to its log, for the one-line error when it dies."""
+    try:
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - _STDERR_TAIL))
+            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
+
+
 def describe_exit(code: int | None) -> str:
     """An engine's exit status in words."""
     if code is None:
@@ -128,10 +147,7 @@ class EngineRuntime(Runtime):
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
         self._conn, child = ctx.Pipe()
-        log = tempfile.NamedTemporaryFile(prefix="localmed-engine-", suffix=".log", delete=False)
-        log.close()
-        os.chmod(log.name, 0o600)
-        self._log = Path(log.name)
+        self._log = new_engine_log()
         # Gone with close(), or at the latest when this process exits without one.
         self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
         self._process = ctx.Process(
@@ -177,13 +193,7 @@ class EngineRuntime(Runtime):
                                   self._stderr_tail()) from None
 
     def _stderr_tail(self) -> str:
-        try:
-            with self._log.open("rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - _STDERR_TAIL))
-                lines = log.read().decode("utf-8", errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1].strip() if lines else ""
+        return last_line(self._log)
 
     def _answer(self) -> Any:
         reply = self._receive()
@@ -246,17 +256,20 @@ class EngineRuntime(Runtime):
         return self._call("sequence_logits", list(tokens))
 
     def close(self) -> None:
-        if self._process.is_alive():
-            try:
-                self._conn.send(("close",))
-            except OSError:
-                pass
-            self._process.join(10)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join()
-        self._conn.close()
+        stop_engine(self._process, self._conn)
         self._remove_log()
+
+
+def stop_engine(process: Any, conn: Connection) -> None:
+    """Ask an engine process to close, kill it if it has not within 10 s, close the pipe."""
+    if process.is_alive():
+        with contextlib.suppress(OSError):
+            conn.send(("close",))
+        process.join(10)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    conn.close()
 
 
 def _portable(exc: Exception) -> LocalmedError:
