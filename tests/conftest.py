@@ -7,6 +7,7 @@ config folders point into a temporary folder.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,3 +176,18 @@ def gemma3_real(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                            parse_quant_list("F16,Q4_K_M"), out, threads=2)
     return {"gguf": gguf, "checkpoint": folder, **{o.quant: o.path for o in outputs},
             "converter": outputs[0].converter}
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 1 MiB tmpfs: a real filesystem that fills up (needs root and mount, as CI has)."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)

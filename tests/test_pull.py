@@ -216,3 +216,11 @@ def test_a_registry_id_that_names_a_gguf_repo_is_pulled_by_id(hub, tmp_path):
     assert other.returncode == 2
     assert "names no GGUF repository for meditron-7b" in other.stderr
     assert "localmed quantize meditron-7b" in other.stderr
+
+
+def test_a_full_disk_during_the_copy_leaves_nothing_placed(hub, full_disk):
+    done = localmed(hub, "pull", f"{REPO}:Q4_1", "--dir", str(full_disk))
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and "out of disk space" in err, err
+    assert list(full_disk.iterdir()) == []

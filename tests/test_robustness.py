@@ -429,21 +429,6 @@ def test_an_os_error_names_the_final_file_not_the_temporary(tmp_path):
     assert raised.value.filename == str(final)
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A 1 MiB tmpfs: a real filesystem that fills up (needs root and mount, as CI has)."""
-    mount = tmp_path / "tiny-disk"
-    mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True)
-    if made.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=True)
-
-
 def test_a_disk_that_fills_during_a_tensor_write_is_out_of_disk(full_disk, converted):
     # gguf-py writes tensors with numpy's tofile, whose short write is an OSError with no errno
     from localmed.atomic import atomic_path
