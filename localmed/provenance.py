@@ -8,9 +8,11 @@ the file itself. The checkpoint files a conversion reads (and so hashes) are lis
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from localmed import __version__
@@ -34,6 +36,15 @@ CHECKPOINT_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 _JSON_FIELDS = ("inputs_sha256", "calibration")
 """Fields that are mappings, stored in GGUF metadata as JSON strings."""
+
+
+def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
+    """sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def now() -> str:

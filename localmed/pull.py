@@ -12,7 +12,6 @@ Nothing stays placed unless all of that holds.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ from pathlib import Path
 from localmed import library
 from localmed.atomic import atomic_path
 from localmed.errors import HubAccessError, LocalmedError, OfflineError
-from localmed.provenance import Provenance
+from localmed.provenance import Provenance, sha256_file
 from localmed.quants import QUANT_TYPES
 from localmed.registry import Registry
 
@@ -151,14 +150,6 @@ def _parts(repo: str, files: list[HubFile]) -> list[HubFile]:
     return files
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def model_id_for(repo: str) -> str:
     """The library id of a pulled repo: its name, without the ``-GGUF`` suffix, lowercased."""
     name = repo.split("/")[1]
@@ -183,7 +174,7 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
                                         token=token, local_files_only=constants.HF_HUB_OFFLINE))
         except OSError as exc:
             raise OfflineError(repo, f"download of {part.name} failed: {exc}") from None
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if part.sha256 and digest != part.sha256:
             raise PullError(f"{repo}/{part.name}: sha256 {digest[:16]}… differs from the hub's "
                             f"{part.sha256[:16]}…; the download is damaged (delete it from the "

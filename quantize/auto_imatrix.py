@@ -13,7 +13,7 @@ from localmed import library
 from localmed.atomic import atomic_path
 from localmed.calibration import Calibration
 from localmed.progress import Progress
-from localmed.quantize.checkpoint import sha256_file
+from localmed.provenance import sha256_file
 from localmed.quantize.conversion import Conversion
 from localmed.quantize.imatrix import ImportanceMatrix, read_imatrix, write_imatrix
 from localmed.quants import QuantType

@@ -8,7 +8,6 @@ needed (bf16 is widened to f32 with numpy).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from collections.abc import Iterator
@@ -108,15 +107,6 @@ class Checkpoint:
 
     def n_parameters(self) -> int:
         return sum(t.n_elements for t in self.tensors.values())
-
-
-def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
-    """sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unshared(state: dict[str, Any]) -> dict[str, Any]:

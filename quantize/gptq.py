@@ -18,8 +18,8 @@ from localmed import library
 from localmed.calibration import Calibration, load_calibration
 from localmed.errors import CalibrationError, GPTQError, UnsupportedArchitectureError
 from localmed.formats.gptq import MANIFEST
-from localmed.provenance import TOKENIZER_FILES, Provenance
-from localmed.quantize.checkpoint import Checkpoint, sha256_file
+from localmed.provenance import TOKENIZER_FILES, Provenance, sha256_file
+from localmed.quantize.checkpoint import Checkpoint
 from localmed.quantize.conversion import Source
 from localmed.quantize.preflight import check_output_dir
 from localmed.runtimes.optional import private_working_dir, require_gptqmodel

@@ -14,9 +14,9 @@ from localmed import library
 from localmed.calibration import Calibration, load_calibration
 from localmed.errors import UnsupportedQuantError
 from localmed.progress import NoProgress, Progress
+from localmed.provenance import sha256_file
 from localmed.public_data import calibration_path
 from localmed.quantize.auto_imatrix import compute_auto_imatrix, plan_auto_imatrix
-from localmed.quantize.checkpoint import sha256_file
 from localmed.quantize.conversion import Source, prepare
 from localmed.quantize.conversion import resolve_source as resolve_source  # the command's API
 from localmed.quantize.imatrix import check_matches, read_imatrix

@@ -27,8 +27,7 @@ from localmed.atomic import atomic_path, temp_path_for, write_text_atomic
 from localmed.errors import ConverterError
 from localmed.formats.gguf_header import read_header
 from localmed.progress import Progress
-from localmed.provenance import gguf_key
-from localmed.quantize.checkpoint import sha256_file
+from localmed.provenance import gguf_key, sha256_file
 from localmed.quantize.conversion import NATIVE, Conversion
 from localmed.quantize.gguf_out import copy_with_metadata, planned_bytes, write_gguf
 from localmed.quantize.imatrix import check_matches

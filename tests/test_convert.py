@@ -98,7 +98,7 @@ def _reader_value(reader: gguf.GGUFReader, key: str):
 @pytest.mark.parametrize("quant,file_type", [("F32", 0), ("Q8_0", 7), ("Q4_K_M", 15),
                                              ("Q2_K", 10)])
 def test_metadata_and_provenance(quant, file_type, checkpoints, converted):
-    from localmed.quantize.checkpoint import sha256_file
+    from localmed.provenance import sha256_file
 
     path = converted["llama"][quant]
     reader = gguf.GGUFReader(path)

@@ -121,7 +121,7 @@ class TestProvenance:
         assert Provenance.from_gguf({"general.name": "x"}) is None
 
     def test_every_file_the_converter_reads_is_hashed(self, checkpoints, tmp_path):
-        from localmed.quantize.checkpoint import sha256_file
+        from localmed.provenance import sha256_file
         from localmed.quantize.pipeline import resolve_source, run_quantize
         from localmed.quants import parse_quant_list
         from localmed.registry import Registry
