@@ -81,8 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             info, plan, jobs = _open(model, args, sys.stderr)
             choice = choose_template(model, info, args.template)
         served_id = model.entry.id if model.entry else model.path.stem
-        server.attach(ServedModel(served_id, info, plan.label, choice.template, model.advisory),
-                      jobs)
+        server.attach(ServedModel(served_id, info, choice.template, model.advisory), jobs)
         host = f"[{args.host}]" if ":" in args.host else args.host
         out = console()
         out.print(f"[bold]localmed serve[/]: {escape(served_id)} at http://{host}:{args.port}/v1 "

@@ -37,8 +37,6 @@ class ServedModel:
 
     id: str
     info: ModelInfo
-    label: str
-    """How it runs (``CPU``, ``GPU 33/33 layers``)."""
     template: PromptTemplate
     advisory: str
     defaults: GenerationParams = field(default_factory=GenerationParams)
@@ -118,10 +116,6 @@ class Jobs(ABC):
     def _ended(self) -> None:
         with self._admission:
             self._in_flight -= 1
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
 
 class BatchJobs(Jobs):

@@ -150,7 +150,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise APIError(503, f"{error}; it is being reloaded, retry the request",
                                    kind="server_error", code="engine_died")
                 if isinstance(error, LocalmedError):
-                    raise APIError(400, str(error), code=_code(error))
+                    raise refusal(error)
                 raise APIError(500, "the model engine failed on this request",
                                kind="server_error")
             yield event
@@ -244,8 +244,7 @@ class Handler(BaseHTTPRequestHandler):
                                      code="engine_died").body(), {"Retry-After": "5"})
             self.server.jobs.reload(died)
         except LocalmedError as refused:  # the request's fault, in localmed's own sentence
-            self._json(400, APIError(400, str(refused), param=_param(refused),
-                                     code=_code(refused)).body())
+            self._json(400, refusal(refused).body())
         except OSError:
             self.close_connection = True
         except Exception as exc:  # never a traceback to the client; the server keeps serving
@@ -337,22 +336,19 @@ class LocalServer(ThreadingHTTPServer):
         super().server_close()
 
 
-def _code(error: LocalmedError) -> str | None:
+def refusal(error: LocalmedError) -> APIError:
+    """A localmed error in a request's path as the 400 that names what it was about."""
     if isinstance(error, ContextFullError):
-        return "context_length_exceeded"
-    if isinstance(error, UnsupportedError):
-        return "unsupported_parameter"
-    if isinstance(error, GrammarError):
-        return "invalid_json_schema"
-    return None
-
-
-def _param(error: LocalmedError) -> str | None:
-    if isinstance(error, GrammarError):
-        return "response_format.json_schema.schema"
-    if isinstance(error, TemplateError):
-        return "messages"
-    return None
+        param, code = None, "context_length_exceeded"
+    elif isinstance(error, UnsupportedError):
+        param, code = None, "unsupported_parameter"
+    elif isinstance(error, GrammarError):
+        param, code = "response_format.json_schema.schema", "invalid_json_schema"
+    elif isinstance(error, TemplateError):
+        param, code = "messages", None
+    else:
+        param, code = None, None
+    return APIError(400, str(error), param=param, code=code)
 
 
 def check_host(host: str, api_key: str | None) -> None:
