@@ -40,9 +40,10 @@ def default_parallel() -> int:
 def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[ModelInfo, OffloadPlan, Jobs]:
     """The engine for the model's format: several replies at once for a GGUF, one at a time
     for a transformers GPTQ folder."""
+    from localmed import formats
     from localmed.serve.jobs import BatchJobs, SerialJobs
 
-    if model.path.is_file():  # a GGUF
+    if formats.format_of(model.path).name == "gguf":
         from localmed.runtimes.batch_process import BatchClient, BatchOptions
 
         parallel = args.parallel or default_parallel()
