@@ -100,7 +100,7 @@ def _with_other_parts(header: GGUFHeader) -> GGUFHeader:
     if not isinstance(count, int) or count <= 1:
         return header
     parts = library.split_parts(header.path, count)
-    if header.fields.get(Keys.Split.LLM_KV_SPLIT_NO, 0) != 0 or parts is None:
+    if parts is None:  # (a later part was refused by read_header_checked)
         raise GGUFFileError(header.path, f"part of a GGUF split in {count}: open its first part "
                             "(-00001-of-…), named as llama.cpp names the parts")
     tensors = list(header.tensors)

@@ -215,7 +215,7 @@ class BatchEngine:
                 seq.next_token = None
         for seq in order:  # then prompts, oldest first, as much as the batch holds
             tokens = seq.request.tokens
-            if seq.fed >= len(tokens) or seq.stats.generated_tokens or n >= self.n_batch:
+            if seq.fed >= len(tokens) or n >= self.n_batch:
                 continue
             take = min(len(tokens) - seq.fed, self.n_batch - n)
             for token in tokens[seq.fed:seq.fed + take]:

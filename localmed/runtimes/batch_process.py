@@ -21,9 +21,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import multiprocessing
-import os
 import queue
-import signal
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -40,6 +38,7 @@ from localmed.runtimes.process import (
     describe_exit,
     last_line,
     new_engine_log,
+    settle_engine_process,
     stop_engine,
 )
 
@@ -77,9 +76,7 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
     """The engine process: load, then decode whatever requests are in until ``close``/EOF."""
     from localmed.runtimes.batch import Request, json_grammar
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the server
-    os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND), 2)  # llama.cpp's log, for crashes
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    settle_engine_process(log_path)
     try:
         engine, info, plan = _load(Path(path), options)
     except Exception as exc:

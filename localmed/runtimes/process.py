@@ -37,15 +37,18 @@ BATCH_SECONDS = 0.05
 stream. The chat app asks for what its screen shows new text at."""
 
 
+def settle_engine_process(log_path: str) -> None:
+    """First thing in an engine process: the terminal's Ctrl-C belongs to the app (which stops
+    or closes the engine itself); llama.cpp's fd 2 goes to the log (on a TUI's screen it would
+    garble it; kept for crash reports), fd 1 nowhere."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND), 2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+
+
 def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
     """The engine process: load the model, then answer requests until ``close`` or EOF."""
-    # The terminal's Ctrl-C belongs to the app, which stops or closes the engine itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # llama.cpp writes to fd 2; in a TUI that would land on the screen. Kept for crash reports.
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
-    os.dup2(log_fd, 2)
-    null = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(null, 1)
+    settle_engine_process(log_path)
     from localmed import formats
 
     try:
