@@ -43,6 +43,7 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
                        models_dir: Path | None = None) -> ChatModel:
     """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder."""
     from localmed.demo import DEMO_ENTRY, DEMO_ID, ensure_demo_model
+    from localmed.quants import get_quant
 
     models_dir = models_dir or library.models_dir()
     if spec == DEMO_ID:
@@ -59,8 +60,6 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
         if not pulled:
             raise UnknownModelError(spec, [*registry, DEMO_ID])
         # a model placed by `localmed pull` (or by hand) under a library name
-        from localmed.quants import get_quant
-
         wanted = get_quant(quant).name if quant else None
         if wanted is None and len(pulled) > 1:
             raise LocalmedError(f"{spec} has {len(pulled)} quants in {models_dir} "
@@ -72,8 +71,6 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
                                          f"{', '.join(pulled)})", models_dir)
         return ChatModel(f"{spec} {name}", path, None, formats.describe(path).advisory)
     entry = registry[spec]
-    from localmed.quants import get_quant
-
     quant_name = get_quant(quant).name if quant else entry.default_quant
     path = library.find_gguf(entry.id, quant_name, models_dir)
     if path is None:

@@ -40,10 +40,14 @@ SPLIT_PART = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 """llama.cpp's split GGUF parts: ``<prefix>-00001-of-00003.gguf``."""
 
 
+def _part(prefix: str, number: int, count: int) -> str:
+    return f"{prefix}-{number:05d}-of-{count:05d}{GGUF_SUFFIX}"
+
+
 def split_name(model: str, quant: str, number: int, count: int,
                folder: Path | None = None) -> Path:
     """Part ``number`` (1-based) of a split GGUF in the library."""
-    return (folder or models_dir()) / f"{model}.{quant}-{number:05d}-of-{count:05d}{GGUF_SUFFIX}"
+    return (folder or models_dir()) / _part(f"{model}.{quant}", number, count)
 
 
 def split_parts(first: Path, count: int) -> list[Path] | None:
@@ -53,8 +57,7 @@ def split_parts(first: Path, count: int) -> list[Path] | None:
     if not match or int(match.group(1)) != 1 or int(match.group(2)) != count:
         return None
     prefix = first.name[:match.start()]
-    return [first.with_name(f"{prefix}-{n:05d}-of-{count:05d}{GGUF_SUFFIX}")
-            for n in range(1, count + 1)]
+    return [first.with_name(_part(prefix, n, count)) for n in range(1, count + 1)]
 
 
 def gguf_files(path: Path) -> list[Path]:
