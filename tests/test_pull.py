@@ -116,6 +116,9 @@ def test_pull_checks_places_and_records(hub, smollm2):
     plan = localmed(hub, "plan", "smollm2-135m-instruct")
     assert plan.returncode == 0, plan.stderr
     assert "Q4_1" in plan.stdout
+    other = localmed(hub, "plan", "smollm2-135m-instruct", "--quant", "Q8_0")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr
+    assert "localmed pull REPO:Q8_0 (it has Q4_1)" in other.stderr
     again = localmed(hub, "pull", f"{REPO}:Q4_1")
     assert again.returncode == 2 and "already in the library" in again.stderr
 

@@ -29,11 +29,11 @@ def _chat_model(args: argparse.Namespace):
             raise
         entry = registry[missing.model_id]
         if entry.gguf_repos:
-            from localmed.planner import ModelShape, estimate_footprint, gib
+            from localmed.planner import gib
             from localmed.pull import pull
+            from localmed.quant_choice import estimated_bytes
 
-            shape = entry.model_shape() or ModelShape(int(entry.parameters_b * 1e9), 1, 1, 1)
-            size = gib(estimate_footprint(shape, missing.quant).weights_bytes)
+            size = gib(estimated_bytes(missing.quant, int(entry.parameters_b * 1e9)))
             answer = input(f"{entry.id} {missing.quant} is not here. Pull the ready-made GGUF "
                            f"from {entry.gguf_repos[0]} (~{size})? [y/N] ")
             if answer.strip().lower() not in {"y", "yes"}:
@@ -95,6 +95,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:  # plan never offers a download: a model not here is estimated instead
         model = resolve_chat_model(args.model, registry, quant=args.quant)
     except ModelNotAvailableError as missing:
+        if missing.model_id not in registry:  # a pulled model lacking this quant
+            raise
         return _plan_estimate(registry[missing.model_id], missing, args)
     hw = hardware.detect()
     # One header read: the footprint serves the plan and the quant suggestion.
@@ -104,12 +106,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out = console()
     out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} "
               f"{info.format.upper()}, {info.block_count} layers")
-    out.print(f"machine: {hw.backend.upper()}"
-              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
-              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
+    out.print(_machine_line(hw))
     out.print(escape(describe_plan(plan)))
     _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
     return 0 if plan.fits else 1
+
+
+def _machine_line(hw) -> str:
+    from localmed.planner import gib
+
+    return (f"machine: {hw.backend.upper()}"
+            + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
+            + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
 
 
 def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
@@ -131,9 +139,7 @@ def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
               f"estimate[/] from the registry ({entry.parameters_b:g}B parameters, "
               f"{shape.layers} layers) and llama.cpp's bits per weight")
     out.print(f"  ~{gib(footprint.weights_bytes)} GGUF")
-    out.print(f"machine: {hw.backend.upper()}"
-              + (f" {escape(hw.device)}, {gib(hw.vram_free)} VRAM free" if hw.vram_total else "")
-              + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
+    out.print(_machine_line(hw))
     out.print(escape(describe_plan(plan)))
     out.print(f"to get it: {escape(missing.command)}")
     return 0 if plan.fits else 1
