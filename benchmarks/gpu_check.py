@@ -11,19 +11,17 @@ where GPTQModel imports. One report, ``report.txt`` and ``report.json``, in ``--
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,9 +70,15 @@ class Report:
         (self.out / "report.txt").write_text("\n".join(lines) + "\n")
 
 
+OUTSIDE = Path(tempfile.gettempdir())
+"""Where localmed runs from: ``python -m localmed`` in the repository's root would import its
+``localmed/`` source folder (which lacks ``localmed.quantize``, mapped from ``quantize/`` only
+when installed) instead of the wheel installed for the check."""
+
+
 def _localmed(*args: str, timeout: float = 300) -> str:
     done = subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, cwd=OUTSIDE)
     allowed = (0, 1) if args[0] == "plan" else (0,)  # plan exits 1 when the model does not fit
     if done.returncode not in allowed:
         raise RuntimeError(f"localmed {' '.join(args)}: exit {done.returncode}: "
@@ -192,81 +196,19 @@ def copy_bandwidth() -> float:
     return 2 * n * 10 / seconds
 
 
-@contextlib.contextmanager
-def serving(model: Path, *args: str) -> Iterator[tuple[str, str]]:
-    """``localmed serve`` on a free loopback port: its URL and the model id it serves."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "localmed", "serve", str(model), "--port",
-                               str(port), *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/v1"
-    try:
-        import httpx
-
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise RuntimeError(f"serve exited {server.returncode}: "
-                                   f"{server.stderr.read()[-800:] if server.stderr else ''}")
-            with contextlib.suppress(httpx.HTTPError):
-                listed = httpx.get(f"{url}/models", timeout=2)
-                if listed.status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise TimeoutError("serve did not answer within 180 s")
-            time.sleep(0.5)
-        yield url, listed.json()["data"][0]["id"]
-    finally:
-        server.terminate()
-        server.wait(30)
-
-
 def serve_stream(model: Path, gpu_layers: int, tokens: int, streams: int = 1
                  ) -> dict[str, Any]:
-    """``streams`` clients at once against ``serve --parallel streams``: tokens/s over all."""
-    import threading
+    """``streams`` clients at once against ``serve --parallel streams``, measured by
+    benchmarks/serve_load.py's client: tokens/s over all, time to first token."""
+    from serve_load import free_port, load, running  # beside this script
 
-    import httpx
-
-    with serving(model, "--gpu-layers", str(gpu_layers), "--parallel", str(streams)
-                 ) as (url, served):
-        results: list[dict[str, Any]] = []
-
-        def one(case: int) -> None:
-            body = {"model": served, "prompt": f"Case {case}. The patient presented with",
-                    "max_tokens": tokens, "temperature": 0, "stream": True, "ignore_eos": True}
-            start, first, pieces, generated = time.perf_counter(), None, 0, 0
-            with httpx.stream("POST", f"{url}/completions", json=body, timeout=120) as reply:
-                reply.raise_for_status()
-                for line in reply.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    event = json.loads(line[6:])
-                    if event["choices"] and event["choices"][0].get("text"):
-                        pieces += 1
-                        first = first or time.perf_counter()
-                    if event.get("usage"):
-                        generated = event["usage"]["completion_tokens"]
-            end = time.perf_counter()
-            results.append({"tokens": generated, "pieces": pieces, "start": start,
-                            "first": first or end, "end": end})
-
-        clients = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
-        for client in clients:
-            client.start()
-        for client in clients:
-            client.join()
-    if len(results) != streams:
-        raise RuntimeError(f"{streams - len(results)} of {streams} streams failed")
-    begin, end = min(r["start"] for r in results), max(r["end"] for r in results)
-    generated = sum(r["tokens"] for r in results)
-    # Pieces are the engine's 50 ms batches, so the rate is counted over the whole stream.
-    return {"streams": streams, "tokens": generated,
-            "first_piece_s": round(max(r["first"] - r["start"] for r in results), 3),
-            "seconds": round(end - begin, 3),
-            "tok_per_s_with_prefill": round(generated / (end - begin), 1)}
+    port = free_port()
+    command = [sys.executable, "-m", "localmed", "serve", str(model), "--port", str(port),
+               "--gpu-layers", str(gpu_layers), "--parallel", str(streams)]
+    with running(command, port, cwd=OUTSIDE) as url:
+        measured = load(url, streams, tokens)  # raises unless every stream gave ``tokens``
+    return {"streams": streams, "tokens": streams * tokens,
+            **{key: round(value, 3) for key, value in measured.items()}}
 
 
 def gpu_tests(models: dict[str, Any]) -> dict[str, Any]:
