@@ -12,6 +12,7 @@ Nothing stays placed unless all of that holds.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -68,6 +69,15 @@ def parse_spec(spec: str, registry: Registry | None = None) -> tuple[str, str | 
     return name, (quant.upper() or None), model_id_for(name)
 
 
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """What a failed connection to the hub raises: OSError, and the transport errors of
+    huggingface_hub's HTTP library (httpx, or its httpx2 fork), which are not OSErrors."""
+    from huggingface_hub.utils import get_session
+
+    http = importlib.import_module(type(get_session()).__module__.partition(".")[0])
+    return OSError, getattr(http, "TransportError", OSError)
+
+
 def repo_files(repo: str, *, revision: str | None = None, token: str | None = None
                ) -> tuple[str, list[HubFile]]:
     """The repo's commit and its GGUF files, from the hub, or the cache when offline."""
@@ -80,6 +90,7 @@ def repo_files(repo: str, *, revision: str | None = None, token: str | None = No
         RevisionNotFoundError,
     )
 
+    unreachable = _unreachable()
     try:
         if constants.HF_HUB_OFFLINE:
             folder = Path(snapshot_download(repo, revision=revision, allow_patterns=["*.gguf"],
@@ -105,9 +116,9 @@ def repo_files(repo: str, *, revision: str | None = None, token: str | None = No
                            "HF_HUB_OFFLINE is set") from None
     except HfHubHTTPError as exc:
         raise HubAccessError(repo, f"hub error: {exc}".splitlines()[0]) from None
-    except OSError as exc:  # no network: the connection refused or the name unresolved
-        raise OfflineError(repo, f"cannot reach the Hugging Face hub ({exc.strerror or exc})"
-                           ) from None
+    except unreachable as exc:  # no network: the connection refused or the name unresolved
+        raise OfflineError(repo, f"cannot reach the Hugging Face hub ({exc}); connect, or set "
+                           "HF_HUB_OFFLINE=1 to pull from the local cache") from None
     files = [HubFile(s.rfilename, s.size or 0, s.lfs.sha256 if s.lfs else "")
              for s in info.siblings or [] if s.rfilename.endswith(".gguf")]
     return info.sha or "", files
@@ -167,12 +178,13 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
     repo, quant, model_id = parse_spec(spec, registry)
     commit, files = repo_files(repo, revision=revision, token=token)
     chosen = choose(repo, files, quant)
+    unreachable = _unreachable()
     local, digests = [], {}
     for part in chosen:  # every part fetched and checked before anything is placed
         try:
             path = Path(hf_hub_download(repo, part.name, revision=commit or revision,
                                         token=token, local_files_only=constants.HF_HUB_OFFLINE))
-        except OSError as exc:
+        except unreachable as exc:
             raise OfflineError(repo, f"download of {part.name} failed: {exc}") from None
         digest = sha256_file(path)
         if part.sha256 and digest != part.sha256:

@@ -227,3 +227,14 @@ def test_a_full_disk_during_the_copy_leaves_nothing_placed(hub, full_disk):
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and "out of disk space" in err, err
     assert list(full_disk.iterdir()) == []
+
+
+def test_no_network_is_one_line(tmp_path):
+    """The hub unreachable (a closed port on this machine: nothing leaves it)."""
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0",
+           "HF_HUB_CACHE": str(tmp_path / "hf"), "LOCALMED_DATA_DIR": str(tmp_path / "data")}
+    done = localmed(env, "pull", "someone/model-GGUF:Q4_K_M")
+    assert done.returncode == 2, done.stderr
+    err = done.stderr.strip()
+    assert len(err.splitlines()) == 1 and "cannot reach the Hugging Face hub" in err, err
+    assert models(env) == []
