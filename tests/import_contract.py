@@ -46,6 +46,7 @@ OWNED_PACKAGES: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("llama_cpp", "transformers", "torch", "gptqmodel", "optimum",
                      "sentencepiece"), ("backends",)),
     "textual": ("app",),
+    "textual_serve": ("app",),
     "rich": ("entry", "app"),
 }
 """Third-party packages that only some layers may import: backends stay swappable (and can move

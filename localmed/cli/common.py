@@ -47,6 +47,13 @@ def non_negative(text: str) -> int:
     return _integer(text, 0, "zero or more")
 
 
+def port_number(text: str) -> int:
+    value = _integer(text, 1, "a TCP port (1-65535)")
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
 def layers(text: str) -> int:
     return _integer(text, -1, "a number of layers (-1: all)")
 

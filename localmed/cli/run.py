@@ -9,7 +9,7 @@ import os
 from rich.markup import escape
 
 from localmed import library
-from localmed.cli.common import console, err_console, model_options, positive
+from localmed.cli.common import console, err_console, model_options, port_number, positive
 from localmed.cli.progress import progress_bars
 from localmed.errors import LocalmedError
 
@@ -60,6 +60,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from localmed.chat import ChatSession, open_runtime
     from localmed.tui.chat_screen import FLUSH_SECONDS
 
+    if args.web:
+        return _chat_web(args)
     err = err_console()
     with err.status("preparing the model…"):
         model = _chat_model(args)
@@ -79,6 +81,27 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from localmed.tui.app import run_chat
 
     run_chat(session)
+    return 0
+
+
+def _chat_web(args: argparse.Namespace) -> int:
+    """`chat --web`: the model is found (or pulled, or made) here, once, before anything is
+    served; every browser tab then runs `localmed chat` with the same arguments."""
+    from localmed.tui.web import check_port_free, serve_chat
+
+    check_port_free(args.port)
+    with err_console().status("finding the model…"):
+        model = _chat_model(args)
+    chat_args = [args.model]
+    for flag, value in (("--quant", args.quant), ("--ctx", args.ctx),
+                        ("--gpu-layers", args.gpu_layers), ("--threads", args.threads),
+                        ("--template", args.template), ("--system", args.system),
+                        ("--max-tokens", args.max_tokens)):
+        if value is not None:
+            chat_args += [flag, str(value)]
+    if args.save:
+        chat_args.append("--save")
+    serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}")
     return 0
 
 
@@ -226,6 +249,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "(default 1024)")
     # benchmarks/decode_overhead.py forces the same token count on every path with it
     p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--web", action="store_true", help="serve the same chat to a browser on "
+                   "this machine (127.0.0.1 only) instead of this terminal")
+    p.add_argument("--port", type=port_number, default=8000, help="--web's port (default 8000)")
     p.set_defaults(func=cmd_chat)
 
 

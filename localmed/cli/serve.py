@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING, TextIO
 
 from rich.markup import escape
 
-from localmed.cli.common import console, err_console, model_options, non_negative, positive
+from localmed.cli.common import (
+    console,
+    err_console,
+    model_options,
+    non_negative,
+    port_number,
+    positive,
+)
 from localmed.errors import LocalmedError, ServeError
 
 if TYPE_CHECKING:
@@ -144,7 +151,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "else the registry's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "
                    "127.0.0.1; any other needs an API key)")
-    p.add_argument("--port", type=int, default=8080, help="TCP port (default 8080)")
+    p.add_argument("--port", type=port_number, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set "
                    f"{API_KEY_ENV})")
     p.add_argument("--parallel", "-np", type=positive, help="replies decoded together "

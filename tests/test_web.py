@@ -1,0 +1,150 @@
+"""``localmed chat --web``: the Textual app served by textual-serve, in a real headless Chromium.
+
+The page must load with no request leaving 127.0.0.1, show the disclaimer banner, and answer a
+message with the real SmolLM2; a page of another origin must not be able to drive the chat; a
+port in use is one line. What the browser receives over the WebSocket is the app's terminal
+output (xterm.js draws it on a canvas), so the text checks read those frames, and a screenshot
+is taken of what is drawn.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from localmed.conversation import DISCLAIMER
+from tests.system_tools import Unavailable, debian_tool
+from tests.test_serve import free_port
+
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
+# Chromium as root in a container, with nothing of its own reaching out (updates, sync, ...)
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    try:
+        return debian_tool("chromium", "chromium")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+class WebChat:
+    def __init__(self, model: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "localmed", "chat", str(model), "--web", "--port",
+             str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "COLUMNS": "200"})
+        banner = self.proc.stdout.readline()
+        assert self.url in banner, (banner, self.proc.stderr.read())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def web_chat(smollm2) -> Iterator[WebChat]:
+    running = WebChat(smollm2["gguf"])
+    yield running
+    running.stop()
+
+
+def test_the_chat_in_a_browser_loads_nothing_from_outside_and_answers(smollm2, chromium,
+                                                                      tmp_path):
+    import psutil
+    from playwright.sync_api import sync_playwright
+
+    web_chat = WebChat(smollm2["gguf"])
+
+    requests: list[str] = []
+    frames: list[str] = []
+
+    def on_websocket(ws) -> None:
+        requests.append(ws.url)
+        ws.on("framereceived", lambda f: frames.append(
+            f if isinstance(f, str) else f.decode("utf-8", "replace")))
+
+    def screen_text() -> str:
+        return ANSI.sub("", "".join(frames))
+
+    def wait_for(pattern: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, screen_text()):
+                return True
+            page.wait_for_timeout(200)
+        return False
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.on("request", lambda r: requests.append(r.url))
+            page.on("websocket", on_websocket)
+            page.goto(web_chat.url)
+            assert wait_for(re.escape(DISCLAIMER[:40]), 90), screen_text()[-2000:]
+            assert wait_for(r"Ask the model", 30), screen_text()[-2000:]
+            page.focus(".xterm-helper-textarea")  # where xterm.js takes the keyboard
+            page.keyboard.type("What is the normal adult resting heart rate?")
+            page.keyboard.press("Enter")
+            # the question echoed in the conversation, then a reply measured in the status line
+            assert wait_for(r"(?s)Clinician.*normal adult resting heart rate", 30), \
+                screen_text()[-2000:]
+            assert wait_for(r"\d+\.\d tok/s", 120), screen_text()[-2000:]
+            page.screenshot(path=tmp_path / "chat-web.png")
+            # Ctrl+C with the page still open ends the server and the chat it started, at once
+            chats = [c for c in psutil.Process(web_chat.proc.pid).children(recursive=True)
+                     if "chat" in c.cmdline()]
+            assert chats
+            started = time.monotonic()
+            assert web_chat.stop() == 0
+            assert time.monotonic() - started < 15
+            assert not [c for c in chats if c.is_running() and c.status() != "zombie"]
+        finally:
+            browser.close()
+            web_chat.stop()
+    assert (tmp_path / "chat-web.png").stat().st_size > 10_000
+    assert requests and {urlsplit(u).hostname for u in requests} == {"127.0.0.1"}, requests
+    # the packaged font is what the page uses, not a font CDN's
+    assert any(u.endswith(".ttf") for u in requests), requests
+
+
+def test_a_page_of_another_origin_cannot_drive_the_chat(web_chat):
+    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    r = httpx.get(f"{web_chat.url}/ws", headers={**upgrade, "Origin": "http://example.org"})
+    assert r.status_code == 403
+    r = httpx.get(f"{web_chat.url}/ws", headers=upgrade)  # no Origin: not a browser page
+    assert r.status_code == 403
+
+
+def test_a_port_in_use_is_one_line(smollm2):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "localmed", "chat", str(smollm2["gguf"]),
+                              "--web", "--port", str(port)], capture_output=True, text=True,
+                             timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use; choose another " \
+                                 "with --port", out.stderr
+    assert out.stdout == ""
