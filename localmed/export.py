@@ -6,9 +6,11 @@ Ollama's Go template, one ``PARAMETER stop`` per stop string, the context, local
 defaults, and the disclaimer and the model's advisory as its ``SYSTEM``.
 
 Which template: the one ``localmed chat`` would use (``--template``, else the GGUF's embedded
-one, else the registry's). An embedded Jinja template is recognised by rendering a probe
-conversation with it and with each of localmed's named formats; one that matches none has no
-translation, and the export says so rather than guess.
+one, else the registry's). An embedded Jinja template that renders as one of localmed's named
+formats gets that format's hand-written translation; any other is translated by
+:mod:`localmed.ollama_template` (the fixed text around each message, read off probe renders, and
+accepted only if it renders every probe as the Jinja does); one that cannot be is refused with
+the reason, never written approximately.
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ from pathlib import Path
 from localmed import __version__, formats
 from localmed.atomic import atomic_path, write_text_atomic
 from localmed.conversation import DISCLAIMER
-from localmed.errors import ExportError
+from localmed.errors import ExportError, TemplateError
 from localmed.formats.info import ModelInfo
+from localmed.ollama_template import fixed_date_pair, synthesize
 from localmed.registry import ModelEntry
 from localmed.runtimes.base import GenerationParams
-from localmed.templates import TEMPLATES, Message, PromptTemplate, resolve_template
+from localmed.templates import (
+    TEMPLATES,
+    Message,
+    PromptTemplate,
+    gguf_template,
+    resolve_template,
+)
 
 _FIRST_USER_SYSTEM = ('{{- $system := .System }}\n')
 
@@ -131,16 +140,22 @@ class ExportSource:
     info: ModelInfo
     entry: ModelEntry | None
     template: str
-    """Name of localmed's template (a key of OLLAMA_TEMPLATES)."""
+    """Which template, in words: a name of localmed's, or the GGUF's own."""
+    go_template: str
+    """Ollama's TEMPLATE."""
     stops: tuple[str, ...]
     n_ctx: int
     name: str
     """Ollama model name (``meditron3-8b:q4_k_m``)."""
+    notes: tuple[str, ...] = ()
+    """What the user should know about the translation (a date fixed in it, trimming)."""
 
 
 def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None,
-            n_ctx: int | None = None) -> ExportSource:
-    """Check the model and pick its template; refuses what Ollama/LM Studio cannot take."""
+            n_ctx: int | None = None, for_ollama: bool = True) -> ExportSource:
+    """Check the model and pick its template; refuses what Ollama/LM Studio cannot take.
+    Without ``for_ollama`` (LM Studio only, which runs the GGUF's Jinja itself) no Go template
+    is made."""
     info = formats.describe(path)
     if info.format != "gguf":
         raise ExportError(path, f"is a {info.format.upper()} model; Ollama and LM Studio run GGUF "
@@ -150,16 +165,38 @@ def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None
         eos_token=info.eos_token, registry_default=entry.template if entry else None,
         model_label=entry.id if entry else path.name)
     name = named_equivalent(choice.template)
-    if name is None or name not in OLLAMA_TEMPLATES:
-        raise ExportError(path, "its chat template is not one localmed can translate to "
-                          f"Ollama's ({', '.join(OLLAMA_TEMPLATES)}); if it is one of these, "
-                          "pass --template NAME")
+    notes: tuple[str, ...] = ()
+    if name is not None:
+        label, go_template, stops = name, OLLAMA_TEMPLATES[name], TEMPLATES[name].stop
+    elif not for_ollama:
+        label, go_template, stops = "the GGUF's own", "", choice.template.stop
+    else:
+        label, go_template, notes = _synthesized(path, info)
+        stops = choice.template.stop
     trained = info.context_length or 4096
     ctx = min(n_ctx or min(trained, 4096), trained)
     base = entry.id if entry else re.sub(r"\.(gguf)$", "", path.name).rsplit(".", 1)[0]
     tag = info.label.lower().replace("+", "-")
     clean = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.") or "model"
-    return ExportSource(info, entry, name, TEMPLATES[name].stop, ctx, f"{clean}:{tag}")
+    return ExportSource(info, entry, label, go_template, stops, ctx, f"{clean}:{tag}", notes)
+
+
+def _synthesized(path: Path, info: ModelInfo) -> tuple[str, str, tuple[str, ...]]:
+    """The GGUF's own Jinja translated to Go, rendered with today's date (and another day's, to
+    see whether it reads the date)."""
+    today, other_day = fixed_date_pair()
+    jinja = {day: gguf_template(info.chat_template, bos_token=info.bos_token,
+                                eos_token=info.eos_token, add_bos=info.add_bos, today=day)
+             for day in (today, other_day)}
+    try:
+        synthesized = synthesize(jinja[today], dated=jinja[other_day])
+    except TemplateError as exc:
+        raise ExportError(path, f"its chat template cannot be written as Ollama's Go template "
+                          f"({exc}); if it is one of localmed's ({', '.join(OLLAMA_TEMPLATES)}), "
+                          "pass --template NAME") from None
+    notes = tuple(note.replace("the export's date", f"the export's date "
+                               f"({today:%d %b %Y})") for note in synthesized.notes)
+    return "the GGUF's own, translated", synthesized.go, notes
 
 
 def _quote(value: str) -> str:
@@ -172,12 +209,15 @@ def modelfile(source: ExportSource, params: GenerationParams | None = None) -> s
     """The Modelfile text: FROM, TEMPLATE, SYSTEM, stops, context and sampling."""
     params = params or GenerationParams()
     info = source.info
+    if not source.go_template or '"""' in source.go_template:
+        raise ExportError(info.path, "has no Ollama template to write")
     system = DISCLAIMER + (f"\n\n{info.advisory}" if info.advisory else "")
     lines = [
         f"# Made by localmed {__version__} from {info.path.name} ({info.label}).",
         "# The SYSTEM prompt carries localmed's disclaimer; keep it in front of users.",
         f"FROM {info.path.resolve()}",
-        f'TEMPLATE """{OLLAMA_TEMPLATES[source.template]}"""',
+        *(f"# Note: {note}." for note in source.notes),
+        f'TEMPLATE """{source.go_template}"""',
         f'SYSTEM """{system}"""',
         *(f"PARAMETER stop {_quote(stop)}" for stop in source.stops),
         f"PARAMETER num_ctx {source.n_ctx}",

@@ -264,9 +264,10 @@ def compile_chat_template(source: str) -> Any:
 
 def render_chat_template(source: str, messages: Sequence[Mapping[str, Any]], *,
                          add_generation_prompt: bool = True, bos_token: str = "",
-                         eos_token: str = "") -> str:
+                         eos_token: str = "", today: dt.datetime | None = None) -> str:
     """Render a model's Jinja chat template as llama-cpp-python renders it, character for
-    character (``strftime_now`` and ``raise_exception`` included); errors are TemplateError."""
+    character (``strftime_now`` and ``raise_exception`` included); errors are TemplateError.
+    ``today`` fixes what ``strftime_now`` sees (default: now)."""
     from jinja2 import TemplateError as JinjaError
 
     def raise_exception(message: str) -> None:
@@ -277,13 +278,13 @@ def render_chat_template(source: str, messages: Sequence[Mapping[str, Any]], *,
         return compiled.render(
             messages=list(messages), add_generation_prompt=add_generation_prompt,
             bos_token=bos_token, eos_token=eos_token, raise_exception=raise_exception,
-            strftime_now=lambda fmt: dt.datetime.now().strftime(fmt))
+            strftime_now=lambda fmt: (today or dt.datetime.now()).strftime(fmt))
     except JinjaError as exc:
         raise TemplateError(f"the model's chat template failed: {exc}") from None
 
 
 def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "",
-                  add_bos: bool = True) -> PromptTemplate:
+                  add_bos: bool = True, today: dt.datetime | None = None) -> PromptTemplate:
     """A template from the Jinja source embedded in a GGUF, rendered in a sandbox.
 
     The sandbox (jinja2's ``ImmutableSandboxedEnvironment``) stops a template from reaching
@@ -298,7 +299,7 @@ def gguf_template(source: str, *, bos_token: str = "", eos_token: str = "",
         messages += [{"role": m.role, "content": m.content} for m in turns]
         try:
             text = render_chat_template(source, messages, add_generation_prompt=gen,
-                                        bos_token=bos_token, eos_token=eos_token)
+                                        bos_token=bos_token, eos_token=eos_token, today=today)
         except TemplateError:
             if system is None or not turns:
                 raise

@@ -6,9 +6,11 @@ config folders point into a temporary folder.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,26 @@ def full_disk(tmp_path):
         yield mount
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+@pytest.fixture(scope="session")
+def go_ollama(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[dict]], list[dict]]:
+    """Ollama's template execution (tests/data/ollama_go/main.go: Go's text/template with
+    Ollama's data), built once; cases in, {"text"} or {"error"} each out."""
+    from tests.system_tools import Unavailable, debian_tool
+
+    try:
+        go = debian_tool("go", "golang-go")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    folder = tmp_path_factory.mktemp("ollama-go")
+    shutil.copy(Path(__file__).parent / "data" / "ollama_go" / "main.go", folder / "main.go")
+    subprocess.run([go, "build", "-o", "ollama-exec", "main.go"], cwd=folder, check=True,
+                   capture_output=True, timeout=600)
+
+    def execute(cases: list[dict]) -> list[dict]:
+        out = subprocess.run([str(folder / "ollama-exec")], input=json.dumps(cases),
+                             capture_output=True, text=True, check=True, timeout=600)
+        return json.loads(out.stdout)
+
+    return execute

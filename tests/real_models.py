@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,3 +136,36 @@ def rebuild_checkpoint(gguf: Path, folder: Path) -> Path:
     tokenizer.save_pretrained(folder)
     done.write_text("")
     return folder
+
+
+LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
+
+
+def llama_cpp_chat_templates() -> dict[str, str]:
+    """The chat templates llama.cpp publishes in ``models/templates/`` of the pinned
+    llama-cpp-python source archive (fetched with pip once; only the templates are kept)."""
+    version = LLAMA_CPP_PYTHON.split("==")[1]
+    folder = cache_dir() / f"llama-cpp-templates-{version}"
+    if not folder.is_dir():
+        import tarfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = subprocess.run(
+                [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+                 "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", tmp],
+                capture_output=True, text=True, timeout=900)
+            archives = sorted(Path(tmp).glob("*.tar.gz"))
+            if result.returncode != 0 or not archives:
+                reason = (result.stderr.strip().splitlines() or ["no archive"])[-1]
+                raise Unavailable(f"pip could not fetch {LLAMA_CPP_PYTHON}: {reason}")
+            partial = Path(tmp) / "templates"
+            partial.mkdir()
+            with tarfile.open(archives[0]) as tar:
+                for member in tar.getmembers():
+                    parts = Path(member.name).parts
+                    if parts[-3:-1] == ("models", "templates") and member.name.endswith(".jinja"):
+                        source = tar.extractfile(member)
+                        (partial / parts[-1]).write_bytes(source.read())
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(partial, folder)
+    return {p.stem: p.read_text() for p in sorted(folder.glob("*.jinja"))}

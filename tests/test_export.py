@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from localmed import cli
+from localmed import cli, formats
 from localmed.export import OLLAMA_TEMPLATES
-from localmed.templates import TEMPLATES
+from localmed.templates import TEMPLATES, Message, resolve_template
+from tests.gguf_files import rewrite_gguf
 from tests.test_bad_inputs import assert_one_line_error, run_cli
 
 GOLDEN = Path(__file__).parent / "data" / "ollama"
@@ -58,6 +59,40 @@ def test_an_embedded_template_is_recognised(smollm2, tmp_path, capsys):
     assert OLLAMA_TEMPLATES["chatml"] in text and 'PARAMETER stop "<|im_end|>"' in text
 
 
+def test_a_template_with_no_named_equivalent_is_translated(smollm2, go_ollama, tmp_path,
+                                                           capsys):
+    """A real GGUF (SmolLM2) carrying Llama-3.2's template, which reads the date: exported
+    with the date fixed and said so; the Modelfile's TEMPLATE, run under Go as Ollama runs it
+    (its SYSTEM standing in for a request's missing system message), renders what `localmed
+    chat` renders for that GGUF today."""
+    source = (Path(__file__).parent / "data" / "chat_templates" /
+              "meta-llama-Llama-3.2-3B-Instruct.jinja").read_text()
+    gguf = tmp_path / "llama32-template.Q4_1.gguf"
+    rewrite_gguf(smollm2["gguf"], gguf, strings={"tokenizer.chat_template": source})
+    out = tmp_path / "o"
+    assert cli.main(["export", str(gguf), "--ollama", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the GGUF's own, translated" in printed and "date" in printed
+    text = (out / "Modelfile").read_text()
+    assert "# Note: the template writes today's date" in text
+    go_template = text.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
+    system = text.split('SYSTEM """', 1)[1].split('"""', 1)[0]
+    assert system.startswith("Not medical advice.")
+    info = formats.describe(gguf)
+    jinja = resolve_template(None, embedded=info.chat_template, bos_token=info.bos_token,
+                             eos_token=info.eos_token, add_bos=info.add_bos).template
+    conversations = [[Message("user", "Fever and a stiff neck?")],
+                     [Message("user", "Fever and a stiff neck?"),
+                      Message("assistant", "Consider meningitis: blood cultures, then LP."),
+                      Message("user", "And the antibiotics?")]]
+    cases = [{"template": go_template, "modelfile_system": system,
+              "messages": [{"role": m.role, "content": m.content} for m in turns]}
+             for turns in conversations]
+    for turns, result in zip(conversations, go_ollama(cases), strict=True):
+        assert result == {"text": jinja.render(turns, system=system)}
+    assert 'PARAMETER stop "<|eot_id|>"' in text
+
+
 class TestRefused:
     def test_a_gptq_folder(self, checkpoints, tmp_path, capsys):
         folder = tmp_path / "m-GPTQ-4bit-g128"
@@ -70,10 +105,13 @@ class TestRefused:
         assert not (tmp_path / "o").exists()
 
     def test_a_template_with_no_translation(self, converted, tmp_path, capsys):
-        """The tiny model's own template drops system prompts: it is none of the named ones."""
+        """The tiny model's own template drops system prompts: no Go template can say it, and
+        the reason is given."""
         code, err = run_cli(capsys, "export", str(converted["llama"]["Q8_0"]), "--ollama",
                             str(tmp_path / "o"))
-        assert_one_line_error(code, err, "not one localmed can translate", "--template")
+        assert_one_line_error(code, err, "cannot be written as Ollama's Go template",
+                              "drops the system prompt", "--template")
+        assert not (tmp_path / "o").exists()
 
     def test_a_model_with_no_template_at_all(self, gemma3_real, tmp_path, capsys):
         code, err = run_cli(capsys, "export", str(gemma3_real["gguf"]), "--ollama",

@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import gguf
 import httpx
 import pytest
 
+from tests.gguf_files import rewrite_gguf
 from tests.test_serve import Server
 
 COMMIT = "a" * 40
@@ -45,24 +44,7 @@ def lay_out(cache: Path, repo: str, files: dict[str, Path], *, commit: str = COM
 def write_split(source: Path, path: Path, parts: int = 2) -> list[Path]:
     """``source`` rewritten by gguf-py's GGUFWriter as a split GGUF (llama.cpp's format:
     ``split.*`` keys, ``-0000k-of-0000N.gguf`` names), ``parts`` files."""
-    reader = gguf.GGUFReader(source)
-    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
-    writer = gguf.GGUFWriter(path, arch=arch,
-                             split_max_tensors=math.ceil(len(reader.tensors) / parts))
-    for field in reader.fields.values():
-        if field.name == gguf.Keys.General.ARCHITECTURE or \
-                field.name.startswith(("GGUF.", "split.")):
-            continue
-        kind = field.types[0]
-        sub_type = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub_type)
-    for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, tensor.data, raw_dtype=tensor.tensor_type)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return sorted(path.parent.glob(f"{path.stem}-*-of-*.gguf"))
+    return rewrite_gguf(source, path, parts=parts)
 
 
 def localmed(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:

@@ -123,12 +123,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not args.ollama and args.lmstudio is None:
         raise LocalmedError("say where to: --ollama DIR and/or --lmstudio [DIR]")
     model = _model(args)
-    source = export.prepare(model.path, model.entry, template=args.template, n_ctx=args.ctx)
+    source = export.prepare(model.path, model.entry, template=args.template, n_ctx=args.ctx,
+                            for_ollama=bool(args.ollama))
     out = console()
     if args.ollama:
         path, command = export.export_ollama(source, Path(args.ollama).expanduser())
         out.print(f"[green]wrote[/] {path}  (template {source.template}, "
                   f"{len(source.stops)} stop strings, num_ctx {source.n_ctx})")
+        for note in source.notes:
+            out.print(f"[yellow]note:[/] {escape(note)}")
         out.print(f"then: {escape(command)}", soft_wrap=True)
     if args.lmstudio is not None:
         folder = Path(args.lmstudio).expanduser() if args.lmstudio else \
