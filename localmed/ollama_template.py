@@ -317,6 +317,11 @@ def synthesize(template: PromptTemplate, *, dated: PromptTemplate | None = None)
             template, SYSTEM, probe_turns(1)):
         notes.append("the template writes today's date into the prompt; Ollama cannot, so the "
                      "export's date is fixed in it (export again to update it)")
+    reasoning = probe_turns(2, assistant=lambda i: f"<think>xq7why{i}</think>{_assistant(i)}")
+    expected = _render(template, SYSTEM, reasoning)
+    if expected is not None and shape.render(SYSTEM, reasoning) != expected:
+        notes.append("the template leaves the reasoning (<think>…</think>) of earlier replies "
+                     "out of the prompt; Ollama passes earlier replies as they are")
     padded = probe_turns(1, user=lambda i: f" {_user(i)} \n")
     expected = _render(template, SYSTEM, padded)
     if expected is not None and shape.render(SYSTEM, padded) != expected:
