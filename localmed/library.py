@@ -175,6 +175,9 @@ class BenchRun:
     card_score: float | None
     complete: bool
     truncated: int
+    made_by: str | None = None
+    """Who made the file: ``localmed``, llama.cpp's converter, or ``<repo> (not made by
+    localmed)`` for a pulled GGUF; None where the file does not say."""
 
 
 @dataclass(frozen=True)

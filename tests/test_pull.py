@@ -18,6 +18,7 @@ import pytest
 
 from tests.gguf_files import rewrite_gguf
 from tests.test_serve import Server
+from tests.tiny_models import SHARED
 
 COMMIT = "a" * 40
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
@@ -220,3 +221,26 @@ def test_no_network_is_one_line(tmp_path):
     err = done.stderr.strip()
     assert len(err.splitlines()) == 1 and "cannot reach the Hugging Face hub" in err, err
     assert models(env) == []
+
+
+def test_a_pulled_model_is_benched_by_id_and_its_rows_say_who_made_it(tmp_path, smollm2,
+                                                                      smollm2_converted):
+    """The published Q4_1 against an F16 (made by localmed), both pulled from one repo, benched
+    by the id pull gave them: each row says who made its file."""
+    cache = tmp_path / "hf"
+    lay_out(cache, REPO, {"smollm2-135m-instruct-q4_1.gguf": smollm2["gguf"],
+                          "smollm2-135m-instruct-f16.gguf": smollm2_converted["F16"]})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "LOCALMED_DATA_DIR": str(tmp_path / "data")}
+    for quant in ("Q4_1", "F16"):
+        assert localmed(env, "pull", f"{REPO}:{quant}").returncode == 0
+    out = tmp_path / "bench"
+    done = localmed(env, "bench", "smollm2-135m-instruct", "--data",
+                    str(SHARED / "benchmarks" / "medqa.jsonl"), "--limit", "8", "--threads", "2",
+                    "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    runs = {r["quant"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
+    assert set(runs) == {"F16", "Q4_1"} and runs["Q4_1"]["n"] == 8
+    assert runs["Q4_1"]["made_by"] == f"{REPO} (not made by localmed)"
+    assert runs["F16"]["made_by"] == "localmed"
+    assert "(not made by localmed)" in " ".join(done.stdout.split())

@@ -45,10 +45,14 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
         entry = next((registry[i.model_id] for i in infos if i.model_id in registry), None)
         return BenchModel(folder.name, files, entry,
                           "localmed quantize SOURCE --quant QUANT --out " + str(folder))
-    if spec not in registry:
-        raise UnknownModelError(spec, registry)
-    entry = registry[spec]
     models = library.models_dir()
+    if spec not in registry:  # a model `localmed pull` placed under its own id
+        infos = formats.models_in(models, lambda p: library.belongs_to(p, spec)) \
+            if models.is_dir() else []
+        if not infos:
+            raise UnknownModelError(spec, registry)
+        return BenchModel(spec, _by_label(infos), None, "localmed pull REPO:QUANT")
+    entry = registry[spec]
     infos = formats.models_in(models, lambda p: library.belongs_to(p, entry.id)) \
         if models.is_dir() else []
     files = _by_label(infos)

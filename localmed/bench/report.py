@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from localmed import formats
@@ -73,6 +74,7 @@ def aggregate(config: BenchConfig) -> BenchResults:
                 card_score=card / 100 if card is not None else None,
                 complete=n == len(suite.questions),
                 truncated=sum(bool(rows[i].get("truncated")) for i in indices),
+                made_by=provenance.converter if provenance else None,
             ))
     return BenchResults(config.model, config.reference, config.fingerprint(), runs)
 
@@ -112,13 +114,17 @@ def tables(results: BenchResults) -> list[Table]:
             _fmt(r.peak_rss_bytes and r.peak_rss_bytes / 1e9, ".2f") + " GB",
             _fmt(r.prefill_tps, ".0f"), _fmt(r.decode_tps, ".1f"),
             _fmt(r.text_kld, ".4f"), _fmt(r.text_ppl, ".2f"), _fmt(r.text_top1, ".1%"))
+    makers = {r.quant: r.made_by or "not recorded" for r in results.runs}
+    if set(makers.values()) != {"localmed"}:  # a pulled (or foreign) file is said to be one
+        cost.caption = "made by: " + " · ".join(f"{q} {escape(m)}" for q, m in makers.items())
+        cost.caption_justify = "left"
     return [acc, cost]
 
 
 CSV_FIELDS = ["quant", "suite", "n", "accuracy", "accuracy_ci_low", "accuracy_ci_high", "delta",
               "delta_ci_low", "delta_ci_high", "mcnemar_p", "agreement", "option_kld",
               "text_kld", "text_ppl", "text_top1", "file_bytes", "peak_rss_bytes",
-              "prefill_tps", "decode_tps", "card_score"]
+              "prefill_tps", "decode_tps", "card_score", "made_by"]
 
 
 def write_outputs(results: BenchResults, out: Path) -> list[Path]:
