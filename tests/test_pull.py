@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.fake_hub import FakeHub
 from tests.gguf_files import rewrite_gguf
 from tests.test_serve import Server
 from tests.tiny_models import SHARED
@@ -244,3 +245,41 @@ def test_a_pulled_model_is_benched_by_id_and_its_rows_say_who_made_it(tmp_path, 
     assert runs["Q4_1"]["made_by"] == f"{REPO} (not made by localmed)"
     assert runs["F16"]["made_by"] == "localmed"
     assert "(not made by localmed)" in " ".join(done.stdout.split())
+
+
+@pytest.fixture
+def fake_hub(smollm2, tmp_path):
+    hub = FakeHub(REPO, {"smollm2-135m-instruct-q4_1.gguf": smollm2["gguf"]})
+    env = {"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hf"),
+           "LOCALMED_DATA_DIR": str(tmp_path / "data"), "HF_HUB_DISABLE_XET": "1"}
+    yield hub, env
+    hub.close()
+
+
+def test_a_download_cut_off_mid_file_is_resumed_where_it_stopped(fake_hub, smollm2):
+    """Online, through the real huggingface_hub: the connection drops twice mid-file; the
+    download goes on from the byte it reached (Range requests), and the sha256 is checked."""
+    hub, env = fake_hub
+    name = "smollm2-135m-instruct-q4_1.gguf"
+    hub.cut_after[name] = (20_000_000, 2)
+    done = localmed(env, "pull", f"{REPO}:Q4_1")
+    assert done.returncode == 0, done.stderr
+    ranges = [r for method, path, r in hub.requests if method == "GET" and path.endswith(name)]
+    # resumed from what arrived (huggingface_hub keeps whole 10 MiB chunks of it), not from 0
+    assert len(ranges) == 3 and ranges[0] is None, ranges
+    starts = [int(r.removeprefix("bytes=").removesuffix("-")) for r in ranges[1:]]
+    assert 0 < starts[0] <= 20_000_000 < starts[1] <= 40_000_000, ranges
+    placed = Path(env["LOCALMED_DATA_DIR"]) / "models" / "smollm2-135m-instruct.Q4_1.gguf"
+    assert placed.read_bytes() == smollm2["gguf"].read_bytes()
+
+
+def test_a_download_that_keeps_failing_is_one_line_and_places_nothing(fake_hub, tmp_path):
+    hub, env = fake_hub
+    hub.cut_after["smollm2-135m-instruct-q4_1.gguf"] = (1_000_000, 100)
+    done = localmed(env, "pull", f"{REPO}:Q4_1")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("error:") and "download of smollm2-135m-instruct-q4_1.gguf " \
+        "failed" in line
+    assert models(env) == []
+    assert not list((tmp_path / "hf").rglob("*.incomplete"))  # no partial file left behind

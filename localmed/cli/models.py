@@ -161,6 +161,11 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from localmed.pull import pull
     from localmed.registry import Registry
 
+    from huggingface_hub.utils import logging as hf_logging
+
+    # huggingface_hub resumes a dropped connection by itself (Range requests, five tries),
+    # warning in two long lines each time; what fails in the end is said in one line below.
+    hf_logging.set_verbosity_error()
     folder = Path(args.dir).expanduser() if args.dir else None
     with err_console().status(f"pulling {escape(args.spec)}…"):
         path, provenance = pull(args.spec, revision=args.revision,
