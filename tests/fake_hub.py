@@ -5,7 +5,8 @@ through the real huggingface_hub (``HF_ENDPOINT``), with connections that can be
 - ``HEAD|GET /{repo}/resolve/{rev}/{file}``: the file, with the headers huggingface_hub reads
   (``X-Repo-Commit``, ``X-Linked-Etag`` = sha256, ``X-Linked-Size``) and ``Range`` support.
 
-``cut_after[file] = (n_bytes, times)``: the next ``times`` GETs of ``file`` send its headers,
+``token``: when set, the repo is gated: a request without ``Authorization: Bearer <token>`` gets
+the hub's 401 ``GatedRepo``. ``cut_after[file] = (n_bytes, times)``: the next ``times`` GETs of ``file`` send its headers,
 ``n_bytes`` of it, and then close the connection, as a dropped Wi-Fi link does.
 """
 
@@ -28,6 +29,7 @@ class FakeHub:
         self.sha256 = {name: hashlib.sha256(path.read_bytes()).hexdigest()
                        for name, path in files.items()}
         self.cut_after: dict[str, tuple[int, int]] = {}
+        self.token: str | None = None
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range)
         hub = self
 
@@ -54,6 +56,9 @@ class FakeHub:
     def _serve(self, handler: BaseHTTPRequestHandler, *, body: bool) -> None:
         path = handler.path.split("?", 1)[0]
         self.requests.append((handler.command, path, handler.headers.get("Range")))
+        if self.token and handler.headers.get("Authorization") != f"Bearer {self.token}":
+            return self._send(handler, 401, {"X-Error-Code": "GatedRepo", "X-Error-Message":
+                                             "Access to this model is restricted."}, b"", body)
         if path in (f"/api/models/{self.repo}", f"/api/models/{self.repo}/revision/main"):
             siblings = [{"rfilename": name, "size": p.stat().st_size,
                          "lfs": {"sha256": self.sha256[name], "size": p.stat().st_size,

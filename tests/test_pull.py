@@ -283,3 +283,17 @@ def test_a_download_that_keeps_failing_is_one_line_and_places_nothing(fake_hub, 
         "failed" in line
     assert models(env) == []
     assert not list((tmp_path / "hf").rglob("*.incomplete"))  # no partial file left behind
+
+
+def test_a_gated_repo_without_a_token_is_one_line_and_with_one_is_pulled(fake_hub):
+    hub, env = fake_hub
+    hub.token = "hf_clinic"
+    done = localmed(env, "pull", f"{REPO}:Q4_1")
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert "gated repository" in line and "HF_TOKEN" in line
+    assert models(env) == []
+    done = localmed({**env, "HF_TOKEN": "hf_clinic"}, "pull", f"{REPO}:Q4_1")
+    assert done.returncode == 0, done.stderr
+    assert models(env) == ["smollm2-135m-instruct.Q4_1.gguf",
+                           "smollm2-135m-instruct.Q4_1.manifest.json"]

@@ -157,11 +157,11 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     import os
 
+    from huggingface_hub.utils import logging as hf_logging
+
     from localmed.planner import gib
     from localmed.pull import pull
     from localmed.registry import Registry
-
-    from huggingface_hub.utils import logging as hf_logging
 
     # huggingface_hub resumes a dropped connection by itself (Range requests, five tries),
     # warning in two long lines each time; what fails in the end is said in one line below.
