@@ -5,6 +5,7 @@ with its manifest, then planned and served by ID."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -297,3 +298,24 @@ def test_a_gated_repo_without_a_token_is_one_line_and_with_one_is_pulled(fake_hu
     assert done.returncode == 0, done.stderr
     assert models(env) == ["smollm2-135m-instruct.Q4_1.gguf",
                            "smollm2-135m-instruct.Q4_1.manifest.json"]
+
+
+def test_a_pulled_model_is_chatted_with_by_id(hub, monkeypatch):
+    """What `localmed chat smollm2-135m-instruct` does before the app starts: the id found in
+    the library, the GGUF's own template chosen, a reply from llama.cpp."""
+    from localmed.chat import ChatSession, open_runtime, resolve_chat_model
+    from localmed.registry import Registry
+
+    assert localmed(hub, "pull", f"{REPO}:Q4_1").returncode == 0
+    monkeypatch.setenv("LOCALMED_DATA_DIR", hub["LOCALMED_DATA_DIR"])
+    model = resolve_chat_model("smollm2-135m-instruct", Registry.load())
+    assert model.path == Path(hub["LOCALMED_DATA_DIR"]) / "models" / \
+        "smollm2-135m-instruct.Q4_1.gguf"
+    runtime = open_runtime(model, n_ctx=512, threads=2)
+    try:
+        session = ChatSession.open(model, runtime)
+        session.params = dataclasses.replace(session.params, max_tokens=16)
+        assert session.template_choice.reason == "the chat template embedded in the GGUF"
+        assert "".join(session.ask("Name one cause of chest pain.")).strip()
+    finally:
+        runtime.close()
