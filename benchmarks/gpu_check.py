@@ -116,34 +116,24 @@ def make_models(work: str, dry_run: bool) -> dict[str, Any]:
     """The demo model (trained: confident next tokens, for CPU/GPU token equality) and a Llama of
     random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
     run), quantized to Q8_0 by ``localmed quantize``."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from serve_load import random_llama  # beside this script
 
     from localmed.demo import ensure_demo_model
 
     work = Path(work)
-    from localmed.quantize.demo_model import build_checkpoint
-
     demo = ensure_demo_model(work / "models")
-    tokenizer = build_checkpoint(work / "tokenizer", steps=1)
     size = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2) if dry_run else \
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
              num_attention_heads=16, num_key_value_heads=8)
-    config = LlamaConfig(vocab_size=512, max_position_embeddings=2048, bos_token_id=1,
-                         eos_token_id=2, tie_word_embeddings=False, **size)
-    torch.manual_seed(0)
     folder = work / "checkpoint"
-    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copy(tokenizer / name, folder / name)
+    parameters = random_llama(folder, max_position_embeddings=2048, **size)
     _localmed("quantize", str(folder), "--quant", "Q8_0", "--name", "gpu-check", "--out",
               str(work / "models"), timeout=600)
     shutil.rmtree(folder)
     model = work / "models" / "gpu-check.Q8_0.gguf"
     return {"demo": str(demo), "model": str(model), "model_bytes": model.stat().st_size,
-            "parameters": sum(p.numel() for p in LlamaForCausalLM(config).parameters())
-            if dry_run else "~0.76B", "layers": config.num_hidden_layers}
+            "parameters": parameters, "layers": size["num_hidden_layers"]}
 
 
 def decode_tps(model: str, gpu_layers: int, tokens: int) -> float:

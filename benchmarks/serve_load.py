@@ -87,29 +87,39 @@ def llama_server() -> Path:
     return binary
 
 
+def random_llama(folder: Path, **size: int) -> int:
+    """A Llama checkpoint of random bfloat16 weights (seed 0) in ``folder``, with the demo
+    model's 512-token SentencePiece tokenizer; ``size``: LlamaConfig's width, depth and heads.
+    Returns its parameter count. benchmarks/gpu_check.py makes its model with it too."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from localmed.quantize.demo_model import build_checkpoint
+
+    with tempfile.TemporaryDirectory() as work:
+        tokenizer = build_checkpoint(Path(work) / "tokenizer", steps=1)
+        config = LlamaConfig(vocab_size=512, bos_token_id=1, eos_token_id=2,
+                             tie_word_embeddings=False, **size)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        model.to(torch.bfloat16).save_pretrained(folder)
+        for name in ("tokenizer.model", "tokenizer_config.json"):
+            shutil.copy(Path(tokenizer) / name, folder / name)
+    return sum(p.numel() for p in model.parameters())
+
+
 def large_model() -> Path:
     """A ~1B Llama of random weights (TinyLlama's width, 16 layers; the demo's 512-token
     vocabulary), quantized to Q4_K_M by ``localmed quantize``, made once into the cache."""
     gguf = CACHE / "serve-load-1b.Q4_K_M.gguf"
     if gguf.is_file():
         return gguf
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from localmed.quantize.demo_model import build_checkpoint
-
     CACHE.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        tokenizer = build_checkpoint(Path(work) / "tokenizer", steps=1)
-        config = LlamaConfig(vocab_size=512, hidden_size=2048, intermediate_size=5632,
-                             num_hidden_layers=16, num_attention_heads=32,
-                             num_key_value_heads=4, max_position_embeddings=4096,
-                             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-        torch.manual_seed(0)
         folder = Path(work) / "checkpoint"
-        LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-        for name in ("tokenizer.model", "tokenizer_config.json"):
-            shutil.copy(Path(tokenizer) / name, folder / name)
+        random_llama(folder, hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,
+                     num_attention_heads=32, num_key_value_heads=4,
+                     max_position_embeddings=4096)
         subprocess.run([sys.executable, "-m", "localmed", "quantize", str(folder), "--quant",
                         "Q4_K_M", "--name", "serve-load-1b", "--out", str(CACHE)], check=True)
     return gguf
