@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from aiohttp import web
+from rich.markup import escape
 from textual_serve.server import Server
 
 from localmed.errors import LocalmedError
@@ -59,7 +60,7 @@ class ChatWebServer(Server):
                     handle_signals=True)
 
     def _announce(self, _aiohttp_line: str) -> None:
-        self.console.print(f"[bold]{self.title}[/] in your browser: [bold]{self.public_url}[/]  "
+        self.console.print(f"[bold]{escape(self.title)}[/] in your browser: [bold]{self.public_url}[/]  "
                            "(this machine only; Ctrl+C stops it)", highlight=False,
                            soft_wrap=True)
 
