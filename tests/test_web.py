@@ -28,6 +28,8 @@ from tests.test_serve import free_port
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
 # Chromium as root in a container, with nothing of its own reaching out (updates, sync, ...)
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+           "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
@@ -108,6 +110,14 @@ def test_the_chat_in_a_browser_loads_nothing_from_outside_and_answers(smollm2, c
                 screen_text()[-2000:]
             assert wait_for(r"\d+\.\d tok/s", 120), screen_text()[-2000:]
             page.screenshot(path=tmp_path / "chat-web.png")
+            # one chat (one model in memory) at a time by default: a second tab is told why,
+            # and its WebSocket is refused before any model loads
+            second = httpx.get(web_chat.url)
+            assert second.status_code == 503 and "already open in 1 other tab" in second.text
+            assert "--sessions 2" in second.text
+            upgrade = httpx.get(f"{web_chat.url}/ws", headers={**UPGRADE,
+                                                               "Origin": web_chat.url})
+            assert upgrade.status_code == 503
             # Ctrl+C with the page still open ends the server and the chat it started, at once
             chats = [c for c in psutil.Process(web_chat.proc.pid).children(recursive=True)
                      if "chat" in c.cmdline()]
@@ -126,11 +136,9 @@ def test_the_chat_in_a_browser_loads_nothing_from_outside_and_answers(smollm2, c
 
 
 def test_a_page_of_another_origin_cannot_drive_the_chat(web_chat):
-    upgrade = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
-    r = httpx.get(f"{web_chat.url}/ws", headers={**upgrade, "Origin": "http://example.org"})
+    r = httpx.get(f"{web_chat.url}/ws", headers={**UPGRADE, "Origin": "http://example.org"})
     assert r.status_code == 403
-    r = httpx.get(f"{web_chat.url}/ws", headers=upgrade)  # no Origin: not a browser page
+    r = httpx.get(f"{web_chat.url}/ws", headers=UPGRADE)  # no Origin: not a browser page
     assert r.status_code == 403
 
 

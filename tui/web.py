@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import aiohttp_jinja2
 from aiohttp import web
 from rich.markup import escape
 from textual_serve.server import Server
@@ -36,11 +37,14 @@ TEMPLATES = Path(__file__).parent / "web"
 class ChatWebServer(Server):
     """textual-serve's server with localmed's page, banner line and origin check."""
 
-    def __init__(self, command: str, *, port: int, title: str) -> None:
+    def __init__(self, command: str, *, port: int, title: str, max_sessions: int = 1) -> None:
         super().__init__(command, host=HOST, port=port, title=title,
                          templates_path=TEMPLATES)
         self.origin = f"http://{HOST}:{port}"
         self.sessions: set[asyncio.Task] = set()
+        self.max_sessions = max_sessions
+        """Each tab loads the model again in its own process: more tabs than memory allows
+        would push the machine into swap, so beyond this a tab is told why instead."""
 
     def initialize_logging(self) -> None:
         """Warnings and errors only: textual-serve's access log would fill the terminal with a
@@ -64,9 +68,24 @@ class ChatWebServer(Server):
                            "(this machine only; Ctrl+C stops it)", highlight=False,
                            soft_wrap=True)
 
+    def _full(self) -> str | None:
+        if len(self.sessions) < self.max_sessions:
+            return None
+        return (f"localmed chat is already open in {len(self.sessions)} other tab(s) on this "
+                f"machine, each with the model loaded; close one and reload this page (or "
+                f"start it with --sessions {self.max_sessions + 1} if memory allows)")
+
+    async def handle_index(self, request: web.Request) -> web.StreamResponse:
+        if busy := self._full():
+            return aiohttp_jinja2.render_template("busy.html", request, {
+                "title": self.title, "message": busy}, status=503)
+        return await super().handle_index(request)
+
     async def handle_websocket(self, request: web.Request) -> web.StreamResponse:
         if request.headers.get("Origin") not in {self.origin, f"http://localhost:{self.port}"}:
             raise web.HTTPForbidden(text="localmed chat: WebSocket from another origin refused")
+        if busy := self._full():  # decided before the upgrade, not after a model load
+            raise web.HTTPServiceUnavailable(text=busy)
         task = asyncio.current_task()
         self.sessions.add(task)
         try:
@@ -97,8 +116,9 @@ def check_port_free(port: int) -> None:
             raise LocalmedError(f"cannot listen on {HOST}:{port}: {error.strerror}") from None
 
 
-def serve_chat(chat_args: Sequence[str], *, port: int, title: str) -> None:
-    """Serve ``localmed chat CHAT_ARGS`` to browsers on this machine until Ctrl+C."""
+def serve_chat(chat_args: Sequence[str], *, port: int, title: str, sessions: int = 1) -> None:
+    """Serve ``localmed chat CHAT_ARGS`` to browsers on this machine until Ctrl+C, to at most
+    ``sessions`` tabs at a time."""
     check_port_free(port)
     command = shlex.join([sys.executable, "-m", "localmed", "chat", *chat_args])
-    ChatWebServer(command, port=port, title=title).serve()
+    ChatWebServer(command, port=port, title=title, max_sessions=sessions).serve()

@@ -101,7 +101,8 @@ def _chat_web(args: argparse.Namespace) -> int:
             chat_args += [flag, str(value)]
     if args.save:
         chat_args.append("--save")
-    serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}")
+    serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}",
+               sessions=args.sessions)
     return 0
 
 
@@ -252,6 +253,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--web", action="store_true", help="serve the same chat to a browser on "
                    "this machine (127.0.0.1 only) instead of this terminal")
     p.add_argument("--port", type=port_number, default=8000, help="--web's port (default 8000)")
+    p.add_argument("--sessions", type=positive, default=1, help="--web: browser tabs chatting at "
+                   "once, each with its own copy of the model in memory (default 1)")
     p.set_defaults(func=cmd_chat)
 
 
