@@ -156,3 +156,11 @@ def test_a_port_in_use_is_one_line(smollm2):
     assert out.stderr.strip() == f"error: port {port} on 127.0.0.1 is in use; choose another " \
                                  "with --port", out.stderr
     assert out.stdout == ""
+
+
+def test_web_options_without_web_are_one_line(smollm2):
+    out = subprocess.run([sys.executable, "-m", "localmed", "chat", str(smollm2["gguf"]),
+                          "--sessions", "2"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: --port and --sessions are for --web (the chat in a " \
+                                 "browser)"

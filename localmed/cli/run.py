@@ -62,6 +62,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.web:
         return _chat_web(args)
+    if args.port is not None or args.sessions is not None:
+        raise LocalmedError("--port and --sessions are for --web (the chat in a browser)")
     err = err_console()
     with err.status("preparing the model…"):
         model = _chat_model(args)
@@ -89,6 +91,7 @@ def _chat_web(args: argparse.Namespace) -> int:
     served; every browser tab then runs `localmed chat` with the same arguments."""
     from localmed.tui.web import check_port_free, serve_chat
 
+    args.port = 8000 if args.port is None else args.port
     check_port_free(args.port)
     with err_console().status("finding the model…"):
         model = _chat_model(args)
@@ -102,7 +105,7 @@ def _chat_web(args: argparse.Namespace) -> int:
     if args.save:
         chat_args.append("--save")
     serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}",
-               sessions=args.sessions)
+               sessions=args.sessions or 1)
     return 0
 
 
@@ -252,8 +255,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--web", action="store_true", help="serve the same chat to a browser on "
                    "this machine (127.0.0.1 only) instead of this terminal")
-    p.add_argument("--port", type=port_number, default=8000, help="--web's port (default 8000)")
-    p.add_argument("--sessions", type=positive, default=1, help="--web: browser tabs chatting at "
+    p.add_argument("--port", type=port_number, help="--web's port (default 8000)")
+    p.add_argument("--sessions", type=positive, help="--web: browser tabs chatting at "
                    "once, each with its own copy of the model in memory (default 1)")
     p.set_defaults(func=cmd_chat)
 
