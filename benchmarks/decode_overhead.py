@@ -10,7 +10,10 @@ sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every
 - tui: ``localmed chat`` in a tmux pane (120x40, a real terminal and Textual driver): the tok/s
   its status line shows when the reply ends, read from the screen with ``capture-pane``;
 - serve: ``localmed serve`` streaming ``/v1/chat/completions`` to httpx: tokens over the time
-  from the first streamed piece to the last, measured by the client.
+  from the first streamed piece to the last, measured by the client;
+- web: ``localmed chat --web`` in Debian's headless Chromium (Playwright), the message typed
+  into the page: the tok/s its status line shows when the reply ends, read from what the
+  browser received over the WebSocket (the browser shares the machine, as a user's does).
 
 Medians of ``--repeats`` runs, and each path's ratio to raw.
 
@@ -27,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -171,6 +175,61 @@ def serve_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
         proc.wait(60)
 
 
+def web_tps(gguf: Path, threads: int, tokens: int, ctx: int, expected_s: float) -> float:
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(localmed("chat", str(gguf), "--threads", str(threads), "--ctx",
+                                     str(ctx), "--max-tokens", str(tokens), "--ignore-eos",
+                                     "--web", "--port", str(port)),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    frames: list[str] = []
+    ansi = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+    def text() -> str:
+        return ansi.sub("", "".join(frames))
+
+    def wait(predicate, what: str, every: float) -> None:
+        end = time.monotonic() + 300
+        while time.monotonic() < end:
+            if predicate(text()):
+                return
+            page.wait_for_timeout(every * 1000)
+        raise SystemExit(f"web: timed out waiting for {what}")
+
+    try:
+        proc.stdout.readline()
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=shutil.which("chromium"), args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            page = browser.new_page(viewport={"width": 1200, "height": 800})
+            page.on("websocket", lambda ws: ws.on("framereceived", lambda f: frames.append(
+                f if isinstance(f, str) else f.decode("utf-8", "replace"))))
+            page.goto(f"http://127.0.0.1:{port}/")
+            wait(lambda t: "Ask the model" in t, "the chat screen", 0.2)
+            page.focus(".xterm-helper-textarea")
+            page.keyboard.type(MESSAGE)
+            start = len(frames)
+            page.keyboard.press("Enter")
+            wait(lambda t: "generating" in ansi.sub("", "".join(frames[start:])),
+                 "the reply to start", 0.1)
+            page.wait_for_timeout(expected_s * 900)
+
+            def ended(t: str) -> bool:
+                after = t.rsplit("generating", 1)[-1]
+                return re.search(r"\d+\.\d tok/s", after) is not None
+
+            wait(ended, "the reply to end", 0.5)
+            value = float(re.findall(r"(\d+\.\d) tok/s", text().rsplit("generating", 1)[-1])[-1])
+            browser.close()
+        return value
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+
+
 def smollm2() -> Path | None:
     try:
         from tests.real_models import Unavailable, smollm2_gguf
@@ -193,6 +252,9 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is needed: the TUI is measured in a real terminal")
+    if shutil.which("chromium") is None:
+        raise SystemExit("chromium is needed (Debian: apt-get install chromium): --web is "
+                         "measured in a real browser")
     scratch = Path(tempfile.mkdtemp(prefix="localmed-decode-"))
     try:
         models = args.gguf or [m for m in (smollm2(), build_tiny(scratch)) if m]
@@ -201,18 +263,21 @@ def main() -> None:
         print(f"{args.tokens} tokens each, EOS ignored, medians of {args.repeats}; "
               f"{cores} cores; ratios to raw llama-cpp-python")
         print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'tui t/s':>8} {'tui/raw':>8} "
-              f"{'serve t/s':>9} {'serve/raw':>9}")
+              f"{'serve t/s':>9} {'serve/raw':>9} {'web t/s':>8} {'web/raw':>8}")
         for gguf in models:
             for threads in counts:
-                runs = {"raw": [], "tui": [], "serve": []}
+                runs = {"raw": [], "tui": [], "serve": [], "web": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits every path alike
                     runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx))
                     runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
                                                args.tokens / runs["raw"][-1]))
                     runs["serve"].append(serve_tps(gguf, threads, args.tokens, args.ctx))
-                raw, tui, srv = (statistics.median(runs[k]) for k in ("raw", "tui", "serve"))
+                    runs["web"].append(web_tps(gguf, threads, args.tokens, args.ctx,
+                                               args.tokens / runs["raw"][-1]))
+                raw, tui, srv, web = (statistics.median(runs[k])
+                                      for k in ("raw", "tui", "serve", "web"))
                 print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {tui:8.1f} {tui / raw:8.2f} "
-                      f"{srv:9.1f} {srv / raw:9.2f}", flush=True)
+                      f"{srv:9.1f} {srv / raw:9.2f} {web:8.1f} {web / raw:8.2f}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -104,6 +104,8 @@ def _chat_web(args: argparse.Namespace) -> int:
             chat_args += [flag, str(value)]
     if args.save:
         chat_args.append("--save")
+    if args.ignore_eos:
+        chat_args.append("--ignore-eos")
     serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}",
                sessions=args.sessions or 1)
     return 0
