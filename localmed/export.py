@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from localmed import __version__, formats
+from localmed import __version__, formats, library
 from localmed.atomic import atomic_path, write_text_atomic
 from localmed.conversation import DISCLAIMER
 from localmed.errors import ExportError, TemplateError
@@ -160,6 +160,10 @@ def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None
     if info.format != "gguf":
         raise ExportError(path, f"is a {info.format.upper()} model; Ollama and LM Studio run GGUF "
                           "files: export a GGUF made by `localmed quantize`")
+    if for_ollama and len(parts := library.gguf_files(info.path)) > 1:
+        raise ExportError(path, f"is a split GGUF ({len(parts)} parts), which Ollama cannot "
+                          "import (ollama/ollama#5245): merge it first (llama.cpp's "
+                          "llama-gguf-split --merge), or export it with --lmstudio alone")
     choice = resolve_template(
         template, embedded=info.chat_template, bos_token=info.bos_token, add_bos=info.add_bos,
         eos_token=info.eos_token, registry_default=entry.template if entry else None,
@@ -252,23 +256,27 @@ def lmstudio_models_dir() -> Path:
 
 def export_lmstudio(source: ExportSource, models_dir: Path, *, copy: bool = False) -> Path:
     """Place the GGUF as ``models_dir/localmed/<model>-GGUF/<file>.gguf`` (LM Studio's
-    publisher/model/file layout): a hard link where the disk allows, else a symbolic link, or a
-    copy with ``copy``."""
+    publisher/model/file layout), every part of a split one: hard links where the disk allows,
+    else symbolic links, or copies with ``copy``. Returns where the (first) file is."""
     info = source.info
     model = source.name.split(":")[0] + "-GGUF"
-    target = models_dir / "localmed" / model / info.path.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    src = info.path.resolve()
+    folder = models_dir / "localmed" / model
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in library.gguf_files(info.path):
+        _place(part.resolve(), folder / part.name, copy=copy)
+    return folder / info.path.name
+
+
+def _place(src: Path, target: Path, *, copy: bool) -> None:
     if target.exists() or target.is_symlink():
         if target.resolve() == src or (not copy and os.path.samefile(target, src)):
-            return target
+            return
         raise ExportError(target, "exists and is another file; remove it first")
     if copy:
         with atomic_path(target) as tmp:
             shutil.copyfile(src, tmp)
-        return target
+        return
     try:
         os.link(src, target)
     except OSError:
         target.symlink_to(src)
-    return target

@@ -169,6 +169,16 @@ def test_a_split_gguf_is_pulled_whole_and_loads_as_llama_cpp_loads_it(hub, smoll
         assert reply.status_code == 200, reply.text
     finally:
         running.stop()
+    # exported: Ollama cannot import split GGUFs (one line); LM Studio gets every part
+    out = Path(hub["LOCALMED_DATA_DIR"]).parent
+    ollama = localmed(hub, "export", "smollm2-split", "--ollama", str(out / "ollama"))
+    assert ollama.returncode == 2 and "split GGUF (2 parts)" in ollama.stderr
+    assert len(ollama.stderr.strip().splitlines()) == 1 and not (out / "ollama").exists()
+    lms = localmed(hub, "export", "smollm2-split", "--lmstudio", str(out / "lms"))
+    assert lms.returncode == 0, lms.stderr
+    placed = sorted(p.name for p in (out / "lms" / "localmed" / "smollm2-split-GGUF").iterdir())
+    assert placed == ["smollm2-split.Q4_1-00001-of-00002.gguf",
+                      "smollm2-split.Q4_1-00002-of-00002.gguf"]
 
 
 def test_a_split_gguf_read_from_the_wrong_part_or_with_a_part_missing_is_one_line(
