@@ -164,3 +164,30 @@ def test_web_options_without_web_are_one_line(smollm2):
     assert out.returncode == 2
     assert out.stderr.strip() == "error: --port and --sessions are for --web (the chat in a " \
                                  "browser)"
+
+
+def test_a_malformed_message_ends_that_session_in_one_line_and_the_server_goes_on(smollm2):
+    import asyncio
+
+    import aiohttp
+
+    web_chat = WebChat(smollm2["gguf"])
+
+    async def session(message: str) -> None:
+        async with aiohttp.ClientSession() as client, client.ws_connect(
+                f"{web_chat.url}/ws?width=80&height=24", origin=web_chat.url) as ws:
+            await ws.send_str(message)
+            await ws.receive(timeout=60)  # the app's first bytes, or the close
+
+    try:
+        asyncio.run(session("not json{"))
+        deadline = time.monotonic() + 30  # the session's slot is freed once its app has ended
+        while httpx.get(web_chat.url).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(web_chat.url).status_code == 200
+        asyncio.run(session('["ping", "x"]'))  # a good session after it
+    finally:
+        assert web_chat.stop() == 0
+    errors = [line for line in web_chat.proc.stderr.read().splitlines() if line.strip()]
+    assert errors == ["localmed chat --web: a browser session ended: JSONDecodeError: Expecting "
+                      "value: line 1 column 1 (char 0)"], errors

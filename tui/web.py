@@ -47,10 +47,13 @@ class ChatWebServer(Server):
         would push the machine into swap, so beyond this a tab is told why instead."""
 
     def initialize_logging(self) -> None:
-        """Warnings and errors only: textual-serve's access log would fill the terminal with a
-        line per request."""
-        super().initialize_logging()
-        logging.getLogger().setLevel(logging.WARNING)
+        """Warnings and errors only, one line each: textual-serve's access log would fill the
+        terminal with a line per request, and a session that ends on a malformed message from
+        its page would print a traceback with its locals."""
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("localmed chat --web: %(message)s"))
+        handler.addFilter(_one_line)
+        logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
     async def on_startup(self, app: web.Application) -> None:
         """Nothing: textual-serve prints its logo here, before the port is bound."""
@@ -99,6 +102,14 @@ class ChatWebServer(Server):
         for task in list(self.sessions):
             task.cancel()
         await asyncio.gather(*self.sessions, return_exceptions=True)
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    if record.exc_info:
+        error = record.exc_info[1]
+        record.msg, record.args = f"a browser session ended: {type(error).__name__}: %s", (error,)
+        record.exc_info = record.exc_text = None
+    return True
 
 
 def check_port_free(port: int) -> None:
