@@ -287,5 +287,8 @@ def test_serve_gives_a_gptq_folder_one_reply_at_a_time(gptq_models):
         r = httpx.post(f"{running.url}/v1/completions", timeout=60, json={
             "prompt": "x", "max_tokens": 4, "seed": 3})
         assert r.status_code == 400 and "serve a GGUF" in r.json()["error"]["message"]
+        r = httpx.post(f"{running.url}/v1/chat/completions", timeout=60, json={
+            "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "logprobs": True})
+        assert r.status_code == 400 and "serve a GGUF" in r.json()["error"]["message"]
     finally:
         running.stop()

@@ -111,6 +111,80 @@ def test_a_reply_equals_what_localmed_chat_gives(ward, smol):
     assert ask(client_of(ward), QUESTIONS[0]) == expected
 
 
+def test_logprobs_are_the_models_own_as_llama_cpp_reports_them(ward, smol):
+    """Each token's log probability and its top alternatives, against llama_cpp.Llama's own
+    ``logprobs`` for the same prompt (the reference: llama-cpp-python's log-softmax of the
+    logits), greedy; the tokens spell the reply, streamed or not."""
+    import llama_cpp
+
+    from localmed.formats.gguf import read_gguf_info
+    from localmed.templates import Message, gguf_template
+
+    client = client_of(ward)
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[1]}],
+        max_tokens=16, logprobs=True, top_logprobs=3, **GREEDY)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 16
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+    for entry in content:
+        assert len(entry.top_logprobs) == 3 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the most likely one
+        assert [t.logprob for t in entry.top_logprobs] == \
+            sorted((t.logprob for t in entry.top_logprobs), reverse=True)
+        assert bytes(entry.bytes).decode() == entry.token
+
+    info = read_gguf_info(smol)
+    template = gguf_template(info.chat_template, bos_token=info.bos_token,
+                             eos_token=info.eos_token, add_bos=info.add_bos)
+    llm = llama_cpp.Llama(str(smol), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    try:
+        reference = llm.create_completion(template.render([Message("user", QUESTIONS[1])]),
+                                          max_tokens=16, temperature=0, logprobs=3)
+    finally:
+        llm.close()
+    ref = reference["choices"][0]["logprobs"]
+    assert [e.token for e in content] == ref["tokens"]
+    assert [e.logprob for e in content] == pytest.approx(ref["token_logprobs"], abs=2e-3)
+    for entry, alternatives in zip(content, ref["top_logprobs"], strict=True):
+        assert {t.token: t.logprob for t in entry.top_logprobs} == \
+            pytest.approx(alternatives, abs=2e-3)
+
+    tokens, text = [], []
+    for chunk in client.chat.completions.create(
+            model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[1]}],
+            max_tokens=16, logprobs=True, stream=True, **GREEDY):
+        if chunk.choices and chunk.choices[0].logprobs:
+            tokens += [e.token for e in chunk.choices[0].logprobs.content]
+        if chunk.choices and chunk.choices[0].delta.content:
+            text.append(chunk.choices[0].delta.content)
+    assert "".join(text) == reply.choices[0].message.content == "".join(tokens)
+
+
+def test_logprobs_leave_out_the_tokens_of_a_stop_string_that_was_cut(ward):
+    client = client_of(ward)
+    full = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[0]}],
+        max_tokens=24, **GREEDY).choices[0].message.content
+    stop = full.split()[3]  # a word inside the reply
+    reply = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[0]}],
+        max_tokens=24, stop=[stop], logprobs=True, **GREEDY)
+    text = reply.choices[0].message.content
+    assert stop not in text and full.startswith(text)
+    tokens = [e.token for e in reply.choices[0].logprobs.content]
+    # every token whose text was sent, the last one perhaps reaching into the stop string,
+    # and none wholly inside it
+    assert "".join(tokens).startswith(text) and len("".join(tokens[:-1])) < len(text)
+
+
+def test_logprobs_on_legacy_completions_are_refused_by_name(ward):
+    with pytest.raises(openai.BadRequestError) as refused:
+        client_of(ward).completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="The",
+                                           max_tokens=2, logprobs=2)
+    assert refused.value.param == "logprobs" and "/v1/chat/completions" in refused.value.message
+
+
 def test_an_over_long_prompt_is_refused_while_another_reply_streams(ward):
     client = client_of(ward)
     streaming, refused_at, finished_at = threading.Event(), [], []
@@ -247,7 +321,8 @@ BAD_REQUESTS = [
     ({"tool_choice": "required"}, "tool_choice"),
     ({"n": 2}, "n"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"logprobs": True}, "logprobs"),
+    ({"top_logprobs": 3}, "top_logprobs"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"response_format": {"type": "yaml"}}, "response_format.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
       "schema": {"type": "nonsense"}}}}, "response_format.json_schema.schema"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import json
+import math
 import os
 import random
 import time
@@ -31,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from localmed.errors import ContextFullError, EngineError, GGUFFileError, LocalmedError
 from localmed.runtimes.base import GenerationParams, GenerationStats, StopStringFilter
@@ -66,6 +69,8 @@ class Request:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     grammar: str | None = None
+    logprobs: int | None = None
+    """Report each token's log probability and this many alternatives (None: none)."""
 
 
 @dataclass
@@ -86,6 +91,11 @@ class _Sequence:
     started: float = field(default_factory=time.perf_counter)
     first: float = 0.0
     pending: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """Entries of tokens whose text has not been sent yet."""
+    bytes_sent: int = 0
+    bytes_reported: int = 0
+    """Text sent on, and text of the tokens whose entries were sent (UTF-8 bytes)."""
     flushed: float = 0.0
     """When text was last sent on (0: never, so the first piece goes at once)."""
 
@@ -234,14 +244,62 @@ class BatchEngine:
         for seq in order:
             if seq.logits_at < 0:
                 continue
+            logits = None
+            if seq.request.logprobs is not None:  # the model's distribution, before sampling
+                logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(
+                    self._ctx, seq.logits_at), shape=(self._n_vocab,)).copy()
             token = llama.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
-            events += self._take(seq, int(token))
+            events += self._take(seq, int(token), logits)
             if seq.request.id in self._running and seq.pending and \
                     now - seq.flushed >= flush_seconds:
-                events.append(("piece", seq.request.id, "".join(seq.pending)))
+                events += self._send(seq, "".join(seq.pending))
                 seq.pending.clear()
                 seq.flushed = now
         return events
+
+    def _send(self, seq: _Sequence, text: str, *, last: bool = False
+              ) -> list[tuple[str, int, Any]]:
+        """A piece of text, after the log probabilities of the tokens it holds: those whose
+        text has gone out (a token held back as a possible stop string waits; at the end, the
+        tokens of a stop string that was cut are left out)."""
+        events: list[tuple[str, int, Any]] = []
+        seq.bytes_sent += len(text.encode())
+        if seq.logprobs:
+            keep = 0
+            for entry in seq.logprobs:
+                if seq.bytes_reported >= seq.bytes_sent and not (
+                        last and seq.stats.stopped_by != "stop"):
+                    break
+                seq.bytes_reported += len(entry["bytes"])
+                keep += 1
+            if keep:
+                events.append(("logprobs", seq.request.id, seq.logprobs[:keep]))
+                del seq.logprobs[:keep]
+        if text:
+            events.append(("piece", seq.request.id, text))
+        return events
+
+    def _token_bytes(self, token: int) -> bytes:
+        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece,
+                                             len(self._piece), 0, False)
+        return self._piece.raw[:max(n, 0)]
+
+    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+        raw = self._token_bytes(token)
+        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
+                "bytes": list(raw)}
+
+    def _logprob_entry(self, logits: Any, token: int, top: int) -> dict[str, Any]:
+        """OpenAI's ``logprobs.content`` item: the token's log probability under the model
+        (log-softmax of its logits) and the ``top`` most likely tokens'."""
+        peak = float(logits.max())
+        log_z = peak + math.log(float(np.exp(logits - peak).sum()))
+        entry = self._entry(token, float(logits[token]) - log_z)
+        best = np.argpartition(-logits, top)[:top] if 0 < top < len(logits) else \
+            np.arange(len(logits) if top else 0)
+        best = best[np.argsort(-logits[best], kind="stable")]
+        entry["top_logprobs"] = [self._entry(int(t), float(logits[t]) - log_z) for t in best]
+        return entry
 
     def _admit(self) -> None:
         free = [s for s in range(self.n_parallel)
@@ -287,7 +345,8 @@ class BatchEngine:
             add(llama.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def _take(self, seq: _Sequence, token: int) -> list[tuple[str, int, Any]]:
+    def _take(self, seq: _Sequence, token: int, logits: Any = None
+              ) -> list[tuple[str, int, Any]]:
         """A sampled token: text, or the sequence's end."""
         stats, params = seq.stats, seq.request.params
         if stats.generated_tokens == 0:
@@ -298,9 +357,9 @@ class BatchEngine:
             return self._finish(seq)
         stats.generated_tokens += 1
         stats.token_ids.append(token)
-        n = self._llama.llama_token_to_piece(self._vocab, token, self._piece,
-                                             len(self._piece), 0, False)
-        piece = seq.decoder.decode(self._piece.raw[:max(n, 0)])
+        if logits is not None:
+            seq.logprobs.append(self._logprob_entry(logits, token, seq.request.logprobs or 0))
+        piece = seq.decoder.decode(self._token_bytes(token))
         if piece and (text := seq.stops.feed(piece)):
             seq.pending.append(text)
         if seq.stops.hit:
@@ -320,10 +379,7 @@ class BatchEngine:
         if seq.first:
             seq.stats.decode_seconds = time.perf_counter() - seq.first
         tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
-        text = "".join(seq.pending) + tail
-        events: list[tuple[str, int, Any]] = []
-        if text:
-            events.append(("piece", seq.request.id, text))
+        events = self._send(seq, "".join(seq.pending) + tail, last=True)
         events.append(("done", seq.request.id, seq.stats))
         return events
 

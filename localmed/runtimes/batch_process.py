@@ -9,9 +9,10 @@ So the server decides what to refuse (a prompt over one sequence's context, a sc
 cannot use) without waiting for anyone's reply.
 
 Protocol (pickled tuples), every message after the first naming a request id:
-``("submit", id, tokens, params, stop, seed, grammar)``, ``("cancel", id)``,
+``("submit", id, tokens, params, stop, seed, grammar, logprobs)``, ``("cancel", id)``,
 ``("tokenize", id, text, add_bos)``, ``("json_grammar", id, schema)``, ``("close",)``; answers
-``("piece", id, text)``, ``("done", id, stats)``, ``("ok", id, value)``, ``("error", id, error)``.
+``("logprobs", id, entries)`` (before the piece that holds their text), ``("piece", id, text)``,
+``("done", id, stats)``, ``("ok", id, value)``, ``("error", id, error)``.
 The first message from the engine is ``("ready", info, plan, n_ctx_seq)`` or
 ``("error", None, error)``.
 """
@@ -125,9 +126,10 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
                 if message[0] == "close":
                     return
                 if message[0] == "submit":
-                    _, rid, tokens, params, stop, seed, grammar = message
+                    _, rid, tokens, params, stop, seed, grammar, logprobs = message
                     try:
-                        engine.submit(Request(rid, tokens, params, stop, seed, grammar))
+                        engine.submit(Request(rid, tokens, params, stop, seed, grammar,
+                                              logprobs))
                     except Exception as exc:
                         send("error", rid, _portable(exc))
                 elif message[0] == "cancel":
@@ -208,12 +210,12 @@ class BatchClient:
                 break
             with self._lock:
                 events, on_end = self._waiting.get(rid, (None, None))
-                if kind != "piece":
+                if kind not in ("piece", "logprobs"):
                     self._waiting.pop(rid, None)
             if events is None:
                 continue
             events.put((kind, value))
-            if kind != "piece" and on_end is not None:
+            if kind not in ("piece", "logprobs") and on_end is not None:
                 on_end()
         if self._closing:
             return
@@ -272,12 +274,14 @@ class BatchClient:
 
     def submit(self, tokens: Sequence[int], params: GenerationParams, stop: Sequence[str],
                events: queue.Queue[tuple[str, Any]], *, seed: int | None = None,
-               grammar: str | None = None, on_end: Callable[[], None] | None = None) -> int:
+               grammar: str | None = None, logprobs: int | None = None,
+               on_end: Callable[[], None] | None = None) -> int:
         """Start a reply (in arrival order as slots free up); its events go to ``events``:
-        ``("piece", text)``…, then ``("done", stats)`` or ``("error", LocalmedError)``;
+        ``("piece", text)``… (each after its tokens' ``("logprobs", entries)`` when
+        ``logprobs`` is given), then ``("done", stats)`` or ``("error", LocalmedError)``;
         ``on_end`` is called once after the last."""
         return self._send(events, on_end, "submit", list(tokens), params, tuple(stop), seed,
-                          grammar)
+                          grammar, logprobs)
 
     def cancel(self, rid: int) -> None:
         with self._lock, contextlib.suppress(OSError):

@@ -56,6 +56,8 @@ class Job:
     tokens: list[int] = field(default_factory=list)
     seed: int | None = None
     grammar: str | None = None
+    logprobs: int | None = None
+    """OpenAI's top_logprobs when logprobs are asked for (0: the chosen token's only)."""
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: int | None = None
@@ -137,7 +139,8 @@ class BatchJobs(Jobs):
 
     def _start(self, job: Job, on_end: Callable[[], None]) -> None:
         job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events,
-                                        seed=job.seed, grammar=job.grammar, on_end=on_end)
+                                        seed=job.seed, grammar=job.grammar,
+                                        logprobs=job.logprobs, on_end=on_end)
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
@@ -172,6 +175,8 @@ class SerialJobs(Jobs):
         if job.seed is not None or job.params.frequency_penalty or job.params.presence_penalty:
             raise UnsupportedError("'seed', 'frequency_penalty' and 'presence_penalty' need "
                                    "llama.cpp's samplers: serve a GGUF")
+        if job.logprobs is not None:
+            raise UnsupportedError("'logprobs' needs the llama.cpp engine: serve a GGUF")
         self._jobs.put((job, on_end))
 
     def cancel(self, job: Job) -> None:

@@ -73,8 +73,6 @@ UNSUPPORTED = {
     "functions": "function calls are not supported by localmed serve",
     "function_call": "function calls are not supported by localmed serve",
     "logit_bias": "'logit_bias' is not supported",
-    "logprobs": "'logprobs' is not supported",
-    "top_logprobs": "'top_logprobs' is not supported",
     "audio": "audio output is not supported",
     "prediction": "predicted outputs are not supported",
 }
@@ -93,6 +91,27 @@ def refuse_unsupported(body: dict[str, Any]) -> None:
     if n != 1:
         raise APIError(400, "only n=1 is supported: one reply per request", param="n",
                        code="unsupported_parameter")
+
+
+def logprobs(body: dict[str, Any], *, chat: bool) -> int | None:
+    """How many alternatives to report with each token's log probability (OpenAI's chat
+    ``logprobs: true`` and ``top_logprobs`` 0-20); None when not asked for."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if not chat:
+        if wanted not in (None, False, 0):
+            raise APIError(400, "'logprobs' on /v1/completions is not supported; use "
+                           "/v1/chat/completions with logprobs: true", param="logprobs",
+                           code="unsupported_parameter")
+        return None
+    if wanted is not None and not isinstance(wanted, bool):
+        raise APIError(400, "'logprobs' must be true or false", param="logprobs")
+    if top is not None:
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20:
+            raise APIError(400, "'top_logprobs' must be an integer from 0 to 20",
+                           param="top_logprobs")
+        if not wanted:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def seed(body: dict[str, Any]) -> int | None:

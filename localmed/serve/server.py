@@ -40,6 +40,7 @@ from localmed.serve.openai_fields import (
     APIError,
     chat_messages,
     finish_reason,
+    logprobs,
     merge_runs,
     response_format,
     sampling,
@@ -97,6 +98,7 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, f"the model '{model}' is not served here; this server has "
                            f"'{served.id}'", param="model", code="model_not_found")
         params = sampling(body, served.defaults)
+        top_logprobs = logprobs(body, chat=route == "/v1/chat/completions")
         wants_json, schema = response_format(body)
         if route == "/v1/chat/completions":
             prompt = self._render(chat_messages(body))
@@ -116,7 +118,7 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
                            f"({jobs.parallel} at once); the prompt has {len(tokens)}",
                            param=where, code="context_length_exceeded")
-        job = Job(prompt, params, stops, tokens, seed(body), grammar)
+        job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs)
         jobs.admit(job)
         self._log_content(route, body)
         if body.get("stream"):
@@ -159,11 +161,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _complete(self, job: Job, kind: str) -> None:
         try:
-            parts = []
+            parts: list[str] = []
+            entries: list[dict[str, Any]] = []
             stats = GenerationStats()
             for name, value in self._events(job):
                 if name == "piece":
                     parts.append(value)
+                elif name == "logprobs":
+                    entries += value
                 else:
                     stats = value
         except BaseException:
@@ -173,6 +178,7 @@ class Handler(BaseHTTPRequestHandler):
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
         if kind == "chat.completion":
             choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = {"content": entries} if job.logprobs is not None else None
         else:
             choice |= {"text": text, "logprobs": None}
         self.tokens = (stats.prompt_tokens, stats.generated_tokens)
@@ -191,19 +197,27 @@ class Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         self.status = 200
 
+        entries: list[dict[str, Any]] = []
+
         def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
             if kind != "chat.completion":
                 return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "finish_reason": reason}
+            out = {"index": 0, "delta": delta, "finish_reason": reason}
+            if entries:  # the log probabilities of the tokens this chunk's text came from
+                out["logprobs"] = {"content": entries.copy()}
+                entries.clear()
+            return out
 
         try:
             self._event({**head, "choices": [choice("", None, True)],
                          "localmed": self.server.model.notice()})
             for name, value in self._events(job):
-                if name == "piece":
+                if name == "logprobs":
+                    entries += value
+                elif name == "piece":
                     self._event({**head, "choices": [choice(value, None)]})
                 else:
                     self.tokens = (value.prompt_tokens, value.generated_tokens)
