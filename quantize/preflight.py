@@ -4,6 +4,7 @@ disk space, and which types llama.cpp would refuse for this model without an imp
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
@@ -37,9 +38,11 @@ def check_output_dir(out_dir: Path) -> None:
     probe = temp_path_for(out_dir / "write-test")
     try:
         probe.write_bytes(b"")
-        probe.unlink()
     except OSError as exc:
         raise OutputError(out_dir, f"output folder is not writable: {exc.strerror}") from None
+    finally:  # also when SIGTERM or Ctrl-C lands right after the write (seen in CI)
+        with contextlib.suppress(OSError):
+            probe.unlink()
 
 
 def check_outputs(out_dir: Path, name: str, quants: list[QuantType]) -> None:
