@@ -30,7 +30,6 @@ from localmed.registry import Registry
 QUANT_IN_NAME = re.compile(
     r"(?<![A-Za-z0-9])(I?Q[1-8]_(?:K_[SML]|K_XL|K|[01]|XXS|XS|S|M|NL|L)|BF16|F16|F32)"
     r"(?![A-Za-z0-9])", re.IGNORECASE)
-SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -44,6 +43,11 @@ class HubFile:
     size: int
     sha256: str
     """The hub's sha256 of the file (LFS); empty where the hub gives none."""
+
+    @property
+    def whole(self) -> str:
+        """The GGUF this file is, or (a split part) is part of."""
+        return library.SPLIT_PART.sub(library.GGUF_SUFFIX, self.name)
 
     @property
     def quant(self) -> str:
@@ -131,7 +135,7 @@ def choose(repo: str, files: list[HubFile], quant: str | None) -> list[HubFile]:
         raise PullError(f"{repo} has no GGUF file")
     has = sorted({f.quant or Path(f.name).name for f in models})
     if quant is None:
-        if len({SPLIT.sub(".gguf", f.name) for f in models}) == 1:
+        if len({f.whole for f in models}) == 1:
             return _parts(repo, models)
         raise PullError(f"{repo} has several GGUFs: name one ({', '.join(has)}), e.g. "
                         f"localmed pull {repo}:{has[0]}")
@@ -140,7 +144,7 @@ def choose(repo: str, files: list[HubFile], quant: str | None) -> list[HubFile]:
     matches = [f for f in models if f.quant == quant]
     if not matches:
         raise PullError(f"{repo} has no {quant} GGUF; it has: {', '.join(has)}")
-    if len({SPLIT.sub(".gguf", f.name) for f in matches}) > 1:
+    if len({f.whole for f in matches}) > 1:
         raise PullError(f"{repo} has several {quant} GGUFs ("
                         f"{', '.join(sorted(f.name for f in matches))}); "
                         "pull one by its repository's other name or ask its maintainer")
@@ -149,7 +153,7 @@ def choose(repo: str, files: list[HubFile], quant: str | None) -> list[HubFile]:
 
 def _parts(repo: str, files: list[HubFile]) -> list[HubFile]:
     files = sorted(files, key=lambda f: f.name)
-    splits = [SPLIT.search(f.name) for f in files]
+    splits = [library.SPLIT_PART.search(f.name) for f in files]
     if len(files) == 1 and not splits[0]:
         return files
     counts = {int(m.group(2)) for m in splits if m}

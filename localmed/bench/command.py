@@ -46,17 +46,14 @@ def find_model_files(spec: str, registry: Registry) -> BenchModel:
         return BenchModel(folder.name, files, entry,
                           "localmed quantize SOURCE --quant QUANT --out " + str(folder))
     models = library.models_dir()
+    infos = formats.models_in(models, lambda p: library.belongs_to(p, spec)) \
+        if models.is_dir() else []
     if spec not in registry:  # a model `localmed pull` placed under its own id
-        infos = formats.models_in(models, lambda p: library.belongs_to(p, spec)) \
-            if models.is_dir() else []
         if not infos:
             raise UnknownModelError(spec, registry)
         return BenchModel(spec, _by_label(infos), None, "localmed pull REPO:QUANT")
-    entry = registry[spec]
-    infos = formats.models_in(models, lambda p: library.belongs_to(p, entry.id)) \
-        if models.is_dir() else []
-    files = _by_label(infos)
-    return BenchModel(entry.id, files, entry, f"localmed quantize {entry.id} --quant QUANT")
+    return BenchModel(spec, _by_label(infos), registry[spec],
+                      f"localmed quantize {spec} --quant QUANT")
 
 
 def _by_label(infos: list[ModelInfo]) -> dict[str, Path]:
