@@ -277,7 +277,9 @@ _PLAIN_ASSISTANT = ("Inferior STEMI: activate the cath lab; aspirin, heparin, P2
 _PLAIN_SYSTEM = "You are a careful clinical assistant.\nAnswer briefly."
 
 
-def _probes() -> list[tuple[str, str | None, list[Message]]]:
+def probe_conversations() -> list[tuple[str, str | None, list[Message]]]:
+    """(what, system prompt, turns) of every conversation a Go template must render as the
+    Jinja does to be accepted."""
     probes = []
     for system in (SYSTEM, None):
         for users in (1, 2, 3, 4):
@@ -298,8 +300,7 @@ def synthesize(template: PromptTemplate, *, dated: PromptTemplate | None = None)
     same template rendered on another day: where the two differ, the template reads the date,
     and the export says it is fixed. Raises TemplateError with the reason otherwise."""
     shape = infer_shape(template)
-    rendered = 0
-    for what, system, turns in _probes():
+    for what, system, turns in probe_conversations():
         expected = _render(template, system, turns)
         if expected is None:  # the Jinja refuses this conversation, as localmed chat would
             continue
@@ -311,22 +312,22 @@ def synthesize(template: PromptTemplate, *, dated: PromptTemplate | None = None)
                 f"no fixed text around the messages renders it as its Jinja does ({what}"
                 f"{', with' if system else ', without'} a system prompt: "
                 f"{expected[max(0, at - 20):at + 20]!r} vs {got[max(0, at - 20):at + 20]!r})")
-        rendered += 1
     notes = []
     if dated is not None and _render(dated, SYSTEM, probe_turns(1)) != _render(
             template, SYSTEM, probe_turns(1)):
         notes.append("the template writes today's date into the prompt; Ollama cannot, so the "
                      "export's date is fixed in it (export again to update it)")
+    # what Go cannot do, said rather than refused: these differ only for such contents
     reasoning = probe_turns(2, assistant=lambda i: f"<think>xq7why{i}</think>{_assistant(i)}")
-    expected = _render(template, SYSTEM, reasoning)
-    if expected is not None and shape.render(SYSTEM, reasoning) != expected:
-        notes.append("the template leaves the reasoning (<think>…</think>) of earlier replies "
-                     "out of the prompt; Ollama passes earlier replies as they are")
     padded = probe_turns(1, user=lambda i: f" {_user(i)} \n")
-    expected = _render(template, SYSTEM, padded)
-    if expected is not None and shape.render(SYSTEM, padded) != expected:
-        notes.append("the template trims spaces around messages; Ollama's Go template cannot, "
-                     "so a message's leading or trailing spaces reach the model as typed")
+    for turns, note in (
+            (reasoning, "the template leaves the reasoning (<think>…</think>) of earlier "
+                        "replies out of the prompt; Ollama passes earlier replies as they are"),
+            (padded, "the template trims spaces around messages; Ollama's Go template cannot, "
+                     "so a message's leading or trailing spaces reach the model as typed")):
+        expected = _render(template, SYSTEM, turns)
+        if expected is not None and shape.render(SYSTEM, turns) != expected:
+            notes.append(note)
     return Synthesized(shape, notes)
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from localmed.errors import TemplateError
 from localmed.export import OLLAMA_TEMPLATES
-from localmed.ollama_template import _probes, synthesize
+from localmed.ollama_template import probe_conversations, synthesize
 from localmed.templates import TEMPLATES, Message, PromptTemplate, gguf_template
 from tests.real_models import Unavailable as NoTemplates
 from tests.real_models import llama_cpp_chat_templates
@@ -50,7 +50,7 @@ def _conversations() -> list[tuple[str, str | None, list[Message]]]:
             if i < 4:
                 turns.append(Message("assistant", f"Paracétamol 1 g ✓ ({i})"))
         unseen.append(("five turns, unusual text", system, turns))
-    return [*_probes(), *unseen]
+    return [*probe_conversations(), *unseen]
 
 
 def cases_for(template: PromptTemplate, go_template: str) -> list[tuple[dict, str, str]]:
