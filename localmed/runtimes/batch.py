@@ -295,9 +295,9 @@ class BatchEngine:
         peak = float(logits.max())
         log_z = peak + math.log(float(np.exp(logits - peak).sum()))
         entry = self._entry(token, float(logits[token]) - log_z)
-        best = np.argpartition(-logits, top)[:top] if 0 < top < len(logits) else \
-            np.arange(len(logits) if top else 0)
-        best = best[np.argsort(-logits[best], kind="stable")]
+        negated = -logits  # ascending = most likely first; top <= 20 (the server's bound) < vocab
+        best = np.argpartition(negated, top)[:top]
+        best = best[np.argsort(negated[best], kind="stable")]
         entry["top_logprobs"] = [self._entry(int(t), float(logits[t]) - log_z) for t in best]
         return entry
 

@@ -43,6 +43,9 @@ from localmed.runtimes.process import (
     stop_engine,
 )
 
+_STREAMED = ("piece", "logprobs")
+"""Events a request gets several of; any other is its last."""
+
 
 @dataclass(frozen=True)
 class BatchOptions:
@@ -210,12 +213,12 @@ class BatchClient:
                 break
             with self._lock:
                 events, on_end = self._waiting.get(rid, (None, None))
-                if kind not in ("piece", "logprobs"):
+                if kind not in _STREAMED:
                     self._waiting.pop(rid, None)
             if events is None:
                 continue
             events.put((kind, value))
-            if kind not in ("piece", "logprobs") and on_end is not None:
+            if kind not in _STREAMED and on_end is not None:
                 on_end()
         if self._closing:
             return
