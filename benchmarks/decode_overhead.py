@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
+
+from benchmarks.serve_load import free_port  # noqa: E402
 
 MESSAGE = ("A 67-year-old man has had crushing chest pain for 40 minutes. List the first steps "
            "of his care in the emergency department, in detail.")
@@ -146,9 +147,7 @@ def tui_tps(gguf: Path, threads: int, tokens: int, ctx: int, expected_s: float) 
 def serve_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
     import httpx
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     # one stream, so one sequence with the whole context, as the raw engine has
     proc = subprocess.Popen(localmed("serve", str(gguf), "--threads", str(threads), "--ctx",
                                      str(ctx), "--parallel", "1", "--port", str(port)),
@@ -178,9 +177,7 @@ def serve_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
 def web_tps(gguf: Path, threads: int, tokens: int, ctx: int, expected_s: float) -> float:
     from playwright.sync_api import sync_playwright
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(localmed("chat", str(gguf), "--threads", str(threads), "--ctx",
                                      str(ctx), "--max-tokens", str(tokens), "--ignore-eos",
                                      "--web", "--port", str(port)),
