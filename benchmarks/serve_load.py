@@ -1,9 +1,10 @@
 """Several clinicians at once: ``localmed serve --parallel N`` against llama.cpp's own
 ``llama-server -np N``, in the same run.
 
-Both serve the same GGUF with the same threads, context per stream and prompt (numbered, so
-that neither answers from a cached prefix); N clients each
-stream a fixed number of tokens (``ignore_eos``, greedy) from ``/v1/completions`` at once. For
+Both serve the same GGUF with the same threads, context per stream and prompts (each client's
+numbered, as different clinicians' differ; the same again in each round and its warm-up, as
+real clients repeat a system prompt, so each server's prompt cache does what it does); N clients
+each stream a fixed number of tokens (``ignore_eos``, greedy) from ``/v1/completions`` at once. For
 each N: aggregate tokens/s (every stream's tokens ÷ the time from the first request to the last
 token) and time to first token (median and max over the streams), the ratio of localmed to
 llama-server beside them. Each configuration runs ``--rounds`` times, the servers alternating,
@@ -11,8 +12,8 @@ and the median round is reported.
 
 llama-server is built once from the pinned llama-cpp-python source archive (the same llama.cpp
 localmed runs), with ``scripts/install.sh``'s CMake options plus the server, into
-``~/.cache/localmed-bench`` (downloading the archive from PyPI the first time). Flash attention
-is off in both: ``llama_cpp.Llama``'s setting, which localmed's engines share.
+``~/.cache/localmed-bench`` (downloading the archive from PyPI the first time), and runs with
+its default settings (flash attention ``auto``, its prompt cache on), as users run it.
 
     python benchmarks/serve_load.py                       # SmolLM2-135M (from tests' cache)
     python benchmarks/serve_load.py --model big.gguf --streams 1 4 8 --json out.json
@@ -169,17 +170,14 @@ def serve_command(which: str, model: Path, streams: int, ctx: int, threads: int,
                 "--parallel", str(streams), "--ctx", str(ctx * streams), "--threads",
                 str(threads), "--queue", "0"]
     return [str(llama_server()), "-m", str(model), "--port", str(port), "-np", str(streams),
-            "-c", str(ctx * streams), "-t", str(threads), "-tb", str(threads), "-fa", "off",
-            "--no-webui", "-ngl", "0"]
-
-
-_requests = iter(range(1, 10**9))
+            "-c", str(ctx * streams), "-t", str(threads), "-tb", str(threads), "--no-webui"]
 
 
 def load(url: str, streams: int, tokens: int) -> dict[str, float]:
-    """``streams`` clients at once, each streaming ``tokens`` tokens. Each prompt begins with
-    its own case number, as different clinicians' do: no server can answer it from a prompt
-    cache (llama-server keeps each slot's last prompt and would skip the prefill of a repeat)."""
+    """``streams`` clients at once, each streaming ``tokens`` tokens. Each client's prompt
+    begins with its own case number, as different clinicians' do, and is the same each time
+    this is called: a server's prompt cache may skip the prefill of a repeat, as it would for
+    a client that repeats its system prompt."""
     firsts: list[float] = []
     counts: list[int] = []
     ends: list[float] = []
@@ -187,9 +185,10 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
     failures: list[str] = []
     served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
-    def client() -> None:
-        body = {"model": served, "prompt": f"Case {next(_requests)}. {PROMPT}", "max_tokens": tokens, "temperature": 0,
-                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    def client(case: int) -> None:
+        body = {"model": served, "prompt": f"Case {case}. {PROMPT}", "max_tokens": tokens,
+                "temperature": 0, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}
         go.wait()
         start = time.monotonic()
         first, generated = None, 0
@@ -215,7 +214,7 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
         firsts.append(first if first is not None else float("nan"))
         counts.append(generated)
 
-    threads = [threading.Thread(target=client) for _ in range(streams)]
+    threads = [threading.Thread(target=client, args=(case,)) for case in range(streams)]
     begin = time.monotonic()
     for thread in threads:
         thread.start()

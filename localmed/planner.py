@@ -93,6 +93,15 @@ class OffloadPlan:
         return f"GPU {self.gpu_layers}/{self.n_layers} layers"
 
     @property
+    def flash_attention(self) -> bool:
+        """llama.cpp's flash attention, for chat and serve alike: on where layers go to a GPU
+        (llama-server's default, ``auto``); off on the CPU, where
+        ``benchmarks/flash_attention.py`` measured it speeding a 1,750-token prefill by
+        1.15-1.36x but slowing the decode after it to 0.76-0.83x (SmolLM2, 2 cores): a
+        conversation's follow-ups are mostly decode."""
+        return self.gpu_layers > 0 and self.backend != "cpu"
+
+    @property
     def n_gpu_layers_arg(self) -> int:
         """llama.cpp's ``n_gpu_layers`` (it counts the output layer as one more)."""
         return self.gpu_layers + 1 if self.gpu_layers == self.n_layers else self.gpu_layers

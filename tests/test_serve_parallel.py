@@ -80,15 +80,19 @@ def test_the_banner_says_how_the_context_is_split(smol):
 
 
 def test_four_streams_at_once_each_equal_the_request_alone(ward):
+    """Prefilled whole (``cache_prompt: false``), a reply depends on its request alone: the
+    others decoding beside it change nothing. (A prefix from the prompt cache was summed in
+    other batches: tests/test_prompt_cache.py holds it to the whole prefill's reply.)"""
     client = client_of(ward)
-    alone = [stream_text(client, q) for q in QUESTIONS]
+    whole = {"extra_body": {"cache_prompt": False}}
+    alone = [stream_text(client, q, **whole) for q in QUESTIONS]
     assert all(alone) and len(set(alone)) == 4
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda q: stream_text(client, q), QUESTIONS))
+        together = list(pool.map(lambda q: stream_text(client, q, **whole), QUESTIONS))
     assert together == alone
     # and the same again without streaming, all at once
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda q: ask(client, q), QUESTIONS)) == alone
+        assert list(pool.map(lambda q: ask(client, q, **whole), QUESTIONS)) == alone
 
 
 def test_a_reply_equals_what_localmed_chat_gives(ward, smol):

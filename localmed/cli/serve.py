@@ -38,6 +38,24 @@ def _model(args: argparse.Namespace):
     return resolve_chat_model(args.model, Registry.load(), quant=args.quant)
 
 
+MIB = 2**20
+
+
+def default_cache_ram() -> int:
+    """llama-server's --cache-ram default (8192 MiB), at most a quarter of this machine's
+    memory: a laptop keeps room for the model and everything else."""
+    import psutil
+
+    return min(8192 * MIB, psutil.virtual_memory().total // 4)
+
+
+def cache_ram(args: argparse.Namespace) -> int:
+    """Bytes of host memory for conversations beyond the slots (none without the cache)."""
+    if not args.cache_prompt:
+        return 0
+    return default_cache_ram() if args.cache_ram is None else args.cache_ram * MIB
+
+
 def default_parallel() -> int:
     """Replies decoded together unless --parallel says: llama-server's automatic 4, fewer on a
     machine with fewer cores (at least 2, so one long reply never holds up everyone)."""
@@ -58,7 +76,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         # share rounded up to llama.cpp's 256-token granule (what llama.cpp itself does)
         per_reply = -(-args.ctx // parallel // CTX_GRANULE) * CTX_GRANULE if args.ctx else None
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
-                                                      args.threads),
+                                                      args.threads, cache_ram(args)),
                              on_restart=lambda why: print(f"localmed serve: the model engine: "
                                                           f"{why}; reloading", file=log,
                                                           flush=True))
@@ -89,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             info, plan, jobs = _open(model, args, sys.stderr)
             choice = choose_template(model, info, args.template)
         served_id = model.entry.id if model.entry else model.path.stem
-        server.attach(ServedModel(served_id, info, choice.template, model.advisory), jobs)
+        server.attach(ServedModel(served_id, info, choice.template, model.advisory,
+                                  cache_prompt=args.cache_prompt), jobs)
         host = f"[{args.host}]" if ":" in args.host else args.host
         out = console()
         out.print(f"[bold]localmed serve[/]: {escape(served_id)} at http://{host}:{args.port}/v1 "
@@ -99,6 +118,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
                       f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
                       f"{jobs.parallel} -c {plan.n_ctx} splits it)")
+            if args.cache_prompt:
+                out.print("  each slot keeps its conversation for the next turn; "
+                          f"{cache_ram(args) // MIB} MiB of host memory keep more (--cache-ram)")
+            else:
+                out.print("  every prompt is prefilled whole (--no-cache-prompt)")
         else:
             out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
         out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
@@ -163,6 +187,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    f"may wait beyond those (default {DEFAULT_QUEUE}); more get 503 at once")
     p.add_argument("--log-content", action="store_true", help="log prompts and settings of "
                    "each request (off: only method, path, status, token counts, time)")
+    p.add_argument("--cache-ram", type=non_negative, metavar="MiB", help="host memory for the "
+                   "cells of conversations whose slot another one took, so their follow-ups "
+                   f"are not prefilled again (default: {default_cache_ram() // MIB} MiB here, "
+                   "llama-server's 8192 or a quarter of this machine's memory; 0: none)")
+    p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
+                   help="prefill every prompt whole: each reply depends on its request alone "
+                   "(slower follow-ups; see README)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="hand a GGUF to Ollama (Modelfile) or LM Studio")

@@ -43,6 +43,8 @@ class GenerationStats:
     """Counts and timings of the last generation."""
 
     prompt_tokens: int = 0
+    cached_tokens: int = 0
+    """Prompt tokens whose cells were kept from an earlier request (not prefilled again)."""
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0

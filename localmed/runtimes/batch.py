@@ -8,15 +8,18 @@ decoding between them). Each sequence samples with its own llama.cpp sampler cha
 ``llama_cpp.Llama`` builds, so a reply at temperature 0 is the one ``localmed chat`` gives —
 with its own seed and, for JSON replies, llama.cpp's grammar sampler.
 
-A finished or cancelled sequence leaves its slot at once, and its cells are removed with
-``llama_memory_seq_rm``. No prompt prefix is kept for the next request: llama.cpp's CPU kernels
-sum in an order that depends on how many tokens a batch holds, so a prefix computed in another
-request's batch changes later tokens (measured on SmolLM2: one of four greedy replies differed
-from itself run alone). A reply here depends on its request alone, whatever else the server is
-doing.
+A finished or cancelled sequence leaves its slot at once, and the slot keeps its cells: the next
+request whose prompt starts the same way (the same conversation, one turn on, as every OpenAI
+client sends the whole history) prefills only what is new (:mod:`localmed.runtimes.prompt_cache`
+chooses the slot, and keeps other conversations' cells in host memory when their slot is taken).
+What that changes: llama.cpp's kernels sum in an order that depends on how many tokens a batch
+holds, so a prefix computed in an earlier request's batches gives logits that differ from a
+prefill of the whole prompt in the last digits, and now and then a greedy reply takes another
+word (measured in ``benchmarks/followup.py``). A request with ``cache_prompt`` false (the server's
+``--no-cache-prompt`` for all) is prefilled whole, and its reply depends on it alone.
 
 Everything here is llama-cpp-python's public low-level API (``llama_batch_init``,
-``llama_decode``, ``llama_sampler_*``, ``llama_memory_seq_rm``).
+``llama_decode``, ``llama_sampler_*``, ``llama_memory_seq_rm``, ``llama_state_seq_*``).
 """
 
 from __future__ import annotations
@@ -37,6 +40,13 @@ import numpy as np
 
 from localmed.errors import ContextFullError, EngineError, GGUFFileError, LocalmedError
 from localmed.runtimes.base import GenerationParams, GenerationStats, StopStringFilter
+from localmed.runtimes.prompt_cache import (
+    MIN_SAVED,
+    HostCache,
+    SavedState,
+    Slot,
+    choose_slot,
+)
 
 PENALTY_LAST_N = 64
 """Tokens the repeat penalty looks back over: ``llama_cpp.Llama``'s ``last_n_tokens_size``."""
@@ -71,6 +81,8 @@ class Request:
     grammar: str | None = None
     logprobs: int | None = None
     """Report each token's log probability and this many alternatives (None: none)."""
+    cache_prompt: bool = True
+    """Start from a slot's cells that hold the prompt's beginning (False: prefill it whole)."""
 
 
 @dataclass
@@ -104,7 +116,8 @@ class BatchEngine:
     """A GGUF loaded for ``n_parallel`` sequences decoded together."""
 
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
-                 threads: int | None = None, n_batch: int = 512) -> None:
+                 threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
+                 flash_attention: bool = False) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
@@ -121,7 +134,8 @@ class BatchEngine:
         ctx_params.n_batch = ctx_params.n_ubatch = n_batch
         ctx_params.n_seq_max = n_parallel
         ctx_params.kv_unified = False  # each sequence its own n_ctx / n_parallel cells
-        ctx_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention
+                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         # llama_cpp.Llama's defaults: half the cores for one token, all of them for batches
         ctx_params.n_threads = threads or max(cores // 2, 1)
         ctx_params.n_threads_batch = threads or cores
@@ -138,7 +152,11 @@ class BatchEngine:
         self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(self._ctx))
         self._waiting: deque[Request] = deque()
         self._running: dict[int, _Sequence] = {}  # by request id
-        self._n_past = [0] * n_parallel  # tokens in each slot's cells
+        self._slots = [Slot() for _ in range(n_parallel)]
+        self._taken = 0  # requests admitted so far: the slots' least-recently-used clock
+        self.host_cache = HostCache(cache_ram)
+        # a sliding-window model holds only its last n_swa positions' cells (unless full)
+        self._n_swa = 0 if ctx_params.swa_full else int(llama_cpp.llama_model_n_swa(self._model))
         self._piece = ctypes.create_string_buffer(256)
 
     # --- requests -------------------------------------------------------------------------------
@@ -206,10 +224,12 @@ class BatchEngine:
         batch = self._batch
         n = 0
 
-        def add(token: int, pos: int, slot: int, logits: bool) -> None:
+        def add(token: int, slot: int, logits: bool) -> None:
             nonlocal n
+            cells = self._slots[slot].cells
             batch.token[n] = token
-            batch.pos[n] = pos
+            batch.pos[n] = len(cells)
+            cells.append(token)
             batch.n_seq_id[n] = 1
             batch.seq_id[n][0] = slot
             batch.logits[n] = logits
@@ -219,8 +239,7 @@ class BatchEngine:
         for seq in order:  # the generating ones first: one token each
             seq.logits_at = -1
             if seq.next_token is not None:
-                add(seq.next_token, self._n_past[seq.slot], seq.slot, True)
-                self._n_past[seq.slot] += 1
+                add(seq.next_token, seq.slot, True)
                 seq.logits_at = n - 1
                 seq.next_token = None
         for seq in order:  # then prompts, oldest first, as much as the batch holds
@@ -230,8 +249,7 @@ class BatchEngine:
             take = min(len(tokens) - seq.fed, self.n_batch - n)
             for token in tokens[seq.fed:seq.fed + take]:
                 seq.fed += 1
-                add(token, self._n_past[seq.slot], seq.slot, seq.fed == len(tokens))
-                self._n_past[seq.slot] += 1
+                add(token, seq.slot, seq.fed == len(tokens))
             if seq.fed == len(tokens):
                 seq.logits_at = n - 1
         batch.n_tokens = n
@@ -302,17 +320,71 @@ class BatchEngine:
         return entry
 
     def _admit(self) -> None:
-        free = [s for s in range(self.n_parallel)
-                if all(seq.slot != s for seq in self._running.values())]
+        busy = {seq.slot for seq in self._running.values()}
+        free = [s for s in range(self.n_parallel) if s not in busy]
         while self._waiting and free:
             request = self._waiting.popleft()
             tokens = request.tokens
-            slot = free.pop(0)
+            slot, shared = choose_slot(self._slots, free, tokens, reuse=request.cache_prompt)
+            free.remove(slot)
+            self._taken += 1
+            self._slots[slot].used = self._taken
+            cached = self._reuse(slot, tokens, shared, from_host=request.cache_prompt)
             room = self.n_ctx_seq - len(tokens)
-            stats = GenerationStats(prompt_tokens=len(tokens))
+            stats = GenerationStats(prompt_tokens=len(tokens), cached_tokens=cached)
             self._running[request.id] = _Sequence(
                 request, slot, self._sampler(request), min(request.params.max_tokens, room),
-                stats=stats, stops=StopStringFilter(request.stop))
+                stats=stats, stops=StopStringFilter(request.stop), fed=cached)
+
+    def _reuse(self, slot: int, tokens: list[int], shared: int, *, from_host: bool) -> int:
+        """Make ``slot`` hold the longest prefix of ``tokens`` that it (``shared`` tokens) or
+        the host cache has, saving what it held for another conversation first; the number of
+        prompt tokens now in its cells (at most all but the last, whose logits are needed)."""
+        cells = self._slots[slot].cells
+        key, saved = self.host_cache.best(tokens) if from_host else (-1, 0)
+        state = self.host_cache.take(key) if saved > shared else None  # before _save evicts it
+        if len(cells) - shared >= MIN_SAVED:
+            self._save(slot)
+        if state is not None:
+            shared = saved if self._restore(slot, state) else 0
+        keep = min(shared, len(tokens) - 1)
+        memory = self._memory
+        if keep == 0 or not self._llama.llama_memory_seq_rm(memory, slot, keep, -1):
+            return self._clear(slot)  # nothing to keep, or cells that cannot be cut part way
+        del cells[keep:]
+        # enough of a sliding-window model's positions for what comes next?
+        if self._n_swa and self._llama.llama_memory_seq_pos_min(memory, slot) > \
+                max(0, keep - self._n_swa):
+            return self._clear(slot)
+        return keep
+
+    def _clear(self, slot: int) -> int:
+        self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._slots[slot].cells.clear()
+        return 0
+
+    def _save(self, slot: int) -> None:
+        """Copy a slot's cells to the host cache (when it has room for them)."""
+        llama, cells = self._llama, self._slots[slot].cells
+        if not self.host_cache.limit or not cells:
+            return
+        size = llama.llama_state_seq_get_size(self._ctx, slot)
+        if size > self.host_cache.limit:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, buffer, size, slot)
+        if written:
+            self.host_cache.put(list(cells), bytes(buffer)[:written])
+
+    def _restore(self, slot: int, state: SavedState) -> bool:
+        """Put a state taken from the host cache back into ``slot``."""
+        self._clear(slot)
+        data = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if not self._llama.llama_state_seq_set_data(self._ctx, data, len(state.data), slot):
+            self._clear(slot)
+            return False
+        self._slots[slot].cells[:] = state.tokens
+        return True
 
     def _sampler(self, request: Request) -> Any:
         """``llama_cpp.Llama``'s chain: penalties, grammar, then greedy or top-k … dist."""
@@ -374,8 +446,6 @@ class BatchEngine:
     def _finish(self, seq: _Sequence) -> list[tuple[str, int, Any]]:
         del self._running[seq.request.id]
         self._llama.llama_sampler_free(seq.sampler)
-        self._llama.llama_memory_seq_rm(self._memory, seq.slot, -1, -1)
-        self._n_past[seq.slot] = 0
         if seq.first:
             seq.stats.decode_seconds = time.perf_counter() - seq.first
         tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)

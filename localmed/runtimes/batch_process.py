@@ -9,8 +9,8 @@ So the server decides what to refuse (a prompt over one sequence's context, a sc
 cannot use) without waiting for anyone's reply.
 
 Protocol (pickled tuples), every message after the first naming a request id:
-``("submit", id, tokens, params, stop, seed, grammar, logprobs)``, ``("cancel", id)``,
-``("tokenize", id, text, add_bos)``, ``("json_grammar", id, schema)``, ``("close",)``; answers
+``("submit", id, tokens, params, stop, seed, grammar, logprobs, cache_prompt)``,
+``("cancel", id)``, ``("tokenize", id, text, add_bos)``, ``("json_grammar", id, schema)``, ``("close",)``; answers
 ``("logprobs", id, entries)`` (before the piece that holds their text), ``("piece", id, text)``,
 ``("done", id, stats)``, ``("ok", id, value)``, ``("error", id, error)``.
 The first message from the engine is ``("ready", info, plan, n_ctx_seq)`` or
@@ -56,6 +56,8 @@ class BatchOptions:
     """Tokens each sequence may hold (prompt and reply); None: the model's, at most 4096."""
     gpu_layers: int | None = None
     threads: int | None = None
+    cache_ram: int = 0
+    """Bytes of host memory for the cells of conversations whose slot was taken (0: none)."""
 
 
 def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any]:
@@ -71,7 +73,8 @@ def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any]:
     if not plan.fits:
         raise ModelTooLargeError(path, plan.reasons[-1], plan.suggestion, plan)
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
-                         gpu_layers=plan.n_gpu_layers_arg, threads=options.threads)
+                         gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
+                         cache_ram=options.cache_ram, flash_attention=plan.flash_attention)
     return engine, info, plan
 
 
@@ -129,10 +132,10 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
                 if message[0] == "close":
                     return
                 if message[0] == "submit":
-                    _, rid, tokens, params, stop, seed, grammar, logprobs = message
+                    _, rid, tokens, params, stop, seed, grammar, logprobs, cache = message
                     try:
                         engine.submit(Request(rid, tokens, params, stop, seed, grammar,
-                                              logprobs))
+                                              logprobs, cache))
                     except Exception as exc:
                         send("error", rid, _portable(exc))
                 elif message[0] == "cancel":
@@ -278,13 +281,14 @@ class BatchClient:
     def submit(self, tokens: Sequence[int], params: GenerationParams, stop: Sequence[str],
                events: queue.Queue[tuple[str, Any]], *, seed: int | None = None,
                grammar: str | None = None, logprobs: int | None = None,
-               on_end: Callable[[], None] | None = None) -> int:
+               cache_prompt: bool = True, on_end: Callable[[], None] | None = None) -> int:
         """Start a reply (in arrival order as slots free up); its events go to ``events``:
         ``("piece", text)``… (each after its tokens' ``("logprobs", entries)`` when
         ``logprobs`` is given), then ``("done", stats)`` or ``("error", LocalmedError)``;
-        ``on_end`` is called once after the last."""
+        ``on_end`` is called once after the last. ``cache_prompt`` False: the prompt is
+        prefilled whole, not continued from a slot's cells."""
         return self._send(events, on_end, "submit", list(tokens), params, tuple(stop), seed,
-                          grammar, logprobs)
+                          grammar, logprobs, cache_prompt)
 
     def cancel(self, rid: int) -> None:
         with self._lock, contextlib.suppress(OSError):

@@ -41,7 +41,7 @@ class LlamaCppRuntime(Runtime):
             self._llm = llama_cpp.Llama(
                 model_path=str(self.info.path), n_ctx=self.plan.n_ctx,
                 n_gpu_layers=self.plan.n_gpu_layers_arg, seed=self.seed, verbose=False,
-                logits_all=self.logits_all, **kwargs)
+                logits_all=self.logits_all, flash_attn=self.plan.flash_attention, **kwargs)
         except (ValueError, RuntimeError, OSError) as exc:
             raise GGUFFileError(self.info.path, f"llama.cpp could not load it: {exc}") from None
         self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)

@@ -40,6 +40,8 @@ class ServedModel:
     template: PromptTemplate
     advisory: str
     defaults: GenerationParams = field(default_factory=GenerationParams)
+    cache_prompt: bool = True
+    """Whether a request may continue from a slot's cells (``--no-cache-prompt``: never)."""
 
     def notice(self) -> dict[str, Any]:
         return {"disclaimer": DISCLAIMER, "advisory": self.advisory,
@@ -58,6 +60,8 @@ class Job:
     grammar: str | None = None
     logprobs: int | None = None
     """OpenAI's top_logprobs when logprobs are asked for (0: the chosen token's only)."""
+    cache_prompt: bool = True
+    """Continue from a slot's cells that hold the prompt's beginning (llama-server's field)."""
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: int | None = None
@@ -140,7 +144,8 @@ class BatchJobs(Jobs):
     def _start(self, job: Job, on_end: Callable[[], None]) -> None:
         job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events,
                                         seed=job.seed, grammar=job.grammar,
-                                        logprobs=job.logprobs, on_end=on_end)
+                                        logprobs=job.logprobs,
+                                        cache_prompt=job.cache_prompt, on_end=on_end)
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()

@@ -195,6 +195,17 @@ def finish_reason(stats: GenerationStats) -> str:
     return "length" if stats.stopped_by in ("length", "context") else "stop"
 
 
-def usage(stats: GenerationStats) -> dict[str, int]:
+def cache_prompt(body: dict[str, Any], allowed: bool) -> bool:
+    """llama-server's ``cache_prompt`` (default true): whether the reply may continue from a
+    slot's cells that hold the prompt's beginning; never where the server turned it off."""
+    value = body.get("cache_prompt", True)
+    if not isinstance(value, bool):
+        raise APIError(400, "'cache_prompt' must be true or false", param="cache_prompt")
+    return value and allowed
+
+
+def usage(stats: GenerationStats) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens``: prompt tokens not prefilled again."""
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
-            "total_tokens": stats.prompt_tokens + stats.generated_tokens}
+            "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+            "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}

@@ -17,6 +17,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import queue
+import select
 import socket
 import sys
 import time
@@ -38,6 +40,7 @@ from localmed.runtimes.batch import GrammarError
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
 from localmed.serve.openai_fields import (
     APIError,
+    cache_prompt,
     chat_messages,
     finish_reason,
     logprobs,
@@ -52,6 +55,9 @@ from localmed.templates import Message
 
 DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
+HANGUP_POLL = 0.25
+"""Seconds between looks at whether a waiting client has hung up (its reply is then stopped
+and its slot freed)."""
 
 
 # --- the HTTP side ------------------------------------------------------------------------------
@@ -118,7 +124,8 @@ class Handler(BaseHTTPRequestHandler):
             raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
                            f"({jobs.parallel} at once); the prompt has {len(tokens)}",
                            param=where, code="context_length_exceeded")
-        job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs)
+        job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs,
+                  cache_prompt(body, served.cache_prompt))
         jobs.admit(job)
         self._log_content(route, body)
         if body.get("stream"):
@@ -144,8 +151,15 @@ class Handler(BaseHTTPRequestHandler):
     # --- answers --------------------------------------------------------------------------------
 
     def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
+        """The job's events; OSError when the client hangs up before its reply is done (even
+        while nothing is written: during a long prefill, or a reply that is not streamed)."""
         while True:
-            event = job.events.get()
+            try:
+                event = job.events.get(timeout=HANGUP_POLL)
+            except queue.Empty:
+                if self._client_left():
+                    raise ConnectionAbortedError("the client hung up") from None
+                continue
             if event[0] == "error":
                 error = event[1]
                 if isinstance(error, EngineDiedError):
@@ -229,6 +243,15 @@ class Handler(BaseHTTPRequestHandler):
             self._event(failed.body())
         except OSError:  # the client hung up: stop its reply, let the next one run
             self.server.jobs.cancel(job)
+
+    def _client_left(self) -> bool:
+        """Whether the client closed its end: readable with nothing to read (a client that
+        sends more, such as a pipelined request, has not left)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
 
     def _event(self, data: dict[str, Any]) -> None:
         self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
