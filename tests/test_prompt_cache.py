@@ -376,3 +376,38 @@ def test_an_engine_killed_with_cached_conversations_serves_the_next_follow_up(sm
         assert again.choices[0].message.content
     finally:
         running.stop()
+
+
+def test_a_client_that_hangs_up_on_a_reply_not_streamed_frees_its_slot_at_once(smol):
+    """One slot, no queue: a long non-streamed reply whose client closes the connection is
+    stopped within a moment (it was generated to the end before), so the next client is
+    served instead of refused with 503."""
+    import json
+    import socket
+    import time
+
+    from tests.test_serve import Server
+
+    running = Server(smol, "--parallel", "1", "--queue", "0", "--threads", "2")
+    try:
+        body = json.dumps({"prompt": "The patient", "max_tokens": 4000, "ignore_eos": True,
+                           "temperature": 0}).encode()
+        leaving = socket.create_connection(("127.0.0.1", running.port))
+        leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: " + str(len(body)).encode() +
+                        b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 30
+        while running.client.post("/v1/completions", json={  # the slot is taken
+                "prompt": "Hi", "max_tokens": 1}).status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        leaving.close()
+        # the server looks every 0.25 s; the 4,000 tokens would take half a minute or more
+        deadline = time.monotonic() + 5
+        while (r := running.client.post("/v1/completions", json={
+                "prompt": "Hi", "max_tokens": 4, "temperature": 0})).status_code == 503 \
+                and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+    finally:
+        running.stop()
