@@ -39,7 +39,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.serve_load import free_port, llama_server, running
+from benchmarks.serve_load import at_once, free_port, llama_server, running
 
 SYSTEM = ("You are a clinical assistant. Answer from the record the clinician pasted; say when "
           "the record does not say.")
@@ -135,12 +135,7 @@ def conversations(url: str, count: int, turns: int, reply: int) -> dict[str, Any
         except Exception as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
 
-    threads = [threading.Thread(target=talk, args=(i,)) for i in range(count)]
-    begin = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    begin = at_once(talk, range(count))
     if failures:
         raise RuntimeError(f"{len(failures)} conversations failed: {failures[0]}")
     return {"turn1_median_s": statistics.median(firsts), "later_median_s":

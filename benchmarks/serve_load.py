@@ -35,7 +35,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import httpx
@@ -173,6 +173,18 @@ def serve_command(which: str, model: Path, streams: int, ctx: int, threads: int,
             "-c", str(ctx * streams), "-t", str(threads), "-tb", str(threads), "--no-webui"]
 
 
+def at_once(target: Callable[[int], None], indices: Iterable[int]) -> float:
+    """``target(i)`` for each index, each in a thread of its own, all started together and
+    joined; when they started."""
+    threads = [threading.Thread(target=target, args=(i,)) for i in indices]
+    begin = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return begin
+
+
 def load(url: str, streams: int, tokens: int) -> dict[str, float]:
     """``streams`` clients at once, each streaming ``tokens`` tokens. Each client's prompt
     begins with its own case number, as different clinicians' do, and is the same each time
@@ -214,12 +226,7 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
         firsts.append(first if first is not None else float("nan"))
         counts.append(generated)
 
-    threads = [threading.Thread(target=client, args=(case,)) for case in range(streams)]
-    begin = time.monotonic()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    begin = at_once(client, range(streams))
     if failures:
         raise RuntimeError(f"{len(failures)} streams failed: {failures[0]}")
     if any(c != tokens for c in counts):

@@ -128,6 +128,17 @@ def bench_models(converted: dict[str, dict[str, Path]], tmp_path_factory: pytest
 
 
 @pytest.fixture(scope="session")
+def smol() -> Path:
+    """The real SmolLM2-135M-Instruct's GGUF as its package ships it."""
+    from tests.real_models import Unavailable, smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
 def smollm2() -> dict[str, Path]:
     """The real SmolLM2-135M-Instruct: its original GGUF and a checkpoint rebuilt from it."""
     import transformers

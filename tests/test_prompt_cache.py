@@ -88,16 +88,6 @@ def chatml(*turns: tuple[str, str]) -> str:
     return text + "<|im_start|>assistant\n"
 
 
-@pytest.fixture(scope="module")
-def smol() -> Path:
-    from tests.real_models import Unavailable, smollm2_gguf
-
-    try:
-        return smollm2_gguf()
-    except Unavailable as exc:
-        pytest.skip(str(exc))
-
-
 def open_engine(smol: Path, **options):
     from localmed.runtimes.batch import BatchEngine
 

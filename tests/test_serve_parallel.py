@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import openai
@@ -23,16 +22,6 @@ from tests.test_serve import Server, engine_pids
 GREEDY = {"temperature": 0}
 QUESTIONS = ["What is hypertension?", "Name three antibiotics.", "What does the liver do?",
              "Define sepsis in one sentence."]
-
-
-@pytest.fixture(scope="module")
-def smol() -> Path:
-    from tests.real_models import Unavailable, smollm2_gguf
-
-    try:
-        return smollm2_gguf()
-    except Unavailable as exc:
-        pytest.skip(str(exc))
 
 
 def client_of(server: Server, **kwargs) -> openai.OpenAI:
