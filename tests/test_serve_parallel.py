@@ -20,6 +20,9 @@ import pytest
 from tests.test_serve import Server, engine_pids
 
 GREEDY = {"temperature": 0}
+ALONE = {**GREEDY, "extra_body": {"cache_prompt": False}}
+"""Greedy, the prompt prefilled whole: a reply that depends on its request alone (the prompt
+cache's kept cells change the last digits: tests/test_prompt_cache.py)."""
 QUESTIONS = ["What is hypertension?", "Name three antibiotics.", "What does the liver do?",
              "Define sepsis in one sentence."]
 
@@ -39,7 +42,7 @@ def ward(smol) -> Iterator[Server]:
 def ask(client: openai.OpenAI, question: str, **extra) -> str:
     reply = client.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": question}],
-        max_tokens=40, **{**GREEDY, **extra})
+        max_tokens=40, **{**ALONE, **extra})
     return reply.choices[0].message.content
 
 
@@ -48,7 +51,7 @@ def stream_text(client: openai.OpenAI, question: str, **extra) -> str:
     for chunk in client.chat.completions.create(
             model="SmolLM2-135M-Instruct.Q4_1",
             messages=[{"role": "user", "content": question}], max_tokens=40, stream=True,
-            **{**GREEDY, **extra}):
+            **{**ALONE, **extra}):
         if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
     return "".join(parts)
@@ -69,19 +72,17 @@ def test_the_banner_says_how_the_context_is_split(smol):
 
 
 def test_four_streams_at_once_each_equal_the_request_alone(ward):
-    """Prefilled whole (``cache_prompt: false``), a reply depends on its request alone: the
-    others decoding beside it change nothing. (A prefix from the prompt cache was summed in
-    other batches: tests/test_prompt_cache.py holds it to the whole prefill's reply.)"""
+    """Prefilled whole (``cache_prompt: false``, as ``ask`` and ``stream_text`` ask), a reply
+    depends on its request alone: the others decoding beside it change nothing."""
     client = client_of(ward)
-    whole = {"extra_body": {"cache_prompt": False}}
-    alone = [stream_text(client, q, **whole) for q in QUESTIONS]
+    alone = [stream_text(client, q) for q in QUESTIONS]
     assert all(alone) and len(set(alone)) == 4
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(lambda q: stream_text(client, q, **whole), QUESTIONS))
+        together = list(pool.map(lambda q: stream_text(client, q), QUESTIONS))
     assert together == alone
     # and the same again without streaming, all at once
     with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(lambda q: ask(client, q, **whole), QUESTIONS)) == alone
+        assert list(pool.map(lambda q: ask(client, q), QUESTIONS)) == alone
 
 
 def test_a_reply_equals_what_localmed_chat_gives(ward, smol):
@@ -116,7 +117,7 @@ def test_logprobs_are_the_models_own_as_llama_cpp_reports_them(ward, smol):
     client = client_of(ward)
     reply = client.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[1]}],
-        max_tokens=16, logprobs=True, top_logprobs=3, **GREEDY)
+        max_tokens=16, logprobs=True, top_logprobs=3, **ALONE)
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens == 16
     assert "".join(e.token for e in content) == reply.choices[0].message.content
@@ -146,7 +147,7 @@ def test_logprobs_are_the_models_own_as_llama_cpp_reports_them(ward, smol):
     tokens, text = [], []
     for chunk in client.chat.completions.create(
             model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[1]}],
-            max_tokens=16, logprobs=True, stream=True, **GREEDY):
+            max_tokens=16, logprobs=True, stream=True, **ALONE):
         if chunk.choices and chunk.choices[0].logprobs:
             tokens += [e.token for e in chunk.choices[0].logprobs.content]
         if chunk.choices and chunk.choices[0].delta.content:
@@ -158,11 +159,11 @@ def test_logprobs_leave_out_the_tokens_of_a_stop_string_that_was_cut(ward):
     client = client_of(ward)
     full = client.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[0]}],
-        max_tokens=24, **GREEDY).choices[0].message.content
+        max_tokens=24, **ALONE).choices[0].message.content
     stop = full.split()[3]  # a word inside the reply
     reply = client.chat.completions.create(
         model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": QUESTIONS[0]}],
-        max_tokens=24, stop=[stop], logprobs=True, **GREEDY)
+        max_tokens=24, stop=[stop], logprobs=True, **ALONE)
     text = reply.choices[0].message.content
     assert stop not in text and full.startswith(text)
     tokens = [e.token for e in reply.choices[0].logprobs.content]
@@ -382,3 +383,29 @@ def test_an_engine_killed_under_several_streams_answers_each_and_serves_the_next
         assert ask(client_of(running), QUESTIONS[0])
     finally:
         running.stop()
+
+
+def test_three_hundred_idle_connections_do_not_delay_a_real_client(ward):
+    """Connections opened and left silent (a misbehaving script, a scanner) hold no thread and
+    no slot: a real client beside 300 of them is answered in its usual time, on a kept-alive
+    connection, and a slow body is not waited for past its deadline."""
+    import socket
+
+    client = client_of(ward)
+    ask(client, QUESTIONS[2])  # warm
+    started = time.monotonic()
+    expected = ask(client, QUESTIONS[2])
+    usual = time.monotonic() - started
+    idle = [socket.create_connection(("127.0.0.1", ward.port)) for _ in range(300)]
+    try:
+        half = idle[0]  # one that sent headers and half its body
+        half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        assert ask(client, QUESTIONS[2]) == expected
+        assert time.monotonic() - started < 2 * usual + 1.0
+        with httpx.Client(base_url=ward.url, timeout=60) as kept:  # one connection, reused
+            for _ in range(3):
+                assert kept.get("/health").status_code == 200
+    finally:
+        for sock in idle:
+            sock.close()

@@ -131,7 +131,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   f"requests are logged {'with' if args.log_content else 'without'} their "
                   "content; Ctrl-C stops")
         try:
-            server.serve_forever(poll_interval=0.2)
+            server.serve_forever()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP (raised as an interrupt)
             err.print("localmed serve: stopping")
         return 0

@@ -63,6 +63,7 @@ class Job:
     cache_prompt: bool = True
     """Continue from a slot's cells that hold the prompt's beginning (llama-server's field)."""
     events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
+    """Where the engine puts the reply's events (anything with a thread-safe ``put``)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: int | None = None
     """The engine's id for it, once submitted."""

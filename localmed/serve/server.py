@@ -1,11 +1,14 @@
 """``localmed serve``: an OpenAI-compatible API on the laptop, over one engine process.
 
-Built on the standard library's ``ThreadingHTTPServer`` rather than llama-cpp-python's bundled
-server (whose running request is interrupted by the next one) or FastAPI (three more packages to
-install and audit on a clinic laptop): the decoding happens in the engine
-(:mod:`localmed.serve.jobs`), so each request thread only checks the request, is admitted or
-refused at once, and relays what the engine streams. A client that hangs up stops only its own
-reply.
+Built on aiohttp (installed with textual-serve for ``chat --web``) rather than llama-cpp-python's
+bundled server (whose running request is interrupted by the next one) or FastAPI (three more
+packages to install and audit on a clinic laptop): the decoding happens in the engine
+(:mod:`localmed.serve.jobs`), so each request only checks its body, is admitted or refused at
+once, and relays what the engine streams. Connections are kept alive between requests; a client
+that hangs up (streamed reply or not, even while its prompt is prefilled or it waits in the
+queue) stops only its own reply, and its slot is free at once; a body must arrive within
+:data:`BODY_SECONDS`; at most :data:`MAX_CONNECTIONS` connections are open at once (a further
+one gets a 503 and is closed), and idle ones close after :data:`KEEPALIVE_SECONDS`.
 
 Every reply carries the disclaimer: the ``X-Localmed-Disclaimer`` header, and a ``localmed``
 object in the JSON (in the first chunk of a stream) with the disclaimer, the model's advisory
@@ -14,18 +17,18 @@ and what was served. Requests are logged without their content unless ``--log-co
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import json
-import queue
-import select
 import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TextIO
+
+from aiohttp import web
 
 from localmed.conversation import DISCLAIMER
 from localmed.errors import (
@@ -55,50 +58,108 @@ from localmed.templates import Message
 
 DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
-HANGUP_POLL = 0.25
-"""Seconds between looks at whether a waiting client has hung up (its reply is then stopped
-and its slot freed)."""
+BODY_SECONDS = 60.0
+"""A request body that has not arrived whole by then is refused (408)."""
+KEEPALIVE_SECONDS = 75.0
+"""An idle kept-alive connection is closed after this (aiohttp's default)."""
+MAX_CONNECTIONS = 1024
+"""Open connections at most; idle ones cost little, but not nothing."""
+ROUTES = ("/v1/chat/completions", "/v1/completions")
 
 
-# --- the HTTP side ------------------------------------------------------------------------------
+class _Events:
+    """A job's events: put by the engine's threads, awaited on the server's event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(self, event: tuple[str, Any]) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def get(self) -> tuple[str, Any]:
+        return await self._queue.get()
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Routes the OpenAI endpoints; answers every failure as an OpenAI-style error."""
+class LocalServer:
+    """The bound socket and the routes; :meth:`serve_forever` runs them until interrupted."""
 
-    server: LocalServer
-    protocol_version = "HTTP/1.1"
-    server_version = "localmed"
+    def __init__(self, sock: socket.socket, *, api_key: str | None, log_content: bool = False,
+                 log: TextIO = sys.stderr) -> None:
+        self.sock = sock
+        self.api_key = api_key
+        self.log_content = log_content
+        self.log = log
+        self.started = int(time.time())
+        self.model: ServedModel
+        self.jobs: Jobs
 
-    def do_GET(self) -> None:
-        self._guarded(self._get)
+    def attach(self, model: ServedModel, jobs: Jobs) -> None:
+        self.model = model
+        self.jobs = jobs
 
-    def do_POST(self) -> None:
-        self._guarded(self._post)
+    # --- running --------------------------------------------------------------------------------
 
-    def _get(self) -> None:
-        self._authorize()
-        if self.path.rstrip("/") == "/v1/models":
-            served = self.server.model
-            self._json(200, {"object": "list", "data": [{
-                "id": served.id, "object": "model", "created": self.server.started,
-                "owned_by": "localmed", "localmed": served.notice()}]})
-        elif self.path.rstrip("/") in ("", "/health"):
-            self._json(200, {"status": "ok", "model": self.server.model.id,
-                             "localmed": self.server.model.notice()})
-        else:
-            raise APIError(404, f"no such endpoint: GET {self.path}", code="not_found")
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/", self._models)
+        for path in ("/", "/health"):
+            app.router.add_get(path, self._health)
+        for route in ROUTES:
+            app.router.add_post(route, self._completion)
+            app.router.add_post(route + "/", self._completion)
+        return app
 
-    def _post(self) -> None:
+    def serve_forever(self) -> None:
+        """Serve until Ctrl-C (or SIGTERM/SIGHUP, raised as an interrupt)."""
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                               keepalive_timeout=KEEPALIVE_SECONDS)
+        await runner.setup()
+        factory = runner.server
+        assert factory is not None
+
+        def connection() -> asyncio.BaseProtocol:  # the bound on open connections
+            if len(factory.connections) >= MAX_CONNECTIONS:
+                return _Refuse()
+            return factory()
+
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(connection, sock=self.sock, backlog=128)
+        try:
+            await asyncio.Event().wait()
+        finally:
+            server.close()
+            await runner.cleanup()
+
+    def server_close(self) -> None:
+        """Close the socket, and the engine if a model was attached."""
+        if hasattr(self, "jobs"):
+            self.jobs.close()
+        self.sock.close()
+
+    # --- routes ---------------------------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        served = self.model
+        return _json(200, {"object": "list", "data": [{
+            "id": served.id, "object": "model", "created": self.started,
+            "owned_by": "localmed", "localmed": served.notice()}]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return _json(200, {"status": "ok", "model": self.model.id,
+                           "localmed": self.model.notice()})
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
         """Everything that can refuse a request is decided here, before it waits: the body,
         its fields, the template, the schema's grammar, the prompt's length (tokenized beside
         any running decode), then room in the queue."""
-        self._authorize()
-        route = self.path.rstrip("/")
-        if route not in ("/v1/chat/completions", "/v1/completions"):
-            raise APIError(404, f"no such endpoint: POST {self.path}", code="not_found")
-        body = self._body()
-        served, jobs = self.server.model, self.server.jobs
+        route = request.path.rstrip("/")
+        body = await _body(request)
+        served, jobs = self.model, self.jobs
         model = body.get("model", served.id)
         if model != served.id:
             raise APIError(400, f"the model '{model}' is not served here; this server has "
@@ -118,25 +179,31 @@ class Handler(BaseHTTPRequestHandler):
                 raise APIError(400, "'prompt' must be a non-empty string", param="prompt")
             stops = stop_strings(body, ())
             kind, where = "text_completion", "prompt"
-        grammar = jobs.json_grammar(schema) if wants_json else None
-        tokens = jobs.tokenize(prompt)
+        caching = cache_prompt(body, served.cache_prompt)
+        grammar = await asyncio.to_thread(jobs.json_grammar, schema) if wants_json else None
+        tokens = await asyncio.to_thread(jobs.tokenize, prompt)
         if len(tokens) >= jobs.n_ctx:
             raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
                            f"({jobs.parallel} at once); the prompt has {len(tokens)}",
                            param=where, code="context_length_exceeded")
-        job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs,
-                  cache_prompt(body, served.cache_prompt))
+        job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs, caching,
+                  events=_Events(asyncio.get_running_loop()))  # type: ignore[arg-type]
         jobs.admit(job)
-        self._log_content(route, body)
-        if body.get("stream"):
-            self._stream(job, kind)
-        else:
-            self._complete(job, kind)
+        if self.log_content:
+            print(f"localmed serve: {route} content: {json.dumps(body)[:4000]}",
+                  file=self.log, flush=True)
+        try:
+            if body.get("stream"):
+                return await self._stream(request, job, kind)
+            return await self._complete(request, job, kind)
+        except BaseException:  # the client left (the handler is cancelled): stop its reply
+            self.jobs.cancel(job)
+            raise
 
     def _render(self, messages: list[Message]) -> str:
         """The template's prompt; consecutive messages of one role merged where the template
         wants turns to alternate."""
-        template = self.server.model.template
+        template = self.model.template
         try:
             return template.render(messages)
         except TemplateError as refused:
@@ -150,16 +217,9 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- answers --------------------------------------------------------------------------------
 
-    def _events(self, job: Job) -> Iterator[tuple[str, Any]]:
-        """The job's events; OSError when the client hangs up before its reply is done (even
-        while nothing is written: during a long prefill, or a reply that is not streamed)."""
+    async def _events(self, job: Job) -> AsyncIterator[tuple[str, Any]]:
         while True:
-            try:
-                event = job.events.get(timeout=HANGUP_POLL)
-            except queue.Empty:
-                if self._client_left():
-                    raise ConnectionAbortedError("the client hung up") from None
-                continue
+            event = await job.events.get()  # type: ignore[misc]
             if event[0] == "error":
                 error = event[1]
                 if isinstance(error, EngineDiedError):
@@ -173,21 +233,17 @@ class Handler(BaseHTTPRequestHandler):
             if event[0] == "done":
                 return
 
-    def _complete(self, job: Job, kind: str) -> None:
-        try:
-            parts: list[str] = []
-            entries: list[dict[str, Any]] = []
-            stats = GenerationStats()
-            for name, value in self._events(job):
-                if name == "piece":
-                    parts.append(value)
-                elif name == "logprobs":
-                    entries += value
-                else:
-                    stats = value
-        except BaseException:
-            self.server.jobs.cancel(job)
-            raise
+    async def _complete(self, request: web.Request, job: Job, kind: str) -> web.Response:
+        parts: list[str] = []
+        entries: list[dict[str, Any]] = []
+        stats = GenerationStats()
+        async for name, value in self._events(job):
+            if name == "piece":
+                parts.append(value)
+            elif name == "logprobs":
+                entries += value
+            else:
+                stats = value
         text = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
         if kind == "chat.completion":
@@ -195,22 +251,17 @@ class Handler(BaseHTTPRequestHandler):
             choice["logprobs"] = {"content": entries} if job.logprobs is not None else None
         else:
             choice |= {"text": text, "logprobs": None}
-        self.tokens = (stats.prompt_tokens, stats.generated_tokens)
-        self._json(200, {**self._head(kind), "choices": [choice], "usage": usage(stats),
-                         "localmed": self.server.model.notice()})
+        request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+        return _json(200, {**self._head(kind), "choices": [choice], "usage": usage(stats),
+                           "localmed": self.model.notice()})
 
-    def _stream(self, job: Job, kind: str) -> None:
+    async def _stream(self, request: web.Request, job: Job, kind: str) -> web.StreamResponse:
         chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
         head = self._head(chunk_kind)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("Connection", "close")
-        self.send_header(DISCLAIMER_HEADER, DISCLAIMER)
-        self.end_headers()
-        self.close_connection = True
-        self.status = 200
-
+        response = web.StreamResponse(status=200, headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            DISCLAIMER_HEADER: DISCLAIMER})
+        await response.prepare(request)
         entries: list[dict[str, Any]] = []
 
         def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
@@ -225,152 +276,129 @@ class Handler(BaseHTTPRequestHandler):
                 entries.clear()
             return out
 
+        async def event(data: dict[str, Any]) -> None:
+            await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+
         try:
-            self._event({**head, "choices": [choice("", None, True)],
-                         "localmed": self.server.model.notice()})
-            for name, value in self._events(job):
+            await event({**head, "choices": [choice("", None, True)],
+                         "localmed": self.model.notice()})
+            async for name, value in self._events(job):
                 if name == "logprobs":
                     entries += value
                 elif name == "piece":
-                    self._event({**head, "choices": [choice(value, None)]})
+                    await event({**head, "choices": [choice(value, None)]})
                 else:
-                    self.tokens = (value.prompt_tokens, value.generated_tokens)
-                    self._event({**head, "choices": [choice(None, finish_reason(value))],
+                    request["tokens"] = (value.prompt_tokens, value.generated_tokens)
+                    await event({**head, "choices": [choice(None, finish_reason(value))],
                                  "usage": usage(value)})
-            self.wfile.write(b"data: [DONE]\n\n")
-            self.wfile.flush()
+            await response.write(b"data: [DONE]\n\n")
         except APIError as failed:
-            self._event(failed.body())
-        except OSError:  # the client hung up: stop its reply, let the next one run
-            self.server.jobs.cancel(job)
-
-    def _client_left(self) -> bool:
-        """Whether the client closed its end: readable with nothing to read (a client that
-        sends more, such as a pipelined request, has not left)."""
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except (OSError, ValueError):
-            return True
-
-    def _event(self, data: dict[str, Any]) -> None:
-        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
-        self.wfile.flush()
+            await event(failed.body())
+        await response.write_eof()
+        return response
 
     def _head(self, kind: str) -> dict[str, Any]:
         prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
         return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
-                "created": int(time.time()), "model": self.server.model.id}
+                "created": int(time.time()), "model": self.model.id}
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _guarded(self, route: Any) -> None:
-        self.started = time.monotonic()
-        self.status = 0
-        self.tokens = (0, 0)
+    @web.middleware
+    async def _guard(self, request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        """Authorization, then every failure as an OpenAI-style error; one log line."""
+        started = time.monotonic()
+        request["tokens"] = (0, 0)
+        response: web.StreamResponse | None = None
         try:
-            route()
+            self._authorize(request)
+            response = await handler(request)
         except APIError as failed:
             headers = {"WWW-Authenticate": "Bearer"} if failed.status == 401 else {}
-            self._json(failed.status, failed.body(), headers)
+            response = _json(failed.status, failed.body(), headers)
+        except web.HTTPException as http:  # no such route or method
+            if http.status in (404, 405):
+                failed = APIError(404, f"no such endpoint: {request.method} {request.path}",
+                                  code="not_found")
+            else:
+                failed = APIError(http.status, http.reason)
+            response = _json(failed.status, failed.body())
         except ServerBusyError as busy:  # decided at once: nobody waits to hear it
-            self._json(503, APIError(503, str(busy), kind="server_error",
-                                     code="server_busy").body(), {"Retry-After": "1"})
+            response = _json(503, APIError(503, str(busy), kind="server_error",
+                                           code="server_busy").body(), {"Retry-After": "1"})
         except EngineDiedError as died:  # between requests: the next one reloads it
-            self._json(503, APIError(503, f"{died}; retry the request", kind="server_error",
-                                     code="engine_died").body(), {"Retry-After": "5"})
-            self.server.jobs.reload(died)
+            response = _json(503, APIError(503, f"{died}; retry the request",
+                                           kind="server_error", code="engine_died").body(),
+                             {"Retry-After": "5"})
+            await asyncio.to_thread(self.jobs.reload, died)
         except LocalmedError as refused:  # the request's fault, in localmed's own sentence
-            self._json(400, refusal(refused).body())
-        except OSError:
-            self.close_connection = True
+            response = _json(400, refusal(refused).body())
+        except (asyncio.CancelledError, ConnectionError):  # the client left
+            self._log_request(request, 499, started)
+            raise
         except Exception as exc:  # never a traceback to the client; the server keeps serving
             print(f"localmed serve: internal error: {type(exc).__name__}: {exc}",
-                  file=self.server.log, flush=True)
-            self._json(500, APIError(500, f"internal error: {type(exc).__name__}",
-                                     kind="server_error").body())
-        self._log_request()
+                  file=self.log, flush=True)
+            response = _json(500, APIError(500, f"internal error: {type(exc).__name__}",
+                                           kind="server_error").body())
+        self._log_request(request, response.status, started)
+        return response
 
-    def _authorize(self) -> None:
-        key = self.server.api_key
+    def _authorize(self, request: web.Request) -> None:
+        key = self.api_key
         if key is None:
             return
-        given = self.headers.get("Authorization", "")
+        given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer …)",
                            code="invalid_api_key")
 
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise APIError(411, "a Content-Length header is required") from None
-        if length < 0 or length > MAX_BODY:
-            raise APIError(413, f"the request body is over {MAX_BODY // (1024 * 1024)} MiB")
-        raw = self.rfile.read(length)
-        try:
-            body = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise APIError(400, f"the body is not valid JSON: {exc}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object")
-        return body
-
-    def _json(self, status: int, data: dict[str, Any], headers: dict[str, str] | None = None
-              ) -> None:
-        payload = json.dumps(data).encode()
-        self.status = status
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header(DISCLAIMER_HEADER, DISCLAIMER)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            self.close_connection = True
-
-    def _log_content(self, route: str, body: dict[str, Any]) -> None:
-        if self.server.log_content:
-            print(f"localmed serve: {route} content: {json.dumps(body)[:4000]}",
-                  file=self.server.log, flush=True)
-
-    def _log_request(self) -> None:
-        seconds = time.monotonic() - self.started
-        prompt, completion = self.tokens
-        print(f"{self.log_date_time_string()} {self.client_address[0]} {self.command} "
-              f"{self.path} {self.status} {prompt}+{completion} tokens {seconds:.2f}s",
-              file=self.server.log, flush=True)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # one line per request, written by _log_request, without content
+    def _log_request(self, request: web.Request, status: int, started: float) -> None:
+        prompt, completion = request["tokens"]
+        when = time.strftime("%d/%b/%Y %H:%M:%S")
+        print(f"{when} {request.remote} {request.method} {request.path} {status} "
+              f"{prompt}+{completion} tokens {time.monotonic() - started:.2f}s",
+              file=self.log, flush=True)
 
 
-class LocalServer(ThreadingHTTPServer):
-    daemon_threads = True
+class _Refuse(asyncio.Protocol):
+    """A connection over :data:`MAX_CONNECTIONS`: one 503, then closed."""
 
-    def __init__(self, address: tuple[str, int], *, api_key: str | None,
-                 log_content: bool = False, log: TextIO = sys.stderr) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, Handler)
-        self.api_key = api_key
-        self.log_content = log_content
-        self.log = log
-        self.started = int(time.time())
-        self.model: ServedModel
-        self.jobs: Jobs
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        body = json.dumps(APIError(503, f"the server has {MAX_CONNECTIONS} connections open; "
+                                   "retry shortly", kind="server_error",
+                                   code="server_busy").body()).encode()
+        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"  # type: ignore[attr-defined]
+                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
+                        str(len(body)).encode() + b"\r\n\r\n" + body)
+        transport.close()
 
-    def attach(self, model: ServedModel, jobs: Jobs) -> None:
-        self.model = model
-        self.jobs = jobs
 
-    def server_close(self) -> None:
-        """Close the socket, and the queue's worker if a model was attached."""
-        if hasattr(self, "jobs"):
-            self.jobs.close()
-        super().server_close()
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await asyncio.wait_for(request.read(), BODY_SECONDS)
+    except web.HTTPRequestEntityTooLarge:
+        raise APIError(413, f"the request body is over {MAX_BODY // (1024 * 1024)} MiB") \
+            from None
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s") \
+            from None
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    return body
+
+
+def _json(status: int, data: dict[str, Any], headers: dict[str, str] | None = None
+          ) -> web.Response:
+    return web.Response(status=status, body=json.dumps(data).encode(),
+                        content_type="application/json",
+                        headers={DISCLAIMER_HEADER: DISCLAIMER, **(headers or {})})
 
 
 def refusal(error: LocalmedError) -> APIError:
@@ -407,12 +435,20 @@ def bind(host: str, port: int, *, api_key: str | None, log_content: bool = False
     check_host(host, api_key)
     if not 0 < port < 65536:
         raise ServeError(f"--port {port}: not a TCP port (1-65535)")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        return LocalServer((host, port), api_key=api_key, log_content=log_content, log=log)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return LocalServer(sock, api_key=api_key, log_content=log_content, log=log)
     except PermissionError:
+        sock.close()
         raise ServeError(f"port {port}: not allowed for this user (ports below 1024 need "
                          "root); choose --port 8080 or above") from None
     except OSError as exc:
+        sock.close()
         if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
             raise ServeError(f"port {port} on {host} is in use (another localmed serve, "
                              "Ollama or LM Studio?); choose another with --port") from None
