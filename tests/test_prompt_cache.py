@@ -183,6 +183,22 @@ def test_an_edited_conversation_is_reused_only_up_to_the_edit(engine):
     assert entries == whole_entries and text == whole_text
 
 
+def test_a_reply_cancelled_during_its_prefill_leaves_usable_cells(engine):
+    """Cancelled after the first 512-token chunk of its prompt: the slot keeps those cells, and
+    the same prompt asked again starts from them and is answered."""
+    from localmed.runtimes.batch import Request
+
+    prompt = chatml(("user", f"Cancelled. {RECORD} {RECORD}\nSummarize."))
+    tokens = engine.tokenize(prompt)
+    assert len(tokens) > engine.n_batch
+    engine.submit(Request(-1, tokens, GREEDY))
+    assert engine.step() == []  # one chunk of the prompt, nothing generated
+    [(kind, _, stats)] = engine.cancel(-1)
+    assert kind == "done" and stats.stopped_by == "user" and not engine.busy
+    text, stats, _ = reply(engine, prompt)
+    assert stats.cached_tokens == engine.n_batch and text
+
+
 def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(smol):
     """One slot, three conversations in turn: the first's cells go to host memory when the
     second takes the slot, and its follow-up starts from them; without --cache-ram it is

@@ -119,8 +119,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
                       f"{jobs.parallel} -c {plan.n_ctx} splits it)")
             if args.cache_prompt:
-                out.print("  each slot keeps its conversation for the next turn; "
-                          f"{cache_ram(args) // MIB} MiB of host memory keep more (--cache-ram)")
+                out.print("  each slot keeps its conversation for the next turn; up to "
+                          f"{cache_ram(args) // MIB} MiB of host memory keep those whose slot "
+                          "another took (--cache-ram)")
             else:
                 out.print("  every prompt is prefilled whole (--no-cache-prompt)")
         else:
