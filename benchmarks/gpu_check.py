@@ -224,9 +224,18 @@ def gptq_on_cuda() -> dict[str, Any]:
                        "through localmed.runtimes.hf on CUDA)")
 
 
+def flash_attention(model: str) -> dict[str, Any]:
+    """benchmarks/flash_attention.py at full offload: serve's engine with flash attention off
+    and automatic (the plan turns it on where layers are on a GPU: is that right here?)."""
+    from flash_attention import compare  # beside this script
+
+    return compare(Path(model), 1, 128, os.cpu_count() or 1, 2, gpu_layers=-1)
+
+
 STEPS: dict[str, Callable[..., Any]] = {
     "engine": engine_info, "torch": torch_info, "both": both_in_one_process,
     "models": make_models, "decode": decode_tps, "bandwidth": copy_bandwidth,
+    "flash": flash_attention,
 }
 """What runs in a child process of its own: whatever imports llama.cpp's CUDA build or torch.
 A native crash there (an abort, a segfault, two CUDA runtimes at odds) fails that step alone
@@ -297,6 +306,8 @@ def checks(out: Path, dry_run: bool) -> int:
                     if "full" in speeds else None}
 
         report.step("memory-bandwidth bound", bound, needs_gpu=True)
+        report.step("flash attention off and auto, full offload",
+                    isolated("flash", 300, model=str(model)), needs_gpu=True)
         report.step("gpu-marked tests", lambda: gpu_tests(made))
         report.step("localmed serve, streaming" + ("" if dry_run else ", full offload"),
                     lambda: serve_stream(model, 0 if dry_run else -1, tokens))
