@@ -176,8 +176,8 @@ def main() -> int:
     parser.add_argument("--reply", type=int, default=48, help="tokens of each greedy reply")
     parser.add_argument("--ctx", type=int, default=4096, help="context per slot")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    parser.add_argument("--agreement", action="store_true", help="then ask localmed's turns "
-                        "again with the cache off and count the replies that differ")
+    parser.add_argument("--agreement", action="store_true", help="then ask each server's "
+                        "turns again with the cache off and count the replies that differ")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
     model = args.model
