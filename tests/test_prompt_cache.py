@@ -193,10 +193,11 @@ def test_a_reply_cancelled_during_its_prefill_leaves_usable_cells(engine):
     assert len(tokens) > engine.n_batch
     engine.submit(Request(-1, tokens, GREEDY))
     assert engine.step() == []  # one chunk of the prompt, nothing generated
-    [(kind, _, stats)] = engine.cancel(-1)
-    assert kind == "done" and stats.stopped_by == "user" and not engine.busy
+    [(kind, _, cancelled)] = engine.cancel(-1)
+    assert kind == "done" and cancelled.stopped_by == "user" and not engine.busy
     text, stats, _ = reply(engine, prompt)
-    assert stats.cached_tokens == engine.n_batch and text
+    # what its slot shared with it before (the template's first tokens), and the chunk fed
+    assert stats.cached_tokens == cancelled.cached_tokens + engine.n_batch and text
 
 
 def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(smol):
