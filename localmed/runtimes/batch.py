@@ -12,10 +12,11 @@ A finished or cancelled sequence leaves its slot at once, and the slot keeps its
 request whose prompt starts the same way (the same conversation, one turn on, as every OpenAI
 client sends the whole history) prefills only what is new (:mod:`localmed.runtimes.prompt_cache`
 chooses the slot, and keeps other conversations' cells in host memory when their slot is taken).
-What that changes: llama.cpp's kernels sum in an order that depends on how many tokens a batch
-holds, so a prefix computed in an earlier request's batches gives logits that differ from a
-prefill of the whole prompt in the last digits, and now and then a greedy reply takes another
-word (measured in ``benchmarks/followup.py``). A request with ``cache_prompt`` false (the server's
+What that changes: llama.cpp's CPU kernels sum a one-token batch (a reply's tokens as they are
+generated) in another order than a prefill's, so a follow-up that starts from the cells of the
+last reply gets logits that differ from a whole prefill's (up to 0.31 nats among the top five on
+SmolLM2, the same top token), and a greedy reply often takes another word somewhere (counted in
+``benchmarks/followup.py --agreement``, as often as llama-server's). A request with ``cache_prompt`` false (the server's
 ``--no-cache-prompt`` for all) is prefilled whole, and its reply depends on it alone.
 
 Everything here is llama-cpp-python's public low-level API (``llama_batch_init``,
@@ -373,8 +374,8 @@ class BatchEngine:
             return
         buffer = (ctypes.c_uint8 * size)()
         written = llama.llama_state_seq_get_data(self._ctx, buffer, size, slot)
-        if written:
-            self.host_cache.put(list(cells), bytes(buffer)[:written])
+        if written:  # one copy into bytes (a 7B's conversation can be a gigabyte)
+            self.host_cache.put(list(cells), ctypes.string_at(buffer, written))
 
     def _restore(self, slot: int, state: SavedState) -> bool:
         """Put a state taken from the host cache back into ``slot``."""
