@@ -131,6 +131,7 @@ def test_localmed_chat_demo_runs_in_a_terminal(install, request, tmp_path):
                        check=True)
         subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
         # the status line shows the reply's speed once it has ended
-        wait(lambda s: re.search(r"\d+\.\d tok/s", s) and "generating" not in s, "the reply")
+        wait(lambda s: re.search(r"\d+\.\d tok/s", s) and "generating…" not in s,
+             "the reply")
     finally:
         subprocess.run([*tmux, "kill-server"], capture_output=True)

@@ -41,6 +41,17 @@ class Server:
         banner = self.proc.stdout.readline()
         assert "localmed serve" in banner, (banner, self.proc.stderr.read())
 
+    def banner(self) -> str:
+        """The rest of the start-up banner (to its "Ctrl-C" line), or what came before the
+        server ended: never a wait on a pipe that has closed."""
+        lines: list[str] = []
+        while not lines or "Ctrl-C" not in lines[-1]:
+            line = self.proc.stdout.readline()
+            assert line, ("the server ended before its banner", "".join(lines),
+                          self.proc.stderr.read())
+            lines.append(line)
+        return " ".join(" ".join(lines).split())
+
     def stop(self) -> int:
         self.client.close()
         if self.proc.poll() is None:

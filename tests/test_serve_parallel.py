@@ -60,12 +60,9 @@ def stream_text(client: openai.OpenAI, question: str, **extra) -> str:
 def test_the_banner_says_how_the_context_is_split(smol):
     running = Server(smol, "--parallel", "3", "--ctx", "3000")
     try:
-        lines = []
-        while "Ctrl-C" not in "".join(lines):
-            lines.append(running.proc.stdout.readline())
+        said = running.banner()
     finally:
         running.stop()
-    said = " ".join(" ".join(lines).split())
     assert "3 replies at once, 1024 tokens each" in said, said
     assert "llama-server -np 3 -c 3072" in said, said
     assert "up to 16 more requests wait" in said, said

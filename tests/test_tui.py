@@ -354,7 +354,8 @@ class TestRealTerminal:
         self.wait(lambda: "Ask the model" in self.screen(tmux), "the chat screen")
         subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "Write a long essay."], check=True)
         subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
-        self.wait(lambda: "generating" in self.screen(tmux), "the reply to start")
+        self.wait(lambda: self.generating(self.screen(tmux)),
+                  lambda: f"the reply to start:\n{self.screen(tmux)}")
         return tmux, pid
 
     @staticmethod
@@ -363,10 +364,20 @@ class TestRealTerminal:
                               text=True).stdout
 
     @staticmethod
-    def wait(condition, what: str, timeout: float = 60) -> None:
+    def generating(screen: str) -> bool:
+        """Whether the status line (under the input box) says a reply is streaming: the
+        reply's own text may say "generating" too."""
+        rows = screen.splitlines()
+        box_end = max((i for i, row in enumerate(rows) if row.startswith("▊▁")), default=-1)
+        return "generating…" in " ".join(rows[box_end + 1:])
+
+    @staticmethod
+    def wait(condition, what, timeout: float = 60) -> None:
+        """Until condition(); what: what is awaited (or a callable saying it, with the screen)."""
         end = time.monotonic() + timeout
         while not condition():
-            assert time.monotonic() < end, f"timed out waiting for {what}"
+            assert time.monotonic() < end, \
+                f"timed out waiting for {what() if callable(what) else what}"
             time.sleep(0.1)
 
     @staticmethod
@@ -405,7 +416,9 @@ class TestRealTerminal:
                                env=f"LOCALMED_DATA_DIR={data}")
         try:
             pairs: list[str] = []
-            while "generating" in (screen := self.screen(tmux)):
+            deadline = time.monotonic() + 300
+            while self.generating(screen := self.screen(tmux)):
+                assert time.monotonic() < deadline, "the 400-token reply never ended"
                 rows = screen.splitlines()
                 end = next(i for i, row in enumerate(rows) if row.startswith("▊▔"))
                 # The reply's rows only: not under a notification (its border: ▌ ▎), not the
