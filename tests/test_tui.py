@@ -349,13 +349,18 @@ class TestRealTerminal:
         subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30",
                         f"{env} exec {sys.executable} -m localmed chat {gguf} --max-tokens "
                         f"{max_tokens} --ignore-eos --ctx 4096"], check=True)
-        pid = int(subprocess.run([*tmux, "list-panes", "-t", "t", "-F", "#{pane_pid}"],
-                                 capture_output=True, text=True).stdout)
-        self.wait(lambda: "Ask the model" in self.screen(tmux), "the chat screen")
-        subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "Write a long essay."], check=True)
-        subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
-        self.wait(lambda: self.generating(self.screen(tmux)),
-                  lambda: f"the reply to start:\n{self.screen(tmux)}")
+        try:
+            pid = int(subprocess.run([*tmux, "list-panes", "-t", "t", "-F", "#{pane_pid}"],
+                                     capture_output=True, text=True).stdout)
+            self.wait(lambda: "Ask the model" in self.screen(tmux), "the chat screen")
+            subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "Write a long essay."],
+                           check=True)
+            subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
+            self.wait(lambda: self.generating(self.screen(tmux)),
+                      lambda: f"the reply to start:\n{self.screen(tmux)}")
+        except BaseException:  # no app left generating unseen after the test
+            subprocess.run([*tmux, "kill-server"], capture_output=True)
+            raise
         return tmux, pid
 
     @staticmethod
