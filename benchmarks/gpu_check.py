@@ -113,15 +113,15 @@ def both_in_one_process() -> dict[str, Any]:
 
 
 def make_models(work: str, dry_run: bool) -> dict[str, Any]:
-    """The demo model (trained: confident next tokens, for CPU/GPU token equality) and a Llama of
+    """The demo model (shipped, trained: confident next tokens, for CPU/GPU token equality) and a Llama of
     random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
     run), quantized to Q8_0 by ``localmed quantize``."""
     from serve_load import random_llama  # beside this script
 
-    from localmed.demo import ensure_demo_model
+    from localmed.demo import demo_model
 
     work = Path(work)
-    demo = ensure_demo_model(work / "models")
+    demo = demo_model()
     size = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                 num_attention_heads=4, num_key_value_heads=2) if dry_run else \
         dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16,

@@ -42,12 +42,12 @@ class ChatModel:
 def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = None,
                        models_dir: Path | None = None) -> ChatModel:
     """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder."""
-    from localmed.demo import DEMO_ENTRY, DEMO_ID, ensure_demo_model
+    from localmed.demo import DEMO_ENTRY, DEMO_ID, demo_model
     from localmed.quants import get_quant
 
     models_dir = models_dir or library.models_dir()
     if spec == DEMO_ID:
-        path = ensure_demo_model(models_dir)
+        path = demo_model()
         return ChatModel("demo (not a medical model)", path, DEMO_ENTRY, DEMO_ENTRY.advisory)
     candidate = Path(spec).expanduser()
     if candidate.exists() or candidate.suffix == ".gguf":

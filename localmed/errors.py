@@ -196,6 +196,19 @@ class OfflineError(LocalmedError, ConnectionError):
         super().__init__(f"{what}: {message}")
 
 
+class MissingExtraError(LocalmedError, ImportError):
+    """A command needs an optional extra (torch, GPTQModel) that this install left out."""
+
+    def __init__(self, what: str, extra: str, modules: list[str], install: str) -> None:
+        self.what = what
+        self.extra = extra
+        self.modules = list(modules)
+        names = " and ".join([", ".join(self.modules[:-1]), self.modules[-1]] if
+                             len(self.modules) > 1 else self.modules)
+        super().__init__(f"{what} needs {names}, which this install leaves out (the '{extra}' "
+                         f"extra): {install}")
+
+
 class ModelFileError(LocalmedError, ValueError):
     """A path that is not a model localmed can run: no known format, or a damaged one."""
 

@@ -28,8 +28,12 @@ def _progress_class():
 
 
 def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str | None = None,
-                        gated: bool = False) -> tuple[Path, str]:
-    """Fetch (or find in the cache) a checkpoint; returns its folder and resolved commit."""
+                        gated: bool = False, patterns: list[str] | None = None
+                        ) -> tuple[Path, str]:
+    """Fetch (or find in the cache) a checkpoint; returns its folder and resolved commit.
+
+    ``patterns``: only these files (``["config.json"]``: what a command checks before it
+    downloads the weights); by default the weights and every file a conversion reads."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -44,8 +48,9 @@ def download_checkpoint(repo_id: str, *, revision: str | None = None, token: str
     if (progress := _progress_class()) is not None:
         kwargs["tqdm_class"] = progress
     try:
-        folder = snapshot_download(repo_id, revision=revision, allow_patterns=DOWNLOAD_PATTERNS,
-                                   token=token, local_files_only=offline, **kwargs)
+        folder = snapshot_download(repo_id, revision=revision,
+                                   allow_patterns=patterns or DOWNLOAD_PATTERNS, token=token,
+                                   local_files_only=offline, **kwargs)
     except GatedRepoError:
         raise HubAccessError(
             repo_id, f"gated repository: accept its terms at https://huggingface.co/{repo_id}, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,8 +49,12 @@ def sha256_file(path: Path, chunk: int = 8 * 2**20) -> str:
 
 
 def now() -> str:
-    """A creation time: UTC, to the second."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    """A creation time: UTC, to the second; ``SOURCE_DATE_EPOCH`` when set (the reproducible-builds
+    convention: the demo model's build script fixes it, so its GGUF is the same bytes)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = dt.datetime.fromtimestamp(int(epoch), dt.timezone.utc) if epoch.isdigit() else \
+        dt.datetime.now(dt.timezone.utc)
+    return when.isoformat(timespec="seconds")
 
 
 @dataclass(frozen=True)

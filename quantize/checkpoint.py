@@ -16,8 +16,30 @@ from pathlib import Path
 from typing import Any
 
 from localmed.errors import CheckpointError, PickleRefusedError, SourceError
+from localmed.extras import require
 from localmed.formats.safetensors import TensorRef, read_safetensors_header
 from localmed.provenance import CHECKPOINT_FILES
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """A checkpoint folder's config.json; a clear error for a folder that has none or a bad one."""
+    if not folder.is_dir():
+        raise SourceError(folder, "not a folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(folder, "no config.json: not a Hugging Face checkpoint folder")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(config_path, f"invalid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise SourceError(config_path, "must hold a JSON object")
+    return config
+
+
+def architecture_of(config: dict[str, Any]) -> str:
+    archs = config.get("architectures") or []
+    return archs[0] if archs else f"(none; model_type={config.get('model_type')})"
 
 
 @dataclass
@@ -34,24 +56,13 @@ class Checkpoint:
 
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or []
-        return archs[0] if archs else f"(none; model_type={self.config.get('model_type')})"
+        return architecture_of(self.config)
 
     @classmethod
     def open(cls, folder: Path, *, allow_pickle: bool = False) -> Checkpoint:
         """Open a checkpoint folder; raises a clear error for anything missing or broken."""
         folder = Path(folder)
-        if not folder.is_dir():
-            raise SourceError(folder, "not a folder")
-        config_path = folder / "config.json"
-        if not config_path.is_file():
-            raise SourceError(folder, "no config.json: not a Hugging Face checkpoint folder")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SourceError(config_path, f"invalid JSON: {exc}") from None
-        if not isinstance(config, dict):
-            raise SourceError(config_path, "must hold a JSON object")
+        config = read_config(folder)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             if list(folder.glob("*.bin")) or list(folder.glob("*.pt")):
@@ -71,6 +82,7 @@ class Checkpoint:
         Only reached with --allow-pickle. torch's restricted unpickler refuses anything but
         tensors; the staged copy keeps the rest of the pipeline streaming.
         """
+        require("convert", f"{folder}: reading pickled .bin weights (--allow-pickle)")
         import torch
         from safetensors.torch import save_file
 

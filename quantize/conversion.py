@@ -18,9 +18,10 @@ from localmed.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
+from localmed.extras import require
 from localmed.hub import download_checkpoint
 from localmed.provenance import Provenance, now
-from localmed.quantize.checkpoint import Checkpoint
+from localmed.quantize.checkpoint import Checkpoint, architecture_of, read_config
 from localmed.quantize.families import (
     ConverterFamily,
     PlannedTensor,
@@ -67,8 +68,18 @@ def resolve_source(source: str, registry: Registry, *, revision: str | None = No
         if source.count("/") != 1:
             raise UnknownModelError(source, registry)
         entry = registry.by_repo(source)
-    folder, commit = download_checkpoint(repo, revision=revision, token=token,
-                                         gated=bool(entry and entry.gated))
+    gated = bool(entry and entry.gated)
+    # Whether llama.cpp's converter (and so torch) is needed is known from the architecture:
+    # the registry's, or the repository's config.json alone, before any weights come down.
+    if entry is not None:
+        architecture = entry.architecture
+    else:
+        config, _ = download_checkpoint(repo, revision=revision, token=token, gated=gated,
+                                        patterns=["config.json"])
+        architecture = architecture_of(read_config(config))
+    if architecture not in native_architectures():
+        require("convert", f"converting {repo} ({architecture}: llama.cpp's converter)")
+    folder, commit = download_checkpoint(repo, revision=revision, token=token, gated=gated)
     name = entry.id if entry else _safe_name(repo.split("/")[-1])
     return Source(folder, repo, commit, entry, name)
 
@@ -180,6 +191,8 @@ def prepare(source: Source, *, allow_pickle: bool = False, converter: str = "aut
         else:
             family = family_for(checkpoint)
             return Conversion(source, checkpoint, family, family.plan(), vocab)
+    require("convert", f"converting {source.name} with llama.cpp's converter ("
+            f"{why or checkpoint.architecture + ', which localmed does not convert itself'})")
     try:
         found = find_converter()
     except ConverterMissingError as missing:

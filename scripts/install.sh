@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# Install localmed into ./.venv (or $LOCALMED_VENV): torch's CPU build first, then llama-cpp-python
-# built from source with only what localmed uses, then localmed itself.
+# Install localmed into ./.venv (or $LOCALMED_VENV): llama-cpp-python built from source with only
+# what localmed uses, then localmed itself. No torch by default: chat, serve, bench, pull, plan
+# and export run GGUF files, and localmed converts Llama/Mistral/Mixtral safetensors without it.
 #
 #   LOCALMED_GPU=cuda  scripts/install.sh   # NVIDIA: llama.cpp built with CUDA offload
 #   (Apple Silicon gets Metal without asking.)
 #   CMAKE_ARGS="..."   scripts/install.sh   # extra llama.cpp CMake options, appended
-#   LOCALMED_EXTRAS=test,gptq scripts/install.sh   # with GPTQ export
+#   LOCALMED_EXTRAS=convert scripts/install.sh     # + torch: llama.cpp's converter, .bin files
+#   LOCALMED_EXTRAS=gptq scripts/install.sh        # + torch, GPTQModel: GPTQ export
+#   LOCALMED_EXTRAS=test scripts/install.sh        # + what the tests need (torch among it)
+#   LOCALMED_TORCH=cuda scripts/install.sh ...     # torch's CUDA build where an extra needs torch
+#                                                  # (default cpu: PyTorch's CPU index)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,8 +22,35 @@ LLAMA_CPP_PYTHON="llama-cpp-python==0.3.36"
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install --quiet --upgrade pip
 
-# The CPU build of torch, before anything that depends on torch can pull a CUDA one.
-"${PIP[@]}" install --quiet "torch==2.13.0"
+EXTRAS=${LOCALMED_EXTRAS:-}
+TORCH_BUILD=${LOCALMED_TORCH:-cpu}
+case $TORCH_BUILD in
+    cpu|cuda) ;;
+    *) echo "LOCALMED_TORCH=$TORCH_BUILD: expected cpu or cuda" >&2; exit 2 ;;
+esac
+needs_torch=""
+for extra in ${EXTRAS//,/ }; do
+    case $extra in convert|gptq|test) needs_torch=1 ;; esac
+done
+
+# torch, where an extra needs it, before anything that depends on it can pull another build.
+# PyPI's Linux x86-64 torch is the CUDA build (its nvidia-* and triton packages: ~4 GB in the
+# venv); the CPU build (~1 GB) comes from PyTorch's own index, asked first when it answers (a
+# local wheel in PIP_FIND_LINKS is taken too: pip prefers 2.13.0+cpu to 2.13.0).
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
+if [ -n "$needs_torch" ] && ! "$VENV/bin/python" -c \
+        "import importlib.metadata as m, sys; sys.exit(not m.version('torch').startswith('2.13.0'))" \
+        2>/dev/null; then
+    if [ "$TORCH_BUILD" = cpu ] && "$VENV/bin/python" -c \
+            "import urllib.request; urllib.request.urlopen('$TORCH_CPU_INDEX/torch/', timeout=10)" \
+            2>/dev/null; then
+        "${PIP[@]}" install --quiet "torch==2.13.0" --extra-index-url "$TORCH_CPU_INDEX"
+    else
+        [ "$TORCH_BUILD" = cpu ] && echo "PyTorch's CPU index ($TORCH_CPU_INDEX) does not answer:" \
+            "torch comes from your package index (on Linux x86-64, PyPI's is the CUDA build)" >&2
+        "${PIP[@]}" install --quiet "torch==2.13.0"
+    fi
+fi
 
 # shellcheck source=scripts/llama-cmake-args.sh
 . scripts/llama-cmake-args.sh
@@ -50,9 +82,9 @@ if [ -n "$need_build" ]; then
         --no-deps "$SDIST"
 fi
 
-# LOCALMED_EXTRAS=test,gptq adds GPTQ export (GPTQModel, optimum); BUILD_CUDA_EXT=0 keeps its
-# install from compiling CUDA kernels on machines without a GPU.
-BUILD_CUDA_EXT=${BUILD_CUDA_EXT:-0} "${PIP[@]}" install --quiet -e ".[${LOCALMED_EXTRAS:-test}]"
+# BUILD_CUDA_EXT=0 keeps GPTQModel's install (the gptq extra) from compiling CUDA kernels on
+# machines without a GPU.
+BUILD_CUDA_EXT=${BUILD_CUDA_EXT:-0} "${PIP[@]}" install --quiet -e ".${EXTRAS:+[$EXTRAS]}"
 
 if [ -n "$need_converter" ]; then
     "$VENV/bin/localmed" install-converter --sdist "$SDIST" >&2

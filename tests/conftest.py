@@ -91,11 +91,11 @@ def cpu_machine():
 
 
 @pytest.fixture(scope="session")
-def demo_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The `localmed chat demo` model, built as a new user's first run builds it."""
-    from localmed.demo import ensure_demo_model
+def demo_gguf() -> Path:
+    """The `localmed chat demo` model, as localmed ships it."""
+    from localmed.demo import demo_model
 
-    return ensure_demo_model(tmp_path_factory.mktemp("demo-models"))
+    return demo_model()
 
 
 @pytest.fixture

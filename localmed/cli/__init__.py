@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import os
 import signal
 import sys
 import threading
@@ -93,6 +94,9 @@ def failure_message(exc: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # transformers (gguf-py's BPE vocabulary loads its tokenizer) would say on every import that
+    # torch is missing: the default install leaves torch out on purpose.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     args = build_parser().parse_args(argv)
     try:
         with _signals_as_interrupts():

@@ -48,27 +48,50 @@ def cmd_models(args: argparse.Namespace) -> int:
             })
         print(json.dumps(rows, indent=2))
         return 0
+    out = console()
+    table = _models_table(registry, models_dir, narrow=False)
+    if out.measure(table, options=out.options.update_width(10_000)).maximum > out.width:
+        table = _models_table(registry, models_dir, narrow=True)
+    out.print(table)
+    return 0
+
+
+def _models_table(registry: object, models_dir: Path, *, narrow: bool) -> Table:
+    """One model per row, nothing cut: two lines in five columns where the terminal is wide
+    enough (~120 columns), else three short lines in four (the longest hub repo sets the first:
+    80 columns hold it)."""
     table = Table(title=f"localmed models  (local files: {models_dir})", title_justify="left",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("id / hub repo", no_wrap=True)
-    table.add_column("model")
-    table.add_column("template")
-    table.add_column("converter")
-    table.add_column("local quants")
+                  box=box.SIMPLE_HEAD, pad_edge=False, leading=1)
+    # (a repo longer than the registry's own wraps at 80 columns rather than lose its end)
+    table.add_column("id / hub repo" + (" / licence" if narrow else ""), no_wrap=not narrow)
+    table.add_column("model", no_wrap=True)
+    if narrow:
+        table.add_column("template\nconverter", no_wrap=True)
+    else:
+        table.add_column("template", no_wrap=True)
+        table.add_column("converter", no_wrap=True)
+    table.add_column("local quants", no_wrap=True)
     for entry in registry.values():
         quants = [q + ("*" if q == entry.default_quant else "")
                   for q in library.local_quants(entry.id, models_dir)]
-        gated = ", [yellow]gated[/]" if entry.gated else ""
-        table.add_row(
-            f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]",
-            f"{entry.architecture.removesuffix('ForCausalLM')} {entry.parameters_b:g}B, "
-            f"{entry.context_length // 1024}k ctx\n[dim]{escape(entry.license)}[/]{gated}",
-            entry.template,
-            converter_path(entry.architecture),
-            ", ".join(quants) if quants else f"[dim]none[/]\n[dim]default {entry.default_quant}[/]",
-        )
-    console().print(table)
-    return 0
+        family = entry.architecture.removesuffix("ForCausalLM").removesuffix(
+            "ForConditionalGeneration")
+        licence = escape(entry.license) + (", [yellow]gated[/]" if entry.gated else "")
+        converter = converter_path(entry.architecture)
+        if narrow:
+            local = "\n".join(quants) if quants else \
+                f"[dim]none\ndefault\n{entry.default_quant}[/]"
+            table.add_row(f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]\n[dim]{licence}[/]",
+                          f"{family}\n{entry.parameters_b:g}B\n"
+                          f"{entry.context_length // 1024}k ctx",
+                          f"{entry.template}\n[dim]{converter}[/]", local)
+        else:
+            local = ", ".join(quants) if quants else \
+                f"[dim]none[/]\n[dim]default {entry.default_quant}[/]"
+            table.add_row(f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]",
+                          f"{family} {entry.parameters_b:g}B, {entry.context_length // 1024}k "
+                          f"ctx\n[dim]{licence}[/]", entry.template, converter, local)
+    return table
 
 
 # --- templates ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from rich.markup import escape
 from localmed import library
 from localmed.cli.common import console, err_console, positive
 from localmed.cli.progress import progress_bars
+from localmed.extras import require
 
 
 def _source(args: argparse.Namespace, registry: object):
@@ -34,6 +35,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     registry = Registry.load()
     out_dir = Path(args.out).expanduser() if args.out else library.models_dir()
     if args.format == "gptq":
+        require("gptq", "quantize --format gptq")
         from localmed.quantize.gptq import GPTQSettings, run_gptq
 
         settings = GPTQSettings(bits=args.bits, group_size=args.group_size,
@@ -48,6 +50,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     imatrix: Path | str | None = args.imatrix if args.imatrix in ("auto", "none") else \
         Path(args.imatrix).expanduser()
     quants = parse_quant_list(args.quant, imatrix=imatrix != "none")
+    if args.converter == "llama.cpp":
+        require("convert", "--converter llama.cpp")
     source = _source(args, registry)
     with progress_bars(err_console()) as progress:
         outputs = run_quantize(source, quants, out_dir, allow_pickle=args.allow_pickle,

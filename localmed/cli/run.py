@@ -12,6 +12,7 @@ from localmed import library
 from localmed.cli.common import console, err_console, model_options, port_number, positive
 from localmed.cli.progress import progress_bars
 from localmed.errors import LocalmedError
+from localmed.extras import EXTRAS, install_command, missing
 
 
 def _chat_model(args: argparse.Namespace):
@@ -235,11 +236,29 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
                   "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
                   "get Metal by default.")
+    for extra in EXTRAS.values():
+        if absent := missing(extra.name):
+            out.print(f"extra '{extra.name}' ({extra.adds}): not installed (no "
+                      f"{', '.join(absent)}): {escape(install_command(extra.name))}")
+        else:
+            out.print(f"extra '{extra.name}' ({extra.adds}): {_versions(extra.modules)}")
     if args.model:
         out.print()
         args.quant = getattr(args, "quant", None)
         return cmd_plan(args)
     return 0
+
+
+def _versions(modules: tuple[str, ...]) -> str:
+    import importlib.metadata
+
+    found = []
+    for module in modules:  # their distributions have the same names
+        try:
+            found.append(f"{module} {importlib.metadata.version(module)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(module)
+    return ", ".join(found)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:

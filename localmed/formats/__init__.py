@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from localmed.errors import ModelFileError
+from localmed.extras import require
 from localmed.formats.info import ModelInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan
 
@@ -189,11 +190,13 @@ class GPTQFormat(ModelFormat):
 
     def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
                        hardware: Hardware | None = None) -> OffloadPlan:
+        require("gptq", "planning a GPTQ model (transformers' loader)")
         from localmed.runtimes.hf import plan_transformers
 
         return plan_transformers(footprint, options.n_ctx, hardware)
 
     def load(self, path: Path, options: LoadOptions) -> Runtime:
+        require("gptq", "running a GPTQ model (transformers' loader)")
         from localmed.runtimes.hf import TransformersRuntime
 
         return TransformersRuntime.load(path, n_ctx=options.n_ctx)
