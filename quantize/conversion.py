@@ -18,7 +18,7 @@ from localmed.errors import (
     UnknownModelError,
     UnsupportedArchitectureError,
 )
-from localmed.extras import require
+from localmed.extras import missing, require
 from localmed.hub import download_checkpoint
 from localmed.provenance import Provenance, now
 from localmed.quantize.checkpoint import Checkpoint, architecture_of, read_config
@@ -69,16 +69,17 @@ def resolve_source(source: str, registry: Registry, *, revision: str | None = No
             raise UnknownModelError(source, registry)
         entry = registry.by_repo(source)
     gated = bool(entry and entry.gated)
-    # Whether llama.cpp's converter (and so torch) is needed is known from the architecture:
-    # the registry's, or the repository's config.json alone, before any weights come down.
-    if entry is not None:
-        architecture = entry.architecture
-    else:
-        config, _ = download_checkpoint(repo, revision=revision, token=token, gated=gated,
-                                        patterns=["config.json"])
-        architecture = architecture_of(read_config(config))
-    if architecture not in native_architectures():
-        require("convert", f"converting {repo} ({architecture}: llama.cpp's converter)")
+    if missing("convert"):
+        # Whether llama.cpp's converter (and so torch) is needed is known from the architecture:
+        # the registry's, or the repository's config.json alone, before any weights come down.
+        if entry is not None:
+            architecture = entry.architecture
+        else:
+            config, _ = download_checkpoint(repo, revision=revision, token=token, gated=gated,
+                                            patterns=["config.json"])
+            architecture = architecture_of(read_config(config))
+        if architecture not in native_architectures():
+            require("convert", f"converting {repo} ({architecture}: llama.cpp's converter)")
     folder, commit = download_checkpoint(repo, revision=revision, token=token, gated=gated)
     name = entry.id if entry else _safe_name(repo.split("/")[-1])
     return Source(folder, repo, commit, entry, name)
