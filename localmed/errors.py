@@ -196,6 +196,14 @@ class OfflineError(LocalmedError, ConnectionError):
         super().__init__(f"{what}: {message}")
 
 
+class NetworkRefusedError(LocalmedError, PermissionError):
+    """A connection beyond this machine, tried in a command that works offline."""
+
+    def __init__(self, what: str, message: str) -> None:
+        self.what = what
+        super().__init__(message)
+
+
 class MissingExtraError(LocalmedError, ImportError):
     """A command needs an optional extra (torch, GPTQModel) that this install left out."""
 

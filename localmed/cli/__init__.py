@@ -17,12 +17,16 @@ from collections.abc import Iterator, Sequence
 
 from rich.markup import escape
 
-from localmed import __version__
+from localmed import __version__, offline
 from localmed.cli import bench, models, quantize, run, serve
 from localmed.cli.common import EXIT_USER_ERROR, OneLineParser, err_console
 from localmed.errors import LocalmedError
 
 EXIT_INTERRUPTED = 130
+
+OFFLINE_COMMANDS = frozenset({"chat", "serve", "bench"})
+"""Commands that refuse any socket beyond loopback, in their engine processes too
+(:mod:`localmed.offline`); the ones that download say so in their help."""
 
 COMMANDS = (models, quantize, run, serve, bench)
 """The command modules; each registers its own parsers, in this order in ``--help``."""
@@ -94,10 +98,16 @@ def failure_message(exc: BaseException) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. From the command line (``argv`` None) ``chat``, ``serve`` and ``bench``
+    make this whole process offline; called from Python with arguments, the caller's process
+    is left as it is (their engine processes are offline either way)."""
     # transformers (gguf-py's BPE vocabulary loads its tokenizer) would say on every import that
     # torch is missing: the default install leaves torch out on purpose.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    whole_process = argv is None
     args = build_parser().parse_args(argv)
+    if whole_process and args.command in OFFLINE_COMMANDS:
+        offline.enforce(f"localmed {args.command}", names={getattr(args, "host", None) or ""})
     try:
         with _signals_as_interrupts():
             return args.func(args)

@@ -236,6 +236,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         out.print("To offload to an NVIDIA GPU, reinstall with LOCALMED_GPU=cuda "
                   "scripts/install.sh (CMAKE_ARGS=\"-DGGML_CUDA=on\"); Apple Silicon builds "
                   "get Metal by default.")
+    out.print("offline: chat, serve and bench (and their engine processes) refuse any "
+              "connection beyond this machine; only pull, quantize from the hub and data pull "
+              "download")
     for extra in EXTRAS.values():
         if absent := missing(extra.name):
             out.print(f"extra '{extra.name}' ({extra.adds}): not installed (no "

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from localmed import offline
 from localmed.errors import EngineDiedError, EngineError, LocalmedError
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, batched
 
@@ -40,10 +41,12 @@ stream. The chat app asks for what its screen shows new text at."""
 def settle_engine_process(log_path: str) -> None:
     """First thing in an engine process: the terminal's Ctrl-C belongs to the app (which stops
     or closes the engine itself); llama.cpp's fd 2 goes to the log (on a TUI's screen it would
-    garble it; kept for crash reports), fd 1 nowhere."""
+    garble it; kept for crash reports), fd 1 nowhere; no socket beyond loopback
+    (:mod:`localmed.offline`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND), 2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    offline.enforce("localmed's engine process")
 
 
 def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
