@@ -219,7 +219,8 @@ class TestStartAndStop:
                                      str(free_port())), "API key")
 
     def test_with_a_key_requests_need_it(self, tiny):
-        running = Server(tiny, "--host", "0.0.0.0", env={"LOCALMED_API_KEY": "s3cret"})
+        running = Server(tiny, "--host", "0.0.0.0", "--insecure-http",
+                         env={"LOCALMED_API_KEY": "s3cret"})
         try:
             assert running.client.get("/v1/models").status_code == 401
             assert running.client.get("/v1/models", headers={

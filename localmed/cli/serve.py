@@ -24,9 +24,12 @@ if TYPE_CHECKING:
     from localmed.formats.info import ModelInfo
     from localmed.planner import OffloadPlan
     from localmed.serve.jobs import Jobs
+    from localmed.serve.keys import KeyRing
 
 API_KEY_ENV = "LOCALMED_API_KEY"
 DEFAULT_QUEUE = 16
+DEFAULT_RATE = 120
+"""Requests a minute per key beyond loopback: a ward's clients, not one runaway script."""
 CTX_GRANULE = 256
 """llama.cpp rounds each sequence's share of the context to a multiple of this."""
 
@@ -92,27 +95,54 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
+    from localmed import paths
     from localmed.chat import choose_template
+    from localmed.provenance import sha256_file
+    from localmed.serve.audit import AuditLog
     from localmed.serve.jobs import ServedModel
-    from localmed.serve.server import bind
+    from localmed.serve.keys import RateLimit
+    from localmed.serve.server import bind, is_loopback, tls_context
 
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    keys = _keys(args)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise ServeError("--tls-cert and --tls-key go together")
+    tls = tls_context(Path(args.tls_cert).expanduser(), Path(args.tls_key).expanduser()) \
+        if args.tls_cert else None
+    loopback = is_loopback(args.host)
+    audit_path = Path(args.audit).expanduser() if args.audit else \
+        None if loopback or args.no_audit else paths.data_dir() / "audit" / "serve.jsonl"
     err = err_console()
-    server = bind(args.host, args.port, api_key=api_key, log_content=args.log_content)
+    server = bind(args.host, args.port, keys=keys, log_content=args.log_content, tls=tls,
+                  insecure_http=args.insecure_http)
     jobs = None
     try:
-        with err.status("loading the model…"):
+        if audit_path is not None:
+            server.audit = AuditLog(audit_path, content=args.log_content)
+        rate = args.rate_limit if args.rate_limit is not None else \
+            (0 if loopback else DEFAULT_RATE)
+        server.rate = RateLimit(rate) if rate else None
+        with err.status("loading the model…"), ThreadPoolExecutor(1) as pool:
             model = _model(args)
+            hashing = pool.submit(sha256_file, model.path) if server.audit else None
             info, plan, jobs = _open(model, args, sys.stderr)
             choice = choose_template(model, info, args.template)
+            server.model_sha256 = hashing.result() if hashing else ""
         served_id = model.entry.id if model.entry else model.path.stem
         server.attach(ServedModel(served_id, info, choice.template, model.advisory,
                                   cache_prompt=args.cache_prompt), jobs)
+        if server.audit is not None:
+            server.audit.start(model=served_id, model_file=model.path.name,
+                               model_sha256=server.model_sha256, host=args.host,
+                               port=args.port, tls=tls is not None,
+                               keys=sorted(keys.keys) if keys else [])
         host = f"[{args.host}]" if ":" in args.host else args.host
+        scheme = "https" if tls else "http"
         out = console()
-        out.print(f"[bold]localmed serve[/]: {escape(served_id)} at http://{host}:{args.port}/v1 "
-                  "(OpenAI-compatible: /v1/models, /v1/chat/completions, /v1/completions)")
+        out.print(f"[bold]localmed serve[/]: {escape(served_id)} at {scheme}://{host}:"
+                  f"{args.port}/v1 (OpenAI-compatible: /v1/models, /v1/chat/completions, "
+                  "/v1/completions)")
         out.print(f"  template: {escape(choice.reason)}; {escape(plan.label)}")
         if jobs.parallel > 1:
             out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
@@ -128,9 +158,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
         out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
                   "503 with Retry-After (--queue)")
-        out.print(f"  {'API key required' if api_key else 'no API key (loopback only)'}; "
-                  f"requests are logged {'with' if args.log_content else 'without'} their "
-                  "content; Ctrl-C stops")
+        if keys is None:
+            who = "no API key (loopback only)"
+        elif keys.source is not None:
+            who = (f"API keys of {len(keys.keys)} names from {escape(str(keys.source))} "
+                   "(SIGHUP reads it again)")
+        else:
+            who = "API key required"
+        rate_said = f"; {server.rate.per_minute} requests a minute per key" if server.rate \
+            else ""
+        content = "with" if args.log_content else "without"
+        out.print(f"  {who}{rate_said}; requests are logged {content} their content")
+        if server.audit is not None:
+            texts = ", with prompts and replies" if args.log_content else ""
+            out.print(f"  audit log: {escape(str(audit_path))} (hash chain{texts}; `localmed "
+                      "audit verify FILE` checks it)")
+        out.print("  Ctrl-C stops")
         try:
             server.serve_forever()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP (raised as an interrupt)
@@ -138,8 +181,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.server_close()
+        if server.audit is not None:
+            server.audit.close()
+            err.print(f"localmed serve: audit log {server.audit.path}: {server.audit.seq} "
+                      f"records, last sha256 {server.audit.prev} (keep this line elsewhere to "
+                      "prove the log was not rewritten)", soft_wrap=True)
         if jobs is not None:
             jobs.close()
+
+
+def _keys(args: argparse.Namespace) -> KeyRing | None:
+    from localmed.serve.keys import KeyRing
+
+    if args.api_key_file:
+        if args.api_key:
+            raise ServeError("--api-key and --api-key-file: give one")
+        return KeyRing.load(Path(args.api_key_file).expanduser())
+    key = args.api_key or os.environ.get(API_KEY_ENV)
+    return KeyRing.single(key) if key else None
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from localmed.serve.audit import verify
+
+    path = Path(args.file).expanduser()
+    state = verify(path)
+    out = console()
+    if state.broken is not None:
+        err_console().print(f"[bold red]altered:[/] {escape(str(path))}: {escape(str(state.broken))}"
+                            f" ({state.records} records before it are intact)", soft_wrap=True)
+        return 1
+    out.print(f"{escape(str(path))}: {state.records} records, chain intact; last sha256 "
+              f"{state.head}", soft_wrap=True)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -182,6 +256,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=port_number, default=8080, help="TCP port (default 8080)")
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (or set "
                    f"{API_KEY_ENV})")
+    p.add_argument("--api-key-file", metavar="FILE", help="keys with names, one 'name key' per "
+                   "line, readable by you alone; read again on SIGHUP")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--insecure-http", action="store_true", help="beyond loopback, serve plain "
+                   "HTTP anyway (keys and patient text readable on the network)")
+    p.add_argument("--audit", metavar="FILE", help="append a hash-chained record of each "
+                   "request to FILE (default beyond loopback: <data dir>/audit/serve.jsonl)")
+    p.add_argument("--no-audit", action="store_true", help="beyond loopback, keep no audit log")
+    p.add_argument("--rate-limit", type=non_negative, metavar="N", help="requests a minute for "
+                   f"each key (default {DEFAULT_RATE} beyond loopback, none on it; 0: none)")
     p.add_argument("--parallel", "-np", type=positive, help="replies decoded together "
                    f"(default: {default_parallel()} here; --ctx is split among them)")
     p.add_argument("--queue", type=non_negative, default=DEFAULT_QUEUE, help="requests that "
@@ -196,6 +281,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="prefill every prompt whole: each reply depends on its request alone "
                    "(slower follow-ups; see README)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("audit", help="check a serve audit log")
+    audit_sub = p.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    v = audit_sub.add_parser("verify", help="report the first record that was edited, "
+                             "deleted, reordered or cut off (exit 1)")
+    v.add_argument("file", metavar="FILE")
+    v.set_defaults(func=cmd_audit_verify)
 
     p = sub.add_parser("export", help="hand a GGUF to Ollama (Modelfile) or LM Studio")
     model_options(p)

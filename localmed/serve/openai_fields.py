@@ -20,10 +20,13 @@ class APIError(Exception):
     """An OpenAI-style error answer: HTTP status and ``{"error": {...}}``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, kind: str = "invalid_request_error") -> None:
+                 code: str | None = None, kind: str = "invalid_request_error",
+                 retry_after: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = \
             status, message, param, code, kind
+        self.retry_after = retry_after
+        """Seconds, for a Retry-After header (429, 503)."""
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,

@@ -18,14 +18,16 @@ and what was served. Requests are logged without their content unless ``--log-co
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import json
+import signal
 import socket
+import ssl
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
@@ -40,7 +42,9 @@ from localmed.errors import (
 )
 from localmed.runtimes.base import GenerationStats
 from localmed.runtimes.batch import GrammarError
+from localmed.serve.audit import AuditError, AuditLog, digest
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
+from localmed.serve.keys import KeyRing, RateLimit
 from localmed.serve.openai_fields import (
     APIError,
     cache_prompt,
@@ -84,12 +88,16 @@ class _Events:
 class LocalServer:
     """The bound socket and the routes; :meth:`serve_forever` runs them until interrupted."""
 
-    def __init__(self, sock: socket.socket, *, api_key: str | None, log_content: bool = False,
-                 log: TextIO = sys.stderr) -> None:
+    def __init__(self, sock: socket.socket, *, keys: KeyRing | None, log_content: bool = False,
+                 log: TextIO = sys.stderr, tls: ssl.SSLContext | None = None) -> None:
         self.sock = sock
-        self.api_key = api_key
+        self.keys = keys
         self.log_content = log_content
         self.log = log
+        self.tls = tls
+        self.audit: AuditLog | None = None
+        self.model_sha256 = ""
+        self.rate: RateLimit | None = None
         self.started = int(time.time())
         self.model: ServedModel
         self.jobs: Jobs
@@ -128,12 +136,27 @@ class LocalServer:
             return factory()
 
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(connection, sock=self.sock, backlog=128)
+        if self.keys is not None and self.keys.source is not None:
+            loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        server = await loop.create_server(connection, sock=self.sock, backlog=128,
+                                          ssl=self.tls)
         try:
             await asyncio.Event().wait()
         finally:
             server.close()
             await runner.cleanup()
+
+    def reload_keys(self) -> None:
+        """SIGHUP: read the key file again; one that no longer reads keeps the keys in use."""
+        assert self.keys is not None and self.keys.source is not None
+        try:
+            self.keys = KeyRing.load(self.keys.source)
+        except ServeError as refused:
+            print(f"localmed serve: keys not reloaded, the {len(self.keys.keys)} in use kept: "
+                  f"{refused}", file=self.log, flush=True)
+            return
+        print(f"localmed serve: keys reloaded: {', '.join(self.keys.keys)}", file=self.log,
+              flush=True)
 
     def server_close(self) -> None:
         """Close the socket, and the engine if a model was attached."""
@@ -186,6 +209,7 @@ class LocalServer:
             raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
                            f"({jobs.parallel} at once); the prompt has {len(tokens)}",
                            param=where, code="context_length_exceeded")
+        request["prompt"] = prompt
         job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs, caching,
                   events=_Events(asyncio.get_running_loop()))  # type: ignore[arg-type]
         jobs.admit(job)
@@ -252,6 +276,7 @@ class LocalServer:
         else:
             choice |= {"text": text, "logprobs": None}
         request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+        request["reply"] = text
         return _json(200, {**self._head(kind), "choices": [choice], "usage": usage(stats),
                            "localmed": self.model.notice()})
 
@@ -260,7 +285,7 @@ class LocalServer:
         head = self._head(chunk_kind)
         response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            DISCLAIMER_HEADER: DISCLAIMER})
+            DISCLAIMER_HEADER: DISCLAIMER, "X-Request-Id": request["id"]})
         await response.prepare(request)
         entries: list[dict[str, Any]] = []
 
@@ -286,6 +311,7 @@ class LocalServer:
                 if name == "logprobs":
                     entries += value
                 elif name == "piece":
+                    request["reply"] = request.get("reply", "") + value
                     await event({**head, "choices": [choice(value, None)]})
                 else:
                     request["tokens"] = (value.prompt_tokens, value.generated_tokens)
@@ -311,12 +337,17 @@ class LocalServer:
         """Authorization, then every failure as an OpenAI-style error; one log line."""
         started = time.monotonic()
         request["tokens"] = (0, 0)
+        request["id"] = uuid.uuid4().hex
         response: web.StreamResponse | None = None
         try:
             self._authorize(request)
+            self._admit(request)
             response = await handler(request)
         except APIError as failed:
             headers = {"WWW-Authenticate": "Bearer"} if failed.status == 401 else {}
+            if failed.retry_after:
+                headers["Retry-After"] = failed.retry_after
+            request["refusal"] = failed.message
             response = _json(failed.status, failed.body(), headers)
         except web.HTTPException as http:  # no such route or method
             if http.status in (404, 405):
@@ -334,6 +365,7 @@ class LocalServer:
                              {"Retry-After": "5"})
             await asyncio.to_thread(self.jobs.reload, died)
         except LocalmedError as refused:  # the request's fault, in localmed's own sentence
+            request["refusal"] = str(refused)
             response = _json(400, refusal(refused).body())
         except (asyncio.CancelledError, ConnectionError):  # the client left
             self._log_request(request, 499, started)
@@ -343,24 +375,65 @@ class LocalServer:
                   file=self.log, flush=True)
             response = _json(500, APIError(500, f"internal error: {type(exc).__name__}",
                                            kind="server_error").body())
+        if not response.prepared:  # (a stream's headers went with its first chunk)
+            response.headers["X-Request-Id"] = request["id"]
         self._log_request(request, response.status, started)
         return response
 
     def _authorize(self, request: web.Request) -> None:
-        key = self.api_key
-        if key is None:
+        request["key"] = None
+        if self.keys is None:
             return
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer …)",
+        name = self.keys.name_of(request.headers.get("Authorization", ""))
+        if name is None:
+            raise APIError(401, "missing, wrong or revoked API key (Authorization: Bearer …)",
                            code="invalid_api_key")
+        request["key"] = name
+
+    def _admit(self, request: web.Request) -> None:
+        """Refusals that need no body, decided before anything waits: over the key's request
+        rate (429), or an audit log that cannot take the record (503)."""
+        if self.rate is not None:
+            wait = self.rate.take(request["key"] or str(request.remote))
+            if wait:
+                raise APIError(429, f"over {self.rate.per_minute} requests a minute for this "
+                               f"key; retry in {RateLimit.retry_after(wait)} s",
+                               kind="requests", code="rate_limit_exceeded",
+                               retry_after=RateLimit.retry_after(wait))
+        if self.audit is not None:
+            try:
+                self.audit.check()
+            except AuditError as unaudited:
+                raise APIError(503, str(unaudited), kind="server_error",
+                               code="audit_unavailable") from None
 
     def _log_request(self, request: web.Request, status: int, started: float) -> None:
         prompt, completion = request["tokens"]
         when = time.strftime("%d/%b/%Y %H:%M:%S")
-        print(f"{when} {request.remote} {request.method} {request.path} {status} "
+        key = f" key={request['key']}" if request.get("key") else ""
+        print(f"{when} {request.remote}{key} {request.method} {request.path} {status} "
               f"{prompt}+{completion} tokens {time.monotonic() - started:.2f}s",
               file=self.log, flush=True)
+        if self.audit is not None:
+            self._audit(request, status)
+
+    def _audit(self, request: web.Request, status: int) -> None:
+        prompt, reply = request.get("prompt"), request.get("reply")
+        record: dict[str, Any] = {
+            "event": "request", "request_id": request["id"], "key": request.get("key"),
+            "client": request.remote, "method": request.method, "route": request.path,
+            "model_sha256": self.model_sha256, "status": status,
+            "prompt_tokens": request["tokens"][0], "completion_tokens": request["tokens"][1],
+            "prompt_sha256": digest(prompt) if prompt is not None else None,
+            "reply_sha256": digest(reply) if reply is not None else None,
+            "refusal": request.get("refusal")}
+        if self.log_content:
+            record |= {"prompt": prompt, "reply": reply}
+        assert self.audit is not None
+        try:
+            self.audit.append(**record)
+        except AuditError as failed:  # the next requests are refused until a write succeeds
+            print(f"localmed serve: {failed}", file=self.log, flush=True)
 
 
 class _Refuse(asyncio.Protocol):
@@ -416,23 +489,65 @@ def refusal(error: LocalmedError) -> APIError:
     return APIError(400, str(error), param=param, code=code)
 
 
-def check_host(host: str, api_key: str | None) -> None:
-    """A host that resolves; beyond loopback only with an API key."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine alone (else other machines can reach it)."""
     try:
         addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except (socket.gaierror, UnicodeError):
         raise ServeError(f"--host {host}: not an address or a name this machine can resolve") \
             from None
-    loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-    if not loopback and not api_key:
-        raise ServeError(f"--host {host} is reachable from other machines: set an API key "
-                         "(--api-key or LOCALMED_API_KEY) to serve beyond this laptop")
+    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
-def bind(host: str, port: int, *, api_key: str | None, log_content: bool = False,
-         log: TextIO = sys.stderr) -> LocalServer:
+def check_host(host: str, keys: KeyRing | None, *, tls: bool, insecure_http: bool) -> None:
+    """A host that resolves; beyond loopback only with API keys, and over TLS unless plain
+    HTTP is asked for by name."""
+    if is_loopback(host):
+        return
+    if keys is None:
+        raise ServeError(f"--host {host} is reachable from other machines: set API keys "
+                         "(--api-key-file, --api-key or LOCALMED_API_KEY) to serve beyond this "
+                         "laptop")
+    if not tls and not insecure_http:
+        raise ServeError(f"--host {host} would carry keys and patient text in plain HTTP across "
+                         "the network: give a certificate (--tls-cert FILE --tls-key FILE, from "
+                         "hospital IT, or one made with `openssl req -x509`), or say "
+                         "--insecure-http")
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context over ``cert`` and ``key`` (PEM), TLS 1.2 and newer; each way they can
+    be wrong is one line."""
+    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            raise ServeError(f"{what} {path}: no such file")
+    try:  # expiry, read by the ssl module's own decoder (it has no public one)
+        decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
+    except (AttributeError, ssl.SSLError, OSError, ValueError):
+        decoded = None
+    if decoded is not None:
+        expires = ssl.cert_time_to_seconds(decoded["notAfter"])
+        if expires < time.time():
+            raise ServeError(f"--tls-cert {cert}: expired on {decoded['notAfter']}; ask for a "
+                             "new one")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(exc)
+               else f"not a PEM certificate and its key ({exc.reason or exc})")
+        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {why}") from None
+    except OSError as exc:
+        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {exc.strerror or exc}") from None
+    return context
+
+
+def bind(host: str, port: int, *, keys: KeyRing | None, log_content: bool = False,
+         log: TextIO = sys.stderr, tls: ssl.SSLContext | None = None,
+         insecure_http: bool = False) -> LocalServer:
     """Bind before the model loads: a port in use is said in a second, not after a minute."""
-    check_host(host, api_key)
+    check_host(host, keys, tls=tls is not None, insecure_http=insecure_http)
     if not 0 < port < 65536:
         raise ServeError(f"--port {port}: not a TCP port (1-65535)")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -442,7 +557,7 @@ def bind(host: str, port: int, *, api_key: str | None, log_content: bool = False
         sock.bind((host, port))
         sock.listen(128)
         sock.setblocking(False)
-        return LocalServer(sock, api_key=api_key, log_content=log_content, log=log)
+        return LocalServer(sock, keys=keys, log_content=log_content, log=log, tls=tls)
     except PermissionError:
         sock.close()
         raise ServeError(f"port {port}: not allowed for this user (ports below 1024 need "
