@@ -258,3 +258,36 @@ def test_content_is_logged_only_when_asked_and_the_log_says_so(tmp_path):
     log.close()
     assert json.loads(audit.read_text())["log_content"] is True
     assert audit.stat().st_mode & 0o777 == 0o600
+
+
+def test_self_signed_is_made_once_and_its_fingerprint_pinned(converted, tmp_path):
+    """--self-signed: a key pair made on first start (key 0600), the fingerprint printed, the
+    same pair at the next start; the openai client trusts that certificate alone."""
+    keys = key_file(tmp_path, f"alice {ALICE}\n")
+    env = {"LOCALMED_CONFIG_DIR": str(tmp_path / "config")}
+    args = ["--ctx", "256", "--host", "0.0.0.0", "--self-signed", "--api-key-file", str(keys),
+            "--no-audit"]
+    prints = []
+    for _ in range(2):
+        running = Server(converted["llama"]["Q8_0"], *args, env=env)
+        running.banner()
+        running.stop()
+        prints.append(running.proc.stderr.read())
+    cert = tmp_path / "config" / "tls" / "localmed-serve.pem"
+    key = cert.with_suffix(".key")
+    assert key.stat().st_mode & 0o777 == 0o600
+    expected = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-fingerprint",
+                               "-sha256"], capture_output=True, text=True,
+                              check=True).stdout.strip().split("=", 1)[1]
+    assert "made a self-signed certificate" in prints[0] and expected in prints[0]
+    assert "using a self-signed certificate" in prints[1] and expected in prints[1]
+
+    import openai
+
+    running = Server(converted["llama"]["Q8_0"], *args, env=env)
+    try:
+        pinned = openai.OpenAI(base_url=f"https://127.0.0.1:{running.port}/v1", api_key=ALICE,
+                               max_retries=0, http_client=httpx.Client(verify=str(cert)))
+        assert pinned.models.list().data
+    finally:
+        running.stop()

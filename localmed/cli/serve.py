@@ -108,6 +108,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     keys = _keys(args)
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ServeError("--tls-cert and --tls-key go together")
+    if args.self_signed:
+        if args.tls_cert:
+            raise ServeError("--self-signed or --tls-cert/--tls-key: give one")
+        from localmed.serve.tls import fingerprint, self_signed_pair
+
+        cert, key, made = self_signed_pair([args.host])
+        args.tls_cert, args.tls_key = str(cert), str(key)
+        err_console().print(f"{'made' if made else 'using'} a self-signed certificate: {cert}\n"
+                            f"  clients pin its SHA-256 fingerprint {fingerprint(cert)}",
+                            soft_wrap=True)
     tls = tls_context(Path(args.tls_cert).expanduser(), Path(args.tls_key).expanduser()) \
         if args.tls_cert else None
     loopback = is_loopback(args.host)
@@ -260,6 +270,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "line, readable by you alone; read again on SIGHUP")
     p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--self-signed", action="store_true", help="serve HTTPS with a key pair "
+                   "made once for this machine (0600, in the config folder); prints the "
+                   "fingerprint for clients to pin")
     p.add_argument("--insecure-http", action="store_true", help="beyond loopback, serve plain "
                    "HTTP anyway (keys and patient text readable on the network)")
     p.add_argument("--audit", metavar="FILE", help="append a hash-chained record of each "

@@ -511,8 +511,8 @@ def check_host(host: str, keys: KeyRing | None, *, tls: bool, insecure_http: boo
     if not tls and not insecure_http:
         raise ServeError(f"--host {host} would carry keys and patient text in plain HTTP across "
                          "the network: give a certificate (--tls-cert FILE --tls-key FILE, from "
-                         "hospital IT, or one made with `openssl req -x509`), or say "
-                         "--insecure-http")
+                         "hospital IT), or make one with --self-signed; --insecure-http to "
+                         "serve plain HTTP anyway")
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:

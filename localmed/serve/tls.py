@@ -1,0 +1,87 @@
+"""``serve --self-signed``: a TLS key pair made once for this machine, for a ward without hospital
+IT's certificate. Clients pin its SHA-256 fingerprint (or trust the certificate file itself).
+
+Made with the ``cryptography`` package: an ECDSA P-256 key (0600) and a certificate valid for
+two years, for ``localhost``, this machine's name and the addresses given, kept in the
+configuration folder and reused at every start (a fingerprint that changed would be a warning
+sign to the clients that pinned it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+from localmed import paths
+from localmed.atomic import write_text_atomic
+
+VALID_DAYS = 730
+
+
+def self_signed_pair(hosts: list[str]) -> tuple[Path, Path, bool]:
+    """The certificate and key in ``<config dir>/tls``, made if absent (or expired); whether
+    they were made now."""
+    from cryptography import x509
+
+    folder = paths.config_dir() / "tls"
+    cert, key = folder / "localmed-serve.pem", folder / "localmed-serve.key"
+    if cert.is_file() and key.is_file():
+        current = x509.load_pem_x509_certificate(cert.read_bytes())
+        if current.not_valid_after_utc > dt.datetime.now(dt.timezone.utc):
+            return cert, key, False
+    folder.mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    cert_pem, key_pem = _make(hosts)
+    write_text_atomic(key, key_pem, mode=0o600)
+    write_text_atomic(cert, cert_pem, mode=0o644)
+    return cert, key, True
+
+
+def _make(hosts: list[str]) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName("localhost"),
+                                     x509.DNSName(socket.gethostname())]
+    for host in hosts:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            names.append(x509.DNSName(host))
+            continue
+        if not address.is_unspecified:
+            names.append(x509.IPAddress(address))
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
+                                            f"localmed serve on {socket.gethostname()}")])
+    now = dt.datetime.now(dt.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(subject)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(names))), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(private, hashes.SHA256())
+    )
+    key_pem = private.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption()).decode()
+    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+def fingerprint(cert: Path) -> str:
+    """SHA-256 of the certificate (DER), as browsers and ``openssl x509 -fingerprint`` show it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    digest = x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(hashes.SHA256())
+    return ":".join(f"{b:02X}" for b in digest)
