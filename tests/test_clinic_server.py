@@ -163,7 +163,8 @@ def test_plain_http_to_the_tls_port_harms_no_one(clinic):
 
 
 @pytest.mark.parametrize("case", ["no tls", "expired", "wrong key", "missing", "half",
-                                  "world-readable keys", "bad key line", "tampered audit"])
+                                  "world-readable keys", "bad key line", "tampered audit",
+                                  "unwritable audit"])
 def test_a_clinic_server_refuses_bad_setup_in_one_line(case, converted, pki, tmp_path):
     model = str(converted["llama"]["Q8_0"])
     keys = key_file(tmp_path, f"alice {ALICE}\n")
@@ -188,6 +189,9 @@ def test_a_clinic_server_refuses_bad_setup_in_one_line(case, converted, pki, tmp
     elif case == "bad key line":
         key_file(tmp_path, f"alice {ALICE}\nbob\n")
         refused(run("serve", *base, *tls), "line 2", "expected 'name key'")
+    elif case == "unwritable audit":  # (/proc: not even root creates files there)
+        refused(run("serve", *base, *tls, "--audit", "/proc/localmed-audit.jsonl"),
+                "cannot write the audit log")
     else:
         audit = tmp_path / "audit.jsonl"
         log = AuditLog(audit, content=False)
