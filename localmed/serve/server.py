@@ -369,6 +369,8 @@ class LocalServer:
             response = _json(400, refusal(refused).body())
         except (asyncio.CancelledError, ConnectionError):  # the client left
             self._log_request(request, 499, started)
+            if self.audit is not None:
+                self._audit(request, 499)
             raise
         except Exception as exc:  # never a traceback to the client; the server keeps serving
             print(f"localmed serve: internal error: {type(exc).__name__}: {exc}",
@@ -378,6 +380,8 @@ class LocalServer:
         if not response.prepared:  # (a stream's headers went with its first chunk)
             response.headers["X-Request-Id"] = request["id"]
         self._log_request(request, response.status, started)
+        if self.audit is not None:  # its fsync off the event loop: other streams go on
+            await asyncio.to_thread(self._audit, request, response.status)
         return response
 
     def _authorize(self, request: web.Request) -> None:
@@ -414,8 +418,6 @@ class LocalServer:
         print(f"{when} {request.remote}{key} {request.method} {request.path} {status} "
               f"{prompt}+{completion} tokens {time.monotonic() - started:.2f}s",
               file=self.log, flush=True)
-        if self.audit is not None:
-            self._audit(request, status)
 
     def _audit(self, request: web.Request, status: int) -> None:
         prompt, reply = request.get("prompt"), request.get("reply")
