@@ -15,7 +15,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
-    p = sub.add_parser("bench", help="accuracy lost to quantization on medical question sets")
+    p = sub.add_parser("bench", help="accuracy lost to quantization on medical question sets "
+                       "(offline)")
     p.add_argument("model", metavar="MODEL", help="registry id (its GGUFs in the models folder) "
                    "or a folder of GGUFs")
     p.add_argument("--quants", help="comma-separated quants to compare (default: all found)")

@@ -129,7 +129,8 @@ def cmd_install_converter(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
-    p = sub.add_parser("quantize", help="convert a Hugging Face checkpoint to GGUF")
+    p = sub.add_parser("quantize", help="convert a Hugging Face checkpoint to GGUF (downloads "
+                       "it from the hub when SOURCE is not a local folder)")
     p.add_argument("source", metavar="SOURCE",
                    help="registry id (internist-7b), hub repo id (owner/name) or local folder")
     p.add_argument("--quant", "-q", default="Q4_K_M",

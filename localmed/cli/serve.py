@@ -257,7 +257,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("serve", help="an OpenAI-compatible API on this laptop (loopback by "
-                       "default)")
+                       "default; offline)")
     model_options(p)
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
