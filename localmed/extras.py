@@ -35,10 +35,11 @@ EXTRAS = {
 
 def missing(extra: str) -> list[str]:
     """The modules of ``extra`` that cannot be imported here (found without importing them)."""
-    return [module for module in EXTRAS[extra].modules if not _importable(module)]
+    return [module for module in EXTRAS[extra].modules if not importable(module)]
 
 
-def _importable(module: str) -> bool:
+def importable(module: str) -> bool:
+    """Whether ``module`` can be imported here (found, not imported)."""
     try:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):  # a parent missing, or a module blocked in sys.modules

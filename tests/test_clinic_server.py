@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -271,20 +272,21 @@ def test_self_signed_is_made_once_and_its_fingerprint_pinned(converted, tmp_path
     env = {"LOCALMED_CONFIG_DIR": str(tmp_path / "config")}
     args = ["--ctx", "256", "--host", "0.0.0.0", "--self-signed", "--api-key-file", str(keys),
             "--no-audit"]
-    prints = []
+    cert = tmp_path / "config" / "tls" / "localmed-serve.pem"
+    said, fingerprints = [], []
     for _ in range(2):
         running = Server(converted["llama"]["Q8_0"], *args, env=env)
         running.banner()
         running.stop()
-        prints.append(running.proc.stderr.read())
-    cert = tmp_path / "config" / "tls" / "localmed-serve.pem"
-    key = cert.with_suffix(".key")
-    assert key.stat().st_mode & 0o777 == 0o600
-    expected = subprocess.run(["openssl", "x509", "-in", str(cert), "-noout", "-fingerprint",
-                               "-sha256"], capture_output=True, text=True,
-                              check=True).stdout.strip().split("=", 1)[1]
-    assert "made a self-signed certificate" in prints[0] and expected in prints[0]
-    assert "using a self-signed certificate" in prints[1] and expected in prints[1]
+        # (as shown: no escape sequences, the line whole)
+        said.append(re.sub(r"\x1b\[[0-9;]*m", "", running.proc.stderr.read()))
+        fingerprints.append(subprocess.run(
+            ["openssl", "x509", "-in", str(cert), "-noout", "-fingerprint", "-sha256"],
+            capture_output=True, text=True, check=True).stdout.strip().split("=", 1)[1])
+    assert fingerprints[0] == fingerprints[1], "the second start made another pair"
+    assert cert.with_suffix(".key").stat().st_mode & 0o777 == 0o600
+    assert "made a self-signed certificate" in said[0] and fingerprints[0] in said[0], said[0]
+    assert "using a self-signed certificate" in said[1] and fingerprints[0] in said[1], said[1]
 
     import openai
 

@@ -240,10 +240,9 @@ def test_models_reads_whole_in_a_terminal(width, no_torch, tmp_path):
     assert max(map(len, shown.splitlines())) <= width
 
 
-@pytest.mark.parametrize("command", ["plan", "serve"])
-def test_a_gptq_folder_without_the_extra_is_one_line(command, no_torch, tmp_path):
-    """A GPTQ folder (config, weights) planned or served where torch is missing: the line names
-    the gptq extra. (localmed info reads its headers alone, and works.)"""
+def test_a_gptq_folder_without_the_extra_is_one_line(no_torch, tmp_path):
+    """A GPTQ folder (config, weights) served where torch is missing: the line names the gptq
+    extra. (info and plan read its headers alone, and work.)"""
     from safetensors.numpy import save_file
 
     folder = tmp_path / "model-GPTQ-4bit-g128"
@@ -258,12 +257,11 @@ def test_a_gptq_folder_without_the_extra_is_one_line(command, no_torch, tmp_path
               str(folder / "model.safetensors"))
     env = {**no_torch, "LOCALMED_DATA_DIR": str(tmp_path / "data")}
     assert localmed(env, "info", str(folder)).returncode == 0
-    args = [command, str(folder)]
-    if command == "serve":
-        from tests.test_serve import free_port
+    plan = localmed(env, "plan", str(folder))
+    assert plan.returncode == 0 and "transformers on CPU" in " ".join(plan.stdout.split())
+    from tests.test_serve import free_port
 
-        args += ["--port", str(free_port())]
-    done = localmed(env, *args)
+    done = localmed(env, "serve", str(folder), "--port", str(free_port()))
     assert done.returncode == 2, done.stderr
     line = done.stderr.strip()
     assert len(line.splitlines()) == 1 and "LOCALMED_EXTRAS=gptq scripts/install.sh" in line, line

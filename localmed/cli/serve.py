@@ -115,9 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cert, key, made = self_signed_pair([args.host])
         args.tls_cert, args.tls_key = str(cert), str(key)
-        err_console().print(f"{'made' if made else 'using'} a self-signed certificate: {cert}\n"
-                            f"  clients pin its SHA-256 fingerprint {fingerprint(cert)}",
-                            soft_wrap=True)
+        # (no highlighting: rich would colour the fingerprint as an IPv6 address)
+        err_console().print(f"{'made' if made else 'using'} a self-signed certificate: "
+                            f"{escape(str(cert))}\n  clients pin its SHA-256 fingerprint "
+                            f"{fingerprint(cert)}", soft_wrap=True, highlight=False)
     tls = tls_context(Path(args.tls_cert).expanduser(), Path(args.tls_key).expanduser()) \
         if args.tls_cert else None
     loopback = is_loopback(args.host)

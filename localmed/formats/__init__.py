@@ -190,7 +190,6 @@ class GPTQFormat(ModelFormat):
 
     def plan_footprint(self, footprint: ModelFootprint, options: LoadOptions,
                        hardware: Hardware | None = None) -> OffloadPlan:
-        require("gptq", "planning a GPTQ model (transformers' loader)")
         from localmed.runtimes.hf import plan_transformers
 
         return plan_transformers(footprint, options.n_ctx, hardware)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from localmed.errors import GPTQFolderError, ModelTooLargeError
+from localmed.extras import importable
 from localmed.formats.gptq import read_gptq_footprint
 from localmed.formats.info import ModelInfo
 from localmed.planner import Hardware, ModelFootprint, OffloadPlan, plan_offload
@@ -35,18 +36,20 @@ REPEAT_LAST_N = 64
 
 def plan_transformers(footprint: ModelFootprint, n_ctx: int | None,
                       hardware: Hardware | None = None) -> OffloadPlan:
-    """transformers loads the whole model on one device: CUDA when torch sees one, else CPU."""
+    """transformers loads the whole model on one device: CUDA when torch sees one, else CPU
+    (also where torch is not installed: a plan needs no extra, running does)."""
     if hardware is None:
         import psutil
-        import torch
 
         mem = psutil.virtual_memory()
-        if torch.cuda.is_available():
-            free, total = torch.cuda.mem_get_info()
-            hardware = Hardware("cuda", mem.total, mem.available, total, free,
-                                torch.cuda.get_device_name())
-        else:
-            hardware = Hardware("cpu", mem.total, mem.available)
+        hardware = Hardware("cpu", mem.total, mem.available)
+        if importable("torch"):
+            import torch
+
+            if torch.cuda.is_available():
+                free, total = torch.cuda.mem_get_info()
+                hardware = Hardware("cuda", mem.total, mem.available, total, free,
+                                    torch.cuda.get_device_name())
     on_gpu = hardware.backend == "cuda"
     plan = plan_offload(footprint, hardware, n_ctx=n_ctx, gpu_layers=-1 if on_gpu else None)
     where = f"transformers on {hardware.backend.upper()} (GPTQ kernels)"

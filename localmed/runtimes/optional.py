@@ -12,18 +12,16 @@ import tempfile
 from collections.abc import Iterator
 from typing import Any
 
-from localmed.errors import GPTQError
+from localmed.extras import require
 
 
 def require_gptqmodel() -> Any:
-    """Import GPTQModel, or say how to install it."""
+    """Import GPTQModel, or say how to install it (the ``gptq`` extra, :mod:`localmed.extras`)."""
+    require("gptq", "GPTQ (GPTQModel)")
     # GPTQModel wants two CPU workers for loading; on a 2-core laptop it computes one and fails.
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, (os.cpu_count() or 2) // 2)))
-    try:
-        import gptqmodel
-    except ImportError:
-        raise GPTQError("GPTQ export needs the optional packages: pip install 'localmed[gptq]' "
-                        "(GPTQModel and optimum)") from None
+    import gptqmodel
+
     return gptqmodel
 
 
