@@ -12,11 +12,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.terminal import Terminal
 from tests.test_pull import REPO, lay_out
 from tests.test_serve import Server
 from tests.tiny_models import SHARED
@@ -125,35 +125,18 @@ def test_serve_answers_the_openai_client_without_torch(no_torch, smollm2):
 
 def test_chat_demo_in_a_terminal_without_torch(no_torch, tmp_path):
     """README's run command, `localmed chat demo`, under tmux: the banner, then a reply."""
-    tmux = ["tmux", "-L", f"localmed-light-{os.getpid()}"]
     env = " ".join(f"{k}={v}" for k, v in {**no_torch,
                                            "LOCALMED_DATA_DIR": str(tmp_path)}.items())
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "100", "-y", "30",
-                    f"env {env} {sys.executable} -m localmed chat demo"], check=True)
-
-    def screen() -> str:
-        return subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True,
-                              text=True).stdout
-
-    def wait(condition, what: str, timeout: float = 60) -> str:
-        end = time.monotonic() + timeout
-        while not condition(text := screen()):
-            assert time.monotonic() < end, f"timed out waiting for {what}:\n{text}"
-            time.sleep(0.2)
-        return text
-
-    try:
+    with Terminal(f"localmed-light-{os.getpid()}",
+                  f"env {env} {sys.executable} -m localmed chat demo") as terminal:
         # no model to build any more: the screen comes as fast as the app starts (its time is
         # measured by hand, not asserted here: 0.6 s on two cores)
-        shown = wait(lambda s: "Ask the model" in s, "the chat screen")
+        shown = terminal.wait(lambda s: "Ask the model" in s, "the chat screen")
         assert "Not medical advice" in shown and "DEMO ONLY" in shown
-        subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "How do I stop a reply?"],
-                       check=True)
-        subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
-        shown = wait(lambda s: "tok/s" in s and "Escape" in s, "the demo's reply")
+        terminal.type("How do I stop a reply?")
+        terminal.press("Enter")
+        shown = terminal.wait(lambda s: "tok/s" in s and "Escape" in s, "the demo's reply")
         assert "Traceback" not in shown
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
 def _tiny_safetensors(folder: Path, architecture: str) -> Path:
@@ -218,20 +201,12 @@ def test_models_reads_whole_in_a_terminal(width, no_torch, tmp_path):
     template and default quant whole (no "…"), at 80 columns as at 120 and wider."""
     from localmed.registry import Registry
 
-    tmux = ["tmux", "-L", f"localmed-models-{os.getpid()}-{width}"]
     env = " ".join(f"{k}={v}" for k, v in {**no_torch,
                                            "LOCALMED_DATA_DIR": str(tmp_path)}.items())
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", str(width), "-y", "50",
-                    f"env {env} {sys.executable} -m localmed models; sleep 60"], check=True)
-    try:
-        end = time.monotonic() + 60
-        while "biomistral" not in (shown := subprocess.run(
-                [*tmux, "capture-pane", "-p", "-t", "t", "-S", "-"], capture_output=True,
-                text=True).stdout):
-            assert time.monotonic() < end, shown
-            time.sleep(0.2)
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
+    with Terminal(f"localmed-models-{os.getpid()}-{width}",
+                  f"env {env} {sys.executable} -m localmed models; sleep 60", width=width,
+                  height=50) as terminal:
+        shown = terminal.wait(lambda s: "biomistral" in s, "the table", history=True)
     assert "…" not in shown
     words = set(shown.split())
     for entry in Registry.load().values():

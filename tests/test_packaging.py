@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 
 from localmed.conversation import DISCLAIMER
 from tests.import_contract import source_packages
+from tests.terminal import Terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,28 +109,13 @@ def test_localmed_chat_demo_runs_in_a_terminal(install, request, tmp_path):
     else:
         command, env = Path(sys.executable).with_name("localmed"), _env(tmp_path)
     assert command.is_file()
-    tmux = ["tmux", "-L", f"localmed-packaging-{os.getpid()}-{install}"]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "t", "-x", "110", "-y", "32",
-                    f"exec {command} chat demo --max-tokens 24"], env=env, check=True)
-    try:
-        def screen() -> str:
-            return subprocess.run([*tmux, "capture-pane", "-p", "-t", "t"], capture_output=True,
-                                  text=True).stdout
-
-        def wait(condition, what: str, timeout: float = 180) -> str:
-            end = time.monotonic() + timeout
-            while not condition(text := screen()):
-                assert time.monotonic() < end, f"timed out waiting for {what}:\n{text}"
-                time.sleep(0.2)
-            return text
-
-        shown = wait(lambda s: "Ask the model" in s, "the chat screen", timeout=60)
+    with Terminal(f"localmed-packaging-{os.getpid()}-{install}",
+                  f"exec {command} chat demo --max-tokens 24", width=110, height=32,
+                  env=env) as terminal:
+        shown = terminal.wait(lambda s: "Ask the model" in s, "the chat screen")
         assert DISCLAIMER.split(".")[0] in shown  # "Not medical advice", on the banner
-        subprocess.run([*tmux, "send-keys", "-t", "t", "-l", "How do I export a chat?"],
-                       check=True)
-        subprocess.run([*tmux, "send-keys", "-t", "t", "Enter"], check=True)
+        terminal.type("How do I export a chat?")
+        terminal.press("Enter")
         # the status line shows the reply's speed once it has ended
-        wait(lambda s: re.search(r"\d+\.\d tok/s", s) and "generating…" not in s,
-             "the reply")
-    finally:
-        subprocess.run([*tmux, "kill-server"], capture_output=True)
+        terminal.wait(lambda s: re.search(r"\d+\.\d tok/s", s) and "generating…" not in s,
+                      "the reply", timeout=180)
