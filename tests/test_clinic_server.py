@@ -297,3 +297,25 @@ def test_self_signed_is_made_once_and_its_fingerprint_pinned(converted, tmp_path
         assert pinned.models.list().data
     finally:
         running.stop()
+
+
+def test_printed_text_is_as_it_is(capsys):
+    """A fingerprint holding ":CD:" was printed with an emoji in its place."""
+    from localmed.cli.common import console, err_console
+
+    console().print("B9:E9:99:CD:7D:11", soft_wrap=True)
+    err_console().print("99:CD:7D", soft_wrap=True)
+    out, err = capsys.readouterr()
+    assert out.strip() == "B9:E9:99:CD:7D:11" and err.strip() == "99:CD:7D"
+
+
+def test_a_stop_right_after_the_banner_is_clean(converted):
+    """SIGTERM as soon as the server says it is up (the event loop may be still in the
+    making): it stops with status 0 and prints no traceback or warning."""
+    for _ in range(3):
+        running = Server(converted["llama"]["Q8_0"], "--ctx", "256")
+        running.banner()
+        assert running.stop() == 0
+        said = running.proc.stderr.read()
+        for bad in ("Traceback", "Exception ignored", "never awaited"):
+            assert bad not in said, said

@@ -12,12 +12,13 @@ from rich.markup import escape
 EXIT_USER_ERROR = 2
 
 
+# emoji=False: text is printed as it is (a certificate fingerprint "…:CD:…" became "…💿…").
 def console() -> Console:
-    return Console(highlight=False)
+    return Console(highlight=False, emoji=False)
 
 
 def err_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return Console(stderr=True, highlight=False, emoji=False)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -115,10 +115,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         cert, key, made = self_signed_pair([args.host])
         args.tls_cert, args.tls_key = str(cert), str(key)
-        # (no highlighting: rich would colour the fingerprint as an IPv6 address)
         err_console().print(f"{'made' if made else 'using'} a self-signed certificate: "
                             f"{escape(str(cert))}\n  clients pin its SHA-256 fingerprint "
-                            f"{fingerprint(cert)}", soft_wrap=True, highlight=False)
+                            f"{fingerprint(cert)}", soft_wrap=True)
     tls = tls_context(Path(args.tls_cert).expanduser(), Path(args.tls_key).expanduser()) \
         if args.tls_cert else None
     loopback = is_loopback(args.host)

@@ -24,6 +24,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,6 +70,7 @@ KEEPALIVE_SECONDS = 75.0
 MAX_CONNECTIONS = 1024
 """Open connections at most; idle ones cost little, but not nothing."""
 ROUTES = ("/v1/chat/completions", "/v1/completions")
+HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class _Events:
@@ -120,10 +122,29 @@ class LocalServer:
         return app
 
     def serve_forever(self) -> None:
-        """Serve until Ctrl-C (or SIGTERM/SIGHUP, raised as an interrupt)."""
-        asyncio.run(self._serve())
+        """Serve until Ctrl-C (or SIGTERM/SIGHUP, raised as an interrupt). A signal that comes
+        while the event loop is being made is held until the loop runs, then raised as it would
+        have been (raised into a half-made loop, its teardown printed tracebacks)."""
+        held: list[int] = []
+        if threading.current_thread() is threading.main_thread():
+            self._handlers = {sig: signal.signal(sig, lambda signum, _: held.append(signum))
+                              for sig in HELD_SIGNALS}
+        try:
+            asyncio.run(self._serve(held))
+        finally:
+            self._restore_signals()
 
-    async def _serve(self) -> None:
+    def _restore_signals(self) -> None:
+        handlers, self._handlers = getattr(self, "_handlers", {}), {}
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    async def _serve(self, held: list[int]) -> None:
+        self._restore_signals()
+        for signum in held:
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                handler(signum, None)
         runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
                                keepalive_timeout=KEEPALIVE_SECONDS)
         await runner.setup()
