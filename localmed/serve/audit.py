@@ -162,7 +162,8 @@ class AuditLog:
             raise AuditError(f"the audit log cannot be written ({self.failed}): requests are "
                              "refused rather than served unaudited")
         try:
-            free = os.statvfs(self.path.parent).f_bavail * os.statvfs(self.path.parent).f_frsize
+            disk = os.statvfs(self.path.parent)
+            free = disk.f_bavail * disk.f_frsize
         except OSError:
             return
         if free < MIN_FREE_BYTES:
