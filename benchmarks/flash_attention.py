@@ -28,7 +28,8 @@ from benchmarks.followup import QUESTIONS, record
 def run(model: Path, flash: bool, streams: int, tokens: int, threads: int,
         gpu_layers: int = 0) -> dict[str, float]:
     from localmed.runtimes.base import GenerationParams
-    from localmed.runtimes.batch import BatchEngine, Request
+    from localmed.runtimes.batch import BatchEngine
+    from localmed.runtimes.messages import Done, Request
 
     engine = BatchEngine(model, n_parallel=streams, n_ctx=4096 * streams, threads=threads,
                          gpu_layers=gpu_layers, flash_attention=flash)
@@ -39,7 +40,7 @@ def run(model: Path, flash: bool, streams: int, tokens: int, threads: int,
             engine.submit(Request(i, engine.tokenize(prompt), params, cache_prompt=False))
         start, done = time.perf_counter(), []
         while len(done) < streams:
-            done += [value for kind, _, value in engine.step() if kind == "done"]
+            done += [e.stats for e in engine.step() if isinstance(e, Done)]
         wall = time.perf_counter() - start
     finally:
         engine.close()

@@ -11,8 +11,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from localmed.errors import PlanError
+from localmed.errors import ModelTooLargeError, PlanError
 from localmed.quants import QUANT_TYPES
 
 MIN_CTX = 256
@@ -105,6 +106,14 @@ class OffloadPlan:
     def n_gpu_layers_arg(self) -> int:
         """llama.cpp's ``n_gpu_layers`` (it counts the output layer as one more)."""
         return self.gpu_layers + 1 if self.gpu_layers == self.n_layers else self.gpu_layers
+
+
+def refuse_unless_fits(plan: OffloadPlan, path: Path) -> OffloadPlan:
+    """``plan`` if the model fits; else the one refusal every engine gives before it loads
+    anything (:class:`ModelTooLargeError`: the figures, and a smaller quant to try)."""
+    if not plan.fits:
+        raise ModelTooLargeError(path, plan.reasons[-1], plan.suggestion, plan)
+    return plan
 
 
 def gib(n: float) -> str:

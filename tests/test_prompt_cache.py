@@ -106,21 +106,21 @@ _ids = iter(range(1, 10**6))
 
 def reply(engine, prompt: str, *, cache: bool = True, logprobs: int | None = None):
     """(text, stats, logprob entries) of one request run to its end."""
-    from localmed.runtimes.batch import Request
+    from localmed.runtimes.messages import Done, Logprobs, Piece, Request
 
     rid = next(_ids)
     engine.submit(Request(rid, engine.tokenize(prompt), GREEDY, logprobs=logprobs,
                           cache_prompt=cache))
     text, entries = [], []
     while True:
-        for kind, who, value in engine.step():
-            assert who == rid
-            if kind == "piece":
-                text.append(value)
-            elif kind == "logprobs":
-                entries += value
-            elif kind == "done":
-                return "".join(text), value, entries
+        for event in engine.step():
+            assert event.id == rid
+            if isinstance(event, Piece):
+                text.append(event.text)
+            elif isinstance(event, Logprobs):
+                entries += event.entries
+            elif isinstance(event, Done):
+                return "".join(text), event.stats, entries
 
 
 def first_logprobs(entries) -> dict[str, float]:
@@ -186,15 +186,16 @@ def test_an_edited_conversation_is_reused_only_up_to_the_edit(engine):
 def test_a_reply_cancelled_during_its_prefill_leaves_usable_cells(engine):
     """Cancelled after the first 512-token chunk of its prompt: the slot keeps those cells, and
     the same prompt asked again starts from them and is answered."""
-    from localmed.runtimes.batch import Request
+    from localmed.runtimes.messages import Done, Request
 
     prompt = chatml(("user", f"Cancelled. {RECORD} {RECORD}\nSummarize."))
     tokens = engine.tokenize(prompt)
     assert len(tokens) > engine.n_batch
     engine.submit(Request(-1, tokens, GREEDY))
     assert engine.step() == []  # one chunk of the prompt, nothing generated
-    [(kind, _, cancelled)] = engine.cancel(-1)
-    assert kind == "done" and cancelled.stopped_by == "user" and not engine.busy
+    [ended] = engine.cancel(-1)
+    cancelled = ended.stats
+    assert isinstance(ended, Done) and cancelled.stopped_by == "user" and not engine.busy
     text, stats, _ = reply(engine, prompt)
     # what its slot shared with it before (the template's first tokens), and the chunk fed
     assert stats.cached_tokens == cancelled.cached_tokens + engine.n_batch and text

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from localmed.errors import ContextFullError, EngineError, GGUFFileError, LocalmedError
-from localmed.runtimes.base import GenerationParams, GenerationStats, StopStringFilter
+from localmed.runtimes.base import GenerationStats, StopStringFilter
+from localmed.runtimes.messages import Done, Event, Logprobs, Piece, Request
 from localmed.runtimes.prompt_cache import (
     MIN_SAVED,
     HostCache,
@@ -68,22 +69,6 @@ def json_grammar(schema: dict[str, Any] | None) -> str:
     except Exception as exc:  # the converter raises whatever its walk meets
         raise GrammarError(f"llama.cpp cannot turn this JSON schema into a grammar: "
                            f"{type(exc).__name__}: {exc}") from None
-
-
-@dataclass
-class Request:
-    """One reply to generate: the prompt's tokens and how to sample."""
-
-    id: int
-    tokens: list[int]
-    params: GenerationParams
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    grammar: str | None = None
-    logprobs: int | None = None
-    """Report each token's log probability and this many alternatives (None: none)."""
-    cache_prompt: bool = True
-    """Start from a slot's cells that hold the prompt's beginning (False: prefill it whole)."""
 
 
 @dataclass
@@ -192,12 +177,12 @@ class BatchEngine:
                                    f"{self.n_parallel} sequences holds {self.n_ctx_seq}")
         self._waiting.append(request)
 
-    def cancel(self, request_id: int) -> list[tuple[str, int, Any]]:
-        """Stop a request, running or waiting: its ``done`` event (stopped by the user)."""
+    def cancel(self, request_id: int) -> list[Event]:
+        """Stop a request, running or waiting: its :class:`Done` (stopped by the user)."""
         for request in self._waiting:
             if request.id == request_id:
                 self._waiting.remove(request)
-                return [("done", request_id, GenerationStats(stopped_by="user"))]
+                return [Done(request_id, GenerationStats(stopped_by="user"))]
         seq = self._running.get(request_id)
         if seq is None:
             return []
@@ -214,10 +199,10 @@ class BatchEngine:
 
     # --- the loop -------------------------------------------------------------------------------
 
-    def step(self, flush_seconds: float = 0.0) -> list[tuple[str, int, Any]]:
-        """One ``llama_decode`` over every sequence: the events it produced, ``("piece", id,
-        text)`` (a sequence's text joined while younger than ``flush_seconds``) and ``("done",
-        id, stats)``."""
+    def step(self, flush_seconds: float = 0.0) -> list[Event]:
+        """One ``llama_decode`` over every sequence: the events it produced, :class:`Piece`
+        (a sequence's text joined while younger than ``flush_seconds``), :class:`Logprobs`
+        and :class:`Done`."""
         self._admit()
         if not self._running:
             return []
@@ -258,7 +243,7 @@ class BatchEngine:
         if status != 0:
             raise EngineError(f"llama_decode failed (status {status}) with {n} tokens of "
                               f"{len(order)} sequences")
-        events: list[tuple[str, int, Any]] = []
+        events: list[Event] = []
         now = time.monotonic()
         for seq in order:
             if seq.logits_at < 0:
@@ -277,11 +262,11 @@ class BatchEngine:
         return events
 
     def _send(self, seq: _Sequence, text: str, *, last: bool = False
-              ) -> list[tuple[str, int, Any]]:
+              ) -> list[Event]:
         """A piece of text, after the log probabilities of the tokens it holds: those whose
         text has gone out (a token held back as a possible stop string waits; at the end, the
         tokens of a stop string that was cut are left out)."""
-        events: list[tuple[str, int, Any]] = []
+        events: list[Event] = []
         seq.bytes_sent += len(text.encode())
         if seq.logprobs:
             keep = 0
@@ -292,10 +277,10 @@ class BatchEngine:
                 seq.bytes_reported += len(entry["bytes"])
                 keep += 1
             if keep:
-                events.append(("logprobs", seq.request.id, seq.logprobs[:keep]))
+                events.append(Logprobs(seq.request.id, seq.logprobs[:keep]))
                 del seq.logprobs[:keep]
         if text:
-            events.append(("piece", seq.request.id, text))
+            events.append(Piece(seq.request.id, text))
         return events
 
     def _token_bytes(self, token: int) -> bytes:
@@ -419,7 +404,7 @@ class BatchEngine:
         return chain
 
     def _take(self, seq: _Sequence, token: int, logits: Any = None
-              ) -> list[tuple[str, int, Any]]:
+              ) -> list[Event]:
         """A sampled token: text, or the sequence's end."""
         stats, params = seq.stats, seq.request.params
         if stats.generated_tokens == 0:
@@ -444,14 +429,14 @@ class BatchEngine:
         seq.next_token = token
         return []
 
-    def _finish(self, seq: _Sequence) -> list[tuple[str, int, Any]]:
+    def _finish(self, seq: _Sequence) -> list[Event]:
         del self._running[seq.request.id]
         self._llama.llama_sampler_free(seq.sampler)
         if seq.first:
             seq.stats.decode_seconds = time.perf_counter() - seq.first
         tail = seq.stops.flush() + seq.decoder.decode(b"", final=True)
         events = self._send(seq, "".join(seq.pending) + tail, last=True)
-        events.append(("done", seq.request.id, seq.stats))
+        events.append(Done(seq.request.id, seq.stats))
         return events
 
     def close(self) -> None:

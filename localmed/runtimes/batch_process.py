@@ -1,38 +1,62 @@
-"""The multi-sequence engine (:mod:`localmed.runtimes.batch`) in a process of its own, for
-``localmed serve``.
+"""The multi-sequence engine (:mod:`localmed.runtimes.batch`) in a process of its own: the one
+llama.cpp engine behind ``localmed serve``, ``localmed chat`` and every tab of ``chat --web``.
 
 In the engine process, one thread decodes (every request that has a slot, one ``llama_decode``
 per step) and another reads the pipe: it answers tokenization and grammar checks at once, beside
 a running decode (llama.cpp's vocabulary is read-only; ctypes lets go of the GIL in
 ``llama_decode``), and hands requests and cancellations to the decoding thread between steps.
-So the server decides what to refuse (a prompt over one sequence's context, a schema llama.cpp
-cannot use) without waiting for anyone's reply.
+So a server decides what to refuse (a prompt over one sequence's context, a schema llama.cpp
+cannot use) without waiting for anyone's reply. The messages are the dataclasses of
+:mod:`localmed.runtimes.messages`.
 
-Protocol (pickled tuples), every message after the first naming a request id:
-``("submit", id, tokens, params, stop, seed, grammar, logprobs, cache_prompt)``,
-``("cancel", id)``, ``("tokenize", id, text, add_bos)``, ``("json_grammar", id, schema)``, ``("close",)``; answers
-``("logprobs", id, entries)`` (before the piece that holds their text), ``("piece", id, text)``,
-``("done", id, stats)``, ``("ok", id, value)``, ``("error", id, error)``.
-The first message from the engine is ``("ready", info, plan, n_ctx_seq)`` or
-``("error", None, error)``.
+- :class:`BatchClient` starts the engine process and multiplexes requests over its pipe; when
+  the engine dies, every request in it hears :class:`EngineDiedError` and the model is loaded
+  again at once (the one restart policy: a caller's :meth:`BatchClient.restart` waits for that
+  reload, or tries again if it failed).
+- :class:`EngineHub` lets other processes share it: ``chat --web --sessions N`` loads the
+  model once, for N sequences, and each browser tab's ``localmed chat`` connects over a private
+  Unix socket (``BatchClient.connect``) instead of loading its own copy.
+- :class:`SlotRuntime` is one conversation's :class:`Runtime` on a client: what the chat runs.
+  Its sequence keeps its cells between turns, so a follow-up prefills only the new turn.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import multiprocessing
+import os
 import queue
+import secrets
+import shutil
+import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from localmed.errors import EngineDiedError, LocalmedError, ModelTooLargeError
-from localmed.runtimes.base import GenerationParams
+import numpy as np
+
+from localmed.errors import ContextFullError, EngineDiedError, EngineError, LocalmedError
+from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
+from localmed.runtimes.messages import (
+    STREAMED,
+    Answer,
+    Cancel,
+    Close,
+    Done,
+    Event,
+    Failed,
+    JsonGrammar,
+    Piece,
+    Ready,
+    Request,
+    Tokenize,
+)
 from localmed.runtimes.process import (
     BATCH_SECONDS,
     _portable,
@@ -43,8 +67,10 @@ from localmed.runtimes.process import (
     stop_engine,
 )
 
-_STREAMED = ("piece", "logprobs")
-"""Events a request gets several of; any other is its last."""
+ENGINE_ADDRESS_ENV = "LOCALMED_ENGINE"
+ENGINE_KEY_ENV = "LOCALMED_ENGINE_KEY"
+"""Where a ``chat --web`` tab finds the shared engine, and the key it proves itself with (set by
+the web server for the processes it starts; the socket's folder is the user's alone)."""
 
 
 @dataclass(frozen=True)
@@ -62,16 +88,15 @@ class BatchOptions:
 
 def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any]:
     from localmed.formats.gguf import read_gguf_footprint
-    from localmed.planner import plan_offload
+    from localmed.planner import plan_offload, refuse_unless_fits
     from localmed.runtimes import hardware
     from localmed.runtimes.batch import BatchEngine
 
     info, footprint = read_gguf_footprint(path)
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
-    plan = plan_offload(footprint, hardware.detect(), n_ctx=per_sequence * options.n_parallel,
-                        gpu_layers=options.gpu_layers)
-    if not plan.fits:
-        raise ModelTooLargeError(path, plan.reasons[-1], plan.suggestion, plan)
+    plan = refuse_unless_fits(plan_offload(footprint, hardware.detect(),
+                                           n_ctx=per_sequence * options.n_parallel,
+                                           gpu_layers=options.gpu_layers), path)
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention)
@@ -80,45 +105,44 @@ def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any]:
 
 def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: str,
                  batch_seconds: float) -> None:
-    """The engine process: load, then decode whatever requests are in until ``close``/EOF."""
-    from localmed.runtimes.batch import Request, json_grammar
+    """The engine process: load, then decode whatever requests are in until Close/EOF."""
+    from localmed.runtimes.batch import json_grammar
 
     settle_engine_process(log_path)
     try:
         engine, info, plan = _load(Path(path), options)
     except Exception as exc:
-        conn.send(("error", None, _portable(exc)))
+        conn.send(Failed(None, _portable(exc)))
         return
     sending = threading.Lock()
 
-    def send(*message: Any) -> None:
+    def send(message: Any) -> None:
         with sending, contextlib.suppress(OSError):
             conn.send(message)
 
-    send("ready", info, plan, engine.n_ctx_seq)
-    inbox: queue.Queue[tuple[Any, ...]] = queue.Queue()
+    send(Ready(info, plan, engine.n_ctx_seq, options.n_parallel))
+    inbox: queue.Queue[Any] = queue.Queue()
 
     def receive() -> None:
         while True:
             try:
                 message = conn.recv()
             except (EOFError, OSError):
-                inbox.put(("close",))
+                inbox.put(Close())
                 return
-            op = message[0]
-            if op in ("tokenize", "json_grammar"):
+            if isinstance(message, (Tokenize, JsonGrammar)):
                 try:
-                    if op == "tokenize":
-                        value: Any = engine.tokenize(message[2], add_bos=message[3])
+                    if isinstance(message, Tokenize):
+                        value: Any = engine.tokenize(message.text, add_bos=message.add_bos)
                     else:
-                        value = json_grammar(message[2])
+                        value = json_grammar(message.schema)
                         engine.check_grammar(value)
-                    send("ok", message[1], value)
+                    send(Answer(message.id, value))
                 except Exception as exc:
-                    send("error", message[1], _portable(exc))
+                    send(Failed(message.id, _portable(exc)))
             else:
                 inbox.put(message)
-                if op == "close":
+                if isinstance(message, Close):
                     return
 
     threading.Thread(target=receive, name="localmed-engine-pipe", daemon=True).start()
@@ -129,18 +153,16 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
             except queue.Empty:
                 message = None
             while message is not None:
-                if message[0] == "close":
+                if isinstance(message, Close):
                     return
-                if message[0] == "submit":
-                    _, rid, tokens, params, stop, seed, grammar, logprobs, cache = message
+                if isinstance(message, Request):
                     try:
-                        engine.submit(Request(rid, tokens, params, stop, seed, grammar,
-                                              logprobs, cache))
+                        engine.submit(message)
                     except Exception as exc:
-                        send("error", rid, _portable(exc))
-                elif message[0] == "cancel":
-                    for event in engine.cancel(message[1]):
-                        send(*event)
+                        send(Failed(message.id, _portable(exc)))
+                elif isinstance(message, Cancel):
+                    for event in engine.cancel(message.id):
+                        send(event)
                 try:
                     message = inbox.get_nowait()
                 except queue.Empty:
@@ -150,161 +172,200 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
                     events = engine.step(batch_seconds)
                 except Exception as exc:  # every request in it hears; the process ends
                     for rid in engine.request_ids():
-                        send("error", rid, _portable(exc))
+                        send(Failed(rid, _portable(exc)))
                     return
                 for event in events:
-                    send(*event)
+                    send(event)
     finally:
         engine.close()
 
 
-class BatchClient:
-    """The server's handle on the engine process: requests go in by id, their events come back
-    on each request's own queue. When the engine dies, every request in it gets an
-    :class:`EngineDiedError` and the model is loaded again in a new process."""
+Sink = Callable[[Event], None]
+"""Where a request's events go (a queue's ``put``, or a relay to another process)."""
 
-    def __init__(self, path: Path, options: BatchOptions, *,
+
+class BatchClient:
+    """A handle on the engine: requests go in by id, their events come back to each request's
+    own sink. ``BatchClient(path, options)`` starts an engine process;
+    :meth:`BatchClient.connect` joins one an :class:`EngineHub` shares."""
+
+    def __init__(self, path: Path | None, options: BatchOptions | None, *,
                  batch_seconds: float = BATCH_SECONDS,
-                 on_restart: Callable[[str], None] | None = None) -> None:
-        self.path = Path(path)
+                 on_restart: Callable[[str], None] | None = None,
+                 address: str | None = None, authkey: bytes | None = None) -> None:
+        self.path = Path(path) if path is not None else None
         self.options = options
         self.batch_seconds = batch_seconds
         self.on_restart = on_restart or (lambda _: None)
+        self.address, self._authkey = address, authkey
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
-        self._waiting: dict[int, tuple[queue.Queue[tuple[str, Any]],
-                                       Callable[[], None] | None]] = {}
+        self._restarting = threading.Lock()
+        self._waiting: dict[int, tuple[Sink, Callable[[], None] | None]] = {}
         self._closing = False
         self._ready = threading.Event()
+        self._process: Any = None
+        self._log: Path | None = None
+        self._remove_log: Callable[[], Any] = lambda: None
         self._start()
 
-    @property
-    def n_parallel(self) -> int:
-        return self.options.n_parallel
+    @classmethod
+    def connect(cls, address: str, authkey: bytes) -> BatchClient:
+        """A client of the engine an :class:`EngineHub` in another process shares."""
+        return cls(None, None, address=address, authkey=authkey)
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child = ctx.Pipe()
-        self._log = new_engine_log()
-        self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
-        self._process = ctx.Process(
-            target=_engine_main, name="localmed-engine", daemon=True,
-            args=(child, str(self.path), self.options, str(self._log), self.batch_seconds))
-        self._process.start()
-        child.close()
+        if self.address is not None:
+            try:
+                self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+            except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
+                raise EngineDiedError(f"shared by localmed chat --web cannot be reached "
+                                      f"({type(exc).__name__})") from None
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self._conn, child = ctx.Pipe()
+            self._log = new_engine_log()
+            self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
+            self._process = ctx.Process(
+                target=_engine_main, name="localmed-engine", daemon=True,
+                args=(child, str(self.path), self.options, str(self._log),
+                      self.batch_seconds))
+            self._process.start()
+            child.close()
         try:
             first = self._conn.recv()
         except (EOFError, OSError):
-            self._process.join(5)
+            died = self._died()
             self._stop_process()
-            raise EngineDiedError(describe_exit(self._process.exitcode),
-                                  self._stderr_tail()) from None
-        if first[0] != "ready":
+            raise died from None
+        if not isinstance(first, Ready):
             self._stop_process()
-            raise first[2]
-        _, self.info, self.plan, self.n_ctx = first
-        reader = threading.Thread(target=self._read, args=(self._conn, self._process),
-                                  name="localmed-engine-reader", daemon=True)
-        reader.start()
+            raise first.error
+        self.info, self.plan, self.n_ctx, self.n_parallel = \
+            first.info, first.plan, first.n_ctx, first.n_parallel
+        threading.Thread(target=self._read, args=(self._conn,), name="localmed-engine-reader",
+                         daemon=True).start()
         self._ready.set()
 
-    def _read(self, conn: Connection, process: Any) -> None:
+    def _died(self) -> EngineDiedError:
+        if self._process is None:
+            return EngineDiedError("shared by localmed chat --web stopped (the browser "
+                                   "chat's server ended)")
+        self._process.join(5)
+        return EngineDiedError(describe_exit(self._process.exitcode), self._stderr_tail())
+
+    def _read(self, conn: Connection) -> None:
         while True:
             try:
-                kind, rid, value = conn.recv()
+                event = conn.recv()
             except (EOFError, OSError):
                 break
+            streamed = isinstance(event, STREAMED)
             with self._lock:
-                events, on_end = self._waiting.get(rid, (None, None))
-                if kind not in _STREAMED:
-                    self._waiting.pop(rid, None)
-            if events is None:
+                sink, on_end = self._waiting.get(event.id, (None, None))
+                if not streamed:
+                    self._waiting.pop(event.id, None)
+            if sink is None:
                 continue
-            events.put((kind, value))
-            if kind not in _STREAMED and on_end is not None:
+            sink(event)
+            if not streamed and on_end is not None:
                 on_end()
         if self._closing:
             return
-        process.join(5)
-        died = EngineDiedError(describe_exit(process.exitcode), self._stderr_tail())
-        self._ready.clear()
-        with self._lock:
-            orphans, self._waiting = self._waiting, {}
-        # Reloaded before the requests it dropped hear of it: a client that retries at once
-        # finds the model there. New requests meanwhile are refused at once (503).
-        self.on_restart(str(died))
-        try:
-            self._start()
-        except Exception as exc:
-            self.on_restart(f"reloading failed: {exc}")
-        for events, on_end in orphans.values():
-            events.put(("error", died))
+        with self._restarting:
+            died = self._died()
+            self._ready.clear()
+            with self._lock:
+                orphans, self._waiting = self._waiting, {}
+            # Reloaded before the requests it dropped hear of it: a client that retries at once
+            # finds the model there. New requests meanwhile are refused at once.
+            self.on_restart(str(died))
+            try:
+                self._stop_process()
+                self._start()
+            except Exception as exc:
+                self.on_restart(f"reloading failed: {exc}")
+        for rid, (sink, on_end) in orphans.items():
+            sink(Failed(rid, died))
             if on_end is not None:
                 on_end()
 
-    def _stderr_tail(self) -> str:
-        return last_line(self._log)
+    def restart(self) -> None:
+        """Bring the model back after its engine died: wait for the reload that follows a
+        death at once, or load it again if that failed."""
+        with self._restarting:
+            if not self.alive:
+                self._stop_process()
+                self._start()
 
-    def _send(self, events: queue.Queue[tuple[str, Any]], on_end: Callable[[], None] | None,
-              op: str, *args: Any) -> int:
+    def _stderr_tail(self) -> str:
+        return last_line(self._log) if self._log is not None else ""
+
+    def _send(self, sink: Sink, on_end: Callable[[], None] | None,
+              message: Callable[[int], Any]) -> int:
         if not self._ready.is_set():
             raise EngineDiedError("is being reloaded after it stopped")
         rid = next(self._ids)
         with self._lock:
-            self._waiting[rid] = (events, on_end)
+            self._waiting[rid] = (sink, on_end)
             try:
-                self._conn.send((op, rid, *args))
+                self._conn.send(message(rid))
             except OSError:
                 self._waiting.pop(rid, None)
                 raise EngineDiedError("is being reloaded after it stopped") from None
         return rid
 
-    def _ask(self, op: str, *args: Any) -> Any:
-        answer: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._send(answer, None, op, *args)
-        kind, value = answer.get()
-        if kind == "error":
-            raise value
-        return value
+    def _ask(self, message: Callable[[int], Any]) -> Any:
+        answer: queue.Queue[Event] = queue.Queue()
+        self._send(answer.put, None, message)
+        event = answer.get()
+        if isinstance(event, Failed):
+            raise event.error
+        return event.value  # type: ignore[union-attr]
 
-    # --- what the server calls ------------------------------------------------------------------
+    # --- what the server and the chat call ------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
         """Tokens of ``text``, answered beside running decodes."""
-        return self._ask("tokenize", text, add_bos)
+        return self._ask(lambda rid: Tokenize(rid, text, add_bos))
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
         """llama.cpp's grammar for JSON (for ``schema``, if given), made and parsed by the
         engine beside running decodes; a schema it cannot use raises GrammarError."""
-        return self._ask("json_grammar", schema)
+        return self._ask(lambda rid: JsonGrammar(rid, schema))
 
     def submit(self, tokens: Sequence[int], params: GenerationParams, stop: Sequence[str],
-               events: queue.Queue[tuple[str, Any]], *, seed: int | None = None,
-               grammar: str | None = None, logprobs: int | None = None,
-               cache_prompt: bool = True, on_end: Callable[[], None] | None = None) -> int:
-        """Start a reply (in arrival order as slots free up); its events go to ``events``:
-        ``("piece", text)``… (each after its tokens' ``("logprobs", entries)`` when
-        ``logprobs`` is given), then ``("done", stats)`` or ``("error", LocalmedError)``;
-        ``on_end`` is called once after the last. ``cache_prompt`` False: the prompt is
-        prefilled whole, not continued from a slot's cells."""
-        return self._send(events, on_end, "submit", list(tokens), params, tuple(stop), seed,
-                          grammar, logprobs, cache_prompt)
+               sink: Sink, *, seed: int | None = None, grammar: str | None = None,
+               logprobs: int | None = None, cache_prompt: bool = True,
+               on_end: Callable[[], None] | None = None) -> int:
+        """Start a reply (in arrival order as slots free up); its events go to ``sink``:
+        :class:`Piece`… (each after its tokens' :class:`Logprobs` when ``logprobs`` is given),
+        then :class:`Done` or :class:`Failed`; ``on_end`` is called once after the last.
+        ``cache_prompt`` False: the prompt is prefilled whole, not continued from a slot's
+        cells."""
+        return self._send(sink, on_end, lambda rid: Request(
+            rid, list(tokens), params, tuple(stop), seed, grammar, logprobs, cache_prompt))
 
     def cancel(self, rid: int) -> None:
         with self._lock, contextlib.suppress(OSError):
             if rid in self._waiting:
-                self._conn.send(("cancel", rid))
+                self._conn.send(Cancel(rid))
 
     @property
     def alive(self) -> bool:
-        return self._ready.is_set() and self._process.is_alive()
+        return self._ready.is_set() and (self._process is None or self._process.is_alive())
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._process.pid if self._process is not None else None
 
     def _stop_process(self) -> None:
-        stop_engine(self._process, self._conn)
+        if self._process is not None:
+            stop_engine(self._process, self._conn)
+        else:
+            with contextlib.suppress(OSError):
+                self._conn.send(Close())
+            self._conn.close()
         self._remove_log()
 
     def close(self) -> None:
@@ -313,7 +374,186 @@ class BatchClient:
         self._stop_process()
         with self._lock:
             orphans, self._waiting = self._waiting, {}
-        for events, on_end in orphans.values():
-            events.put(("error", LocalmedError("the server is stopping")))
+        for rid, (sink, on_end) in orphans.items():
+            sink(Failed(rid, LocalmedError("the model is being closed")))
             if on_end is not None:
                 on_end()
+
+
+class EngineHub:
+    """One engine shared with other processes of this user: ``chat --web`` tabs.
+
+    It listens on a Unix socket in a private (0700) folder and accepts only a process that
+    knows its random key (``multiprocessing``'s HMAC challenge); each connection speaks the
+    engine's own protocol, relayed through ``client`` with its request ids translated. A tab
+    that closes has its replies cancelled (its sequence is free at once); one that reads
+    slowly holds up only itself (each has its own outbox)."""
+
+    def __init__(self, client: BatchClient) -> None:
+        self.client = client
+        self._folder = tempfile.mkdtemp(prefix="localmed-engine-")
+        self.address = os.path.join(self._folder, "engine.sock")
+        self.authkey = secrets.token_bytes(32)
+        self._listener = Listener(self.address, family="AF_UNIX", authkey=self.authkey)
+        self._closed = False
+        threading.Thread(target=self._accept, name="localmed-engine-hub", daemon=True).start()
+
+    def environment(self) -> dict[str, str]:
+        """What a process started for a tab needs to find the engine."""
+        return {ENGINE_ADDRESS_ENV: self.address, ENGINE_KEY_ENV: self.authkey.hex()}
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn = self._listener.accept()
+            except (OSError, EOFError, multiprocessing.AuthenticationError):
+                continue  # a wrong key, or the listener closed (the loop then ends)
+            threading.Thread(target=self._relay, args=(conn,), name="localmed-engine-tab",
+                             daemon=True).start()
+
+    def _relay(self, conn: Connection) -> None:
+        client = self.client
+        outbox: queue.Queue[Any] = queue.Queue()
+
+        def deliver() -> None:
+            while (message := outbox.get()) is not None:
+                try:
+                    conn.send(message)
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=deliver, name="localmed-engine-tab-out", daemon=True)
+        sender.start()
+        outbox.put(Ready(client.info, client.plan, client.n_ctx, client.n_parallel))
+        theirs: dict[int, int] = {}  # the tab's request id -> the client's
+
+        def relay(tab_id: int) -> Sink:
+            return lambda event: outbox.put(dataclasses.replace(event, id=tab_id))
+
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            if isinstance(message, Close):
+                break
+            try:
+                if isinstance(message, Request):
+                    tab_id = message.id
+                    theirs[tab_id] = client.submit(
+                        message.tokens, message.params, message.stop, relay(tab_id),
+                        seed=message.seed, grammar=message.grammar, logprobs=message.logprobs,
+                        cache_prompt=message.cache_prompt,
+                        on_end=lambda tab_id=tab_id: theirs.pop(tab_id, None))
+                elif isinstance(message, Cancel):
+                    if (rid := theirs.get(message.id)) is not None:
+                        client.cancel(rid)
+                elif isinstance(message, Tokenize):
+                    outbox.put(Answer(message.id, client.tokenize(message.text,
+                                                                  add_bos=message.add_bos)))
+                elif isinstance(message, JsonGrammar):
+                    outbox.put(Answer(message.id, client.json_grammar(message.schema)))
+            except Exception as exc:
+                outbox.put(Failed(message.id, _portable(exc)))
+        for rid in list(theirs.values()):
+            client.cancel(rid)
+        outbox.put(None)
+        sender.join(5)
+        conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class SlotRuntime(Runtime):
+    """One conversation on the engine: the :class:`Runtime` that ``localmed chat`` runs.
+
+    Each reply is a request to ``client``; the engine gives it the sequence that holds the
+    longest beginning of its prompt (this conversation's, one turn back), so a follow-up
+    prefills only what is new. ``stop`` cancels the reply at the engine (after the current
+    token); a caller that leaves a reply midway cancels it too."""
+
+    def __init__(self, client: BatchClient) -> None:
+        self.client = client
+        self.last_stats = GenerationStats()
+        self._stop = threading.Event()
+        self._current: int | None = None
+
+    @property
+    def info(self) -> Any:  # type: ignore[override]
+        return self.client.info
+
+    @property
+    def plan(self) -> Any:  # type: ignore[override]
+        return self.client.plan
+
+    @property
+    def n_ctx(self) -> int:
+        return self.client.n_ctx
+
+    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+        return self.client.tokenize(text, add_bos=add_bos)
+
+    def stream(self, prompt: str, params: GenerationParams | None = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        tokens = self.tokenize(prompt)
+        if len(tokens) >= self.n_ctx:
+            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
+                                   f"{self.n_ctx}")
+        events: queue.Queue[Event] = queue.Queue()
+        self._stop.clear()
+        self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        rid = self._current = self.client.submit(tokens, params or GenerationParams(),
+                                                 tuple(stop), events.put)
+        if self._stop.is_set():  # stop() came between the submit and knowing its id
+            self.client.cancel(rid)
+        ended = False
+        try:
+            while True:
+                event = events.get()
+                if isinstance(event, Piece):
+                    yield event.text
+                elif isinstance(event, Done):
+                    ended = True
+                    self.last_stats = event.stats
+                    return
+                elif isinstance(event, Failed):
+                    ended = True
+                    raise event.error
+        finally:
+            self._current = None
+            if not ended:  # the caller left midway: stop it, and read it to its end
+                self.client.cancel(rid)
+                while not isinstance(events.get(), (Done, Failed)):
+                    pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        if (rid := self._current) is not None:
+            self.client.cancel(rid)
+
+    @property
+    def alive(self) -> bool:
+        return self.client.alive
+
+    @property
+    def restartable(self) -> bool:
+        return True
+
+    def restart(self) -> None:
+        self.client.restart()
+
+    @property
+    def pid(self) -> int | None:
+        return self.client.pid
+
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        raise EngineError("the chat engine does not score: bench loads its own model")
+
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        raise EngineError("the chat engine does not score: bench loads its own model")
+
+    def close(self) -> None:
+        self.client.close()

@@ -21,11 +21,17 @@ from typing import Any
 
 import numpy as np
 
-from localmed.errors import GPTQFolderError, ModelTooLargeError
+from localmed.errors import GPTQFolderError
 from localmed.extras import importable
 from localmed.formats.gptq import read_gptq_footprint
 from localmed.formats.info import ModelInfo
-from localmed.planner import Hardware, ModelFootprint, OffloadPlan, plan_offload
+from localmed.planner import (
+    Hardware,
+    ModelFootprint,
+    OffloadPlan,
+    plan_offload,
+    refuse_unless_fits,
+)
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
 from localmed.runtimes.optional import require_gptqmodel
 from localmed.templates import TURN_END_MARKERS
@@ -93,9 +99,7 @@ class TransformersRuntime(Runtime):
     def load(cls, path: Path, *, n_ctx: int | None = None) -> TransformersRuntime:
         """Plan, refuse what cannot fit, then load."""
         info, footprint = read_gptq_footprint(Path(path))
-        plan = plan_transformers(footprint, n_ctx)
-        if not plan.fits:
-            raise ModelTooLargeError(Path(path), plan.reasons[-1], plan.suggestion, plan)
+        plan = refuse_unless_fits(plan_transformers(footprint, n_ctx), Path(path))
         return cls(info, plan, min(plan.n_ctx, info.context_length or plan.n_ctx))
 
     def _eog_ids(self) -> list[int]:

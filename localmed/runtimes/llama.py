@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from localmed.errors import GGUFFileError, ModelTooLargeError
+from localmed.errors import GGUFFileError
 from localmed.formats.gguf import GGUFInfo, read_gguf_footprint
 from localmed.planner import Hardware, OffloadPlan
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
@@ -52,14 +52,13 @@ class LlamaCppRuntime(Runtime):
              threads: int | None = None, hardware: Hardware | None = None,
              logits_all: bool = False) -> LlamaCppRuntime:
         """Plan, refuse what cannot fit, then load."""
-        from localmed.planner import plan_offload
+        from localmed.planner import plan_offload, refuse_unless_fits
         from localmed.runtimes import hardware as hw_detect
 
         info, footprint = read_gguf_footprint(Path(path))
         hw = hardware or hw_detect.detect()
-        plan = plan_offload(footprint, hw, n_ctx=n_ctx, gpu_layers=gpu_layers)
-        if not plan.fits:
-            raise ModelTooLargeError(Path(path), plan.reasons[-1], plan.suggestion, plan)
+        plan = refuse_unless_fits(plan_offload(footprint, hw, n_ctx=n_ctx,
+                                               gpu_layers=gpu_layers), Path(path))
         return cls(info, plan, threads, logits_all=logits_all)
 
     @property

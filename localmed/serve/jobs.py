@@ -20,6 +20,7 @@ from localmed.conversation import DISCLAIMER
 from localmed.errors import EngineDiedError, LocalmedError
 from localmed.formats.info import ModelInfo
 from localmed.runtimes.base import GenerationParams, Runtime
+from localmed.runtimes.messages import Done, Event, Failed, Piece
 from localmed.templates import PromptTemplate
 
 
@@ -62,8 +63,9 @@ class Job:
     """OpenAI's top_logprobs when logprobs are asked for (0: the chosen token's only)."""
     cache_prompt: bool = True
     """Continue from a slot's cells that hold the prompt's beginning (llama-server's field)."""
-    events: queue.Queue[tuple[str, Any]] = field(default_factory=queue.Queue)
-    """Where the engine puts the reply's events (anything with a thread-safe ``put``)."""
+    events: queue.Queue[Event] = field(default_factory=queue.Queue)
+    """Where the engine puts the reply's events (:mod:`localmed.runtimes.messages`; anything
+    with a thread-safe ``put``)."""
     cancelled: threading.Event = field(default_factory=threading.Event)
     handle: int | None = None
     """The engine's id for it, once submitted."""
@@ -143,7 +145,7 @@ class BatchJobs(Jobs):
         return self.client.json_grammar(schema)
 
     def _start(self, job: Job, on_end: Callable[[], None]) -> None:
-        job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events,
+        job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events.put,
                                         seed=job.seed, grammar=job.grammar,
                                         logprobs=job.logprobs,
                                         cache_prompt=job.cache_prompt, on_end=on_end)
@@ -203,20 +205,20 @@ class SerialJobs(Jobs):
             job, on_end = item
             try:
                 if job.cancelled.is_set():
-                    job.events.put(("error", LocalmedError("cancelled")))
+                    job.events.put(Failed(0, LocalmedError("cancelled")))
                     continue
                 with self._lock:
                     self._current = job
                 for piece in self.runtime.stream(job.prompt, job.params, stop=job.stop):
-                    job.events.put(("piece", piece))
-                job.events.put(("done", self.runtime.last_stats))
+                    job.events.put(Piece(0, piece))
+                job.events.put(Done(0, self.runtime.last_stats))
             except EngineDiedError as died:
                 # Reloaded before the request hears of it: a client that retries at once
                 # finds the model there.
                 self._restart(died)
-                job.events.put(("error", died))
+                job.events.put(Failed(0, died))
             except Exception as exc:  # answered to this request; the server goes on
-                job.events.put(("error", exc))
+                job.events.put(Failed(0, exc))
             finally:
                 with self._lock:
                     self._current = None

@@ -43,6 +43,7 @@ from localmed.errors import (
 )
 from localmed.runtimes.base import GenerationStats
 from localmed.runtimes.batch import GrammarError
+from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece
 from localmed.serve.audit import AuditError, AuditLog, digest
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
 from localmed.serve.keys import KeyRing, RateLimit
@@ -78,12 +79,12 @@ class _Events:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
-    def put(self, event: tuple[str, Any]) -> None:
+    def put(self, event: Event) -> None:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
-    async def get(self) -> tuple[str, Any]:
+    async def get(self) -> Event:
         return await self._queue.get()
 
 
@@ -262,11 +263,11 @@ class LocalServer:
 
     # --- answers --------------------------------------------------------------------------------
 
-    async def _events(self, job: Job) -> AsyncIterator[tuple[str, Any]]:
+    async def _events(self, job: Job) -> AsyncIterator[Piece | Logprobs | Done]:
         while True:
             event = await job.events.get()  # type: ignore[misc]
-            if event[0] == "error":
-                error = event[1]
+            if isinstance(event, Failed):
+                error = event.error
                 if isinstance(error, EngineDiedError):
                     raise APIError(503, f"{error}; it is being reloaded, retry the request",
                                    kind="server_error", code="engine_died")
@@ -274,21 +275,21 @@ class LocalServer:
                     raise refusal(error)
                 raise APIError(500, "the model engine failed on this request",
                                kind="server_error")
-            yield event
-            if event[0] == "done":
+            yield event  # type: ignore[misc]
+            if isinstance(event, Done):
                 return
 
     async def _complete(self, request: web.Request, job: Job, kind: str) -> web.Response:
         parts: list[str] = []
         entries: list[dict[str, Any]] = []
         stats = GenerationStats()
-        async for name, value in self._events(job):
-            if name == "piece":
-                parts.append(value)
-            elif name == "logprobs":
-                entries += value
+        async for event in self._events(job):
+            if isinstance(event, Piece):
+                parts.append(event.text)
+            elif isinstance(event, Logprobs):
+                entries += event.entries
             else:
-                stats = value
+                stats = event.stats
         text = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
         if kind == "chat.completion":
@@ -309,6 +310,7 @@ class LocalServer:
             DISCLAIMER_HEADER: DISCLAIMER, "X-Request-Id": request["id"]})
         await response.prepare(request)
         entries: list[dict[str, Any]] = []
+        reply: list[str] = []  # for the audit record
 
         def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
             if kind != "chat.completion":
@@ -328,19 +330,22 @@ class LocalServer:
         try:
             await event({**head, "choices": [choice("", None, True)],
                          "localmed": self.model.notice()})
-            async for name, value in self._events(job):
-                if name == "logprobs":
-                    entries += value
-                elif name == "piece":
-                    request["reply"] = request.get("reply", "") + value
-                    await event({**head, "choices": [choice(value, None)]})
+            async for happened in self._events(job):
+                if isinstance(happened, Logprobs):
+                    entries += happened.entries
+                elif isinstance(happened, Piece):
+                    reply.append(happened.text)
+                    await event({**head, "choices": [choice(happened.text, None)]})
                 else:
-                    request["tokens"] = (value.prompt_tokens, value.generated_tokens)
-                    await event({**head, "choices": [choice(None, finish_reason(value))],
-                                 "usage": usage(value)})
+                    stats = happened.stats
+                    request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+                    await event({**head, "choices": [choice(None, finish_reason(stats))],
+                                 "usage": usage(stats)})
             await response.write(b"data: [DONE]\n\n")
         except APIError as failed:
             await event(failed.body())
+        finally:
+            request["reply"] = "".join(reply)
         await response.write_eof()
         return response
 

@@ -1,0 +1,130 @@
+"""What crosses the pipe between the llama.cpp engine process and its clients, typed.
+
+One module says it all: a client (``localmed serve``, ``localmed chat``, a browser tab of
+``chat --web``) sends a :class:`Request` to start a reply and :class:`Cancel`, :class:`Tokenize`,
+:class:`JsonGrammar` or :class:`Close`; the engine first says :class:`Ready` (or
+:class:`Failed` with no id), then answers each message that names an id with its events:
+:class:`Logprobs` and :class:`Piece` any number of times, then one :class:`Done`,
+:class:`Answer` or :class:`Failed`. The same event objects reach each request's own queue, so
+a server or a chat matches on their type, never on a string.
+
+They are pickled (``multiprocessing`` connections over a pipe or a private Unix socket); every
+field is a plain value or one of localmed's own picklable types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from localmed.formats.info import ModelInfo
+from localmed.planner import OffloadPlan
+from localmed.runtimes.base import GenerationParams, GenerationStats
+
+# --- client -> engine -----------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    """One reply to generate: the prompt's tokens and how to sample."""
+
+    id: int
+    tokens: list[int]
+    params: GenerationParams
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    grammar: str | None = None
+    logprobs: int | None = None
+    """Report each token's log probability and this many alternatives (None: none)."""
+    cache_prompt: bool = True
+    """Start from a slot's cells that hold the prompt's beginning (False: prefill it whole)."""
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a request, running or waiting (its client left, or the user pressed stop)."""
+
+    id: int
+
+
+@dataclass(frozen=True)
+class Tokenize:
+    """Token ids of ``text``, answered beside running decodes."""
+
+    id: int
+    text: str
+    add_bos: bool = True
+
+
+@dataclass(frozen=True)
+class JsonGrammar:
+    """llama.cpp's grammar for any JSON object (``schema`` None) or for one JSON schema."""
+
+    id: int
+    schema: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class Close:
+    """The client is done; the engine (or, behind a hub, this client's share) ends."""
+
+
+Command = Request | Cancel | Tokenize | JsonGrammar | Close
+
+
+# --- engine -> client -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The model is loaded: what it is, how it was placed, tokens each sequence holds."""
+
+    info: ModelInfo
+    plan: OffloadPlan
+    n_ctx: int
+    n_parallel: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text of a reply, in order (several tokens' worth, joined while the engine batches)."""
+
+    id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """OpenAI's ``logprobs.content`` entries of tokens whose text comes in the next piece."""
+
+    id: int
+    entries: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Done:
+    """A reply ended (``stats.stopped_by`` says why): the last event of its request."""
+
+    id: int
+    stats: GenerationStats
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The value a :class:`Tokenize` or :class:`JsonGrammar` asked for."""
+
+    id: int
+    value: Any
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request refused or broken (``id`` None: the engine could not start)."""
+
+    id: int | None
+    error: Exception
+
+
+Event = Piece | Logprobs | Done | Answer | Failed
+STREAMED = (Piece, Logprobs)
+"""Events a request gets several of; any other is its last."""
