@@ -194,16 +194,30 @@ class ChatSession:
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None) -> Runtime:
-    """The Runtime its format calls for (llama.cpp for a GGUF, transformers for GPTQ), in its
-    own engine process (:mod:`localmed.runtimes.process`) unless ``in_process``;
-    ``batch_seconds``: how often the engine sends streamed text on (its default: the server's)."""
+    """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
+    one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
+    the conversation's cells are kept between turns), joining the engine a ``chat --web``
+    server shares where it says so (:mod:`localmed.runtimes.batch_process`); for a GPTQ
+    folder transformers (:mod:`localmed.runtimes.process`). ``batch_seconds``: how often the
+    engine sends streamed text on (its default: the server's)."""
+    from localmed.runtimes.process import BATCH_SECONDS
+
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
     if in_process:
         return formats.load_runtime(model.path, options)
-    from localmed.runtimes.process import BATCH_SECONDS, open_engine
+    batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
+    if formats.format_of(model.path).name == "gguf":
+        from localmed.runtimes import batch_process as engine
 
-    return open_engine(model.path, options,
-                       batch_seconds=BATCH_SECONDS if batch_seconds is None else batch_seconds)
+        if address := os.environ.get(engine.ENGINE_ADDRESS_ENV):
+            key = bytes.fromhex(os.environ.get(engine.ENGINE_KEY_ENV, ""))
+            return engine.SlotRuntime(engine.BatchClient.connect(address, key))
+        return engine.SlotRuntime(engine.BatchClient(
+            model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads),
+            batch_seconds=batch_seconds))
+    from localmed.runtimes.process import open_engine
+
+    return open_engine(model.path, options, batch_seconds=batch_seconds)
 
 
 def choose_template(model: ChatModel, info: ModelInfo, requested: str | None) -> TemplateChoice:

@@ -44,13 +44,13 @@ def chromium() -> str:
 
 
 class WebChat:
-    def __init__(self, model: Path) -> None:
+    def __init__(self, model: Path, *options: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "localmed", "chat", str(model), "--web", "--port",
-             str(self.port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "COLUMNS": "200"})
+             str(self.port), *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, "COLUMNS": "200"})
         banner = self.proc.stdout.readline()
         assert self.url in banner, (banner, self.proc.stderr.read())
 
@@ -133,6 +133,78 @@ def test_the_chat_in_a_browser_loads_nothing_from_outside_and_answers(smollm2, c
     assert requests and {urlsplit(u).hostname for u in requests} == {"127.0.0.1"}, requests
     # the packaged font is what the page uses, not a font CDN's
     assert any(u.endswith(".ttf") for u in requests), requests
+
+
+class Tab:
+    """A browser page on the chat, read through the terminal frames its WebSocket receives."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.frames: list[str] = []
+        self.page = browser.new_page(viewport={"width": 1200, "height": 800})
+        self.page.on("websocket", lambda ws: ws.on("framereceived", lambda f: self.frames.append(
+            f if isinstance(f, str) else f.decode("utf-8", "replace"))))
+        self.page.goto(url)
+
+    def text(self) -> str:
+        return ANSI.sub("", "".join(self.frames))
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if re.search(pattern, self.text()):
+                return
+            self.page.wait_for_timeout(200)
+        raise AssertionError(f"{pattern!r} not on the page: {self.text()[-1500:]}")
+
+    def ask(self, question: str) -> None:
+        self.page.focus(".xterm-helper-textarea")
+        self.page.keyboard.type(question)
+        self.page.keyboard.press("Enter")
+
+
+def test_two_tabs_share_one_loaded_model(smollm2, chromium, tmp_path):
+    """`--sessions 2`: the GGUF is mapped by one process (the engine, one context for each
+    conversation), not by each tab's; both tabs are answered, at once, and a third is refused
+    before anything loads; a closed tab's conversation ends with it."""
+    import psutil
+    from playwright.sync_api import sync_playwright
+
+    web_chat = WebChat(smollm2["gguf"], "--sessions", "2")
+    gguf = str(Path(smollm2["gguf"]).resolve())
+
+    def mapping_the_model() -> list[psutil.Process]:
+        tree = psutil.Process(web_chat.proc.pid).children(recursive=True)
+        return [p for p in tree if any(m.path == gguf for m in p.memory_maps())]
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            tabs = [Tab(browser, web_chat.url) for _ in range(2)]
+            for tab in tabs:
+                tab.wait_for(r"Ask the model", 90)
+            tabs[0].ask("What is the normal adult resting heart rate?")
+            tabs[1].ask("Name one symptom of anaemia.")
+            for tab in tabs:
+                tab.wait_for(r"\d+\.\d tok/s", 180)
+            engines = mapping_the_model()
+            assert len(engines) == 1 and "chat" not in engines[0].cmdline(), engines
+            chats = [p for p in psutil.Process(web_chat.proc.pid).children(recursive=True)
+                     if "chat" in p.cmdline()]
+            assert len(chats) == 2
+            third = httpx.get(web_chat.url)
+            assert third.status_code == 503 and "loaded for that many conversations" in \
+                third.text
+            tabs[1].page.close()  # its chat process ends; its place is free again
+            deadline = time.monotonic() + 30
+            while httpx.get(web_chat.url).status_code != 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert httpx.get(web_chat.url).status_code == 200
+            tabs[0].ask("And in a newborn?")  # the remaining tab goes on
+            tabs[0].wait_for(r"(?s)newborn.*\d+\.\d tok/s", 180)
+            tabs[0].page.screenshot(path=tmp_path / "two-tabs.png")
+        finally:
+            browser.close()
+            assert web_chat.stop() == 0
 
 
 def test_a_page_of_another_origin_cannot_drive_the_chat(web_chat):

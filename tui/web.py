@@ -2,7 +2,9 @@
 
 Each browser tab that connects starts ``localmed chat`` with the same arguments in a process of
 its own, driven by Textual's web driver: the same screens, the same disclaimer banner, the same
-engine. Three things differ from textual-serve's defaults, all for an offline clinician:
+engine (for a GGUF, one engine in this process's child, shared by the tabs over a private
+Unix socket: :class:`localmed.runtimes.batch_process.EngineHub`). Three things differ from
+textual-serve's defaults, all for an offline clinician:
 
 - it listens on 127.0.0.1 only;
 - its page (``web/app_index.html``) loads nothing from outside this server: the package's page
@@ -17,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import shlex
 import socket
 import sys
@@ -37,14 +40,17 @@ TEMPLATES = Path(__file__).parent / "web"
 class ChatWebServer(Server):
     """textual-serve's server with localmed's page, banner line and origin check."""
 
-    def __init__(self, command: str, *, port: int, title: str, max_sessions: int = 1) -> None:
+    def __init__(self, command: str, *, port: int, title: str, max_sessions: int = 1,
+                 shared: bool = False) -> None:
         super().__init__(command, host=HOST, port=port, title=title,
                          templates_path=TEMPLATES)
         self.origin = f"http://{HOST}:{port}"
         self.sessions: set[asyncio.Task] = set()
         self.max_sessions = max_sessions
-        """Each tab loads the model again in its own process: more tabs than memory allows
-        would push the machine into swap, so beyond this a tab is told why instead."""
+        """A GGUF's engine holds this many conversations (``shared``); a transformers model
+        is loaded again by each tab's process, and more tabs than memory allows would push
+        the machine into swap. Either way, beyond this a tab is told why instead."""
+        self.shared = shared
 
     def initialize_logging(self) -> None:
         """Warnings and errors only, one line each: textual-serve's access log would fill the
@@ -74,9 +80,11 @@ class ChatWebServer(Server):
     def _full(self) -> str | None:
         if len(self.sessions) < self.max_sessions:
             return None
+        held = ("the model was loaded for that many conversations" if self.shared else
+                "each with the model loaded")
         return (f"localmed chat is already open in {len(self.sessions)} other tab(s) on this "
-                f"machine, each with the model loaded; close one and reload this page (or "
-                f"start it with --sessions {self.max_sessions + 1} if memory allows)")
+                f"machine, {held}; close one and reload this page (or start it with "
+                f"--sessions {self.max_sessions + 1} if memory allows)")
 
     async def handle_index(self, request: web.Request) -> web.StreamResponse:
         if busy := self._full():
@@ -127,9 +135,13 @@ def check_port_free(port: int) -> None:
             raise LocalmedError(f"cannot listen on {HOST}:{port}: {error.strerror}") from None
 
 
-def serve_chat(chat_args: Sequence[str], *, port: int, title: str, sessions: int = 1) -> None:
+def serve_chat(chat_args: Sequence[str], *, port: int, title: str, sessions: int = 1,
+               environment: dict[str, str] | None = None, shared: bool = False) -> None:
     """Serve ``localmed chat CHAT_ARGS`` to browsers on this machine until Ctrl+C, to at most
-    ``sessions`` tabs at a time."""
+    ``sessions`` tabs at a time; ``environment``: set for every tab's process (where the
+    shared engine is, for ``shared``)."""
     check_port_free(port)
+    os.environ.update(environment or {})  # textual-serve starts each tab with this process's
     command = shlex.join([sys.executable, "-m", "localmed", "chat", *chat_args])
-    ChatWebServer(command, port=port, title=title, max_sessions=sessions).serve()
+    ChatWebServer(command, port=port, title=title, max_sessions=sessions,
+                  shared=shared).serve()

@@ -89,10 +89,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _chat_web(args: argparse.Namespace) -> int:
     """`chat --web`: the model is found (or pulled, or made) here, once, before anything is
-    served; every browser tab then runs `localmed chat` with the same arguments."""
+    served; every browser tab then runs `localmed chat` with the same arguments. A GGUF is
+    loaded here too, once, for --sessions conversations, and the tabs share that engine."""
+    from localmed import formats
+    from localmed.tui.chat_screen import FLUSH_SECONDS
     from localmed.tui.web import check_port_free, serve_chat
 
     args.port = 8000 if args.port is None else args.port
+    sessions = args.sessions or 1
     check_port_free(args.port)
     with err_console().status("finding the model…"):
         model = _chat_model(args)
@@ -107,8 +111,23 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
-    serve_chat(chat_args, port=args.port, title=f"localmed chat: {model.label}",
-               sessions=args.sessions or 1)
+    title = f"localmed chat: {model.label}"
+    if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
+        serve_chat(chat_args, port=args.port, title=title, sessions=sessions)
+        return 0
+    from localmed.runtimes.batch_process import BatchClient, BatchOptions, EngineHub
+
+    with err_console().status(f"loading the model for {sessions} conversation(s)…"):
+        client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
+                                                      args.threads),
+                             batch_seconds=FLUSH_SECONDS)
+    hub = EngineHub(client)
+    try:
+        serve_chat(chat_args, port=args.port, title=title, sessions=sessions,
+                   environment=hub.environment(), shared=True)
+    finally:
+        hub.close()
+        client.close()
     return 0
 
 
@@ -281,7 +300,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "this machine (127.0.0.1 only) instead of this terminal")
     p.add_argument("--port", type=port_number, help="--web's port (default 8000)")
     p.add_argument("--sessions", type=positive, help="--web: browser tabs chatting at "
-                   "once, each with its own copy of the model in memory (default 1)")
+                   "once (default 1); a GGUF is loaded once, with a context for each")
     p.set_defaults(func=cmd_chat)
 
 

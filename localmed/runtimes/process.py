@@ -266,11 +266,12 @@ class EngineRuntime(Runtime):
         self._remove_log()
 
 
-def stop_engine(process: Any, conn: Connection) -> None:
-    """Ask an engine process to close, kill it if it has not within 10 s, close the pipe."""
+def stop_engine(process: Any, conn: Connection, close: Any = ("close",)) -> None:
+    """Ask an engine process to close (``close``: the message its protocol says it with), kill
+    it if it has not within 10 s, close the pipe."""
     if process.is_alive():
         with contextlib.suppress(OSError):
-            conn.send(("close",))
+            conn.send(close)
         process.join(10)
         if process.is_alive():
             process.kill()
