@@ -25,7 +25,6 @@ Medians of ``--repeats`` runs, and each path's ratio to raw.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import re
@@ -41,7 +40,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
 
 from benchmarks.serve_load import free_port  # noqa: E402
 
@@ -60,7 +58,7 @@ def build_tiny(folder: Path) -> Path:
                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
                            max_position_embeddings=2048)
     out = run_quantize(resolve_source(str(ckpt), Registry.load()), [QUANT_TYPES["Q8_0"]],
-                       folder / "gguf", console=Console(file=io.StringIO()))
+                       folder / "gguf")
     return out[0].path
 
 

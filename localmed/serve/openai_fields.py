@@ -2,12 +2,15 @@
 
 What ``localmed serve`` accepts, as plain functions over the decoded JSON body: each field is
 checked once, and a bad one is an :class:`APIError` (HTTP 400 with OpenAI's error body) that names
-it. No HTTP here.
+it. What it answers is written here too: a whole completion, the chunks of a streamed one, usage.
+No HTTP here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import time
+import uuid
 from typing import Any
 
 from localmed.runtimes.base import GenerationParams, GenerationStats
@@ -212,3 +215,63 @@ def usage(stats: GenerationStats) -> dict[str, Any]:
     return {"prompt_tokens": stats.prompt_tokens, "completion_tokens": stats.generated_tokens,
             "total_tokens": stats.prompt_tokens + stats.generated_tokens,
             "prompt_tokens_details": {"cached_tokens": stats.cached_tokens}}
+
+
+# --- the answers ------------------------------------------------------------------------------------
+
+
+def head(kind: str, model_id: str) -> dict[str, Any]:
+    """The fields every completion object and chunk of one reply shares (``kind``: OpenAI's
+    ``object``, such as ``chat.completion``)."""
+    prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
+            "created": int(time.time()), "model": model_id}
+
+
+def completion(kind: str, model_id: str, text: str, stats: GenerationStats,
+               entries: list[dict[str, Any]] | None, notice: dict[str, Any]) -> dict[str, Any]:
+    """A whole reply: ``chat.completion`` (``entries``: its ``logprobs.content``, None when
+    not asked for) or ``text_completion``."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
+    if kind == "chat.completion":
+        choice["message"] = {"role": "assistant", "content": text}
+        choice["logprobs"] = {"content": entries} if entries is not None else None
+    else:
+        choice |= {"text": text, "logprobs": None}
+    return {**head(kind, model_id), "choices": [choice], "usage": usage(stats),
+            "localmed": notice}
+
+
+class Chunks:
+    """The chunks of one streamed reply, each a ``data:`` line's object: the first (with the
+    role, and localmed's notice), then one per piece of text, then the last (finish reason
+    and usage)."""
+
+    def __init__(self, kind: str, model_id: str) -> None:
+        self.chat = kind == "chat.completion"
+        self.head = head("chat.completion.chunk" if self.chat else kind, model_id)
+        self.entries: list[dict[str, Any]] = []
+        """Log probabilities of the tokens whose text the next chunk carries."""
+
+    def _choice(self, text: str | None, reason: str | None, first: bool = False
+                ) -> dict[str, Any]:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if text:
+            delta["content"] = text
+        out = {"index": 0, "delta": delta, "finish_reason": reason}
+        if self.entries:
+            out["logprobs"] = {"content": self.entries.copy()}
+            self.entries.clear()
+        return out
+
+    def first(self, notice: dict[str, Any]) -> dict[str, Any]:
+        return {**self.head, "choices": [self._choice("", None, True)], "localmed": notice}
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return {**self.head, "choices": [self._choice(text, None)]}
+
+    def last(self, stats: GenerationStats) -> dict[str, Any]:
+        return {**self.head, "choices": [self._choice(None, finish_reason(stats))],
+                "usage": usage(stats)}

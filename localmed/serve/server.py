@@ -49,16 +49,16 @@ from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, Unsuppo
 from localmed.serve.keys import KeyRing, RateLimit
 from localmed.serve.openai_fields import (
     APIError,
+    Chunks,
     cache_prompt,
     chat_messages,
-    finish_reason,
+    completion,
     logprobs,
     merge_runs,
     response_format,
     sampling,
     seed,
     stop_strings,
-    usage,
 )
 from localmed.templates import Message
 
@@ -291,56 +291,35 @@ class LocalServer:
             else:
                 stats = event.stats
         text = "".join(parts)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
-        if kind == "chat.completion":
-            choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = {"content": entries} if job.logprobs is not None else None
-        else:
-            choice |= {"text": text, "logprobs": None}
         request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
         request["reply"] = text
-        return _json(200, {**self._head(kind), "choices": [choice], "usage": usage(stats),
-                           "localmed": self.model.notice()})
+        return _json(200, completion(kind, self.model.id, text, stats,
+                                     entries if job.logprobs is not None else None,
+                                     self.model.notice()))
 
     async def _stream(self, request: web.Request, job: Job, kind: str) -> web.StreamResponse:
-        chunk_kind = "chat.completion.chunk" if kind == "chat.completion" else kind
-        head = self._head(chunk_kind)
+        chunks = Chunks(kind, self.model.id)
         response = web.StreamResponse(status=200, headers={
             "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
             DISCLAIMER_HEADER: DISCLAIMER, "X-Request-Id": request["id"]})
         await response.prepare(request)
-        entries: list[dict[str, Any]] = []
         reply: list[str] = []  # for the audit record
-
-        def choice(text: str | None, reason: str | None, first: bool = False) -> dict[str, Any]:
-            if kind != "chat.completion":
-                return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text:
-                delta["content"] = text
-            out = {"index": 0, "delta": delta, "finish_reason": reason}
-            if entries:  # the log probabilities of the tokens this chunk's text came from
-                out["logprobs"] = {"content": entries.copy()}
-                entries.clear()
-            return out
 
         async def event(data: dict[str, Any]) -> None:
             await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
 
         try:
-            await event({**head, "choices": [choice("", None, True)],
-                         "localmed": self.model.notice()})
+            await event(chunks.first(self.model.notice()))
             async for happened in self._events(job):
                 if isinstance(happened, Logprobs):
-                    entries += happened.entries
+                    chunks.entries += happened.entries
                 elif isinstance(happened, Piece):
                     reply.append(happened.text)
-                    await event({**head, "choices": [choice(happened.text, None)]})
+                    await event(chunks.piece(happened.text))
                 else:
                     stats = happened.stats
                     request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
-                    await event({**head, "choices": [choice(None, finish_reason(stats))],
-                                 "usage": usage(stats)})
+                    await event(chunks.last(stats))
             await response.write(b"data: [DONE]\n\n")
         except APIError as failed:
             await event(failed.body())
@@ -348,11 +327,6 @@ class LocalServer:
             request["reply"] = "".join(reply)
         await response.write_eof()
         return response
-
-    def _head(self, kind: str) -> dict[str, Any]:
-        prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
-        return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
-                "created": int(time.time()), "model": self.model.id}
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -438,11 +412,11 @@ class LocalServer:
                                code="audit_unavailable") from None
 
     def _log_request(self, request: web.Request, status: int, started: float) -> None:
-        prompt, completion = request["tokens"]
+        prompt, generated = request["tokens"]
         when = time.strftime("%d/%b/%Y %H:%M:%S")
         key = f" key={request['key']}" if request.get("key") else ""
         print(f"{when} {request.remote}{key} {request.method} {request.path} {status} "
-              f"{prompt}+{completion} tokens {time.monotonic() - started:.2f}s",
+              f"{prompt}+{generated} tokens {time.monotonic() - started:.2f}s",
               file=self.log, flush=True)
 
     def _audit(self, request: web.Request, status: int) -> None:
