@@ -361,7 +361,7 @@ class BatchClient:
 
     def _stop_process(self) -> None:
         if self._process is not None:
-            stop_engine(self._process, self._conn, Close())
+            stop_engine(self._process, self._conn)
         else:
             with contextlib.suppress(OSError):
                 self._conn.send(Close())

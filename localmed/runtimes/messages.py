@@ -1,12 +1,15 @@
-"""What crosses the pipe between the llama.cpp engine process and its clients, typed.
+"""What crosses the pipe between an engine process and its clients, typed.
 
-One module says it all: a client (``localmed serve``, ``localmed chat``, a browser tab of
-``chat --web``) sends a :class:`Request` to start a reply and :class:`Cancel`, :class:`Tokenize`,
-:class:`JsonGrammar` or :class:`Close`; the engine first says :class:`Ready` (or
-:class:`Failed` with no id), then answers each message that names an id with its events:
-:class:`Logprobs` and :class:`Piece` any number of times, then one :class:`Done`,
-:class:`Answer` or :class:`Failed`. The same event objects reach each request's own queue, so
-a server or a chat matches on their type, never on a string.
+One module says it all. The llama.cpp engine (:mod:`localmed.runtimes.batch_process`): a client
+(``localmed serve``, ``localmed chat``, a browser tab of ``chat --web``) sends a
+:class:`Request` to start a reply and :class:`Cancel`, :class:`Tokenize`, :class:`JsonGrammar`
+or :class:`Close`; the engine first says :class:`Ready` (or :class:`Failed` with no id), then
+answers each message that names an id with its events: :class:`Logprobs` and :class:`Piece` any
+number of times, then one :class:`Done`, :class:`Answer` or :class:`Failed`. The same event
+objects reach each request's own queue, so a server or a chat matches on their type, never on
+a string. The generic engine process (:mod:`localmed.runtimes.process`, a GPTQ folder's
+transformers, and bench's scorer) takes one thing at a time: :class:`Generate`,
+:class:`Tokenize`, :class:`Score` or :class:`Close`, answered with the same events (id 0).
 
 They are pickled (``multiprocessing`` connections over a pipe or a private Unix socket); every
 field is a plain value or one of localmed's own picklable types.
@@ -65,11 +68,31 @@ class JsonGrammar:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Stream a reply to ``prompt`` (the generic engine), in pieces at most ``batch_seconds``
+    apart."""
+
+    prompt: str
+    params: GenerationParams
+    stop: tuple[str, ...]
+    batch_seconds: float
+
+
+@dataclass(frozen=True)
+class Score:
+    """Logits after ``tokens`` (the generic engine): for the next token, or at ``every``
+    position."""
+
+    tokens: list[int]
+    every: bool = False
+
+
+@dataclass(frozen=True)
 class Close:
     """The client is done; the engine (or, behind a hub, this client's share) ends."""
 
 
-Command = Request | Cancel | Tokenize | JsonGrammar | Close
+Command = Request | Cancel | Tokenize | JsonGrammar | Generate | Score | Close
 
 
 # --- engine -> client -----------------------------------------------------------------------------

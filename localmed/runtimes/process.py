@@ -7,8 +7,9 @@ interpreter, or its GIL, with Textual's rendering or the HTTP server; and when t
 the caller gets an :class:`EngineDiedError` saying so in one line, keeps its state, and can
 :meth:`EngineRuntime.restart`.
 
-Protocol (pickled tuples): the caller sends ``(op, *args)``; the engine answers ``("ok", value)``,
-``("error", kind, message)``, or, for ``stream``, ``("piece", text)``… then ``("done", stats)``.
+The messages are :mod:`localmed.runtimes.messages`' (one thing at a time, id 0): the caller
+sends :class:`Generate`, :class:`Tokenize`, :class:`Score` or :class:`Close`; the engine answers
+:class:`Answer` or :class:`Failed`, or for a generation :class:`Piece`… then :class:`Done`.
 Stopping goes through a shared event the engine checks after every token, as in-process.
 """
 
@@ -31,6 +32,17 @@ import numpy as np
 from localmed import offline
 from localmed.errors import EngineDiedError, EngineError, LocalmedError
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, batched
+from localmed.runtimes.messages import (
+    Answer,
+    Close,
+    Done,
+    Failed,
+    Generate,
+    Piece,
+    Ready,
+    Score,
+    Tokenize,
+)
 
 _STDERR_TAIL = 4096
 BATCH_SECONDS = 0.05
@@ -50,51 +62,49 @@ def settle_engine_process(log_path: str) -> None:
 
 
 def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
-    """The engine process: load the model, then answer requests until ``close`` or EOF."""
+    """The engine process: load the model, then answer requests until Close or EOF."""
     settle_engine_process(log_path)
     from localmed import formats
 
     try:
         runtime = formats.load_runtime(Path(path), options)
     except Exception as exc:
-        conn.send(("error", _portable(exc)))
+        conn.send(Failed(None, _portable(exc)))
         return
     runtime.share_stop(stop)
-    conn.send(("ok", (runtime.info, runtime.plan, runtime.n_ctx)))
+    conn.send(Ready(runtime.info, runtime.plan, runtime.n_ctx, 1))
     while True:
         try:
             request = conn.recv()
         except (EOFError, OSError):
             break
-        op, args = request[0], request[1:]
-        if op == "close":
+        if isinstance(request, Close):
             break
         try:
-            if op == "stream":
-                _stream(conn, runtime, args)
-            elif op == "tokenize":
-                conn.send(("ok", runtime.tokenize(args[0], add_bos=args[1])))
-            elif op == "next_logits":
-                conn.send(("ok", runtime.next_logits(args[0])))
-            elif op == "sequence_logits":
-                conn.send(("ok", runtime.sequence_logits(args[0])))
+            if isinstance(request, Generate):
+                _stream(conn, runtime, request)
+            elif isinstance(request, Tokenize):
+                conn.send(Answer(0, runtime.tokenize(request.text, add_bos=request.add_bos)))
+            elif isinstance(request, Score):
+                conn.send(Answer(0, runtime.sequence_logits(request.tokens) if request.every
+                                 else runtime.next_logits(request.tokens)))
             else:
-                conn.send(("error", EngineError(f"unknown request {op!r}")))
+                conn.send(Failed(0, EngineError(f"unknown request {request!r}")))
         except Exception as exc:  # the engine survives a bad request, as the app does
-            conn.send(("error", _portable(exc)))
+            conn.send(Failed(0, _portable(exc)))
     runtime.close()
 
 
-def _stream(conn: Connection, runtime: Runtime, args: tuple[Any, ...]) -> None:
-    """Relay a reply in batches of at most ``batch_seconds`` (the last argument): the caller
-    wakes ~10-20 times a second, not once per token. On a machine whose cores all decode, each
-    wake-up of another process preempts one of llama.cpp's threads, and its barrier stalls the
-    rest (measured on 2 cores: 0.65x raw speed per token, 0.9x+ batched). Stop still acts after
-    the current token."""
-    *args, batch_seconds = args
-    for text in batched(runtime.stream(*args), batch_seconds):
-        conn.send(("piece", text))
-    conn.send(("done", runtime.last_stats))
+def _stream(conn: Connection, runtime: Runtime, request: Generate) -> None:
+    """Relay a reply in batches of at most ``batch_seconds``: the caller wakes ~10-20 times a
+    second, not once per token. On a machine whose cores all decode, each wake-up of another
+    process preempts one of llama.cpp's threads, and its barrier stalls the rest (measured on 2
+    cores: 0.65x raw speed per token, 0.9x+ batched). Stop still acts after the current
+    token."""
+    for text in batched(runtime.stream(request.prompt, request.params, request.stop),
+                        request.batch_seconds):
+        conn.send(Piece(0, text))
+    conn.send(Done(0, runtime.last_stats))
 
 
 def new_engine_log() -> Path:
@@ -162,7 +172,8 @@ class EngineRuntime(Runtime):
         self._process.start()
         child.close()
         try:
-            self.info, self.plan, self._n_ctx = self._answer()
+            ready = self._answer()
+            self.info, self.plan, self._n_ctx = ready.info, ready.plan, ready.n_ctx
         except BaseException:
             self.close()
             raise
@@ -190,7 +201,7 @@ class EngineRuntime(Runtime):
     def n_ctx(self) -> int:
         return self._n_ctx
 
-    def _receive(self) -> tuple[Any, ...]:
+    def _receive(self) -> Any:
         try:
             return self._conn.recv()
         except (EOFError, OSError):
@@ -203,11 +214,11 @@ class EngineRuntime(Runtime):
 
     def _answer(self) -> Any:
         reply = self._receive()
-        if reply[0] == "ok":
-            return reply[1]
-        raise _remote_error(reply)
+        if isinstance(reply, Failed):
+            raise reply.error
+        return reply.value if isinstance(reply, Answer) else reply
 
-    def _send(self, *request: Any) -> None:
+    def _send(self, request: Any) -> None:
         try:
             self._conn.send(request)
         except (BrokenPipeError, OSError):
@@ -215,34 +226,34 @@ class EngineRuntime(Runtime):
             raise EngineDiedError(describe_exit(self._process.exitcode),
                                   self._stderr_tail()) from None
 
-    def _call(self, *request: Any) -> Any:
+    def _call(self, request: Any) -> Any:
         with self._lock:
-            self._send(*request)
+            self._send(request)
             return self._answer()
 
     def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        return self._call("tokenize", text, add_bos)
+        return self._call(Tokenize(0, text, add_bos))
 
     def stream(self, prompt: str, params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
         with self._lock:
             self._stop.clear()
-            self._send("stream", prompt, params or GenerationParams(), tuple(stop),
-                       self.batch_seconds)
+            self._send(Generate(prompt, params or GenerationParams(), tuple(stop),
+                                self.batch_seconds))
             self.last_stats = GenerationStats()
             finished = False
             try:
                 while True:
                     reply = self._receive()
-                    if reply[0] == "piece":
-                        yield reply[1]
-                    elif reply[0] == "done":
-                        self.last_stats = reply[1]
+                    if isinstance(reply, Piece):
+                        yield reply.text
+                    elif isinstance(reply, Done):
+                        self.last_stats = reply.stats
                         finished = True
                         return
                     else:
                         finished = True
-                        raise _remote_error(reply)
+                        raise reply.error
             finally:
                 if not finished and self._process.is_alive():
                     self._drain()
@@ -252,26 +263,25 @@ class EngineRuntime(Runtime):
         so the next request does not get this one's tail."""
         self._stop.set()
         with contextlib.suppress(EngineDiedError):
-            while self._receive()[0] == "piece":
+            while isinstance(self._receive(), Piece):
                 pass
 
     def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        return self._call("next_logits", list(tokens))
+        return self._call(Score(list(tokens)))
 
     def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        return self._call("sequence_logits", list(tokens))
+        return self._call(Score(list(tokens), every=True))
 
     def close(self) -> None:
         stop_engine(self._process, self._conn)
         self._remove_log()
 
 
-def stop_engine(process: Any, conn: Connection, close: Any = ("close",)) -> None:
-    """Ask an engine process to close (``close``: the message its protocol says it with), kill
-    it if it has not within 10 s, close the pipe."""
+def stop_engine(process: Any, conn: Connection) -> None:
+    """Ask an engine process to close, kill it if it has not within 10 s, close the pipe."""
     if process.is_alive():
         with contextlib.suppress(OSError):
-            conn.send(close)
+            conn.send(Close())
         process.join(10)
         if process.is_alive():
             process.kill()
@@ -284,10 +294,6 @@ def _portable(exc: Exception) -> LocalmedError:
     if isinstance(exc, LocalmedError):
         return exc
     return EngineError(f"{type(exc).__name__}: {exc}")
-
-
-def _remote_error(reply: tuple[Any, ...]) -> LocalmedError:
-    return reply[1]
 
 
 def open_engine(path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS
