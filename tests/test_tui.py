@@ -290,17 +290,26 @@ class TestOverlongMessages:
 class TestEngineProcess:
     """The model runs in its own process; when that process dies the app stays up."""
 
-    async def test_the_engine_killed_mid_reply(self, smollm2, tmp_path, monkeypatch):
+    @staticmethod
+    def start(which: str, gguf):
+        from localmed.formats import LoadOptions
+        from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+        from localmed.runtimes.process import open_engine
+
+        if which == "slot":  # the chat's engine
+            return SlotRuntime(BatchClient(gguf, BatchOptions(1, 1024)))
+        return open_engine(gguf, LoadOptions(n_ctx=1024))  # a GPTQ folder's
+
+    @pytest.mark.parametrize("which", ["slot", "process"])
+    async def test_the_engine_killed_mid_reply(self, smollm2, tmp_path, monkeypatch, which):
         import contextlib
 
         from textual.worker import WorkerFailed
 
-        from localmed.formats import LoadOptions
-        from localmed.runtimes.process import open_engine
         from localmed.tui.modals import EngineDiedScreen
 
         monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
-        runtime = open_engine(smollm2["gguf"], LoadOptions(n_ctx=1024))
+        runtime = self.start(which, smollm2["gguf"])
         model = ChatModel("SmolLM2", smollm2["gguf"], None, "")
         session = ChatSession.open(model, runtime)
         session.params = GenerationParams(temperature=0.0, max_tokens=600)
@@ -334,6 +343,41 @@ class TestEngineProcess:
                 await send(pilot, "What is the capital of France?")
                 assert len(session.conversation.messages) == 4
                 assert session.conversation.messages[-1].content
+                assert not runtime.notices()  # the dialog said it; no toast besides
+        finally:
+            runtime.close()
+
+    async def test_the_engine_killed_between_replies(self, smollm2, tmp_path, monkeypatch):
+        """Killed while idle: the chat's engine is loaded again at once, the next message is
+        answered, and the app says what happened (the clinician may want to know of an OOM
+        kill) in a notification, not a dialog."""
+        monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
+        runtime = self.start("slot", smollm2["gguf"])
+        model = ChatModel("SmolLM2", smollm2["gguf"], None, "")
+        session = ChatSession.open(model, runtime)
+        session.params = GenerationParams(temperature=0.0, max_tokens=8)
+        app = LocalmedApp(session)
+        try:
+            async with app.run_test(size=SIZE, notifications=True) as pilot:
+                await send(pilot, "What is the capital of France?")
+                first_pid = runtime.pid
+                os.kill(first_pid, signal.SIGKILL)
+                deadline = time.monotonic() + 60
+                while runtime.pid == first_pid or not runtime.alive:
+                    assert time.monotonic() < deadline
+                    await pilot.pause(0.1)
+                await send(pilot, "And of Spain?")
+                await pilot.pause()
+                assert len(session.conversation.messages) == 4
+                assert session.conversation.messages[-1].content
+                shown = ""
+                for _ in range(50):  # the toast, once drawn
+                    shown = " ".join(str(toast.render()) for toast in app.screen.query("Toast"))
+                    if shown:
+                        break
+                    await pilot.pause(0.1)
+                assert "SIGKILL" in shown and "loaded again" in shown, shown
+                assert isinstance(app.screen, ChatScreen) and not app.screen.engine_down
         finally:
             runtime.close()
 

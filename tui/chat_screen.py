@@ -168,6 +168,8 @@ class ChatScreen(Screen):
         stats = self.session.stats
         note = "stopped" if stats.stopped_by == "user" else ""
         self.refresh_status(note)
+        for notice in self.session.runtime.notices():  # it died between replies, and is back
+            self.notify(notice, severity="warning", timeout=15)
         if message.dropped_turns:
             self.notify(f"The conversation outgrew the {self.session.runtime.n_ctx}-token "
                         f"context: the oldest {message.dropped_turns} messages were left out of "
@@ -194,6 +196,7 @@ class ChatScreen(Screen):
             await self._reply.remove()
         error = event.worker.error
         if isinstance(error, EngineDiedError):
+            self.session.runtime.notices()  # the dialog says it
             self.engine_down = True
             self.refresh_status("model stopped: F6 reloads it")
 

@@ -105,6 +105,11 @@ class Runtime(ABC):
         """Whether :meth:`restart` can bring back a model whose runtime died."""
         return False
 
+    def notices(self) -> list[str]:
+        """What the engine did on its own since last asked (loaded the model again after it
+        died between replies), one sentence each, for the app to say; then forgotten."""
+        return []
+
     def restart(self) -> None:
         """Load the model again after its runtime died; the caller's state is kept."""
         raise EngineError("this model runs inside the app and cannot be reloaded")

@@ -480,6 +480,19 @@ class SlotRuntime(Runtime):
         self.last_stats = GenerationStats()
         self._stop = threading.Event()
         self._current: int | None = None
+        self._notices: list[str] = []
+        told = client.on_restart
+
+        def heard(why: str) -> None:  # the client reloads a dead engine at once
+            self._notices.append(why)
+            told(why)
+
+        client.on_restart = heard
+
+    def notices(self) -> list[str]:
+        deaths, self._notices = self._notices, []
+        return [f"{why[:1].upper()}{why[1:]}; the model was loaded again and the conversation "
+                "is kept." for why in deaths]
 
     @property
     def info(self) -> Any:  # type: ignore[override]
