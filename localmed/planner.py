@@ -95,12 +95,15 @@ class OffloadPlan:
 
     @property
     def flash_attention(self) -> bool:
-        """llama.cpp's flash attention, for chat and serve alike: on where layers go to a GPU
-        (llama-server's default, ``auto``); off on the CPU, where
-        ``benchmarks/flash_attention.py`` measured it speeding a 1,750-token prefill by
-        1.15-1.36x but slowing the decode after it to 0.76-0.83x (SmolLM2, 2 cores): a
-        conversation's follow-ups are mostly decode."""
-        return self.gpu_layers > 0 and self.backend != "cpu"
+        """llama.cpp's flash attention ``auto`` (llama-server's default: on wherever the device
+        has it), for chat and serve alike, on the GPU and the CPU. Measured on the CPU (SmolLM2,
+        2 cores, against llama-server in the same runs): a pasted record's first reply comes
+        0.90-1.16x llama-server's time with it, 1.13-1.33x without; four short streams 0.94x
+        its tokens/s with it, 0.79x without; a follow-up's first token <= 1.0x either way. What
+        it costs: decoding after a long record is slower on the CPU (0.66-0.83x per token,
+        ``benchmarks/flash_attention.py``), so a long reply to a long record loses part of
+        what its prefill won."""
+        return True
 
     @property
     def n_gpu_layers_arg(self) -> int:

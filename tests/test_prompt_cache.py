@@ -201,6 +201,32 @@ def test_a_reply_cancelled_during_its_prefill_leaves_usable_cells(engine):
     assert stats.cached_tokens == cancelled.cached_tokens + engine.n_batch and text
 
 
+def test_sequences_reach_llama_decode_in_slot_order(engine):
+    """Two conversations asked again in the other order go back to their own slots, so their
+    requests' order is not their slots' order; each decode's batch still lists the sequences
+    by slot. (With a KV cache per sequence, llama.cpp splits a batch whose sequence ids do not
+    rise one by one into several ubatches, and each reads all the weights again: served
+    streams took 1.5x the time per token.)"""
+    from localmed.runtimes.messages import Request
+
+    prompts = [chatml(("user", f"Patient {case}: {RECORD[:400]} Summarize.")) for case in (1, 2)]
+    for prompt in prompts:
+        reply(engine, prompt)
+    first = next(_ids)
+    for offset, prompt in enumerate(reversed(prompts)):  # the second conversation asks first
+        engine.submit(Request(first + offset, engine.tokenize(prompt), GREEDY))
+    seen, slots = set(), {}
+    while engine.busy:
+        slots |= {seq.request.id: seq.slot for seq in engine._running.values()}
+        engine.step()
+        batch = engine._batch
+        order = [batch.seq_id[i][0] for i in range(batch.n_tokens)]
+        assert order == sorted(order), order
+        seen.add(tuple(dict.fromkeys(order)))
+    assert slots[first] > slots[first + 1]  # requests in the other order than their slots
+    assert (0, 1) in seen  # both generating in one decode
+
+
 def test_a_conversation_whose_slot_was_taken_comes_back_from_host_memory(smol):
     """One slot, three conversations in turn: the first's cells go to host memory when the
     second takes the slot, and its follow-up starts from them; without --cache-ram it is

@@ -454,7 +454,7 @@ class EngineHub:
                 elif isinstance(message, JsonGrammar):
                     outbox.put(Answer(message.id, client.json_grammar(message.schema)))
             except Exception as exc:
-                outbox.put(Failed(message.id, _portable(exc)))
+                outbox.put(Failed(getattr(message, "id", None), _portable(exc)))
         for rid in list(theirs.values()):
             client.cancel(rid)
         outbox.put(None)
