@@ -212,8 +212,13 @@ def test_sequences_reach_llama_decode_in_slot_order(engine):
     prompts = [chatml(("user", f"Patient {case}: {RECORD[:400]} Summarize.")) for case in (1, 2)]
     for prompt in prompts:
         reply(engine, prompt)
-    first = next(_ids)
-    for offset, prompt in enumerate(reversed(prompts)):  # the second conversation asks first
+
+    def held_in(prompt: str) -> int:
+        tokens = engine.tokenize(prompt)
+        return next(i for i, slot in enumerate(engine._slots) if slot.cells[:len(tokens)] == tokens)
+
+    first = next(_ids)  # the conversation in the higher slot asks first
+    for offset, prompt in enumerate(sorted(prompts, key=held_in, reverse=True)):
         engine.submit(Request(first + offset, engine.tokenize(prompt), GREEDY))
     seen, slots = set(), {}
     while engine.busy:

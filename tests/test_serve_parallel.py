@@ -128,7 +128,9 @@ def test_logprobs_are_the_models_own_as_llama_cpp_reports_them(ward, smol):
     info = read_gguf_info(smol)
     template = gguf_template(info.chat_template, bos_token=info.bos_token,
                              eos_token=info.eos_token, add_bos=info.add_bos)
-    llm = llama_cpp.Llama(str(smol), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
+    # llama.cpp's flash attention as the engine sets it (auto: on where the device has it)
+    llm = llama_cpp.Llama(str(smol), n_ctx=1024, n_threads=2, logits_all=True, verbose=False,
+                          flash_attn=True)
     try:
         reference = llm.create_completion(template.render([Message("user", QUESTIONS[1])]),
                                           max_tokens=16, temperature=0, logprobs=3)
