@@ -47,7 +47,7 @@ class ChatWebServer(Server):
         self.origin = f"http://{HOST}:{port}"
         self.sessions: set[asyncio.Task] = set()
         self.max_sessions = max_sessions
-        """A GGUF's engine holds this many conversations (``shared``); a transformers model
+        """A GGUF's engine holds this many conversations (``shared``); a GPTQ folder's model
         is loaded again by each tab's process, and more tabs than memory allows would push
         the machine into swap. Either way, beyond this a tab is told why instead."""
         self.shared = shared
