@@ -343,8 +343,14 @@ class BatchClient:
         then :class:`Done` or :class:`Failed`; ``on_end`` is called once after the last.
         ``cache_prompt`` False: the prompt is prefilled whole, not continued from a slot's
         cells."""
-        return self._send(sink, on_end, lambda rid: Request(
-            rid, list(tokens), params, tuple(stop), seed, grammar, logprobs, cache_prompt))
+        return self.forward(Request(0, list(tokens), params, tuple(stop), seed, grammar,
+                                    logprobs, cache_prompt), sink, on_end=on_end)
+
+    def forward(self, request: Request, sink: Sink, *,
+                on_end: Callable[[], None] | None = None) -> int:
+        """Start ``request`` as :meth:`submit` does, under an id of this client's (its own is
+        set aside): how a hub passes on a tab's request."""
+        return self._send(sink, on_end, lambda rid: dataclasses.replace(request, id=rid))
 
     def cancel(self, rid: int) -> None:
         with self._lock, contextlib.suppress(OSError):
@@ -440,10 +446,8 @@ class EngineHub:
             try:
                 if isinstance(message, Request):
                     tab_id = message.id
-                    theirs[tab_id] = client.submit(
-                        message.tokens, message.params, message.stop, relay(tab_id),
-                        seed=message.seed, grammar=message.grammar, logprobs=message.logprobs,
-                        cache_prompt=message.cache_prompt,
+                    theirs[tab_id] = client.forward(
+                        message, relay(tab_id),
                         on_end=lambda tab_id=tab_id: theirs.pop(tab_id, None))
                 elif isinstance(message, Cancel):
                     if (rid := theirs.get(message.id)) is not None:
