@@ -147,44 +147,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                model_sha256=server.model_sha256, host=args.host,
                                port=args.port, tls=tls is not None,
                                keys=sorted(keys.keys) if keys else [])
-        host = f"[{args.host}]" if ":" in args.host else args.host
-        scheme = "https" if tls else "http"
-        out = console()
-        out.print(f"[bold]localmed serve[/]: {escape(served_id)} at {scheme}://{host}:"
-                  f"{args.port}/v1 (OpenAI-compatible: /v1/models, /v1/chat/completions, "
-                  "/v1/completions)")
-        out.print(f"  template: {escape(choice.reason)}; {escape(plan.label)}")
-        if jobs.parallel > 1:
-            out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
-                      f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
-                      f"{jobs.parallel} -c {plan.n_ctx} splits it)")
-            if args.cache_prompt:
-                out.print("  each slot keeps its conversation for the next turn; up to "
-                          f"{cache_ram(args) // MIB} MiB of host memory keep those whose slot "
-                          "another took (--cache-ram)")
-            else:
-                out.print("  every prompt is prefilled whole (--no-cache-prompt)")
-        else:
-            out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
-        out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
-                  "503 with Retry-After (--queue)")
-        if keys is None:
-            who = "no API key (loopback only)"
-        elif keys.source is not None:
-            who = (f"API keys of {len(keys.keys)} names from {escape(str(keys.source))} "
-                   "(SIGHUP reads it again)")
-        else:
-            who = "API key required"
-        rate_said = f"; {server.rate.per_minute} requests a minute per key" if server.rate \
-            else ""
-        content = "with" if args.log_content else "without"
-        out.print(f"  {who}{rate_said}; requests are logged {content} their content")
-        if server.audit is not None:
-            texts = ", with prompts and replies" if args.log_content else ""
-            out.print(f"  audit log: {escape(str(audit_path))} (hash chain{texts}; `localmed "
-                      "audit verify FILE` checks it)")
-        out.print("  Ctrl-C stops")
+        # From the banner's first line on, a stop signal stops the server (status 0): a
+        # supervisor may send it as soon as it reads a line of the banner.
         try:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            scheme = "https" if tls else "http"
+            out = console()
+            out.print(f"[bold]localmed serve[/]: {escape(served_id)} at {scheme}://{host}:"
+                      f"{args.port}/v1 (OpenAI-compatible: /v1/models, /v1/chat/completions, "
+                      "/v1/completions)")
+            out.print(f"  template: {escape(choice.reason)}; {escape(plan.label)}")
+            if jobs.parallel > 1:
+                out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
+                          f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
+                          f"{jobs.parallel} -c {plan.n_ctx} splits it)")
+                if args.cache_prompt:
+                    out.print("  each slot keeps its conversation for the next turn; up to "
+                              f"{cache_ram(args) // MIB} MiB of host memory keep those whose slot "
+                              "another took (--cache-ram)")
+                else:
+                    out.print("  every prompt is prefilled whole (--no-cache-prompt)")
+            else:
+                out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
+            out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
+                      "503 with Retry-After (--queue)")
+            if keys is None:
+                who = "no API key (loopback only)"
+            elif keys.source is not None:
+                who = (f"API keys of {len(keys.keys)} names from {escape(str(keys.source))} "
+                       "(SIGHUP reads it again)")
+            else:
+                who = "API key required"
+            rate_said = f"; {server.rate.per_minute} requests a minute per key" if server.rate \
+                else ""
+            content = "with" if args.log_content else "without"
+            out.print(f"  {who}{rate_said}; requests are logged {content} their content")
+            if server.audit is not None:
+                texts = ", with prompts and replies" if args.log_content else ""
+                out.print(f"  audit log: {escape(str(audit_path))} (hash chain{texts}; `localmed "
+                          "audit verify FILE` checks it)")
+            out.print("  Ctrl-C stops")
             server.serve_forever()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM/SIGHUP (raised as an interrupt)
             err.print("localmed serve: stopping")
