@@ -58,9 +58,15 @@ def cmake_args() -> list[str]:
 
 
 def llama_server() -> Path:
+    return llama_tool("llama-server")
+
+
+def llama_tool(target: str) -> Path:
+    """One of llama.cpp's programs (``llama-server``, ``llama-mtmd-cli``), built once from the
+    pinned llama-cpp-python source archive with scripts/install.sh's options, and cached."""
     args = cmake_args()
     key = hashlib.sha256(" ".join(args).encode()).hexdigest()[:12]
-    binary = CACHE / f"llama-server-{VERSION}-{key}" / "bin" / "llama-server"
+    binary = CACHE / f"{target}-{VERSION}-{key}" / "bin" / target
     if binary.is_file():
         return binary
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -71,20 +77,20 @@ def llama_server() -> Path:
                         "--no-binary", ":all:", f"llama-cpp-python=={VERSION}", "-d",
                         str(CACHE)], check=True)
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
-        print(f"building llama-server from it ({' '.join(args)})…", flush=True)
+        print(f"building {target} from it ({' '.join(args)})…", flush=True)
         with tarfile.open(archive) as tar:
             tar.extractall(work, filter="data")
         source = Path(work) / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
         build = Path(work) / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), *args], check=True,
                        stdout=subprocess.DEVNULL)
-        subprocess.run(["cmake", "--build", str(build), "--target", "llama-server", "-j",
+        subprocess.run(["cmake", "--build", str(build), "--target", target, "-j",
                         str(os.cpu_count() or 2)], check=True, stdout=subprocess.DEVNULL)
-        target = binary.parent.parent
-        shutil.rmtree(target, ignore_errors=True)
-        (target / "bin").mkdir(parents=True)
+        target_dir = binary.parent.parent
+        shutil.rmtree(target_dir, ignore_errors=True)
+        (target_dir / "bin").mkdir(parents=True)
         for built in (build / "bin").iterdir():  # the binary and the shared libraries beside it
-            shutil.copy2(built, target / "bin" / built.name)
+            shutil.copy2(built, target_dir / "bin" / built.name)
     return binary
 
 

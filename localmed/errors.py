@@ -347,3 +347,11 @@ class ModelNotAvailableError(LocalmedError, FileNotFoundError):
         self.quant = quant
         self.command = command
         super().__init__(f"{model_id} {quant} is not in {folder}; make it with: {command}")
+
+
+class ImageError(LocalmedError):
+    """An image localmed cannot take, or a model that cannot take one."""
+
+
+class ProjectorError(LocalmedError):
+    """A vision projector (mmproj) file that is missing, damaged or of another model."""

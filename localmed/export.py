@@ -27,6 +27,7 @@ from localmed.conversation import DISCLAIMER
 from localmed.errors import ExportError, TemplateError
 from localmed.formats.info import ModelInfo
 from localmed.ollama_template import fixed_date_pair, synthesize
+from localmed.projector import pair
 from localmed.registry import ModelEntry
 from localmed.runtimes.base import GenerationParams
 from localmed.templates import (
@@ -149,6 +150,19 @@ class ExportSource:
     """Ollama model name (``meditron3-8b:q4_k_m``)."""
     notes: tuple[str, ...] = ()
     """What the user should know about the translation (a date fixed in it, trimming)."""
+    projector: Path | None = None
+    """The image-text model's vision projector beside it (None: a text model)."""
+
+    @property
+    def ollama_images(self) -> str:
+        """Why an Ollama import of this model reads no images ("" for a text model)."""
+        if self.projector is None:
+            return ""
+        return (f"images are not carried to Ollama: it runs Gemma 3's images on its own engine "
+                f"from a GGUF that holds the vision tower, and does not read llama.cpp's "
+                f"projector ({self.projector.name}) beside a model (ollama/ollama#9967); the "
+                "Ollama model reads text only. For images: `localmed chat`/`serve`, or "
+                "--lmstudio")
 
 
 def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None,
@@ -182,7 +196,9 @@ def prepare(path: Path, entry: ModelEntry | None, *, template: str | None = None
     base = entry.id if entry else re.sub(r"\.(gguf)$", "", path.name).rsplit(".", 1)[0]
     tag = info.label.lower().replace("+", "-")
     clean = re.sub(r"[^a-z0-9._-]+", "-", base.lower()).strip("-.") or "model"
-    return ExportSource(info, entry, label, go_template, stops, ctx, f"{clean}:{tag}", notes)
+    pairing = pair(path)
+    return ExportSource(info, entry, label, go_template, stops, ctx, f"{clean}:{tag}", notes,
+                        pairing.projector.path if pairing.projector else None)
 
 
 def _synthesized(path: Path, info: ModelInfo) -> tuple[str, str, tuple[str, ...]]:
@@ -221,6 +237,7 @@ def modelfile(source: ExportSource, params: GenerationParams | None = None) -> s
         "# The SYSTEM prompt carries localmed's disclaimer; keep it in front of users.",
         f"FROM {info.path.resolve()}",
         *(f"# Note: {note}." for note in source.notes),
+        *([f"# Note: {source.ollama_images}."] if source.ollama_images else []),
         f'TEMPLATE """{source.go_template}"""',
         f'SYSTEM """{system}"""',
         *(f"PARAMETER stop {_quote(stop)}" for stop in source.stops),
@@ -264,6 +281,9 @@ def export_lmstudio(source: ExportSource, models_dir: Path, *, copy: bool = Fals
     folder.mkdir(parents=True, exist_ok=True)
     for part in library.gguf_files(info.path):
         _place(part.resolve(), folder / part.name, copy=copy)
+    if source.projector is not None:  # LM Studio pairs a model with the mmproj-*.gguf beside it
+        _place(source.projector.resolve(), folder / f"mmproj-{source.projector.name}",
+               copy=copy)
     return folder / info.path.name
 
 

@@ -2,7 +2,8 @@
 and what each file and folder is called.
 
 This is the one module that knows the names (``<id>.<QUANT>.gguf``, ``<id>-GPTQ-4bit-g128``,
-``<name>.imatrix.gguf``, ``bench/<model>/results.json``); everything else asks it. Paths come from
+``<id>.mmproj-F16.gguf``, ``<name>.imatrix.gguf``, ``bench/<model>/results.json``); everything
+else asks it. Paths come from
 functions and nothing is created here.
 """
 
@@ -21,6 +22,9 @@ GGUF_SUFFIX = ".gguf"
 IMATRIX_SUFFIX = ".imatrix.gguf"
 MANIFEST_SUFFIX = ".manifest.json"
 GPTQ_MARK = "-GPTQ-"
+PROJECTOR_MARK = "mmproj"
+"""In the name of an image-text model's vision projector, localmed's (``<id>.mmproj-F16.gguf``)
+as llama.cpp's and the hub's (``mmproj-model-f16.gguf``): never a model of its own."""
 RESULTS_FILE = "results.json"
 
 
@@ -93,6 +97,38 @@ def gptq_path(model: str, bits: int, group_size: int, folder: Path | None = None
     return (folder or models_dir()) / f"{model}{GPTQ_MARK}{bits}bit-g{group_size}"
 
 
+def projector_path(model: str, quant: str = "F16", folder: Path | None = None) -> Path:
+    """``<folder>/<model>.mmproj-<QUANT>.gguf``: the vision projector of an image-text model,
+    beside its quants (each of them runs with it)."""
+    return (folder or models_dir()) / f"{model}.{PROJECTOR_MARK}-{quant}{GGUF_SUFFIX}"
+
+
+def is_projector(path: Path) -> bool:
+    return PROJECTOR_MARK in path.name.lower() and path.name.endswith(GGUF_SUFFIX)
+
+
+def projector_beside(model_file: Path) -> Path | None:
+    """The projector that goes with ``model_file`` by name: the one its manifest names (also
+    when it is missing, so that a model moved without it is told so), else localmed's name
+    for its model, else the one projector in its folder (a pulled repository's)."""
+    manifest = manifest_path(model_file)
+    try:
+        record = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        record = {}
+    named = record.get("projector", {}).get("file") if isinstance(record, dict) and \
+        isinstance(record.get("projector"), dict) else None
+    if isinstance(named, str) and named and "/" not in named:
+        return model_file.parent / named
+    folder = model_file.parent
+    model = model_file.name.split(".", 1)[0]
+    ours = sorted(folder.glob(f"{model}.{PROJECTOR_MARK}-*{GGUF_SUFFIX}"))
+    if ours:
+        return ours[0]
+    others = [p for p in folder.glob(f"*{GGUF_SUFFIX}") if is_projector(p)]
+    return others[0] if len(others) == 1 else None
+
+
 def belongs_to(path: Path, model: str) -> bool:
     """Whether a file or folder in the library is one of ``model``'s quants (GGUF or GPTQ)."""
     return path.name.startswith((f"{model}.", f"{model}{GPTQ_MARK}")) \
@@ -107,7 +143,7 @@ def local_quants(model: str, folder: Path | None = None) -> list[str]:
     prefix = f"{model}."
     quants = []
     for path in sorted(folder.glob(f"{prefix}*{GGUF_SUFFIX}")):
-        if path.name.endswith(IMATRIX_SUFFIX):
+        if path.name.endswith(IMATRIX_SUFFIX) or is_projector(path):
             continue
         part = SPLIT_PART.search(path.name)
         if part and int(part.group(1)) != 1:

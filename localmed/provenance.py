@@ -32,8 +32,11 @@ TOKENIZER_FILES = (
 )
 """Tokenizer and chat-template files of a Hugging Face checkpoint (copied into GPTQ folders)."""
 
-CHECKPOINT_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
-"""Every non-weight file a conversion may read: each one present is hashed into provenance."""
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "preprocessor_config.json",
+                    *TOKENIZER_FILES)
+"""Every non-weight file a conversion may read: each one present is hashed into provenance
+(``preprocessor_config.json``: an image-text model's image size and normalization, which
+llama.cpp's converter writes into the projector)."""
 
 _JSON_FIELDS = ("inputs_sha256", "calibration")
 """Fields that are mappings, stored in GGUF metadata as JSON strings."""

@@ -151,6 +151,26 @@ def choose(repo: str, files: list[HubFile], quant: str | None) -> list[HubFile]:
     return _parts(repo, matches)
 
 
+PROJECTOR_PREFERENCE = ("F16", "BF16", "Q8_0", "F32")
+"""Which of a repository's vision projectors to take when none matches the model's quant:
+F16 first, as llama.cpp's releases ship (the projector is small beside the model, and a
+quantized vision tower reads images worse)."""
+
+
+def choose_projector(files: list[HubFile], quant: str) -> HubFile | None:
+    """An image-text repository's vision projector (``mmproj*.gguf``): the one of the model's
+    quant if there is one, else by :data:`PROJECTOR_PREFERENCE`; None for a text model."""
+    projectors = sorted((f for f in files if library.is_projector(Path(f.name))),
+                        key=lambda f: f.name)
+    if not projectors:
+        return None
+    for wanted in (quant, *PROJECTOR_PREFERENCE):
+        for found in projectors:
+            if found.quant == wanted:
+                return found
+    return projectors[0]
+
+
 def _parts(repo: str, files: list[HubFile]) -> list[HubFile]:
     files = sorted(files, key=lambda f: f.name)
     splits = [library.SPLIT_PART.search(f.name) for f in files]
@@ -182,9 +202,11 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
     repo, quant, model_id = parse_spec(spec, registry)
     commit, files = repo_files(repo, revision=revision, token=token)
     chosen = choose(repo, files, quant)
+    projector = choose_projector(files, chosen[0].quant)
     unreachable = _unreachable()
     local, digests = [], {}
-    for part in chosen:  # every part fetched and checked before anything is placed
+    for part in [*chosen, *([projector] if projector else [])]:
+        # every part fetched and checked before anything is placed
         try:
             path = Path(hf_hub_download(repo, part.name, revision=commit or revision,
                                         token=token, local_files_only=constants.HF_HUB_OFFLINE))
@@ -197,8 +219,13 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
                             "Hugging Face cache and pull again)")
         local.append(path)
         digests[part.name] = digest
+    projector_file = local.pop() if projector else None
     # the header (with every part of a split one) validated before anything is placed
     info = read_gguf_info(local[0])
+    if projector_file is not None:
+        from localmed.projector import check_pair, model_width, read_projector
+
+        check_pair(read_projector(projector_file), local[0], model_width(local[0]))
     label = chosen[0].quant or info.quant
     count = len(chosen)
     targets = [library.gguf_path(model_id, label, folder)] if count == 1 else \
@@ -210,18 +237,29 @@ def pull(spec: str, *, revision: str | None = None, token: str | None = None,
     targets[0].parent.mkdir(parents=True, exist_ok=True)
     manifest = library.manifest_path(targets[0])
     placed: list[Path] = []
+    record: dict[str, object] = {}
     try:
         for source, target in zip(local, targets, strict=True):
             with atomic_path(target) as tmp:
                 shutil.copyfile(source, tmp)
             placed.append(target)
+        if projector is not None and projector_file is not None:
+            beside = library.projector_path(model_id, projector.quant or "F16", folder)
+            if not beside.exists() or sha256_file(beside) != digests[projector.name]:
+                with atomic_path(beside) as tmp:  # another quant's pull may have placed it
+                    shutil.copyfile(projector_file, tmp)
+                placed.append(beside)
+            record["projector"] = {"file": beside.name, "bytes": beside.stat().st_size,
+                                   "sha256": digests[projector.name],
+                                   "quant": projector.quant or "F16", "from": projector.name}
         provenance = Provenance(source=repo, revision=commit, quant=label, model_id=model_id,
                                 inputs_sha256=digests,
                                 converter=f"{repo} (not made by localmed)")
         with atomic_path(manifest) as tmp:
             tmp.write_text(json.dumps({**provenance.to_manifest(),
                                        "files": [p.name for p in chosen],
-                                       "size": sum(p.stat().st_size for p in targets)},
+                                       "size": sum(p.stat().st_size for p in targets),
+                                       **record},
                                       indent=1))
     except BaseException:
         for target in placed:

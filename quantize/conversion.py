@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import gguf
 
@@ -121,6 +122,14 @@ class Conversion:
     imatrix_quants: frozenset[str] = frozenset()
     """The quants the matrix is used for (all llama.cpp-quantized ones for --imatrix FILE; the
     types of 4 bits and fewer for --imatrix auto)."""
+    projector: dict[str, Any] | None = None
+    """The vision projector written beside an image-text model's files (its file name, size
+    and sha256), which every quant's manifest names."""
+
+    @property
+    def image_text(self) -> bool:
+        """An image-text checkpoint (MedGemma: a vision tower beside the language model)."""
+        return isinstance(self.checkpoint.config.get("vision_config"), dict)
 
     @property
     def converter(self) -> str:

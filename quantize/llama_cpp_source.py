@@ -209,8 +209,10 @@ def tokenizer_checksum(folder: Path, check_text: str) -> str:
 # --- running it ----------------------------------------------------------------------------------
 
 def run_converter(converter: LlamaCppConverter, model_dir: Path, outfile: Path, outtype: str,
-                  *, expected_bytes: int, progress: Callable[[int], None] | None = None) -> None:
-    """``convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE`` in a subprocess.
+                  *, expected_bytes: int, progress: Callable[[int], None] | None = None,
+                  mmproj: bool = False) -> None:
+    """``convert_hf_to_gguf.py MODEL --outfile OUT --outtype TYPE`` in a subprocess (with
+    ``--mmproj``: an image-text model's vision projector instead of its text model).
 
     Progress is the output file's size, polled. A failure raises ConverterError with the
     converter's own one-line reason, never its traceback.
@@ -219,7 +221,7 @@ def run_converter(converter: LlamaCppConverter, model_dir: Path, outfile: Path, 
     with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as log:
         process = subprocess.Popen(
             [sys.executable, str(converter.script), str(model_dir), "--outfile", str(outfile),
-             "--outtype", outtype],
+             "--outtype", outtype, *(["--mmproj"] if mmproj else [])],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             cwd=converter.folder)
         done = threading.Event()

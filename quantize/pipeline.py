@@ -35,6 +35,7 @@ from localmed.quantize.writers import (
     skeleton,
     write_direct,
     write_llama,
+    write_projector,
     write_streamed,
 )
 from localmed.quants import QuantType
@@ -114,6 +115,8 @@ def run_quantize(source: Source, quants: list[QuantType], out_dir: Path | None =
     pending = plan_auto_imatrix(conv, quants, auto_text, progress)
 
     outputs: list[Output] = []
+    if conv.image_text:  # first: each quant's manifest names it
+        outputs.append(write_projector(conv, out_dir, progress))
     # localmed's converter writes F32/F16/BF16/Q8_0 itself; the rest, and everything on the
     # llama.cpp path, comes from llama.cpp's quantizer on an intermediate file.
     native = conv.llama_cpp is None

@@ -239,6 +239,44 @@ def run_interruptible(work: Callable[[], None]) -> None:
         raise failure[0]
 
 
+PROJECTOR_TYPE = "F16"
+"""The projector's type: llama.cpp's converter writes its matrices in F16 (a MedGemma's SigLIP
+tower: 0.8 GB), the embeddings and norms in F32, as llama.cpp's own releases of Gemma 3 do."""
+
+
+def write_projector(conv: Conversion, out_dir: Path, progress: Progress) -> Output:
+    """An image-text model's vision projector, by llama.cpp's converter (``--mmproj``), beside
+    the model's files; its manifest carries the same provenance as theirs."""
+    from localmed.quantize.llama_cpp_source import find_converter
+
+    converter = conv.llama_cpp or find_converter()
+    final = library.projector_path(conv.source.name, PROJECTOR_TYPE, out_dir)
+    vision = conv.checkpoint.config.get("vision_config", {})
+    expected = 2 * sum(t.n_elements for name, t in conv.checkpoint.tensors.items()
+                       if name.startswith(("vision", "multi_modal", "model.vision",
+                                           "model.multi_modal"))) or 1
+    task = progress.add_task(f"convert the vision projector ({PROJECTOR_TYPE}, llama.cpp)",
+                             total=expected)
+    with atomic_path(final) as tmp:
+        run_converter(converter, conv.checkpoint.folder, tmp, PROJECTOR_TYPE.lower(),
+                      expected_bytes=expected, mmproj=True,
+                      progress=lambda n: progress.update(task, completed=n))
+    size = final.stat().st_size
+    progress.update(task, total=size, completed=size)
+    record: dict[str, Any] = {
+        "file": final.name, "bytes": size, "sha256": sha256_file(final),
+        "quant": PROJECTOR_TYPE, "architecture": conv.checkpoint.architecture,
+        "gguf_architecture": read_header(final).fields[gguf.Keys.General.ARCHITECTURE],
+        "vision_image_size": vision.get("image_size"),
+        "converter": converter.label,
+        **conv.provenance(QUANT_TYPES[PROJECTOR_TYPE]).to_manifest(),
+    }
+    manifest = library.manifest_path(final)
+    write_text_atomic(manifest, json.dumps(record, indent=2) + "\n")
+    conv.projector = {k: record[k] for k in ("file", "bytes", "sha256", "quant")}
+    return Output("mmproj-" + PROJECTOR_TYPE, final, manifest, size, converter.label)
+
+
 def finish(conv: Conversion, quant: QuantType, final: Path) -> Output:
     size = final.stat().st_size
     manifest = library.manifest_path(final)
@@ -252,5 +290,7 @@ def finish(conv: Conversion, quant: QuantType, final: Path) -> Output:
         "parameters": conv.checkpoint.n_parameters(),
         **conv.provenance(quant).to_manifest(),
     }
+    if conv.projector is not None:
+        record["projector"] = conv.projector
     write_text_atomic(manifest, json.dumps(record, indent=2) + "\n")
     return Output(quant.name, final, manifest, size, conv.converter)

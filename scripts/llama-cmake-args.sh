@@ -1,8 +1,9 @@
 # The CMake options llama.cpp is built with (sourced by scripts/install.sh and
-# benchmarks/gpu_check.sh, so the GPU check builds what users get, plus CUDA): the library and
-# its common code only (no server, tools, tests or multimodal), which roughly halves the build.
+# benchmarks/gpu_check.sh, so the GPU check builds what users get, plus CUDA): the library, its
+# common code and the multimodal library (libmtmd: images for MedGemma and other image-text
+# models), with no server, tools, tests or examples, which roughly halves the build.
 llama_cmake_args() {
-    local args="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
+    local args="-DLLAVA_BUILD=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
     args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
     args+=" -DLLAMA_OPENSSL=OFF"
     if [ "$(uname -m)" = "x86_64" ]; then

@@ -168,6 +168,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row("chat template", "[yellow]none embedded[/] (chat uses the registry "
                       "default, and says so)")
     table.add_row("BOS / EOS", escape(f"{info.bos_token!r} / {info.eos_token!r}"))
+    if images := _images_row(info):
+        table.add_row("images", images)
     if info.provenance:
         for key, value in info.provenance.rows():
             table.add_row(escape(key), escape(value))
@@ -175,6 +177,24 @@ def cmd_info(args: argparse.Namespace) -> int:
         table.add_row("provenance", "[dim]none (not written by localmed)[/]")
     out.print(table)
     return 0
+
+
+def _images_row(info) -> str:
+    """The vision projector beside an image-text GGUF (or why it is not), for `info`."""
+    from localmed.errors import ProjectorError
+    from localmed.projector import pair
+
+    if info.format != "gguf":
+        return ""
+    try:
+        pairing = pair(info.path)
+    except ProjectorError as refused:
+        return f"[yellow]off[/]: {escape(str(refused))}"
+    if pairing.projector is not None:
+        projector = pairing.projector
+        return (f"{escape(projector.path.name)} ({projector.projector_type} projector, "
+                f"{human_bytes(projector.file_bytes)}, {projector.image_size} px images)")
+    return f"[yellow]off[/]: {escape(pairing.absent)}" if pairing.lost else ""
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
