@@ -7,6 +7,7 @@ without a terminal.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from collections.abc import Iterator
@@ -21,11 +22,12 @@ from localmed.conversation import (
     build_prompt,
     export_markdown,
 )
-from localmed.errors import LocalmedError, ModelNotAvailableError, UnknownModelError
+from localmed.errors import ImageError, LocalmedError, ModelNotAvailableError, UnknownModelError
 from localmed.formats.info import ModelInfo
+from localmed.images import Image, image_marker, new_nonce, prompt_parts, read_image_file
 from localmed.registry import ModelEntry, Registry
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
-from localmed.templates import TemplateChoice, resolve_template
+from localmed.templates import Message, TemplateChoice, resolve_template
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ class ChatSession:
     history: HistoryStore = field(default_factory=HistoryStore)
     conversation: Conversation = field(init=False)
     last_prompt: Prompt | None = field(default=None, init=False)
+    pending: list[Image] = field(default_factory=list, init=False)
+    """Images attached to the next message."""
+    images: dict[int, list[Image]] = field(default_factory=dict, init=False)
+    """The images of this conversation's user messages, by message index (kept in memory
+    only: a saved conversation records their names)."""
+    _nonce: str = field(default_factory=new_nonce, init=False)
 
     def __post_init__(self) -> None:
         self.conversation = self._new_conversation()
@@ -124,18 +132,58 @@ class ChatSession:
         system = self.conversation.system
         self.conversation = self._new_conversation()
         self.conversation.system = system
+        self.images, self.pending = {}, []
 
     def load(self, conversation: Conversation) -> None:
         self.conversation = conversation
+        self.images, self.pending = {}, []
+
+    @property
+    def no_images(self) -> str:
+        """Why this model takes no images ("": it takes them)."""
+        return getattr(self.runtime, "no_images", "it reads text only")
+
+    def attach(self, path: Path) -> Image:
+        """Read an image for the next message (:class:`ImageError` in one line: not an image,
+        too large, or a model that reads text only)."""
+        if self.no_images:
+            raise ImageError(f"{self.model.label} takes no images: {self.no_images}")
+        image = read_image_file(path)
+        self.pending.append(image)
+        return image
+
+    def _marked(self, conversation: Conversation) -> tuple[Conversation, dict[str, Image]]:
+        """``conversation`` with each user message's images as markers before its text (as
+        clinicians send a picture, then ask), and the images by marker."""
+        if not self.images:
+            return conversation, {}
+        by_marker: dict[str, Image] = {}
+        messages = []
+        for i, message in enumerate(conversation.messages):
+            marks = ""
+            for image in self.images.get(i, []):
+                marker = image_marker(self._nonce, len(by_marker))
+                by_marker[marker] = image
+                marks += marker
+            messages.append(Message(message.role, marks + message.content) if marks
+                            else message)
+        return dataclasses.replace(conversation, messages=messages), by_marker
 
     def context_used(self) -> int:
         return self.last_prompt.tokens + self.runtime.last_stats.generated_tokens \
             if self.last_prompt else 0
 
-    def _prompt_for(self, conversation: Conversation) -> Prompt:
-        return build_prompt(self.template_choice.template, conversation,
-                            self.runtime.count_tokens, self.runtime.n_ctx,
-                            reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+    def _prompt_for(self, conversation: Conversation) -> tuple[Prompt, dict[str, Image]]:
+        marked, by_marker = self._marked(conversation)
+
+        def count(text: str) -> int:  # an image counts as the tokens the projector makes
+            return len(self.runtime.tokenize(prompt_parts(text, by_marker))) if by_marker \
+                else self.runtime.count_tokens(text)
+
+        prompt = build_prompt(self.template_choice.template, marked, count,
+                              self.runtime.n_ctx,
+                              reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+        return prompt, by_marker
 
     def check_fits(self, text: str) -> None:
         """Raise ContextFullError (with the token count and the limit) if ``text`` cannot be
@@ -144,21 +192,36 @@ class ChatSession:
                              system=self.conversation.system,
                              messages=[*self.conversation.messages])
         trial.add("user", text)
-        self._prompt_for(trial)
+        saved = dict(self.images)
+        if self.pending:
+            self.images[len(trial.messages) - 1] = list(self.pending)
+        try:
+            self._prompt_for(trial)
+        finally:
+            self.images = saved
 
     def ask(self, text: str) -> Iterator[str]:
-        """Add the user's turn and stream the reply; the reply is recorded when it ends,
-        stopped or not. Raises ContextFullError before adding anything that cannot fit."""
+        """Add the user's turn (with the images attached to it) and stream the reply; the
+        reply is recorded when it ends, stopped or not. Raises ContextFullError before adding
+        anything that cannot fit."""
         self.conversation.add("user", text)
+        index = len(self.conversation.messages) - 1
+        if self.pending:
+            self.images[index] = self.pending
+            self.conversation.attachments[str(index)] = [i.label for i in self.pending]
         try:
-            prompt = self._prompt_for(self.conversation)
+            prompt, by_marker = self._prompt_for(self.conversation)
         except Exception:
             self.conversation.messages.pop()
+            self.images.pop(index, None)
+            self.conversation.attachments.pop(str(index), None)
             raise
+        self.pending = []
         self.last_prompt = prompt
         parts: list[str] = []
+        sent = prompt_parts(prompt.text, by_marker) if by_marker else prompt.text
         try:
-            for piece in self.runtime.stream(prompt.text, self.params,
+            for piece in self.runtime.stream(sent, self.params,  # type: ignore[arg-type]
                                              stop=self.template_choice.template.stop):
                 parts.append(piece)
                 yield piece
@@ -193,7 +256,7 @@ class ChatSession:
 
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None, in_process: bool = False,
-                 batch_seconds: float | None = None) -> Runtime:
+                 batch_seconds: float | None = None, projector: Path | None = None) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
@@ -213,8 +276,12 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
             key = bytes.fromhex(os.environ.get(engine.ENGINE_KEY_ENV, ""))
             return engine.SlotRuntime(engine.BatchClient.connect(address, key))
         return engine.SlotRuntime(engine.BatchClient(
-            model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads),
+            model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
+                                            projector=projector),
             batch_seconds=batch_seconds))
+    if projector is not None:
+        raise ImageError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "
+                         "runs on transformers")
     from localmed.runtimes.process import open_engine
 
     return open_engine(model.path, options, batch_seconds=batch_seconds)

@@ -43,6 +43,9 @@ class Conversation:
                     + uuid.uuid4().hex[:6])
     created: str = field(default_factory=_now)
     title: str = ""
+    attachments: dict[str, list[str]] = field(default_factory=dict)
+    """The images each user message carried, by message index: names only (a saved
+    conversation keeps no pixels)."""
 
     def add(self, role: str, content: str) -> None:
         self.messages.append(Message(role, content))  # type: ignore[arg-type]
@@ -70,9 +73,10 @@ class Conversation:
                   f"- started: {self.created}", f"- exported: {_now()}", ""]
         if self.system:
             lines += ["## System prompt", "", self.system, ""]
-        for message in self.messages:
-            lines += [f"## {'Clinician' if message.role == 'user' else 'Model'}", "",
-                      message.content, ""]
+        for i, message in enumerate(self.messages):
+            lines += [f"## {'Clinician' if message.role == 'user' else 'Model'}", ""]
+            lines += [f"*image: {name}*" for name in self.attachments.get(str(i), [])]
+            lines += [message.content, ""]
         return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -21,6 +22,7 @@ from localmed.templates import GGUF_TEMPLATE, TEMPLATES
 from localmed.tui.modals import (
     EngineDiedScreen,
     ErrorScreen,
+    ImagePickerScreen,
     InfoScreen,
     SystemPromptScreen,
     TemplateScreen,
@@ -45,6 +47,8 @@ HELP_ROWS = [
     ("Ctrl+B", "show/hide saved conversations"),
     ("Ctrl+E", "export this conversation to Markdown (disclaimer included)"),
     ("Ctrl+Y", "copy the last reply"),
+    ("/image PATH", "attach an image to the next message (image-text models: MedGemma)"),
+    ("Ctrl+O", "choose an image file to attach"),
     ("F1", "this help"),
     ("Ctrl+Q", "quit"),
 ]
@@ -65,6 +69,7 @@ class ChatScreen(Screen):
         Binding("ctrl+b", "toggle_sidebar", "History", priority=True),
         Binding("ctrl+e", "export", "Export", priority=True),
         Binding("ctrl+y", "copy_reply", "Copy reply", priority=True),
+        Binding("ctrl+o", "pick_image", "Image", priority=True),
     ]
 
     @dataclass
@@ -123,6 +128,10 @@ class ChatScreen(Screen):
         text = event.value.strip()
         if not text:
             return
+        if text == "/image" or text.startswith("/image "):
+            self.attach(text.removeprefix("/image").strip())
+            event.input.clear()
+            return
         if self.generating:
             self.notify("A reply is still coming: wait, or press Esc to stop it.")
             return
@@ -138,7 +147,7 @@ class ChatScreen(Screen):
             return
         event.input.clear()
         log = self.query_one("#log", VerticalScroll)
-        await log.mount(MessageView("user", text))
+        await log.mount(MessageView("user", text, images=tuple(self.session.pending)))
         # The reply grows half a screen at a time: a new layout every few seconds, not per line.
         self._reply = MessageView("assistant", stream_step=max(log.size.height // 2, 4))
         await log.mount(self._reply)
@@ -239,6 +248,34 @@ class ChatScreen(Screen):
 
     # --- commands -------------------------------------------------------------------------------
 
+    def action_pick_image(self) -> None:
+        if self.session.no_images:
+            self.notify(f"This model takes no images: {self.session.no_images}",
+                        severity="warning", timeout=10)
+            return
+
+        def chosen(path: Path | None) -> None:
+            if path is not None:
+                self.attach(str(path))
+
+        self.app.push_screen(ImagePickerScreen(self.session.model.advisory, Path.home()),
+                             chosen)
+
+    def attach(self, where: str) -> None:
+        """``/image PATH``: an image for the next message, read and checked now."""
+        if not where:
+            self.notify("Give the image's path: /image PATH (PNG, JPEG or WebP).",
+                        severity="warning")
+            return
+        try:
+            image = self.session.attach(Path(where.strip("'\"")))
+        except LocalmedError as refused:
+            self.notify(f"Not attached: {refused}", severity="error", timeout=12)
+            return
+        count = len(self.session.pending)
+        self.refresh_status(f"{count} image{'s' * (count > 1)} attached")
+        self.notify(f"Attached {image.label}: it goes with your next message.")
+
     async def action_new_chat(self) -> None:
         if self.generating:
             self.session.stop()
@@ -322,8 +359,9 @@ class ChatScreen(Screen):
         self.session.load(conversation)
         log = self.query_one("#log", VerticalScroll)
         await log.remove_children()
-        for message in conversation.messages:
-            await log.mount(MessageView(message.role, message.content))
+        for i, message in enumerate(conversation.messages):
+            names = tuple(conversation.attachments.get(str(i), ()))
+            await log.mount(MessageView(message.role, message.content, image_names=names))
         self.refresh_status()
 
     def action_export(self) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from rich.table import Table
 from rich.text import Text
@@ -10,7 +11,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical
 from textual.screen import ModalScreen
-from textual.widgets import Label, OptionList, Static, TextArea
+from textual.widgets import DirectoryTree, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
 from localmed.tui.widgets import DisclaimerBanner
@@ -144,3 +145,33 @@ class EngineDiedScreen(BannerModal):
 
     def action_quit_app(self) -> None:
         self.app.exit()
+
+
+class ImageFileTree(DirectoryTree):
+    """Folders, and the files an image-text model takes (PNG, JPEG, WebP); no hidden ones."""
+
+    SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return [p for p in paths if not p.name.startswith(".")
+                and (p.is_dir() or p.suffix.lower() in self.SUFFIXES)]
+
+
+class ImagePickerScreen(BannerModal):
+    """Choose an image file for the next message; returns its path."""
+
+    def __init__(self, advisory: str, start: Path) -> None:
+        super().__init__(advisory)
+        self.start = start
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("Attach an image (PNG, JPEG, WebP)", classes="dialog-title")
+        yield ImageFileTree(self.start, id="image-tree")
+        yield Static("Enter: attach it · Esc: cancel · /image PATH in the message box takes "
+                     "any path", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(ImageFileTree).focus()
+
+    def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(event.path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich.color import Color
+from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.app import ComposeResult
@@ -12,6 +14,7 @@ from textual.widget import Widget
 from textual.widgets import Label, ListItem, Markdown, Static
 
 from localmed.conversation import DISCLAIMER, Conversation
+from localmed.images import Image, thumbnail
 
 
 class DisclaimerBanner(Static):
@@ -128,20 +131,49 @@ class StreamingText(Widget):
         return self._strips[y] if y < len(self._strips) else self._blank
 
 
-class MessageView(Vertical):
-    """One turn: who spoke, and the text rendered as Markdown (streamed as plain text first)."""
+class ImageThumbnail(Static):
+    """An image sent with a message: drawn in half blocks (two pixels a cell, in the
+    terminal's own colours; in a browser tab as well), its name and size below."""
 
-    def __init__(self, role: str, content: str = "", *, stream_step: int = 0) -> None:
+    COLUMNS, ROWS = 32, 8
+
+    def __init__(self, image: Image) -> None:
+        text = Text()
+        pixels = thumbnail(image, self.COLUMNS, self.ROWS)
+        for y in range(0, len(pixels), 2):
+            top, bottom = pixels[y], pixels[y + 1] if y + 1 < len(pixels) else []
+            for x, upper in enumerate(top):
+                lower = bottom[x] if x < len(bottom) else None
+                text.append("▀", style=Style(color=Color.from_rgb(*upper),
+                                             bgcolor=Color.from_rgb(*lower) if lower else None))
+            text.append("\n")
+        text.append(f"image: {image.label}", style="italic")
+        super().__init__(text, classes="thumbnail")
+
+
+class MessageView(Vertical):
+    """One turn: who spoke, the images that went with it, and the text rendered as Markdown
+    (streamed as plain text first)."""
+
+    def __init__(self, role: str, content: str = "", *, stream_step: int = 0,
+                 images: tuple[Image, ...] = (), image_names: tuple[str, ...] = ()) -> None:
         """``stream_step`` > 0: the turn streams (see :class:`StreamingText`), growing that
-        many lines at a time."""
+        many lines at a time. ``images``: drawn above the text; ``image_names``: images of a
+        saved conversation, whose pixels were not kept, by name."""
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.streaming = stream_step > 0
         self._stream_step = stream_step
+        self.images = images
+        self.image_names = image_names
 
     def compose(self) -> ComposeResult:
         yield Label("Clinician" if self.role == "user" else "Model", classes="who")
+        for image in self.images:
+            yield ImageThumbnail(image)
+        for name in self.image_names:
+            yield Label(f"image: {name} (not kept in saved conversations)", classes="thumbnail")
         yield StreamingText(self._stream_step) if self.streaming else Markdown(self.content)
 
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from pathlib import Path
 
 from rich.markup import escape
 
@@ -70,7 +71,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         model = _chat_model(args)
         # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                               threads=args.threads, batch_seconds=FLUSH_SECONDS)
+                               threads=args.threads, batch_seconds=FLUSH_SECONDS,
+                               projector=_projector(args))
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -85,6 +87,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     run_chat(session)
     return 0
+
+
+def _projector(args: argparse.Namespace) -> Path | None:
+    chosen = getattr(args, "mmproj", None)
+    return Path(chosen).expanduser() if chosen else None
 
 
 def _chat_web(args: argparse.Namespace) -> int:
@@ -104,7 +111,7 @@ def _chat_web(args: argparse.Namespace) -> int:
     for flag, value in (("--quant", args.quant), ("--ctx", args.ctx),
                         ("--gpu-layers", args.gpu_layers), ("--threads", args.threads),
                         ("--template", args.template), ("--system", args.system),
-                        ("--max-tokens", args.max_tokens)):
+                        ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj)):
         if value is not None:
             chat_args += [flag, str(value)]
     if args.save:
@@ -119,7 +126,7 @@ def _chat_web(args: argparse.Namespace) -> int:
 
     with err_console().status(f"loading the model for {sessions} conversation(s)…"):
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
-                                                      args.threads),
+                                                      args.threads, projector=_projector(args)),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
@@ -150,12 +157,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     hw = hardware.detect()
     # One header read: the footprint serves the plan and the quant suggestion.
     info, footprint = formats.footprint(model.path)
+    images = ""
+    if info.format == "gguf":
+        from localmed.errors import ProjectorError
+        from localmed.projector import pair, with_projector
+
+        try:
+            pairing = pair(model.path, _projector(args))
+        except ProjectorError as refused:
+            images = f"images: off: {refused}"
+        else:
+            footprint = with_projector(footprint, pairing)
+            if pairing.projector is not None:
+                images = (f"images: {pairing.projector.path.name} "
+                          f"({gib(pairing.projector.file_bytes)}, counted in the plan)")
+            elif pairing.lost:
+                images = f"images: off: {pairing.absent}"
     plan = formats.format_of(model.path).plan_footprint(footprint, formats.LoadOptions(
         n_ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads), hw)
     out = console()
     out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} "
               f"{info.format.upper()}, {info.block_count} layers")
     out.print(_machine_line(hw))
+    if images:
+        out.print(escape(images))
     out.print(escape(describe_plan(plan)))
     _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
     return 0 if plan.fits else 1
@@ -290,6 +315,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--system", help="system prompt")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision projector of an image-text "
+                   "model (default: the one beside the model); `/image PATH` in the chat "
+                   "attaches an image")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
     p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "
@@ -306,6 +334,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
     model_options(p)
+    p.add_argument("--mmproj", metavar="FILE", help="an image-text model's vision projector "
+                   "(default: the one beside the model), counted in the plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "

@@ -78,8 +78,9 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         # --ctx is the whole context, split among the replies as llama-server splits -c; each
         # share rounded up to llama.cpp's 256-token granule (what llama.cpp itself does)
         per_reply = -(-args.ctx // parallel // CTX_GRANULE) * CTX_GRANULE if args.ctx else None
+        projector = Path(args.mmproj).expanduser() if args.mmproj else None
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
-                                                      args.threads, cache_ram(args)),
+                                                      args.threads, cache_ram(args), projector),
                              on_restart=lambda why: print(f"localmed serve: the model engine: "
                                                           f"{why}; reloading", file=log,
                                                           flush=True))
@@ -88,6 +89,9 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
 
     if args.parallel and args.parallel > 1:
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
+    if args.mmproj:
+        raise ServeError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "
+                         "runs on transformers")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                            threads=args.threads)
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
@@ -141,7 +145,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.model_sha256 = hashing.result() if hashing else ""
         served_id = model.entry.id if model.entry else model.path.stem
         server.attach(ServedModel(served_id, info, choice.template, model.advisory,
-                                  cache_prompt=args.cache_prompt), jobs)
+                                  cache_prompt=args.cache_prompt, no_images=jobs.no_images),
+                      jobs)
         if server.audit is not None:
             server.audit.start(model=served_id, model_file=model.path.name,
                                model_sha256=server.model_sha256, host=args.host,
@@ -169,6 +174,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     out.print("  every prompt is prefilled whole (--no-cache-prompt)")
             else:
                 out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
+            out.print("  images: " + (escape(jobs.no_images) if jobs.no_images else
+                                      "taken (PNG, JPEG or WebP, as data: URLs in image_url "
+                                      "parts)"))
             out.print(f"  up to {jobs.queue_size} more requests wait in arrival order; beyond that "
                       "503 with Retry-After (--queue)")
             if keys is None:
@@ -241,7 +249,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         path, command = export.export_ollama(source, Path(args.ollama).expanduser())
         out.print(f"[green]wrote[/] {path}  (template {source.template}, "
                   f"{len(source.stops)} stop strings, num_ctx {source.n_ctx})")
-        for note in source.notes:
+        for note in (*source.notes, *([source.ollama_images] if source.ollama_images else [])):
             out.print(f"[yellow]note:[/] {escape(note)}")
         out.print(f"then: {escape(command)}", soft_wrap=True)
     if args.lmstudio is not None:
@@ -250,6 +258,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         target = export.export_lmstudio(source, folder, copy=args.copy)
         how = "copied" if args.copy else "linked"
         out.print(f"[green]{how}[/] {target}  (LM Studio: My Models → localmed)")
+        if source.projector is not None:
+            out.print(f"[green]{how}[/] its vision projector beside it as mmproj-"
+                      f"{escape(source.projector.name)} (LM Studio reads images with it)")
         if not source.info.chat_template:
             out.print(f"[yellow]note:[/] the GGUF has no embedded chat template; in LM Studio "
                       f"choose the '{source.template}' prompt format for it")
@@ -292,6 +303,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "cells of conversations whose slot another one took, so their follow-ups "
                    f"are not prefilled again (default: {default_cache_ram() // MIB} MiB here, "
                    "llama-server's 8192 or a quarter of this machine's memory; 0: none)")
+    p.add_argument("--mmproj", metavar="FILE", help="the vision projector of an image-text "
+                   "model (default: the one beside the model, as `localmed quantize` and "
+                   "`localmed pull` put it)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
                    help="prefill every prompt whole: each reply depends on its request alone "
                    "(slower follow-ups; see README)")

@@ -19,6 +19,10 @@ SmolLM2, the same top token), and a greedy reply often takes another word somewh
 ``benchmarks/followup.py --agreement``, as often as llama-server's). A request with ``cache_prompt`` false (the server's
 ``--no-cache-prompt`` for all) is prefilled whole, and its reply depends on it alone.
 
+An image-text model's prompt carries its images as runs of placeholder ids; when a sequence's
+prefill reaches one, the image is encoded and decoded into that sequence's cells on its own
+(:mod:`localmed.runtimes.vision`, llama.cpp's multimodal library), then the text goes on.
+
 Everything here is llama-cpp-python's public low-level API (``llama_batch_init``,
 ``llama_decode``, ``llama_sampler_*``, ``llama_memory_seq_rm``, ``llama_state_seq_*``).
 """
@@ -33,15 +37,23 @@ import os
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from localmed.errors import ContextFullError, EngineError, GGUFFileError, LocalmedError
+from localmed.errors import (
+    ContextFullError,
+    EngineError,
+    GGUFFileError,
+    ImageError,
+    LocalmedError,
+)
+from localmed.images import Image
 from localmed.runtimes.base import GenerationStats, StopStringFilter
-from localmed.runtimes.messages import Done, Event, Logprobs, Piece, Request
+from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.prompt_cache import (
     MIN_SAVED,
     HostCache,
@@ -49,6 +61,7 @@ from localmed.runtimes.prompt_cache import (
     Slot,
     choose_slot,
 )
+from localmed.runtimes.vision import Part, Vision, placeholder
 
 PENALTY_LAST_N = 64
 """Tokens the repeat penalty looks back over: ``llama_cpp.Llama``'s ``last_n_tokens_size``."""
@@ -103,7 +116,7 @@ class BatchEngine:
 
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
-                 flash_attention: bool = False) -> None:
+                 flash_attention: bool = False, projector: Path | None = None) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
@@ -140,16 +153,36 @@ class BatchEngine:
         self._running: dict[int, _Sequence] = {}  # by request id
         self._slots = [Slot() for _ in range(n_parallel)]
         self._taken = 0  # requests admitted so far: the slots' least-recently-used clock
-        self.host_cache = HostCache(cache_ram)
-        # a sliding-window model holds only its last n_swa positions' cells (unless full)
-        self._n_swa = 0 if ctx_params.swa_full else int(llama_cpp.llama_model_n_swa(self._model))
+        # A sliding-window model (Gemma 3, MedGemma) may hold only its last n_swa positions'
+        # cells in its sliding-window layers: a prefix is reused only when the cells it needs
+        # are there (even with llama.cpp's swa_full, a state read back from host memory lacks
+        # them: its follow-ups went wrong by up to 1.6 nats on a tiny Gemma 3), so such a model
+        # keeps no host cache; a conversation in its own slot is continued as any other.
+        self._n_swa = int(llama_cpp.llama_model_n_swa(self._model))
+        self.host_cache = HostCache(0 if self._n_swa else cache_ram)
         self._piece = ctypes.create_string_buffer(256)
+        self.vision: Vision | None = None
+        if projector is not None:
+            try:
+                self.vision = Vision(projector, self._model, gpu=gpu_layers != 0,
+                                     threads=ctx_params.n_threads_batch)
+            except BaseException:
+                self.close()
+                raise
 
     # --- requests -------------------------------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Token ids of ``text``, special tokens parsed (safe beside a running ``step``)."""
-        data = text.encode("utf-8")
+    def tokenize(self, prompt: str | Sequence[Part], *, add_bos: bool = True) -> list[int]:
+        """Token ids of ``prompt``, special tokens parsed (safe beside a running ``step``):
+        a text, or parts of text and images (each image's tokens as its placeholder id)."""
+        if not isinstance(prompt, str):
+            if not any(isinstance(part, Image) for part in prompt):
+                return self.tokenize("".join(prompt), add_bos=add_bos)  # type: ignore[arg-type]
+            if self.vision is None:
+                raise ImageError("this model was loaded without an image projector (mmproj): "
+                                 "it reads text only")
+            return self.vision.tokenize(prompt, add_special=add_bos)
+        data = prompt.encode("utf-8")
         size = len(data) + 8
         tokens = (self._llama.llama_token * size)()
         n = self._llama.llama_tokenize(self._vocab, data, len(data), tokens, size,
@@ -175,6 +208,15 @@ class BatchEngine:
         if len(request.tokens) >= self.n_ctx_seq:
             raise ContextFullError(f"the prompt has {len(request.tokens)} tokens; each of the "
                                    f"{self.n_parallel} sequences holds {self.n_ctx_seq}")
+        if request.tokens[-1] < 0:
+            raise ImageError("a prompt cannot end with an image (the reply starts after text)")
+        if any(t < 0 for t in request.tokens):
+            if self.vision is None:
+                raise ImageError("this model was loaded without an image projector (mmproj): "
+                                 "it reads text only")
+            keys = {placeholder(image) for image in request.images}
+            if any(t < 0 and t not in keys for t in request.tokens):
+                raise ImageError("the prompt has image tokens of an image the request lacks")
         self._waiting.append(request)
 
     def cancel(self, request_id: int) -> list[Event]:
@@ -221,7 +263,12 @@ class BatchEngine:
             batch.logits[n] = logits
             n += 1
 
+        events: list[Event] = []
+        for seq in sorted(self._running.values(), key=lambda s: s.slot):
+            events += self._feed_images(seq)  # each its own decodes, into its sequence
         order = sorted(self._running.values(), key=lambda s: s.request.id)
+        if not order:
+            return events
         room = self.n_batch
         feed: dict[int, tuple[_Sequence, list[int]]] = {}  # by slot
         for seq in order:  # the generating ones first: one token each
@@ -234,6 +281,11 @@ class BatchEngine:
             tokens = seq.request.tokens
             if seq.fed < len(tokens) and room > 0:
                 take = min(len(tokens) - seq.fed, room)
+                if seq.request.images:  # text up to the next image, which goes on its own
+                    take = next((i for i, t in enumerate(tokens[seq.fed:seq.fed + take])
+                                 if t < 0), take)
+                if not take:
+                    continue
                 feed[seq.slot] = (seq, tokens[seq.fed:seq.fed + take])
                 seq.fed += take
                 room -= take
@@ -250,11 +302,12 @@ class BatchEngine:
             if last:
                 seq.logits_at = n - 1
         batch.n_tokens = n
+        if n == 0:
+            return events
         status = llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed (status {status}) with {n} tokens of "
                               f"{len(order)} sequences")
-        events: list[Event] = []
         now = time.monotonic()
         for seq in order:
             if seq.logits_at < 0:
@@ -271,6 +324,32 @@ class BatchEngine:
                 seq.pending.clear()
                 seq.flushed = now
         return events
+
+    def _feed_images(self, seq: _Sequence) -> list[Event]:
+        """Evaluate the images that come next in ``seq``'s prompt; a failure ends that
+        request alone (its :class:`Failed`)."""
+        tokens, cells = seq.request.tokens, self._slots[seq.slot].cells
+        while seq.fed < len(tokens) and tokens[seq.fed] < 0:
+            key = tokens[seq.fed]
+            run = seq.fed
+            while run < len(tokens) and tokens[run] == key:
+                run += 1
+            image = next(i for i in seq.request.images if placeholder(i) == key)
+            assert self.vision is not None  # submit refused images without a projector
+            try:
+                taken = self.vision.evaluate(image, self._ctx, n_past=len(cells),
+                                             seq_id=seq.slot, n_batch=self.n_batch)
+                if taken != run - seq.fed:
+                    raise ImageError(f"{image.name}: {taken} image tokens decoded where the "
+                                     f"prompt has {run - seq.fed}")
+            except ImageError as failed:
+                del self._running[seq.request.id]
+                self._llama.llama_sampler_free(seq.sampler)
+                self._llama.llama_memory_seq_rm(self._memory, seq.slot, len(cells), -1)
+                return [Failed(seq.request.id, failed)]
+            cells += tokens[seq.fed:run]
+            seq.fed = run
+        return []
 
     def _send(self, seq: _Sequence, text: str, *, last: bool = False
               ) -> list[Event]:
@@ -345,6 +424,8 @@ class BatchEngine:
         if state is not None:
             shared = saved if self._restore(slot, state) else 0
         keep = min(shared, len(tokens) - 1)
+        while 0 < keep < len(tokens) and tokens[keep] < 0 and tokens[keep - 1] == tokens[keep]:
+            keep -= 1  # never part of an image: its tokens attend to each other
         memory = self._memory
         if keep == 0 or not self._llama.llama_memory_seq_rm(memory, slot, keep, -1):
             return self._clear(slot)  # nothing to keep, or cells that cannot be cut part way
@@ -452,6 +533,9 @@ class BatchEngine:
 
     def close(self) -> None:
         llama = self._llama
+        if self.vision is not None:
+            self.vision.close()
+            self.vision = None
         for seq in list(self._running.values()):
             llama.llama_sampler_free(seq.sampler)
         self._running.clear()

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from localmed.errors import ContextFullError, EngineDiedError, EngineError, LocalmedError
+from localmed.images import Image
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.runtimes.messages import (
     STREAMED,
@@ -66,6 +67,7 @@ from localmed.runtimes.process import (
     settle_engine_process,
     stop_engine,
 )
+from localmed.runtimes.vision import Part
 
 ENGINE_ADDRESS_ENV = "LOCALMED_ENGINE"
 ENGINE_KEY_ENV = "LOCALMED_ENGINE_KEY"
@@ -84,23 +86,28 @@ class BatchOptions:
     threads: int | None = None
     cache_ram: int = 0
     """Bytes of host memory for the cells of conversations whose slot was taken (0: none)."""
+    projector: Path | None = None
+    """The vision projector (``--mmproj``); None: the one beside the model, if any."""
 
 
-def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any]:
+def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
     from localmed.formats.gguf import read_gguf_footprint
     from localmed.planner import plan_offload, refuse_unless_fits
+    from localmed.projector import pair, with_projector
     from localmed.runtimes import hardware
     from localmed.runtimes.batch import BatchEngine
 
     info, footprint = read_gguf_footprint(path)
+    pairing = pair(path, options.projector)
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
-    plan = refuse_unless_fits(plan_offload(footprint, hardware.detect(),
+    plan = refuse_unless_fits(plan_offload(with_projector(footprint, pairing), hardware.detect(),
                                            n_ctx=per_sequence * options.n_parallel,
                                            gpu_layers=options.gpu_layers), path)
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
-                         cache_ram=options.cache_ram, flash_attention=plan.flash_attention)
-    return engine, info, plan
+                         cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
+                         projector=pairing.projector.path if pairing.projector else None)
+    return engine, info, plan, pairing.absent
 
 
 def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: str,
@@ -110,7 +117,7 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
 
     settle_engine_process(log_path)
     try:
-        engine, info, plan = _load(Path(path), options)
+        engine, info, plan, no_images = _load(Path(path), options)
     except Exception as exc:
         conn.send(Failed(None, _portable(exc)))
         return
@@ -120,7 +127,7 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
         with sending, contextlib.suppress(OSError):
             conn.send(message)
 
-    send(Ready(info, plan, engine.n_ctx_seq, options.n_parallel))
+    send(Ready(info, plan, engine.n_ctx_seq, options.n_parallel, no_images))
     inbox: queue.Queue[Any] = queue.Queue()
 
     def receive() -> None:
@@ -243,6 +250,7 @@ class BatchClient:
             raise first.error
         self.info, self.plan, self.n_ctx, self.n_parallel = \
             first.info, first.plan, first.n_ctx, first.n_parallel
+        self.no_images = first.no_images
         threading.Thread(target=self._read, args=(self._conn,), name="localmed-engine-reader",
                          daemon=True).start()
         self._ready.set()
@@ -325,9 +333,11 @@ class BatchClient:
 
     # --- what the server and the chat call ------------------------------------------------------
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
-        """Tokens of ``text``, answered beside running decodes."""
-        return self._ask(lambda rid: Tokenize(rid, text, add_bos))
+    def tokenize(self, text: str | Sequence[Part], *, add_bos: bool = True) -> list[int]:
+        """Tokens of ``text`` (or of text and images: each image's tokens as its placeholder
+        id), answered beside running decodes."""
+        prompt = text if isinstance(text, str) else tuple(text)
+        return self._ask(lambda rid: Tokenize(rid, prompt, add_bos))
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
         """llama.cpp's grammar for JSON (for ``schema``, if given), made and parsed by the
@@ -337,14 +347,16 @@ class BatchClient:
     def submit(self, tokens: Sequence[int], params: GenerationParams, stop: Sequence[str],
                sink: Sink, *, seed: int | None = None, grammar: str | None = None,
                logprobs: int | None = None, cache_prompt: bool = True,
+               images: Sequence[Image] = (),
                on_end: Callable[[], None] | None = None) -> int:
         """Start a reply (in arrival order as slots free up); its events go to ``sink``:
         :class:`Piece`… (each after its tokens' :class:`Logprobs` when ``logprobs`` is given),
         then :class:`Done` or :class:`Failed`; ``on_end`` is called once after the last.
         ``cache_prompt`` False: the prompt is prefilled whole, not continued from a slot's
-        cells."""
+        cells. ``images``: those whose placeholder ids ``tokens`` holds."""
         return self.forward(Request(0, list(tokens), params, tuple(stop), seed, grammar,
-                                    logprobs, cache_prompt), sink, on_end=on_end)
+                                    logprobs, cache_prompt, tuple(images)), sink,
+                            on_end=on_end)
 
     def forward(self, request: Request, sink: Sink, *,
                 on_end: Callable[[], None] | None = None) -> int:
@@ -430,7 +442,8 @@ class EngineHub:
 
         sender = threading.Thread(target=deliver, name="localmed-engine-tab-out", daemon=True)
         sender.start()
-        outbox.put(Ready(client.info, client.plan, client.n_ctx, client.n_parallel))
+        outbox.put(Ready(client.info, client.plan, client.n_ctx, client.n_parallel,
+                         client.no_images))
         theirs: dict[int, int] = {}  # the tab's request id -> the client's
 
         def relay(tab_id: int) -> Sink:
@@ -510,12 +523,20 @@ class SlotRuntime(Runtime):
     def n_ctx(self) -> int:
         return self.client.n_ctx
 
-    def tokenize(self, text: str, *, add_bos: bool = True) -> list[int]:
+    def tokenize(self, text: str | Sequence[Part], *, add_bos: bool = True) -> list[int]:
         return self.client.tokenize(text, add_bos=add_bos)
 
-    def stream(self, prompt: str, params: GenerationParams | None = None,
+    @property
+    def no_images(self) -> str:
+        return self.client.no_images
+
+    def stream(self, prompt: str | Sequence[Part], params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
+        """The reply to ``prompt``: a text, or text and images in the order the template
+        put them (:func:`localmed.images.prompt_parts`)."""
         tokens = self.tokenize(prompt)
+        images = () if isinstance(prompt, str) else \
+            tuple(part for part in prompt if isinstance(part, Image))
         if len(tokens) >= self.n_ctx:
             raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
                                    f"{self.n_ctx}")
@@ -523,7 +544,7 @@ class SlotRuntime(Runtime):
         self._stop.clear()
         self.last_stats = GenerationStats(prompt_tokens=len(tokens))
         rid = self._current = self.client.submit(tokens, params or GenerationParams(),
-                                                 tuple(stop), events.put)
+                                                 tuple(stop), events.put, images=images)
         if self._stop.is_set():  # stop() came between the submit and knowing its id
             self.client.cancel(rid)
         ended = False

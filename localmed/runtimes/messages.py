@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from localmed.formats.info import ModelInfo
+from localmed.images import Image
 from localmed.planner import OffloadPlan
 from localmed.runtimes.base import GenerationParams, GenerationStats
 
@@ -41,6 +42,8 @@ class Request:
     """Report each token's log probability and this many alternatives (None: none)."""
     cache_prompt: bool = True
     """Start from a slot's cells that hold the prompt's beginning (False: prefill it whole)."""
+    images: tuple[Image, ...] = ()
+    """The images whose placeholder ids ``tokens`` holds (an image-text model's)."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +55,11 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Tokenize:
-    """Token ids of ``text``, answered beside running decodes."""
+    """Token ids of ``text`` (or of its parts, text and images, where images go), answered
+    beside running decodes."""
 
     id: int
-    text: str
+    text: str | tuple[str | Image, ...]
     add_bos: bool = True
 
 
@@ -106,6 +110,8 @@ class Ready:
     plan: OffloadPlan
     n_ctx: int
     n_parallel: int
+    no_images: str = ""
+    """Why the model takes no images ("": it takes them)."""
 
 
 @dataclass(frozen=True)

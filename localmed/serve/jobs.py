@@ -12,15 +12,17 @@ from __future__ import annotations
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from localmed.conversation import DISCLAIMER
 from localmed.errors import EngineDiedError, LocalmedError
 from localmed.formats.info import ModelInfo
+from localmed.images import Image
 from localmed.runtimes.base import GenerationParams, Runtime
 from localmed.runtimes.messages import Done, Event, Failed, Piece
+from localmed.runtimes.vision import Part
 from localmed.templates import PromptTemplate
 
 
@@ -43,6 +45,8 @@ class ServedModel:
     defaults: GenerationParams = field(default_factory=GenerationParams)
     cache_prompt: bool = True
     """Whether a request may continue from a slot's cells (``--no-cache-prompt``: never)."""
+    no_images: str = "it reads text only"
+    """Why a request with images is refused ("": the model takes them)."""
 
     def notice(self) -> dict[str, Any]:
         return {"disclaimer": DISCLAIMER, "advisory": self.advisory,
@@ -63,6 +67,8 @@ class Job:
     """OpenAI's top_logprobs when logprobs are asked for (0: the chosen token's only)."""
     cache_prompt: bool = True
     """Continue from a slot's cells that hold the prompt's beginning (llama-server's field)."""
+    images: tuple[Image, ...] = ()
+    """The images whose placeholder ids ``tokens`` holds."""
     events: queue.Queue[Event] = field(default_factory=queue.Queue)
     """Where the engine puts the reply's events (:mod:`localmed.runtimes.messages`; anything
     with a thread-safe ``put``)."""
@@ -85,6 +91,11 @@ class Jobs(ABC):
     @abstractmethod
     def n_ctx(self) -> int:
         """Tokens one reply may hold, prompt included."""
+
+    @property
+    def no_images(self) -> str:
+        """Why requests with images are refused ("": the engine takes them)."""
+        return "a GPTQ folder runs on transformers, through which localmed reads no images"
 
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
@@ -138,7 +149,11 @@ class BatchJobs(Jobs):
     def n_ctx(self) -> int:
         return self.client.n_ctx
 
-    def tokenize(self, text: str) -> list[int]:
+    @property
+    def no_images(self) -> str:
+        return self.client.no_images
+
+    def tokenize(self, text: str | Sequence[Part]) -> list[int]:
         return self.client.tokenize(text)
 
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
@@ -148,7 +163,8 @@ class BatchJobs(Jobs):
         job.handle = self.client.submit(job.tokens, job.params, job.stop, job.events.put,
                                         seed=job.seed, grammar=job.grammar,
                                         logprobs=job.logprobs,
-                                        cache_prompt=job.cache_prompt, on_end=on_end)
+                                        cache_prompt=job.cache_prompt, images=job.images,
+                                        on_end=on_end)
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()

@@ -13,6 +13,7 @@ import time
 import uuid
 from typing import Any
 
+from localmed.images import image_marker, new_nonce
 from localmed.runtimes.base import GenerationParams, GenerationStats
 from localmed.templates import Message
 
@@ -161,28 +162,52 @@ def stop_strings(body: dict[str, Any], template_stops: tuple[str, ...]) -> tuple
     return (*template_stops, *stops)
 
 
-def chat_messages(body: dict[str, Any]) -> list[Message]:
+@dataclasses.dataclass(frozen=True)
+class ImagePart:
+    """An ``image_url`` content part, read later (off the event loop): its URL and where it
+    was in the request."""
+
+    url: Any
+    param: str
+
+
+def chat_messages(body: dict[str, Any]) -> tuple[list[Message], dict[str, ImagePart]]:
+    """The request's messages, each ``image_url`` part as a marker in its text (the template
+    places it; :func:`localmed.images.prompt_parts` finds it after), and those parts by
+    marker."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "'messages' must be a non-empty list", param="messages")
     out = []
+    images: dict[str, ImagePart] = {}
+    nonce = new_nonce()
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise APIError(400, f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}",
                            param=f"messages[{i}].role")
         content = message.get("content")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            parts = [p.get("text") for p in content if isinstance(p, dict)
-                     and p.get("type") == "text"]
-            if len(parts) != len(content) or not all(isinstance(p, str) for p in parts):
-                raise APIError(400, f"messages[{i}]: only text content is supported",
-                               param=f"messages[{i}].content")
-            content = "".join(parts)  # type: ignore[arg-type]
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, {"type": "image_url"…
+            texts: list[str] = []
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                elif kind == "image_url" and message["role"] == "user":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    marker = image_marker(nonce, len(images))
+                    images[marker] = ImagePart(url, f"{where}.image_url")
+                    texts.append(marker)
+                else:
+                    raise APIError(400, f"{where}: a content part must be text, or an "
+                                   "image_url in a user message", param=where)
+            content = "".join(texts)
         if not isinstance(content, str):
             raise APIError(400, f"messages[{i}]: 'content' must be text",
                            param=f"messages[{i}].content")
         out.append(Message(message["role"], content))
-    return out
+    return out, images
 
 
 def merge_runs(messages: list[Message]) -> list[Message]:

@@ -37,10 +37,12 @@ from localmed.conversation import DISCLAIMER
 from localmed.errors import (
     ContextFullError,
     EngineDiedError,
+    ImageError,
     LocalmedError,
     ServeError,
     TemplateError,
 )
+from localmed.images import Image, prompt_parts, read_data_url
 from localmed.runtimes.base import GenerationStats
 from localmed.runtimes.batch import GrammarError
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece
@@ -50,6 +52,7 @@ from localmed.serve.keys import KeyRing, RateLimit
 from localmed.serve.openai_fields import (
     APIError,
     Chunks,
+    ImagePart,
     cache_prompt,
     chat_messages,
     completion,
@@ -64,6 +67,11 @@ from localmed.templates import Message
 
 DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
+MAX_IMAGE_BODY = 48 * 1024 * 1024
+"""The body bound of a server whose model takes images: one image of the largest size taken,
+base64-encoded (a 16-bit chest radiograph as PNG can be 10-30 MB)."""
+MAX_IMAGES = 16
+"""Images one request may carry (each is decoded before the request waits)."""
 BODY_SECONDS = 60.0
 """A request body that has not arrived whole by then is refused (408)."""
 KEEPALIVE_SECONDS = 75.0
@@ -112,7 +120,8 @@ class LocalServer:
     # --- running --------------------------------------------------------------------------------
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._guard])
+        bound = MAX_BODY if self.model.no_images else MAX_IMAGE_BODY
+        app = web.Application(client_max_size=bound, middlewares=[self._guard])
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/", self._models)
         for path in ("/", "/health"):
@@ -212,8 +221,19 @@ class LocalServer:
         params = sampling(body, served.defaults)
         top_logprobs = logprobs(body, chat=route == "/v1/chat/completions")
         wants_json, schema = response_format(body)
+        images: dict[str, Image] = {}
         if route == "/v1/chat/completions":
-            prompt = self._render(chat_messages(body))
+            messages, image_parts = chat_messages(body)
+            if image_parts:  # refused before a byte of an image is decoded
+                if served.no_images:
+                    raise APIError(400, f"this model takes no images: {served.no_images}",
+                                   param=next(iter(image_parts.values())).param,
+                                   code="images_not_supported")
+                if len(image_parts) > MAX_IMAGES:
+                    raise APIError(400, f"{len(image_parts)} images in one request; up to "
+                                   f"{MAX_IMAGES} are taken", param="messages")
+                images = await asyncio.to_thread(read_images, image_parts)
+            prompt = self._render(messages)
             stops = stop_strings(body, served.template.stop)
             kind, where = "chat.completion", "messages"
         else:
@@ -226,13 +246,15 @@ class LocalServer:
             kind, where = "text_completion", "prompt"
         caching = cache_prompt(body, served.cache_prompt)
         grammar = await asyncio.to_thread(jobs.json_grammar, schema) if wants_json else None
-        tokens = await asyncio.to_thread(jobs.tokenize, prompt)
+        parts = prompt_parts(prompt, images)
+        tokens = await asyncio.to_thread(jobs.tokenize, parts if images else prompt)
         if len(tokens) >= jobs.n_ctx:
             raise APIError(400, f"this server gives each reply {jobs.n_ctx} tokens of context "
                            f"({jobs.parallel} at once); the prompt has {len(tokens)}",
                            param=where, code="context_length_exceeded")
         request["prompt"] = prompt
         job = Job(prompt, params, stops, tokens, seed(body), grammar, top_logprobs, caching,
+                  images=tuple(p for p in parts if isinstance(p, Image)),
                   events=_Events(asyncio.get_running_loop()))  # type: ignore[arg-type]
         jobs.admit(job)
         if self.log_content:
@@ -474,6 +496,18 @@ def _json(status: int, data: dict[str, Any], headers: dict[str, str] | None = No
     return web.Response(status=status, body=json.dumps(data).encode(),
                         content_type="application/json",
                         headers={DISCLAIMER_HEADER: DISCLAIMER, **(headers or {})})
+
+
+def read_images(parts: dict[str, ImagePart]) -> dict[str, Image]:
+    """Each ``image_url`` part's image, by marker: a 400 that names the part for any that is
+    not a whole PNG, JPEG or WebP in a ``data:`` URL."""
+    images = {}
+    for n, (marker, part) in enumerate(parts.items()):
+        try:
+            images[marker] = read_data_url(part.url, f"image {n + 1}")
+        except ImageError as refused:
+            raise APIError(400, str(refused), param=part.param, code="invalid_image") from None
+    return images
 
 
 def refusal(error: LocalmedError) -> APIError:
