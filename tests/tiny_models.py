@@ -180,3 +180,70 @@ def build_gemma3_model(folder: Path, *, seed: int = 0) -> Path:
     _save(model, folder, "float32")
     _spm_tokenizer(folder, GEMMA3_TEMPLATE.read_text(encoding="utf-8"))
     return folder
+
+
+GEMMA3_VISION_IMAGE_SIZE = 64
+"""The tiny image-text model's image side (pixels): 8 x 8 patches, pooled to 4 x 4 tokens."""
+
+
+def build_gemma3_vision_model(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny Gemma 3 image-text model (Gemma3ForConditionalGeneration: a two-layer SigLIP
+    vision tower on 64 x 64 images, Gemma 3's pooling projector to 16 tokens an image, and
+    :func:`build_gemma3_model`'s text model), with the image processor's config that llama.cpp's
+    converter reads for the projector."""
+    import torch
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+
+    torch.manual_seed(seed)
+    text = Gemma3TextConfig(
+        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        sliding_window=8, layer_types=[*["sliding_attention"] * 5, "full_attention"],
+        query_pre_attn_scalar=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.08, tie_word_embeddings=False)
+    vision = SiglipVisionConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        image_size=GEMMA3_VISION_IMAGE_SIZE, patch_size=8, layer_norm_eps=1e-6,
+        vision_use_head=False)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=16,
+                          initializer_range=0.08, tie_word_embeddings=False)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # SigLIP's default init leaves the tower near zero: make it matter
+        for name, param in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                if name.endswith("weight") and param.dim() > 1:
+                    param.normal_(0.0, 0.08)
+    folder.mkdir(parents=True, exist_ok=True)
+    _save(model, folder, "float32")
+    _hub_vision_names(folder / "model.safetensors")
+    _spm_tokenizer(folder, GEMMA3_TEMPLATE.read_text(encoding="utf-8"))
+    side = GEMMA3_VISION_IMAGE_SIZE
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Gemma3ImageProcessor", "processor_class": "Gemma3Processor",
+        "image_seq_length": 16, "size": {"height": side, "width": side},
+        "do_resize": True, "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "do_convert_rgb": True, "do_pan_and_scan": False}, indent=2))
+    return folder
+
+
+def _hub_vision_names(path: Path) -> None:
+    """The vision tower's tensors under the names Google's checkpoints give them
+    (``vision_tower.vision_model.*``, no pooling head: Gemma 3 does not use it), where
+    transformers 5 saves them as ``vision_tower.*``; transformers loads either."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    renamed = {}
+    for name, tensor in tensors.items():
+        if name.startswith("vision_tower.head."):
+            continue
+        if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+            name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+        renamed[name] = tensor.contiguous()
+    save_file(renamed, path, metadata={"format": "pt"})
