@@ -227,3 +227,14 @@ def go_ollama(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[dict]]
         return json.loads(out.stdout)
 
     return execute
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium, which playwright drives (its own browser download is never used)."""
+    from tests.system_tools import Unavailable, debian_tool
+
+    try:
+        return debian_tool("chromium", "chromium")
+    except Unavailable as exc:
+        pytest.skip(str(exc))

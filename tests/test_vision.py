@@ -573,16 +573,6 @@ def test_export_carries_the_projector_to_lm_studio_and_tells_why_not_to_ollama(v
 
 # --- chat --web, in a real browser ----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    from tests.system_tools import Unavailable, debian_tool
-
-    try:
-        return debian_tool("chromium", "chromium")
-    except Unavailable as missing:
-        pytest.skip(str(missing))
-
-
 def test_chat_in_a_browser_sends_an_image_through_the_shared_engine(vlm, pictures, chromium,
                                                                     tmp_path):
     """`chat --web` loads the model (and its projector) once; the tab's chat attaches an
@@ -646,7 +636,7 @@ def test_a_text_model_s_chat_refuses_an_image_in_one_line(smollm2, pictures):
     runtime = SlotRuntime(BatchClient(smollm2["gguf"], BatchOptions(1, 512, threads=2)))
     try:
         session = ChatSession.open(ChatModel("smollm2", smollm2["gguf"], None, ""), runtime)
-        with pytest.raises(ImageError, match="takes no images: .*no vision projector"):
+        with pytest.raises(ImageError, match=r"takes no images: .*no vision projector"):
             session.attach(pictures["a"])
         assert session.pending == []
         assert "".join(session.ask("Hello")) is not None  # the chat goes on, text only

@@ -23,7 +23,6 @@ import httpx
 import pytest
 
 from localmed.conversation import DISCLAIMER
-from tests.system_tools import Unavailable, debian_tool
 from tests.test_serve import free_port
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]")
@@ -33,14 +32,6 @@ UPGRADE = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Versi
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    try:
-        return debian_tool("chromium", "chromium")
-    except Unavailable as exc:
-        pytest.skip(str(exc))
 
 
 class WebChat:

@@ -160,6 +160,17 @@ def read_vocab_cases(name: str) -> list[tuple[str, list[int]]]:
 GEMMA3_TEMPLATE = Path(__file__).parent / "data" / "chat_templates" / "google-gemma-3-4b-it.jinja"
 
 
+def _gemma3_text(**overrides: object) -> dict[str, object]:
+    """The tiny Gemma 3 text model's shape, in Gemma 3's own layout: five sliding-window layers,
+    then one global (llama.cpp assumes it)."""
+    return dict(
+        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        sliding_window=8, layer_types=[*["sliding_attention"] * 5, "full_attention"],
+        query_pre_attn_scalar=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        initializer_range=0.08, **overrides)
+
+
 def build_gemma3_model(folder: Path, *, seed: int = 0) -> Path:
     """A tiny Gemma 3 text model (Gemma3ForCausalLM: sliding and global attention, QK-norm),
     with the Llama-2 SentencePiece vocabulary standing in for Gemma's and Gemma 3's own chat
@@ -168,14 +179,7 @@ def build_gemma3_model(folder: Path, *, seed: int = 0) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     torch.manual_seed(seed)
-    # Gemma 3's own layout: five sliding-window layers, then one global (llama.cpp assumes it).
-    config = Gemma3TextConfig(
-        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        sliding_window=8, layer_types=[*["sliding_attention"] * 5, "full_attention"],
-        query_pre_attn_scalar=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.08, tie_word_embeddings=True)
-    model = Gemma3ForCausalLM(config)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(**_gemma3_text(tie_word_embeddings=True)))
     folder.mkdir(parents=True, exist_ok=True)
     _save(model, folder, "float32")
     _spm_tokenizer(folder, GEMMA3_TEMPLATE.read_text(encoding="utf-8"))
@@ -200,12 +204,9 @@ def build_gemma3_vision_model(folder: Path, *, seed: int = 0) -> Path:
     )
 
     torch.manual_seed(seed)
-    text = Gemma3TextConfig(
-        vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
-        sliding_window=8, layer_types=[*["sliding_attention"] * 5, "full_attention"],
-        query_pre_attn_scalar=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        initializer_range=0.08, tie_word_embeddings=False)
+    # an output head of its own: with tied embeddings a random model's greedy reply repeats
+    # its prompt's last token, which would not show a difference between two pictures
+    text = Gemma3TextConfig(**_gemma3_text(tie_word_embeddings=False))
     vision = SiglipVisionConfig(
         hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         image_size=GEMMA3_VISION_IMAGE_SIZE, patch_size=8, layer_norm_eps=1e-6,
