@@ -34,7 +34,10 @@ PRUNED = ("vendor/llama.cpp/models/", "vendor/llama.cpp/docs/", "vendor/llama.cp
           "vendor/llama.cpp/tools/", "vendor/llama.cpp/.devops/", "vendor/llama.cpp/gguf-py/",
           "vendor/llama.cpp/conversion/", ".git/", "docs/", "examples/", "tests/")
 """Parts of the source archive a build with scripts/llama-cmake-args.sh's options never reads
-(no tests, tools, examples, server or multimodal; vocab GGUFs and docs are data)."""
+(no tests, tools, examples or server; vocab GGUFs and docs are data)..."""
+KEPT = "vendor/llama.cpp/tools/mtmd/"
+"""... but the multimodal library, which the build compiles (its sample media left out)."""
+MEDIA = (".jpeg", ".jpg", ".png", ".mp3", ".mp4", ".wav")
 
 
 def prepare(carry: Path, version: str) -> int:
@@ -88,7 +91,10 @@ def _pruned_sdist(version: str, target: Path) -> None:
         with tarfile.open(archive) as src, tarfile.open(partial, "w:gz") as dst:
             for member in src:
                 inner = member.name.split("/", 1)[1] if "/" in member.name else ""
-                if inner.startswith(PRUNED) or inner.rstrip("/") + "/" in PRUNED:
+                if inner.startswith(KEPT) or KEPT.startswith(inner.rstrip("/") + "/"):
+                    if inner.lower().endswith(MEDIA):
+                        continue
+                elif inner.startswith(PRUNED) or inner.rstrip("/") + "/" in PRUNED:
                     continue
                 dst.addfile(member, src.extractfile(member) if member.isfile() else None)
         partial.replace(target)
