@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import re
@@ -50,11 +51,13 @@ class Image:
     format: str
     """Pillow's name of the format it came in (PNG, JPEG, WEBP)."""
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
-        """sha256 of its size and pixels: the same picture in another file is the same."""
-        head = f"{self.width}x{self.height}:".encode()
-        return hashlib.sha256(head + self.rgb).hexdigest()
+        """sha256 of its size and pixels: the same picture in another file is the same.
+        Computed once (the engine looks an image up by it at each step of its prefill)."""
+        digest = hashlib.sha256(f"{self.width}x{self.height}:".encode())
+        digest.update(self.rgb)
+        return digest.hexdigest()
 
     @property
     def label(self) -> str:

@@ -63,6 +63,8 @@ from localmed.runtimes.prompt_cache import (
 )
 from localmed.runtimes.vision import Part, Vision, placeholder
 
+NO_PROJECTOR = "this model was loaded without an image projector (mmproj): it reads text only"
+
 PENALTY_LAST_N = 64
 """Tokens the repeat penalty looks back over: ``llama_cpp.Llama``'s ``last_n_tokens_size``."""
 
@@ -179,8 +181,7 @@ class BatchEngine:
             if not any(isinstance(part, Image) for part in prompt):
                 return self.tokenize("".join(prompt), add_bos=add_bos)  # type: ignore[arg-type]
             if self.vision is None:
-                raise ImageError("this model was loaded without an image projector (mmproj): "
-                                 "it reads text only")
+                raise ImageError(NO_PROJECTOR)
             return self.vision.tokenize(prompt, add_special=add_bos)
         data = prompt.encode("utf-8")
         size = len(data) + 8
@@ -212,8 +213,7 @@ class BatchEngine:
             raise ImageError("a prompt cannot end with an image (the reply starts after text)")
         if any(t < 0 for t in request.tokens):
             if self.vision is None:
-                raise ImageError("this model was loaded without an image projector (mmproj): "
-                                 "it reads text only")
+                raise ImageError(NO_PROJECTOR)
             keys = {placeholder(image) for image in request.images}
             if any(t < 0 and t not in keys for t in request.tokens):
                 raise ImageError("the prompt has image tokens of an image the request lacks")
