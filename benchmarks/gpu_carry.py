@@ -2,9 +2,10 @@
 
 llama-cpp-python's source archive pruned to what the build reads (the whole archive, 77 MB, is
 over the 64 MiB transfer limit: vocabulary files, docs and llama.cpp's own tests are most of it),
-localmed's wheel, and the pure-Python wheels that machine's Python 3.12 lacks. The working tree
-plus ``.gpu/`` is checked against the limit and the device command against its 2,000
-characters.
+localmed's wheel, the pure-Python wheels that machine's Python 3.12 lacks, and the tests' tiny
+Gemma 3 image-text model converted here by ``localmed quantize`` (Q8_0 and its vision projector,
+with two seeded pictures: the image step there needs no converter). The working tree plus
+``.gpu/`` is checked against the limit and the device command against its 2,000 characters.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def prepare(carry: Path, version: str) -> int:
             ".git", ".venv", ".gpu", "__pycache__", "*.egg-info", "build", "dist"))
         subprocess.run([*pip, "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w",
                         str(wheels), str(tree)], check=True)
+    if not (carry / "vision" / "pictures.json").is_file():
+        _vision_models(carry / "vision")
     travels = _travelling_bytes(carry)
     manifest = {
         "files": {p.relative_to(carry).as_posix(): {"bytes": p.stat().st_size,
@@ -98,6 +101,36 @@ def _pruned_sdist(version: str, target: Path) -> None:
                     continue
                 dst.addfile(member, src.extractfile(member) if member.isfile() else None)
         partial.replace(target)
+
+
+def _vision_models(folder: Path) -> None:
+    """tests/tiny_models' Gemma 3 image-text checkpoint (seed 0) converted by localmed (Q8_0
+    and its F16 projector) and two seeded 64 x 64 pictures, in ``folder``; ``pictures.json``,
+    written last, names them (its absence means: make them again)."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(ROOT))
+    from localmed.quantize.pipeline import resolve_source, run_quantize
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+    from tests.tiny_models import build_gemma3_vision_model
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = build_gemma3_vision_model(Path(tmp) / "tiny-gemma3-vision")
+        made = {o.quant: o.path for o in run_quantize(
+            resolve_source(str(checkpoint), Registry.load()), parse_quant_list("Q8_0"), folder)}
+    rng = np.random.default_rng(0)
+    pictures = []
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+            folder / f"{name}.png")
+        pictures.append(f"{name}.png")
+    (folder / "pictures.json").write_text(json.dumps(
+        {"model": made["Q8_0"].name, "projector": made["mmproj-F16"].name,
+         "pictures": pictures}) + "\n")
 
 
 def _travelling_bytes(carry: Path) -> int:

@@ -232,10 +232,54 @@ def flash_attention(model: str) -> dict[str, Any]:
     return compare(Path(model), 1, 128, os.cpu_count() or 1, 2, gpu_layers=-1)
 
 
+def vision(folder: str, gpu_layers: int) -> dict[str, Any]:
+    """The tiny Gemma 3 image-text model (benchmarks/gpu_carry.py made it) on serve's engine,
+    one greedy reply per picture: its tokens, the first token's top-20 log probabilities and
+    the prompt's time (the image's encoding included)."""
+    from localmed.formats.gguf import read_gguf_info
+    from localmed.images import prompt_parts, read_image_file
+    from localmed.runtimes.base import GenerationParams
+    from localmed.runtimes.batch import BatchEngine
+    from localmed.runtimes.messages import Done, Failed, Logprobs, Request
+    from localmed.templates import Message, gguf_template
+
+    where = Path(folder)
+    made = json.loads((where / "pictures.json").read_text())
+    model = where / made["model"]
+    info = read_gguf_info(model)
+    template = gguf_template(info.chat_template, bos_token=info.bos_token,
+                             eos_token=info.eos_token, add_bos=info.add_bos)
+    prompt = template.render([Message("user", "<image>Describe the image.")])
+    engine = BatchEngine(model, n_parallel=1, n_ctx=1024, gpu_layers=gpu_layers,
+                         threads=os.cpu_count(), flash_attention=True,
+                         projector=where / made["projector"])
+    params = GenerationParams(max_tokens=16, temperature=0, repeat_penalty=1.0)
+    replies: dict[str, Any] = {}
+    try:
+        for n, name in enumerate(made["pictures"]):
+            image = read_image_file(where / name)
+            engine.submit(Request(n, engine.tokenize(prompt_parts(prompt, {"<image>": image})),
+                                  params, images=(image,), logprobs=20))
+            top, stats = None, None
+            while engine.busy:
+                for event in engine.step():
+                    if isinstance(event, Logprobs) and top is None:
+                        top = [x["logprob"] for x in event.entries[0]["top_logprobs"]]
+                    elif isinstance(event, Done):
+                        stats = event.stats
+                    elif isinstance(event, Failed):
+                        raise RuntimeError(f"{name}: {event.error}")
+            replies[name] = {"tokens": stats.token_ids, "top_logprobs": top,
+                             "prompt_seconds": round(stats.prefill_seconds, 4)}
+    finally:
+        engine.close()
+    return replies
+
+
 STEPS: dict[str, Callable[..., Any]] = {
     "engine": engine_info, "torch": torch_info, "both": both_in_one_process,
     "models": make_models, "decode": decode_tps, "bandwidth": copy_bandwidth,
-    "flash": flash_attention,
+    "flash": flash_attention, "vision": vision,
 }
 """What runs in a child process of its own: whatever imports llama.cpp's CUDA build or torch.
 A native crash there (an abort, a segfault, two CUDA runtimes at odds) fails that step alone
@@ -263,7 +307,27 @@ def run_step(step: str, kwargs: str, result: Path) -> int:
     return 0
 
 
-def checks(out: Path, dry_run: bool) -> int:
+def images_on_gpu(folder: Path) -> dict[str, Any]:
+    """The image step at full offload (the projector on the GPU too; on a CPU build, the CPU
+    again) against the CPU: the
+    same greedy tokens, log probabilities within 5e-3 nats (test_vision's tolerance against
+    transformers), and the two pictures' replies differ."""
+    gpu = isolated("vision", 300, folder=str(folder), gpu_layers=-1)()
+    cpu = isolated("vision", 300, folder=str(folder), gpu_layers=0)()
+    names = sorted(gpu)
+    same = all(gpu[n]["tokens"] == cpu[n]["tokens"] for n in names)
+    drift = max(abs(a - b) for n in names
+                for a, b in zip(gpu[n]["top_logprobs"], cpu[n]["top_logprobs"], strict=True))
+    result = {"same_tokens_as_cpu": same, "max_logprob_difference": round(drift, 6),
+              "pictures_differ": gpu[names[0]]["tokens"] != gpu[names[1]]["tokens"],
+              "prompt_seconds_gpu": {n: gpu[n]["prompt_seconds"] for n in names},
+              "prompt_seconds_cpu": {n: cpu[n]["prompt_seconds"] for n in names}}
+    if not (same and drift < 5e-3 and result["pictures_differ"]):
+        raise RuntimeError(f"the GPU's image replies are not the CPU's: {result}")
+    return result
+
+
+def checks(out: Path, dry_run: bool, carry: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, dry_run)
     work = Path(tempfile.mkdtemp(prefix="localmed-gpu-check-"))
@@ -313,6 +377,9 @@ def checks(out: Path, dry_run: bool) -> int:
                     lambda: serve_stream(model, 0 if dry_run else -1, tokens))
         report.step("localmed serve, 4 streams at once" + ("" if dry_run else ", full offload"),
                     lambda: serve_stream(model, 0 if dry_run else -1, tokens, 4))
+        report.step("an image (tiny Gemma 3 and its projector), "
+                    + ("CPU against CPU (dry run)" if dry_run else "GPU against CPU"),
+                    lambda: images_on_gpu(carry / "vision"))
         report.step("GPTQ runtime on CUDA", gptq_on_cuda, needs_gpu=True)
         failed = [s["name"] for s in report.steps if s["status"] == "failed"]
         if not dry_run and not env.get("gpu_offload"):
@@ -328,6 +395,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--carry", type=Path, default=ROOT / ".gpu",
+                        help="what benchmarks/gpu_carry.py prepared (the image step's model)")
     parser.add_argument("--step", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--kwargs", default="{}", help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -336,7 +405,7 @@ def main() -> int:
         return run_step(args.step, args.kwargs, args.result)
     if args.out is None:
         parser.error("--out is required")
-    return checks(args.out, args.dry_run)
+    return checks(args.out, args.dry_run, args.carry.resolve())
 
 
 if __name__ == "__main__":

@@ -99,7 +99,7 @@ case "$MODE" in
         SITE=$(mktemp -d)
         install_site || { echo "install: FAILED" >&2; exit 1; }
         # llama.cpp, torch and the rest from this machine's environment; localmed from $SITE
-        PYTHONPATH="$SITE" "$PY" benchmarks/gpu_check.py --out "$OUT" --dry-run
+        PYTHONPATH="$SITE" "$PY" benchmarks/gpu_check.py --out "$OUT" --carry "$CARRY" --dry-run
         status=$?
         rm -rf "$SITE"
         echo "dry run: report in $OUT" >&2
@@ -109,7 +109,7 @@ case "$MODE" in
         nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
         install_site || { echo "install: FAILED" | tee "$OUT/report.txt"; exit 1; }
         build_cuda || { echo "CUDA build failed or ran out of time" >>"$OUT/build.txt"; }
-        PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py --out "$OUT"
+        PYTHONPATH="$SITE" PYTHONUNBUFFERED=1 "$PY" benchmarks/gpu_check.py --out "$OUT" --carry "$CARRY"
         ;;
     *)
         echo "usage: benchmarks/gpu_check.sh --prepare | --dry-run | --device" >&2
