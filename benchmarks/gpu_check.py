@@ -112,6 +112,12 @@ def both_in_one_process() -> dict[str, Any]:
     return {**engine_info(), **torch_info()}
 
 
+def demo_model_path() -> Path:
+    from localmed.demo import demo_model
+
+    return demo_model()
+
+
 def make_models(work: str, dry_run: bool) -> dict[str, Any]:
     """The demo model (shipped, trained: confident next tokens, for CPU/GPU token equality) and a Llama of
     random weights big enough to measure memory bandwidth (~0.76B parameters; small in a dry
@@ -202,10 +208,18 @@ def serve_stream(model: Path, gpu_layers: int, tokens: int, streams: int = 1
 
 
 def gpu_tests(models: dict[str, Any]) -> dict[str, Any]:
+    """tests/test_gpu.py, from a copy of tests/ beside pyproject.toml in a folder of its own:
+    run in the repository, pytest puts its root first on sys.path, and its ``localmed/``
+    source folder (no ``localmed.quantize``, which the installed wheel maps from
+    ``quantize/``) would stand in for the installed localmed."""
     env = {**os.environ, "LOCALMED_GPU_TEST_GGUF": models["model"]}
-    done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q",
-                           "-p", "no:cacheprovider", "tests/test_gpu.py"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(ROOT / "tests", Path(tmp) / "tests",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copy(ROOT / "pyproject.toml", tmp)
+        done = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q",
+                               "-p", "no:cacheprovider", "tests/test_gpu.py"], cwd=tmp,
+                              env=env, capture_output=True, text=True, timeout=400)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-400:]
     if done.returncode != 0:
         raise RuntimeError(f"pytest exit {done.returncode}: {summary}\n{done.stdout[-3000:]}")
@@ -276,29 +290,131 @@ def vision(folder: str, gpu_layers: int) -> dict[str, Any]:
     return replies
 
 
+def engine_load(model: str, gpu_layers: int, imports: list[str], quiet: bool,
+                backend_init: bool = False, llama: bool = False) -> dict[str, Any]:
+    """The model loaded and a context made with the llama.cpp calls serve's engine makes, after
+    importing ``imports`` (one process each: which import, if any, breaks llama.cpp there);
+    ``backend_init``: llama_backend_init() first, as llama_cpp.Llama calls it; ``llama``:
+    through llama_cpp.Llama with its log shown (the decode step's, which worked, hid it)."""
+    import importlib
+
+    for name in imports:
+        importlib.import_module(name)
+    import llama_cpp
+
+    if llama:
+        llama_cpp.Llama(model_path=model, n_gpu_layers=gpu_layers, verbose=True).close()
+        return {"context": True}
+    if backend_init:
+        llama_cpp.llama_backend_init()
+    if quiet:
+        global _QUIET  # the callback must outlive the call
+        _QUIET = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+        llama_cpp.llama_log_set(_QUIET, None)
+    params = llama_cpp.llama_model_default_params()
+    params.n_gpu_layers = gpu_layers
+    loaded = llama_cpp.llama_model_load_from_file(model.encode(), params)
+    if not loaded:
+        raise RuntimeError("llama.cpp could not load it")
+    context = llama_cpp.llama_init_from_model(loaded, llama_cpp.llama_context_default_params())
+    ok = bool(context)
+    if context:
+        llama_cpp.llama_free(context)
+    llama_cpp.llama_model_free(loaded)
+    return {"context": ok}
+
+
+_QUIET: Any = None
+
+LOAD_VARIANTS: dict[str, dict[str, Any]] = {
+    "nothing else": {"imports": [], "quiet": False},
+    "nothing else, llama.cpp's log silenced": {"imports": [], "quiet": True},
+    "nothing else, llama_backend_init() first": {"imports": [], "quiet": False,
+                                                 "backend_init": True},
+    "nothing else, through llama_cpp.Llama, its log shown": {"imports": [], "quiet": False,
+                                                             "llama": True},
+    "sentencepiece (gguf imports it)": {"imports": ["sentencepiece"], "quiet": False},
+    "Pillow": {"imports": ["PIL.Image"], "quiet": False},
+    "gguf": {"imports": ["gguf"], "quiet": False},
+    "localmed's engine": {"imports": ["localmed.runtimes.batch"], "quiet": False},
+    "localmed's engine, log silenced": {"imports": ["localmed.runtimes.batch"], "quiet": True},
+    "llama_cpp first, then localmed's engine": {"imports": ["llama_cpp",
+                                                            "localmed.runtimes.batch"],
+                                                "quiet": False},
+}
+
+
+def load_bisect(model: Path, gpu_layers: int) -> dict[str, Any]:
+    """serve's engine died in llama.cpp's model loader on the first GPU run (2026-12-04) where
+    llama_cpp.Llama, in a process that imported nothing else, loaded the same file: each
+    variant in a process of its own, and the first that dies once more under cuda-gdb."""
+    out: dict[str, Any] = {}
+    for label, variant in LOAD_VARIANTS.items():
+        first = all(v == "ok" for v in out.values())
+        try:
+            isolated("engine_load", 120, backtrace=first, model=str(model),
+                     gpu_layers=gpu_layers, **variant)()
+            out[label] = "ok"
+        except Exception as exc:  # each variant's outcome is the result
+            out[label] = str(exc)[:300]
+    return out
+
+
 STEPS: dict[str, Callable[..., Any]] = {
     "engine": engine_info, "torch": torch_info, "both": both_in_one_process,
     "models": make_models, "decode": decode_tps, "bandwidth": copy_bandwidth,
-    "flash": flash_attention, "vision": vision,
+    "flash": flash_attention, "vision": vision, "engine_load": engine_load,
 }
 """What runs in a child process of its own: whatever imports llama.cpp's CUDA build or torch.
 A native crash there (an abort, a segfault, two CUDA runtimes at odds) fails that step alone
 and the report goes on."""
 
 
-def isolated(step: str, timeout: float = 600, **kwargs: Any) -> Callable[[], Any]:
+def isolated(step: str, timeout: float = 600, backtrace: bool = True,
+             **kwargs: Any) -> Callable[[], Any]:
     def work() -> Any:
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            done = subprocess.run([sys.executable, __file__, "--step", step, "--kwargs",
-                                   json.dumps(kwargs), "--result", result.name],
-                                  capture_output=True, text=True, timeout=timeout)
+            argv = [sys.executable, __file__, "--step", step, "--kwargs", json.dumps(kwargs),
+                    "--result", result.name]
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
             if done.returncode != 0:
                 how = (f"signal {-done.returncode}" if done.returncode < 0
                        else f"exit {done.returncode}")
                 tail = (done.stderr.strip() or done.stdout.strip())[-1500:]
-                raise RuntimeError(f"{step} step died ({how}): {tail}")
+                where = native_backtrace(argv, step) if done.returncode < 0 and backtrace else ""
+                raise RuntimeError(f"{step} step died ({how}): {tail}{where}")
             return json.loads(Path(result.name).read_text())
     return work
+
+
+_TRACED = 0
+"""Backtraces taken so far (two at most: each costs a minute or more of the device's time)."""
+
+BACKTRACES = Path(tempfile.gettempdir())
+"""Where :func:`native_backtrace` writes (``checks`` points it at the report's folder)."""
+
+
+def native_backtrace(argv: list[str], step: str) -> str:
+    """The step once more under cuda-gdb (the GPU machine has no gdb), for the native stack
+    of the crash and the shared libraries loaded: the whole in backtrace-STEP.txt, the
+    crashing thread's first frames in the report. Two at most in a run."""
+    global _TRACED
+    debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
+    if debugger is None or _TRACED >= 2:
+        return ""
+    _TRACED += 1
+    try:
+        done = subprocess.run([debugger, "-q", "-batch", "-ex", "set pagination off",
+                               "-ex", "run", "-ex", "bt 30", "-ex", "info sharedlibrary",
+                               "-ex", "thread apply all bt 8", "--args", *argv],
+                              capture_output=True, text=True, timeout=150,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "\n(cuda-gdb ran out of time)"
+    text = done.stdout + done.stderr
+    (BACKTRACES / f"backtrace-{step}.txt").write_text(text)
+    frames = [line for line in text.splitlines() if line.startswith("#")][:14]
+    return "\nnative stack:\n" + "\n".join(line[:220] for line in frames)
 
 
 def run_step(step: str, kwargs: str, result: Path) -> int:
@@ -330,6 +446,8 @@ def images_on_gpu(folder: Path) -> dict[str, Any]:
 def checks(out: Path, dry_run: bool, carry: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     report = Report(out, dry_run)
+    global BACKTRACES
+    BACKTRACES = out
     work = Path(tempfile.mkdtemp(prefix="localmed-gpu-check-"))
     os.environ["LOCALMED_DATA_DIR"] = str(work / "data")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -339,6 +457,9 @@ def checks(out: Path, dry_run: bool, carry: Path) -> int:
         report.step("environment: torch", isolated("torch", 120))
         report.step("llama.cpp and torch in one process", isolated("both", 120))
         report.step("localmed doctor", lambda: {"output": _localmed("doctor")})
+        report.step("serve's engine loads the demo model, import by import"
+                    + (" (CPU: dry run)" if dry_run else ", full offload"),
+                    lambda: load_bisect(demo_model_path(), 0 if dry_run else -1))
         made = report.step("models", isolated("models", 900, work=str(work), dry_run=dry_run))
         if made["status"] != "ok":
             return 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -79,16 +81,26 @@ def test_greedy_decoding_gives_the_cpu_s_tokens(demo_gguf):
     assert tokens["gpu"] == tokens["cpu"]
 
 
-def test_the_vram_estimate_is_within_15_percent(big_gguf):
-    import torch
+def _gpu_memory_used() -> int:
+    """Bytes in use on GPU 0 as the driver counts them (nvidia-smi), the CUDA context of the
+    process that loads included, as the planner's VRAM overhead includes it. Not torch: a
+    process that holds llama.cpp's CUDA build and imports torch aborted on the H200 machine
+    (free(): invalid pointer)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        pytest.skip("no nvidia-smi: the device's memory cannot be read")
+    done = subprocess.run([exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                           "-i", "0"], capture_output=True, text=True, check=True, timeout=60)
+    return int(done.stdout.strip()) * 2**20
 
+
+def test_the_vram_estimate_is_within_15_percent(big_gguf):
     from localmed import formats
 
-    torch.cuda.init()
-    free_before = torch.cuda.mem_get_info()[0]
+    before = _gpu_memory_used()
     runtime, _ = _load(big_gguf, -1)
     try:
-        used = free_before - torch.cuda.mem_get_info()[0]
+        used = _gpu_memory_used() - before
         estimate = runtime.plan.vram_needed
         assert abs(estimate - used) <= 0.15 * used, (
             f"planned {estimate / 2**20:.0f} MiB, the device reports {used / 2**20:.0f} MiB used")
