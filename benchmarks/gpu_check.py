@@ -454,12 +454,12 @@ def checks(out: Path, dry_run: bool, carry: Path) -> int:
     tokens = 32 if dry_run else 128
     try:
         env = report.step("environment: llama.cpp", isolated("engine", 120))
-        report.step("environment: torch", isolated("torch", 120))
-        report.step("llama.cpp and torch in one process", isolated("both", 120))
-        report.step("localmed doctor", lambda: {"output": _localmed("doctor")})
         report.step("serve's engine loads the demo model, import by import"
                     + (" (CPU: dry run)" if dry_run else ", full offload"),
                     lambda: load_bisect(demo_model_path(), 0 if dry_run else -1))
+        report.step("environment: torch", isolated("torch", 120))
+        report.step("llama.cpp and torch in one process", isolated("both", 120))
+        report.step("localmed doctor", lambda: {"output": _localmed("doctor")})
         made = report.step("models", isolated("models", 900, work=str(work), dry_run=dry_run))
         if made["status"] != "ok":
             return 1

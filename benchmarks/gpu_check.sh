@@ -86,6 +86,16 @@ build_cuda() {
     reached=$(grep -o '^ *\[[0-9]*/[0-9]*\]' "$OUT/build.txt" | tail -1 | tr -d ' ')
     echo "build: exit $status after $((SECONDS - start)) s (budget $BUILD_BUDGET s;" \
         "last ninja step ${reached:-none})" | tee -a "$OUT/build.txt"
+    # how the C++ runtime is linked: shared (NEEDED libstdc++), or static with its std::
+    # symbols exported (the crash of 2026-12-04) or kept private (scripts/llama-cmake-args.sh)
+    local lib
+    for lib in libllama.so libggml-cuda.so; do
+        lib="$SITE/llama_cpp/lib/$lib"
+        [ -f "$lib" ] || continue
+        echo "linkage: $(basename "$lib"): libstdc++ $(readelf -d "$lib" | grep -q 'libstdc++' \
+            && echo shared || echo static), std::ostream symbols exported:" \
+            "$(nm -D --defined-only "$lib" 2>/dev/null | grep -c ' _ZNSo')" | tee -a "$OUT/build.txt"
+    done
     return $status
 }
 

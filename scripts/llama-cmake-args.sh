@@ -12,6 +12,14 @@ llama_cmake_args() {
         args+=" -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
         args+=" -DGGML_BMI2=ON"
     fi
+    if [ "$(uname -s)" = "Linux" ]; then
+        # A compiler that links the C++ runtime statically (the GPU machine's /opt/gcc g++ does)
+        # would export that copy's symbols from every llama.cpp library, and a process that
+        # loaded the system's libstdc++ first (sentencepiece, which gguf imports; torch) then
+        # crashed in llama.cpp's model loader (std::ostream, 2026-12-04). Kept private to each
+        # library; where libstdc++ is linked as a shared library (usual) this changes nothing.
+        args+=" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a:libsupc++.a"
+    fi
     if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
         # No flash-attention kernels: localmed's contexts run with flash attention off (as
         # llama_cpp.Llama's default, so replies equal across chat and serve), and those kernels
