@@ -21,10 +21,11 @@ llama_cmake_args() {
         args+=" -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,libstdc++.a:libsupc++.a"
     fi
     if [ "${LOCALMED_GPU:-}" = "cuda" ]; then
-        # No flash-attention kernels: localmed's contexts run with flash attention off (as
-        # llama_cpp.Llama's default, so replies equal across chat and serve), and those kernels
-        # are the largest part of ggml-cuda's compile (the build ran out of a 330 s budget on
-        # an H200 machine's 16 cores). Enabling flash attention must remove this.
+        # No flash-attention kernels (GGML_CUDA_NO_FA): ggml-cuda then reports the op as
+        # unsupported, and llama.cpp's flash attention `auto`, which localmed asks for, resolves
+        # to off on the layers a GPU holds. They were the largest part of a compile that once
+        # ran out of the GPU check's budget (2026-11-30); without them the build took 157-198 s
+        # on 16 cores (2026-12-04). Building them is for a GPU session that measures both.
         args+=" -DGGML_CUDA=on -DGGML_CUDA_FA=OFF"
     fi
     echo "$args ${CMAKE_ARGS:-}"

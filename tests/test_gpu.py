@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,20 +66,63 @@ def test_layers_are_offloaded_as_planned(share, demo_gguf):
         runtime.close()
 
 
-def test_greedy_decoding_gives_the_cpu_s_tokens(demo_gguf):
-    from localmed.runtimes.base import GenerationParams
+NEAR_TIE = 0.1
+"""Nats between the CPU's two most likely tokens under which the GPU may pick the other: its
+kernels sum in another order and quantize activations otherwise (the demo model's greedy
+replies parted at token 25 on the H200, 2026-12-04)."""
+AGREE = 0.05
+"""Nats by which a chosen token's log probability may differ between the GPU and the CPU."""
 
-    params = GenerationParams(max_tokens=32, temperature=0.0, ignore_eos=True)
-    tokens = {}
-    for where, layers in (("gpu", -1), ("cpu", 0)):
-        runtime, _ = _load(demo_gguf, layers)
-        try:
-            "".join(runtime.stream(PROMPT, params))
-            tokens[where] = runtime.last_stats.token_ids
-        finally:
-            runtime.close()
-    assert len(tokens["gpu"]) == 32
-    assert tokens["gpu"] == tokens["cpu"]
+
+def greedy(model: Path, gpu_layers: int, tokens: int = 32) -> tuple[list[int], list[dict]]:
+    """A greedy reply on the engine chat and serve share, with each token's top two."""
+    from localmed.runtimes.base import GenerationParams
+    from localmed.runtimes.batch import BatchEngine
+    from localmed.runtimes.messages import Done, Logprobs, Request
+
+    engine = BatchEngine(model, n_parallel=1, n_ctx=1024, gpu_layers=gpu_layers,
+                         flash_attention=True)
+    try:
+        params = GenerationParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
+                                  repeat_penalty=1.0)
+        engine.submit(Request(1, engine.tokenize(PROMPT), params, logprobs=2))
+        entries, stats = [], None
+        while engine.busy:
+            for event in engine.step():
+                if isinstance(event, Logprobs):
+                    entries += event.entries
+                elif isinstance(event, Done):
+                    stats = event.stats
+    finally:
+        engine.close()
+    return stats.token_ids, entries
+
+
+def agree_until_a_near_tie(gpu: tuple[list[int], list[dict]],
+                           cpu: tuple[list[int], list[dict]]) -> int:
+    """The GPU's greedy tokens are the CPU's up to the first place where the CPU's top two
+    are a near tie, with log probabilities that agree on the way; returns that place (the
+    length where they never part)."""
+    (g_ids, g_entries), (c_ids, c_entries) = gpu, cpu
+    assert len(g_ids) == len(c_ids)
+    parted = next((i for i, (a, b) in enumerate(zip(g_ids, c_ids, strict=True))
+                   if a != b), len(c_ids))
+    for i in range(parted):
+        assert abs(g_entries[i]["logprob"] - c_entries[i]["logprob"]) < AGREE, (
+            i, g_entries[i], c_entries[i])
+    if parted < len(c_ids):
+        top = c_entries[parted]["top_logprobs"]
+        gap = top[0]["logprob"] - top[1]["logprob"]
+        assert gap < NEAR_TIE, (
+            f"the GPU's reply parts from the CPU's at token {parted} where the CPU's top two "
+            f"are {gap:.3f} nats apart")
+    return parted
+
+
+def test_greedy_decoding_gives_the_cpu_s_tokens(demo_gguf):
+    gpu, cpu = greedy(demo_gguf, -1), greedy(demo_gguf, 0)
+    assert len(gpu[0]) == 32
+    agree_until_a_near_tie(gpu, cpu)
 
 
 def _gpu_memory_used() -> int:
@@ -94,16 +138,35 @@ def _gpu_memory_used() -> int:
     return int(done.stdout.strip()) * 2**20
 
 
+LOAD_AND_WAIT = """
+import sys
+from pathlib import Path
+from localmed import formats
+runtime = formats.load_runtime(Path(sys.argv[1]), formats.LoadOptions(gpu_layers=-1))
+print(runtime.plan.vram_needed, runtime.plan.gpu_layers, flush=True)
+sys.stdin.readline()
+runtime.close()
+"""
+
+
 def test_the_vram_estimate_is_within_15_percent(big_gguf):
+    """Loaded in a process of its own, so that its whole CUDA context counts, as the planner's
+    overhead does (a context an earlier test made in this process outlives its model: on the
+    H200 the difference measured here was 942 MiB against 1534 planned)."""
     from localmed import formats
 
     before = _gpu_memory_used()
-    runtime, _ = _load(big_gguf, -1)
+    child = subprocess.Popen([sys.executable, "-c", LOAD_AND_WAIT, str(big_gguf)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
+        line = child.stdout.readline()
+        assert line, child.stderr.read()[-2000:]
+        estimate, layers = (int(x) for x in line.split())
         used = _gpu_memory_used() - before
-        estimate = runtime.plan.vram_needed
-        assert abs(estimate - used) <= 0.15 * used, (
-            f"planned {estimate / 2**20:.0f} MiB, the device reports {used / 2**20:.0f} MiB used")
-        assert runtime.plan.gpu_layers == formats.describe(big_gguf).block_count
     finally:
-        runtime.close()
+        child.stdin.close()
+        child.wait(timeout=120)
+    assert abs(estimate - used) <= 0.15 * used, (
+        f"planned {estimate / 2**20:.0f} MiB, the device reports {used / 2**20:.0f} MiB used")
+    assert layers == formats.describe(big_gguf).block_count
