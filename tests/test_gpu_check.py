@@ -42,12 +42,19 @@ def test_the_dry_run_passes_and_what_travels_fits(tmp_path):
     for step in ("environment: llama.cpp", "environment: torch",
                  "llama.cpp and torch in one process", "localmed doctor", "models", "localmed plan (full offload)",
                  "localmed plan (--gpu-layers 2)", "decode, CPU", "gpu-marked tests",
-                 "localmed serve, streaming", "localmed serve, 4 streams at once"):
+                 "localmed serve, streaming", "localmed serve, 4 streams at once",
+                 "serve's engine loads the demo model, import by import (CPU: dry run)",
+                 "an image (tiny Gemma 3 and its projector), CPU against CPU (dry run)"):
         assert status.pop(step) == "ok", (step, report)
     assert set(status.values()) == {"skipped"}  # the GPU's: decode with offload, bound, GPTQ
     steps = {step["name"]: step for step in report["steps"]}
     assert steps["localmed serve, streaming"]["tokens"] == 32
     assert steps["localmed serve, 4 streams at once"]["tokens"] == 4 * 32
+    loads = steps["serve's engine loads the demo model, import by import (CPU: dry run)"]
+    assert {v for k, v in loads.items() if k not in ("name", "status", "seconds")} == {"ok"}
+    image = steps["an image (tiny Gemma 3 and its projector), CPU against CPU (dry run)"]
+    assert image["pictures_differ"] and image["max_logprob_difference"] == 0
+    assert set(image["replies_part_at_token"].values()) == {None}  # the CPU is the CPU
     assert steps["decode, CPU"]["tok_per_s"] > 0
     assert "skipped" in steps["gpu-marked tests"]["summary"]
     assert (out / "report.txt").read_text().startswith("localmed GPU check")
