@@ -133,7 +133,8 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
         members = [m for m in tar.getmembers()
                    if "/vendor/llama.cpp/" in m.name and ("convert_hf_to_gguf" in m.name
                    or "/gguf-py/" in m.name or "/conversion/" in m.name)]
-        tar.extractall(scratch, members=members, filter="data")
+        tar.extractall(scratch, members=members,  # filters: Python 3.10.12+, 3.11.4+
+                       **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     return next(scratch.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
 
 

@@ -79,7 +79,9 @@ def llama_tool(target: str) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         print(f"building {target} from it ({' '.join(args)})…", flush=True)
         with tarfile.open(archive) as tar:
-            tar.extractall(work, filter="data")
+            # "data": no links out of the folder (filters: Python 3.10.12+, 3.11.4+)
+            tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                    else {}))
         source = Path(work) / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
         build = Path(work) / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), *args], check=True,
