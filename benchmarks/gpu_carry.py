@@ -105,16 +105,13 @@ def _pruned_sdist(version: str, target: Path) -> None:
 
 def _vision_models(folder: Path) -> None:
     """tests/tiny_models' Gemma 3 image-text checkpoint (seed 0) converted by localmed (Q8_0
-    and its F16 projector) and two seeded 64 x 64 pictures, in ``folder``; ``pictures.json``,
+    and its F16 projector) and its two seeded pictures (the tests' own), in ``folder``; ``pictures.json``,
     written last, names them (its absence means: make them again)."""
-    import numpy as np
-    from PIL import Image
-
     sys.path.insert(0, str(ROOT))
     from localmed.quantize.pipeline import resolve_source, run_quantize
     from localmed.quants import parse_quant_list
     from localmed.registry import Registry
-    from tests.tiny_models import build_gemma3_vision_model
+    from tests.tiny_models import build_gemma3_vision_model, seeded_pictures
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -122,12 +119,7 @@ def _vision_models(folder: Path) -> None:
         checkpoint = build_gemma3_vision_model(Path(tmp) / "tiny-gemma3-vision")
         made = {o.quant: o.path for o in run_quantize(
             resolve_source(str(checkpoint), Registry.load()), parse_quant_list("Q8_0"), folder)}
-    rng = np.random.default_rng(0)
-    pictures = []
-    for name in ("a", "b"):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
-            folder / f"{name}.png")
-        pictures.append(f"{name}.png")
+    pictures = [p.name for p in seeded_pictures(folder).values()]
     (folder / "pictures.json").write_text(json.dumps(
         {"model": made["Q8_0"].name, "projector": made["mmproj-F16"].name,
          "pictures": pictures}) + "\n")

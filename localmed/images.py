@@ -6,8 +6,9 @@ pixel is decoded), then its pixels, as 8-bit RGB, the form llama.cpp's multimoda
 (libmtmd) takes. What crosses to the engine is that :class:`Image`: its pixels, size, a digest
 (the engine's prompt cache matches an image by it) and a name for the transcript.
 
-PNG, JPEG and WebP, as OpenAI's API takes them. llama.cpp decodes PNG and JPEG with stb_image,
-as Pillow does, to the same pixels (``tests/test_images.py``); WebP it cannot read at all.
+PNG, JPEG and WebP, as OpenAI's API takes them. llama.cpp's own tools decode PNG and JPEG with
+stb_image, to the pixels Pillow gives (``tests/test_vision.py``: the same greedy replies as
+``llama-mtmd-cli`` reading the same PNG files); WebP they cannot read at all.
 """
 
 from __future__ import annotations
@@ -70,9 +71,7 @@ def read_image(data: bytes, name: str) -> Image:
     from PIL import Image as PILImage
     from PIL import UnidentifiedImageError
 
-    if len(data) > MAX_BYTES:
-        raise ImageError(f"{name}: {len(data) / 2**20:.1f} MiB; images of up to "
-                         f"{MAX_BYTES // 2**20} MiB are taken")
+    _check_size(name, len(data))
     try:
         # Image.open reads the header only; the size check comes before any decoding.
         with PILImage.open(io.BytesIO(data)) as image:
@@ -95,13 +94,16 @@ def read_image(data: bytes, name: str) -> Image:
     return Image(width, height, rgb, name, kind)
 
 
+def _check_size(name: str, size: int) -> None:
+    if size > MAX_BYTES:
+        raise ImageError(f"{name}: {size / 2**20:.1f} MiB; images of up to "
+                         f"{MAX_BYTES // 2**20} MiB are taken")
+
+
 def read_image_file(path: Path) -> Image:
     path = path.expanduser()
     try:
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise ImageError(f"{path}: {size / 2**20:.1f} MiB; images of up to "
-                             f"{MAX_BYTES // 2**20} MiB are taken")
+        _check_size(str(path), path.stat().st_size)  # before a byte of it is read
         data = path.read_bytes()
     except IsADirectoryError:
         raise ImageError(f"{path}: a folder, not an image") from None

@@ -94,20 +94,19 @@ def pair(model_file: Path, explicit: Path | None = None) -> Pairing:
     """The projector for ``model_file``: ``explicit`` (``--mmproj``: it must be right), else
     the one beside it. A projector found beside it that does not fit is an error too."""
     if explicit is not None:
-        explicit = explicit.expanduser()
-        if not explicit.is_file():
-            raise ProjectorError(f"{explicit}: no such projector file")
-        return Pairing(check_pair(read_projector(explicit), model_file,
-                                  model_width(model_file)), "")
-    found = library.projector_beside(model_file)
-    if found is None:
-        return Pairing(None, f"{model_file.name} has no vision projector (mmproj) beside it: "
-                             "it reads text only")
-    if not found.is_file():
-        return Pairing(None, lost=True,
-                       absent=f"its projector {found.name} is not beside {model_file.name} "
-                              f"(moved without it?): images are off until it is back in "
-                              f"{found.parent}")
+        found = explicit.expanduser()
+        if not found.is_file():
+            raise ProjectorError(f"{found}: no such projector file")
+    else:
+        found = library.projector_beside(model_file)
+        if found is None:
+            return Pairing(None, f"{model_file.name} has no vision projector (mmproj) beside "
+                                 "it: it reads text only")
+        if not found.is_file():
+            return Pairing(None, lost=True,
+                           absent=f"its projector {found.name} is not beside "
+                                  f"{model_file.name} (moved without it?): images are off "
+                                  f"until it is back in {found.parent}")
     return Pairing(check_pair(read_projector(found), model_file, model_width(model_file)), "")
 
 

@@ -34,7 +34,7 @@ from localmed.runtimes.vision import placeholder
 from localmed.templates import Message, gguf_template
 from tests.terminal import Terminal
 from tests.test_serve import Server, free_port
-from tests.tiny_models import build_gemma3_vision_model
+from tests.tiny_models import build_gemma3_vision_model, seeded_pictures
 
 GREEDY = GenerationParams(max_tokens=16, temperature=0, repeat_penalty=1.0)
 QUESTION = "Describe the image."
@@ -55,13 +55,7 @@ def data_url(data: bytes, kind: str = "image/png") -> str:
 @pytest.fixture(scope="module")
 def pictures(tmp_path_factory) -> dict[str, Path]:
     """Two seeded 64 x 64 pictures (the model's own size: no resizing on either side)."""
-    folder = tmp_path_factory.mktemp("pictures")
-    rng = np.random.default_rng(0)
-    out = {}
-    for name in ("a", "b"):
-        out[name] = folder / f"{name}.png"
-        out[name].write_bytes(png(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
-    return out
+    return seeded_pictures(tmp_path_factory.mktemp("pictures"))
 
 
 @pytest.fixture(scope="module")

@@ -190,6 +190,21 @@ GEMMA3_VISION_IMAGE_SIZE = 64
 """The tiny image-text model's image side (pixels): 8 x 8 patches, pooled to 4 x 4 tokens."""
 
 
+def seeded_pictures(folder: Path) -> dict[str, Path]:
+    """Two seeded 64 x 64 PNG pictures of random pixels, ``a`` and ``b``, for
+    :func:`build_gemma3_vision_model` (its own image size: no resizing on either side)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    side = GEMMA3_VISION_IMAGE_SIZE
+    out = {}
+    for name in ("a", "b"):
+        out[name] = folder / f"{name}.png"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(out[name])
+    return out
+
+
 def build_gemma3_vision_model(folder: Path, *, seed: int = 0) -> Path:
     """A tiny Gemma 3 image-text model (Gemma3ForConditionalGeneration: a two-layer SigLIP
     vision tower on 64 x 64 images, Gemma 3's pooling projector to 16 tokens an image, and

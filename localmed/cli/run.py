@@ -72,7 +72,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                                threads=args.threads, batch_seconds=FLUSH_SECONDS,
-                               projector=_projector(args))
+                               projector=args.mmproj)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -87,11 +87,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     run_chat(session)
     return 0
-
-
-def _projector(args: argparse.Namespace) -> Path | None:
-    chosen = getattr(args, "mmproj", None)
-    return Path(chosen).expanduser() if chosen else None
 
 
 def _chat_web(args: argparse.Namespace) -> int:
@@ -126,7 +121,7 @@ def _chat_web(args: argparse.Namespace) -> int:
 
     with err_console().status(f"loading the model for {sessions} conversation(s)…"):
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
-                                                      args.threads, projector=_projector(args)),
+                                                      args.threads, projector=args.mmproj),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
@@ -163,7 +158,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         from localmed.projector import pair, with_projector
 
         try:
-            pairing = pair(model.path, _projector(args))
+            pairing = pair(model.path, args.mmproj)
         except ProjectorError as refused:
             images = f"images: off: {refused}"
         else:
@@ -315,9 +310,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--system", help="system prompt")
-    p.add_argument("--mmproj", metavar="FILE", help="the vision projector of an image-text "
-                   "model (default: the one beside the model); `/image PATH` in the chat "
-                   "attaches an image")
+    p.add_argument("--mmproj", metavar="FILE", type=Path, help="the vision projector of an "
+                   "image-text model (default: the one beside the model); `/image PATH` in the "
+                   "chat attaches an image")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
     p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "
@@ -334,8 +329,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
     model_options(p)
-    p.add_argument("--mmproj", metavar="FILE", help="an image-text model's vision projector "
-                   "(default: the one beside the model), counted in the plan")
+    p.add_argument("--mmproj", metavar="FILE", type=Path, help="an image-text model's vision "
+                   "projector (default: the one beside the model), counted in the plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "

@@ -78,9 +78,9 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         # --ctx is the whole context, split among the replies as llama-server splits -c; each
         # share rounded up to llama.cpp's 256-token granule (what llama.cpp itself does)
         per_reply = -(-args.ctx // parallel // CTX_GRANULE) * CTX_GRANULE if args.ctx else None
-        projector = Path(args.mmproj).expanduser() if args.mmproj else None
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
-                                                      args.threads, cache_ram(args), projector),
+                                                      args.threads, cache_ram(args),
+                                                      args.mmproj),
                              on_restart=lambda why: print(f"localmed serve: the model engine: "
                                                           f"{why}; reloading", file=log,
                                                           flush=True))
@@ -89,11 +89,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
 
     if args.parallel and args.parallel > 1:
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
-    if args.mmproj:
-        raise ServeError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "
-                         "runs on transformers")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                           threads=args.threads)
+                           threads=args.threads, projector=args.mmproj)  # refuses --mmproj
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 
@@ -303,9 +300,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "cells of conversations whose slot another one took, so their follow-ups "
                    f"are not prefilled again (default: {default_cache_ram() // MIB} MiB here, "
                    "llama-server's 8192 or a quarter of this machine's memory; 0: none)")
-    p.add_argument("--mmproj", metavar="FILE", help="the vision projector of an image-text "
-                   "model (default: the one beside the model, as `localmed quantize` and "
-                   "`localmed pull` put it)")
+    p.add_argument("--mmproj", metavar="FILE", type=Path, help="the vision projector of an "
+                   "image-text model (default: the one beside the model, as `localmed quantize` "
+                   "and `localmed pull` put it)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
                    help="prefill every prompt whole: each reply depends on its request alone "
                    "(slower follow-ups; see README)")
