@@ -502,7 +502,9 @@ def test_chat_attaches_an_image_under_tmux(vlm, pictures, tmp_path):
         terminal.wait(lambda s: "Attach an image" in s and "b.png" in s, "the file picker")
         terminal.press("Down")
         terminal.press("Enter")
-        shown = terminal.wait(lambda s: "1 image attached" in s, "the picked image")
+        # the status line comes a frame before the notice: wait for both
+        shown = terminal.wait(lambda s: "1 image attached" in s and "Attached b.png" in s,
+                              "the picked image")
         assert "Attached b.png" in shown and "Not medical advice" in shown
 
 
