@@ -66,6 +66,13 @@ def test_the_banner_says_how_the_context_is_split(smol):
     assert "3 replies at once, 1024 tokens each" in said, said
     assert "llama-server -np 3 -c 3072" in said, said
     assert "up to 16 more requests wait" in said, said
+    assert "MiB of host memory keep those whose slot another took (--cache-ram)" in said, said
+    running = Server(smol, "--parallel", "2", "--cache-ram", "0")
+    try:
+        said = running.banner()
+    finally:
+        running.stop()
+    assert "one whose slot another took is prefilled again (--cache-ram 0)" in said, said
 
 
 def test_four_streams_at_once_each_equal_the_request_alone(ward):

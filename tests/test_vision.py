@@ -355,6 +355,9 @@ def server(vlm):
     running = Server(vlm["Q8_0"], "--ctx", "2048", "--parallel", "2")
     banner = running.banner()
     assert "images: taken" in banner
+    # a sliding-window model keeps no host cache (see the follow-up test below), and says so
+    assert "a sliding-window model (" in banner and "keeps no host cache" in banner, banner
+    assert "--cache-ram)" not in banner, banner
     yield running
     running.stop()
 

@@ -94,6 +94,17 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 
+def _taken(jobs: Jobs) -> str:
+    """What becomes of a conversation whose slot another took, as the engine loaded it."""
+    if jobs.host_cache:
+        return (f"up to {jobs.host_cache // MIB} MiB of host memory keep those whose slot "
+                "another took (--cache-ram)")
+    if jobs.sliding_window:
+        return (f"one whose slot another took is prefilled again: a sliding-window model "
+                f"({jobs.sliding_window}-token window) keeps no host cache")
+    return "one whose slot another took is prefilled again (--cache-ram 0)"
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import sys
     from concurrent.futures import ThreadPoolExecutor
@@ -164,9 +175,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           f"{plan.n_ctx} split {jobs.parallel} ways, as llama-server -np "
                           f"{jobs.parallel} -c {plan.n_ctx} splits it)")
                 if args.cache_prompt:
-                    out.print("  each slot keeps its conversation for the next turn; up to "
-                              f"{cache_ram(args) // MIB} MiB of host memory keep those whose slot "
-                              "another took (--cache-ram)")
+                    out.print(f"  each slot keeps its conversation for the next turn; {_taken(jobs)}")
                 else:
                     out.print("  every prompt is prefilled whole (--no-cache-prompt)")
             else:

@@ -160,8 +160,8 @@ class BatchEngine:
         # are there (even with llama.cpp's swa_full, a state read back from host memory lacks
         # them: its follow-ups went wrong by up to 1.6 nats on a tiny Gemma 3), so such a model
         # keeps no host cache; a conversation in its own slot is continued as any other.
-        self._n_swa = int(llama_cpp.llama_model_n_swa(self._model))
-        self.host_cache = HostCache(0 if self._n_swa else cache_ram)
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self._model))
+        self.host_cache = HostCache(0 if self.n_swa else cache_ram)
         self._piece = ctypes.create_string_buffer(256)
         self.vision: Vision | None = None
         if projector is not None:
@@ -431,8 +431,8 @@ class BatchEngine:
             return self._clear(slot)  # nothing to keep, or cells that cannot be cut part way
         del cells[keep:]
         # enough of a sliding-window model's positions for what comes next?
-        if self._n_swa and self._llama.llama_memory_seq_pos_min(memory, slot) > \
-                max(0, keep - self._n_swa):
+        if self.n_swa and self._llama.llama_memory_seq_pos_min(memory, slot) > \
+                max(0, keep - self.n_swa):
             return self._clear(slot)
         return keep
 

@@ -127,7 +127,8 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
         with sending, contextlib.suppress(OSError):
             conn.send(message)
 
-    send(Ready(info, plan, engine.n_ctx_seq, options.n_parallel, no_images))
+    send(Ready(info, plan, engine.n_ctx_seq, options.n_parallel, no_images,
+               host_cache=engine.host_cache.limit, sliding_window=engine.n_swa))
     inbox: queue.Queue[Any] = queue.Queue()
 
     def receive() -> None:
@@ -248,6 +249,7 @@ class BatchClient:
         if not isinstance(first, Ready):
             self._stop_process()
             raise first.error
+        self.ready = first
         self.info, self.plan, self.n_ctx, self.n_parallel = \
             first.info, first.plan, first.n_ctx, first.n_parallel
         self.no_images = first.no_images
@@ -442,8 +444,7 @@ class EngineHub:
 
         sender = threading.Thread(target=deliver, name="localmed-engine-tab-out", daemon=True)
         sender.start()
-        outbox.put(Ready(client.info, client.plan, client.n_ctx, client.n_parallel,
-                         client.no_images))
+        outbox.put(client.ready)
         theirs: dict[int, int] = {}  # the tab's request id -> the client's
 
         def relay(tab_id: int) -> Sink:

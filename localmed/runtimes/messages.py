@@ -112,6 +112,11 @@ class Ready:
     n_parallel: int
     no_images: str = ""
     """Why the model takes no images ("": it takes them)."""
+    host_cache: int = 0
+    """Bytes of host memory that keep the cells of conversations whose slot another took
+    (0: none; such a conversation is prefilled again)."""
+    sliding_window: int = 0
+    """The model's sliding-window width in tokens (0: none); such a model keeps no host cache."""
 
 
 @dataclass(frozen=True)

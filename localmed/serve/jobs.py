@@ -97,6 +97,16 @@ class Jobs(ABC):
         """Why requests with images are refused ("": the engine takes them)."""
         return "a GPTQ folder runs on transformers, through which localmed reads no images"
 
+    @property
+    def host_cache(self) -> int:
+        """Bytes of host memory for conversations whose slot another took (0: none)."""
+        return 0
+
+    @property
+    def sliding_window(self) -> int:
+        """The model's sliding-window width in tokens (0: none)."""
+        return 0
+
     @abstractmethod
     def tokenize(self, text: str) -> list[int]:
         """The prompt's tokens, without waiting on a running reply (where the engine allows)."""
@@ -152,6 +162,14 @@ class BatchJobs(Jobs):
     @property
     def no_images(self) -> str:
         return self.client.no_images
+
+    @property
+    def host_cache(self) -> int:
+        return self.client.ready.host_cache
+
+    @property
+    def sliding_window(self) -> int:
+        return self.client.ready.sliding_window
 
     def tokenize(self, text: str | Sequence[Part]) -> list[int]:
         return self.client.tokenize(text)
