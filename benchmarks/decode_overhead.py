@@ -18,6 +18,7 @@ sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every
 Medians of ``--repeats`` runs, and each path's ratio to raw.
 
     python benchmarks/decode_overhead.py [--tokens 512] [--repeats 5] [--gguf FILE ...]
+                                         [--paths tui serve web]
 
 (512 tokens, 5 runs: on a small shared VM one 256-token run varies by 10-15%.)
 """
@@ -244,10 +245,13 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--gguf", type=Path, action="append", help="models (default: SmolLM2 "
                         "and a tiny Llama)")
+    parser.add_argument("--paths", nargs="+", choices=("tui", "serve", "web"),
+                        default=["tui", "serve", "web"], help="what to measure beside raw "
+                        "(default: all three)")
     args = parser.parse_args()
     if shutil.which("tmux") is None:
         raise SystemExit("tmux is needed: the TUI is measured in a real terminal")
-    if shutil.which("chromium") is None:
+    if "web" in args.paths and shutil.which("chromium") is None:
         raise SystemExit("chromium is needed (Debian: apt-get install chromium): --web is "
                          "measured in a real browser")
     scratch = Path(tempfile.mkdtemp(prefix="localmed-decode-"))
@@ -264,12 +268,16 @@ def main() -> None:
                 runs = {"raw": [], "tui": [], "serve": [], "web": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits every path alike
                     runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx))
-                    runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
-                                               args.tokens / runs["raw"][-1]))
-                    runs["serve"].append(serve_tps(gguf, threads, args.tokens, args.ctx))
-                    runs["web"].append(web_tps(gguf, threads, args.tokens, args.ctx,
-                                               args.tokens / runs["raw"][-1]))
-                raw, tui, srv, web = (statistics.median(runs[k])
+                    expected_s = args.tokens / runs["raw"][-1]
+                    if "tui" in args.paths:
+                        runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
+                                                   expected_s))
+                    if "serve" in args.paths:
+                        runs["serve"].append(serve_tps(gguf, threads, args.tokens, args.ctx))
+                    if "web" in args.paths:
+                        runs["web"].append(web_tps(gguf, threads, args.tokens, args.ctx,
+                                                   expected_s))
+                raw, tui, srv, web = (statistics.median(runs[k]) if runs[k] else float("nan")
                                       for k in ("raw", "tui", "serve", "web"))
                 print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {tui:8.1f} {tui / raw:8.2f} "
                       f"{srv:9.1f} {srv / raw:9.2f} {web:8.1f} {web / raw:8.2f}", flush=True)

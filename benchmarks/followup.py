@@ -6,7 +6,9 @@ some 750 words and 1,750 tokens, its own patient in each conversation) with a fi
 then short follow-ups; like every OpenAI client, the whole history goes with each turn.
 Replies are greedy and ``--reply`` tokens long. For 1 conversation, 4 at once and 8 at once (all on ``--parallel``
 4 slots): the time to the first token of turn 1 (the record's prefill) and of the later turns
-(median and max), and the wall time; localmed's ratio to llama-server beside them.
+(median and max), and the wall time; localmed's ratio to llama-server beside them. With
+``--rounds R`` each configuration runs R times, the servers alternating, and each figure is the
+median of its rounds.
 
 llama-server runs as users run it: only the model, the port, the context and the slots (``-c``
 and ``-np``, the same as localmed's ``--ctx`` and ``--parallel``), and the threads; flash
@@ -176,6 +178,9 @@ def main() -> int:
     parser.add_argument("--reply", type=int, default=48, help="tokens of each greedy reply")
     parser.add_argument("--ctx", type=int, default=4096, help="context per slot")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--rounds", type=int, default=1, help="run each configuration this "
+                        "many times, the servers alternating, and report each figure's median "
+                        "(one run varies by ~15%% on a small shared machine)")
     parser.add_argument("--agreement", action="store_true", help="then ask each server's "
                         "turns again with the cache off and count the replies that differ")
     parser.add_argument("--json", type=Path, help="write the rows here too")
@@ -186,24 +191,30 @@ def main() -> int:
 
         model = smollm2_gguf()
     print(f"{model.name}: {args.turns} turns a conversation, {args.reply}-token greedy replies, "
-          f"{args.slots} slots of {args.ctx} tokens, {args.threads} threads", flush=True)
+          f"{args.slots} slots of {args.ctx} tokens, {args.threads} threads, medians of "
+          f"{args.rounds} round(s)", flush=True)
     rows = []
     for count in args.conversations:
         row: dict[str, Any] = {"conversations": count}
-        for which in ("llama-server", "localmed"):
-            port = free_port()
-            cmd = command(which, model, args.slots, args.ctx, args.threads, port)
-            env = {"LD_LIBRARY_PATH": str(Path(cmd[0]).parent)} \
-                if which == "llama-server" else None
-            with running(cmd, port, env) as url:
-                served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
-                first_token(url, served, [{"role": "user", "content": "Hi"}], 4)  # pages in
-                result = conversations(url, count, args.turns, args.reply)
-                if args.agreement:
-                    result["differ"], result["replies"] = \
-                        agreement(url, result["transcripts"], args.reply)
-            del result["transcripts"]
-            row[which] = result
+        runs: dict[str, list[dict[str, Any]]] = {"llama-server": [], "localmed": []}
+        for round_ in range(args.rounds):  # the servers alternate, so drift hits both alike
+            for which in sorted(runs, reverse=round_ % 2 == 1):
+                port = free_port()
+                cmd = command(which, model, args.slots, args.ctx, args.threads, port)
+                env = {"LD_LIBRARY_PATH": str(Path(cmd[0]).parent)} \
+                    if which == "llama-server" else None
+                with running(cmd, port, env) as url:
+                    served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+                    first_token(url, served, [{"role": "user", "content": "Hi"}], 4)  # pages in
+                    result = conversations(url, count, args.turns, args.reply)
+                    if args.agreement:
+                        result["differ"], result["replies"] = \
+                            agreement(url, result["transcripts"], args.reply)
+                del result["transcripts"]
+                runs[which].append(result)
+        for which, results in runs.items():  # each figure's median over the rounds
+            row[which] = {key: statistics.median(r[key] for r in results)
+                          for key in results[0]}
         ours, theirs = row["localmed"], row["llama-server"]
         for key in ("turn1_median_s", "later_median_s", "wall_s"):
             row[f"ratio_{key}"] = ours[key] / theirs[key]

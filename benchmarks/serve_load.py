@@ -6,9 +6,10 @@ numbered, as different clinicians' differ; the same again in each round and its 
 real clients repeat a system prompt, so each server's prompt cache does what it does); N clients
 each stream a fixed number of tokens (``ignore_eos``, greedy) from ``/v1/completions`` at once. For
 each N: aggregate tokens/s (every stream's tokens ÷ the time from the first request to the last
-token) and time to first token (median and max over the streams), the ratio of localmed to
-llama-server beside them. Each configuration runs ``--rounds`` times, the servers alternating,
-and the median round is reported.
+token: prefills included), time to first token (median and max over the streams), and each
+stream's decode rate from its first token to its last (median; what a raw decode speed
+compares with), the ratio of localmed to llama-server beside them. Each configuration runs
+``--rounds`` times, the servers alternating, and the median round is reported.
 
 llama-server is built once from the pinned llama-cpp-python source archive (the same llama.cpp
 localmed runs), with ``scripts/install.sh``'s CMake options plus the server, into
@@ -201,6 +202,7 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
     firsts: list[float] = []
     counts: list[int] = []
     ends: list[float] = []
+    decodes: list[float] = []  # each stream's tokens/s from its first token to its last
     go = threading.Barrier(streams)
     failures: list[str] = []
     served = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
@@ -230,9 +232,12 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
         except Exception as exc:
             failures.append(f"{type(exc).__name__}: {exc}")
             return
-        ends.append(time.monotonic())
+        end = time.monotonic()
+        ends.append(end)
         firsts.append(first if first is not None else float("nan"))
         counts.append(generated)
+        if first is not None and generated > 1:
+            decodes.append((generated - 1) / (end - start - first))
 
     begin = at_once(client, range(streams))
     if failures:
@@ -240,7 +245,8 @@ def load(url: str, streams: int, tokens: int) -> dict[str, float]:
     if any(c != tokens for c in counts):
         raise RuntimeError(f"streams generated {counts}, not {tokens} each")
     return {"tok_per_s": sum(counts) / (max(ends) - begin),
-            "ttft_median_s": statistics.median(firsts), "ttft_max_s": max(firsts)}
+            "ttft_median_s": statistics.median(firsts), "ttft_max_s": max(firsts),
+            "stream_decode_tok_per_s": statistics.median(decodes) if decodes else float("nan")}
 
 
 def measure(model: Path, streams: list[int], tokens: int, ctx: int, threads: int,
