@@ -641,3 +641,37 @@ def test_a_text_model_s_chat_refuses_an_image_in_one_line(smollm2, pictures):
         assert "".join(session.ask("Hello")) is not None  # the chat goes on, text only
     finally:
         runtime.close()
+
+
+def test_a_chat_message_with_an_image_goes_to_the_engine_once(vlm, pictures):
+    """The chat counts a message to see that it fits, counts it again as it adds it, then
+    sends it: the picture crosses the engine's pipe (and mtmd prepares it) once for the three,
+    and once more for a follow-up, whose prompt is new."""
+    from localmed.chat import ChatModel, ChatSession
+    from localmed.images import Image
+    from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+
+    runtime = SlotRuntime(BatchClient(vlm["Q8_0"], BatchOptions(1, 1024, threads=2)))
+    sent: list[int] = []
+    tokenize = runtime.client.tokenize
+
+    def counted(text, **kwargs):
+        if not isinstance(text, str):
+            sent.append(sum(isinstance(part, Image) for part in text))
+        return tokenize(text, **kwargs)
+
+    runtime.client.tokenize = counted
+    try:
+        session = ChatSession.open(ChatModel("tiny", vlm["Q8_0"], None, ""), runtime)
+        session.params = GenerationParams(max_tokens=4, temperature=0)
+        session.attach(pictures["a"])
+        session.check_fits(QUESTION)
+        "".join(session.ask(QUESTION))
+        assert sent == [1]
+        assert runtime.last_stats.prompt_tokens > 16  # the image's 16 tokens were sent
+        session.check_fits("And the other corner?")
+        "".join(session.ask("And the other corner?"))
+        assert sent == [1, 1]
+        assert runtime.last_stats.cached_tokens > 16  # the image's cells kept from turn 1
+    finally:
+        runtime.close()

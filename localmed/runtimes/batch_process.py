@@ -33,6 +33,7 @@ import shutil
 import tempfile
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
@@ -485,6 +486,13 @@ class EngineHub:
         shutil.rmtree(self._folder, ignore_errors=True)
 
 
+TOKENIZED_KEPT = 4
+"""Prompts whose token ids a chat keeps. A message is counted to see that it fits, counted
+again as it is added, then sent: one prompt tokenized three times, and with images each time
+would send every picture's pixels over the engine's pipe (36 MB for a 12-megapixel photo) for
+mtmd to prepare again."""
+
+
 class SlotRuntime(Runtime):
     """One conversation on the engine: the :class:`Runtime` that ``localmed chat`` runs.
 
@@ -499,6 +507,7 @@ class SlotRuntime(Runtime):
         self._stop = threading.Event()
         self._current: int | None = None
         self._notices: list[str] = []
+        self._tokenized: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
         told = client.on_restart
 
         def heard(why: str) -> None:  # the client reloads a dead engine at once
@@ -525,7 +534,17 @@ class SlotRuntime(Runtime):
         return self.client.n_ctx
 
     def tokenize(self, text: str | Sequence[Part], *, add_bos: bool = True) -> list[int]:
-        return self.client.tokenize(text, add_bos=add_bos)
+        """The engine's tokens for ``text``, the last few prompts' kept (an image stands in the
+        key as its pixels' digest)."""
+        key = (add_bos, text) if isinstance(text, str) else \
+            (add_bos, *(p if isinstance(p, str) else ("image", p.digest) for p in text))
+        tokens = self._tokenized.get(key)
+        if tokens is None:
+            tokens = self._tokenized[key] = self.client.tokenize(text, add_bos=add_bos)
+            while len(self._tokenized) > TOKENIZED_KEPT:
+                self._tokenized.popitem(last=False)
+        self._tokenized.move_to_end(key)
+        return list(tokens)
 
     @property
     def no_images(self) -> str:
