@@ -508,6 +508,7 @@ class SlotRuntime(Runtime):
         self._current: int | None = None
         self._notices: list[str] = []
         self._tokenized: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
+        self._tokenizing = threading.Lock()  # the screen's fit check beside a reply's worker
         told = client.on_restart
 
         def heard(why: str) -> None:  # the client reloads a dead engine at once
@@ -538,12 +539,15 @@ class SlotRuntime(Runtime):
         key as its pixels' digest)."""
         key = (add_bos, text) if isinstance(text, str) else \
             (add_bos, *(p if isinstance(p, str) else ("image", p.digest) for p in text))
-        tokens = self._tokenized.get(key)
-        if tokens is None:
-            tokens = self._tokenized[key] = self.client.tokenize(text, add_bos=add_bos)
+        with self._tokenizing:
+            if (kept := self._tokenized.get(key)) is not None:
+                self._tokenized.move_to_end(key)
+                return list(kept)
+        tokens = self.client.tokenize(text, add_bos=add_bos)
+        with self._tokenizing:
+            self._tokenized[key] = tokens
             while len(self._tokenized) > TOKENIZED_KEPT:
                 self._tokenized.popitem(last=False)
-        self._tokenized.move_to_end(key)
         return list(tokens)
 
     @property
