@@ -57,21 +57,21 @@ def stream_text(client: openai.OpenAI, question: str, **extra) -> str:
     return "".join(parts)
 
 
-def test_the_banner_says_how_the_context_is_split(smol):
-    running = Server(smol, "--parallel", "3", "--ctx", "3000")
+def banner_of(model, *args: str) -> str:
+    running = Server(model, *args)
     try:
-        said = running.banner()
+        return running.banner()
     finally:
         running.stop()
+
+
+def test_the_banner_says_how_the_context_is_split(smol):
+    said = banner_of(smol, "--parallel", "3", "--ctx", "3000")
     assert "3 replies at once, 1024 tokens each" in said, said
     assert "llama-server -np 3 -c 3072" in said, said
     assert "up to 16 more requests wait" in said, said
     assert "MiB of host memory keep those whose slot another took (--cache-ram)" in said, said
-    running = Server(smol, "--parallel", "2", "--cache-ram", "0")
-    try:
-        said = running.banner()
-    finally:
-        running.stop()
+    said = banner_of(smol, "--parallel", "2", "--cache-ram", "0")
     assert "one whose slot another took is prefilled again (--cache-ram 0)" in said, said
 
 
