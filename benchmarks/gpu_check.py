@@ -195,9 +195,10 @@ def copy_bandwidth() -> float:
 def serve_stream(model: Path, gpu_layers: int, tokens: int, streams: int = 1
                  ) -> dict[str, Any]:
     """``streams`` clients at once against ``serve --parallel streams``, measured by
-    benchmarks/serve_load.py's client: tokens/s over all (the prefill included: 128 tokens
-    take 0.3 s here, so a 0.14 s first token halves it), time to first token, and each
-    stream's decode rate from first token to last (what the raw decode step compares with)."""
+    benchmarks/serve_load.py's client: tokens/s over all (the first token included: on the
+    H200, 128 tokens took 0.31 s, 0.14 s of it before the first), time to first token, and
+    each stream's decode rate from first token to last (what the raw decode step compares
+    with)."""
     from serve_load import free_port, load, running  # beside this script
 
     port = free_port()
