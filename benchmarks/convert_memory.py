@@ -122,7 +122,7 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
     """An unpacked llama.cpp converter: given, installed with localmed, or downloaded."""
     if given:
         return given
-    from localmed.quantize.llama_cpp_source import converter_dir
+    from localmed.quantize.llama_cpp_source import converter_dir, extract
 
     if (converter_dir() / "convert_hf_to_gguf.py").is_file():
         return converter_dir()
@@ -133,8 +133,7 @@ def llama_cpp_source(given: Path | None, scratch: Path) -> Path:
         members = [m for m in tar.getmembers()
                    if "/vendor/llama.cpp/" in m.name and ("convert_hf_to_gguf" in m.name
                    or "/gguf-py/" in m.name or "/conversion/" in m.name)]
-        tar.extractall(scratch, members=members,  # filters: Python 3.10.12+, 3.11.4+
-                       **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        extract(tar, scratch, members)
     return next(scratch.glob("llama_cpp_python-*")) / "vendor" / "llama.cpp"
 
 

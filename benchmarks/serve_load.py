@@ -65,6 +65,8 @@ def llama_server() -> Path:
 def llama_tool(target: str) -> Path:
     """One of llama.cpp's programs (``llama-server``, ``llama-mtmd-cli``), built once from the
     pinned llama-cpp-python source archive with scripts/install.sh's options, and cached."""
+    from localmed.quantize.llama_cpp_source import extract
+
     args = cmake_args()
     key = hashlib.sha256(" ".join(args).encode()).hexdigest()[:12]
     binary = CACHE / f"{target}-{VERSION}-{key}" / "bin" / target
@@ -80,9 +82,7 @@ def llama_tool(target: str) -> Path:
     with tempfile.TemporaryDirectory(dir=CACHE) as work:
         print(f"building {target} from it ({' '.join(args)})…", flush=True)
         with tarfile.open(archive) as tar:
-            # "data": no links out of the folder (filters: Python 3.10.12+, 3.11.4+)
-            tar.extractall(work, **({"filter": "data"} if hasattr(tarfile, "data_filter")
-                                    else {}))
+            extract(tar, Path(work))
         source = Path(work) / f"llama_cpp_python-{VERSION}" / "vendor" / "llama.cpp"
         build = Path(work) / "build"
         subprocess.run(["cmake", "-S", str(source), "-B", str(build), *args], check=True,

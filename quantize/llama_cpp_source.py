@@ -126,11 +126,17 @@ def _extract(sdist: Path, staging: Path) -> None:
                 raise ConverterMissingError(f"{sdist}: not the {PINNED} source archive")
             for member in members:
                 member.name = member.name[len(prefix):]
-            # "data": no links out of the folder, no device files (Python 3.10.12+ has filters)
-            kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-            tar.extractall(staging, members=members, **kwargs)
+            extract(tar, staging, members)
     except (OSError, tarfile.TarError) as exc:
         raise ConverterMissingError(f"{sdist}: cannot read the source archive ({exc})") from None
+
+
+def extract(tar: tarfile.TarFile, folder: Path, members: list[tarfile.TarInfo] | None = None
+            ) -> None:
+    """``tar.extractall`` with the "data" filter (no links out of the folder, no device files)
+    where Python has it (3.10.12+, 3.11.4+; Debian's 3.11.2 has none)."""
+    tar.extractall(folder, members=members,
+                   **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
 
 
 # --- what the converter knows, read from its source ---------------------------------------------
