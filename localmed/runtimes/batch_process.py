@@ -250,13 +250,31 @@ class BatchClient:
         if not isinstance(first, Ready):
             self._stop_process()
             raise first.error
-        self.ready = first
-        self.info, self.plan, self.n_ctx, self.n_parallel = \
-            first.info, first.plan, first.n_ctx, first.n_parallel
-        self.no_images = first.no_images
+        self.ready: Ready = first  # what the engine loaded; the same for every tab it serves
         threading.Thread(target=self._read, args=(self._conn,), name="localmed-engine-reader",
                          daemon=True).start()
         self._ready.set()
+
+    @property
+    def info(self) -> Any:
+        return self.ready.info
+
+    @property
+    def plan(self) -> Any:
+        return self.ready.plan
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens each sequence holds."""
+        return self.ready.n_ctx
+
+    @property
+    def n_parallel(self) -> int:
+        return self.ready.n_parallel
+
+    @property
+    def no_images(self) -> str:
+        return self.ready.no_images
 
     def _died(self) -> EngineDiedError:
         if self._process is None:
