@@ -279,12 +279,12 @@ def main() -> None:
         print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'FA off':>8} {'tui t/s':>8} "
               f"{'tui/raw':>8} {'serve t/s':>9} {'serve/raw':>9} {'web t/s':>8} {'web/raw':>8}")
         for gguf in models:
+            flash = plan_flash_attention(gguf, args.ctx)
             for threads in counts:
                 runs = {"raw": [], "off": [], "tui": [], "serve": [], "web": []}
                 for _ in range(args.repeats):  # interleaved, so drift hits every path alike
                     runs["off"].append(raw_tps(gguf, threads, args.tokens, args.ctx, False))
-                    runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx,
-                                               plan_flash_attention(gguf, args.ctx)))
+                    runs["raw"].append(raw_tps(gguf, threads, args.tokens, args.ctx, flash))
                     expected_s = args.tokens / runs["raw"][-1]
                     if "tui" in args.paths:
                         runs["tui"].append(tui_tps(gguf, threads, args.tokens, args.ctx,
