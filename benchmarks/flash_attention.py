@@ -29,18 +29,16 @@ def run(model: Path, flash: bool, streams: int, tokens: int, threads: int,
         gpu_layers: int = 0) -> dict[str, float]:
     from localmed.runtimes.base import GenerationParams
     from localmed.runtimes.batch import BatchEngine
-    from localmed.runtimes.messages import Done, Request
+    from localmed.runtimes.messages import Request
 
     engine = BatchEngine(model, n_parallel=streams, n_ctx=4096 * streams, threads=threads,
                          gpu_layers=gpu_layers, flash_attention=flash)
     try:
         params = GenerationParams(max_tokens=tokens, temperature=0, ignore_eos=True)
-        for i in range(streams):
-            prompt = f"{record(i + 1)}\n\n{QUESTIONS[0]}"
-            engine.submit(Request(i, engine.tokenize(prompt), params, cache_prompt=False))
-        start, done = time.perf_counter(), []
-        while len(done) < streams:
-            done += [e.stats for e in engine.step() if isinstance(e, Done)]
+        requests = [Request(i, engine.tokenize(f"{record(i + 1)}\n\n{QUESTIONS[0]}"), params,
+                            cache_prompt=False) for i in range(streams)]
+        start = time.perf_counter()
+        done = [outcome.stats for outcome in engine.run(*requests).values()]
         wall = time.perf_counter() - start
     finally:
         engine.close()

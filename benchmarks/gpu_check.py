@@ -257,7 +257,7 @@ def vision(folder: str, gpu_layers: int) -> dict[str, Any]:
     from localmed.images import prompt_parts, read_image_file
     from localmed.runtimes.base import GenerationParams
     from localmed.runtimes.batch import BatchEngine
-    from localmed.runtimes.messages import Done, Failed, Logprobs, Request
+    from localmed.runtimes.messages import Request
     from localmed.templates import Message, gguf_template
 
     where = Path(folder)
@@ -275,19 +275,14 @@ def vision(folder: str, gpu_layers: int) -> dict[str, Any]:
     try:
         for n, name in enumerate(made["pictures"]):
             image = read_image_file(where / name)
-            engine.submit(Request(n, engine.tokenize(prompt_parts(prompt, {"<image>": image})),
-                                  params, images=(image,), logprobs=20))
-            top, stats = None, None
-            while engine.busy:
-                for event in engine.step():
-                    if isinstance(event, Logprobs) and top is None:
-                        top = [x["logprob"] for x in event.entries[0]["top_logprobs"]]
-                    elif isinstance(event, Done):
-                        stats = event.stats
-                    elif isinstance(event, Failed):
-                        raise RuntimeError(f"{name}: {event.error}")
-            replies[name] = {"tokens": stats.token_ids, "top_logprobs": top,
-                             "prompt_seconds": round(stats.prefill_seconds, 4)}
+            got = engine.run(Request(n, engine.tokenize(prompt_parts(prompt, {"<image>": image})),
+                                     params, images=(image,), logprobs=20))[n]
+            if got.error is not None:
+                raise RuntimeError(f"{name}: {got.error}")
+            replies[name] = {"tokens": got.stats.token_ids,
+                             "top_logprobs": [x["logprob"]
+                                              for x in got.logprobs[0]["top_logprobs"]],
+                             "prompt_seconds": round(got.stats.prefill_seconds, 4)}
     finally:
         engine.close()
     return replies

@@ -78,24 +78,17 @@ def greedy(model: Path, gpu_layers: int, tokens: int = 32) -> tuple[list[int], l
     """A greedy reply on the engine chat and serve share, with each token's top two."""
     from localmed.runtimes.base import GenerationParams
     from localmed.runtimes.batch import BatchEngine
-    from localmed.runtimes.messages import Done, Logprobs, Request
+    from localmed.runtimes.messages import Request
 
     engine = BatchEngine(model, n_parallel=1, n_ctx=1024, gpu_layers=gpu_layers,
                          flash_attention=True)
     try:
         params = GenerationParams(max_tokens=tokens, temperature=0.0, ignore_eos=True,
                                   repeat_penalty=1.0)
-        engine.submit(Request(1, engine.tokenize(PROMPT), params, logprobs=2))
-        entries, stats = [], None
-        while engine.busy:
-            for event in engine.step():
-                if isinstance(event, Logprobs):
-                    entries += event.entries
-                elif isinstance(event, Done):
-                    stats = event.stats
+        outcome = engine.run(Request(1, engine.tokenize(PROMPT), params, logprobs=2))[1]
     finally:
         engine.close()
-    return stats.token_ids, entries
+    return outcome.stats.token_ids, outcome.logprobs
 
 
 def agree_until_a_near_tie(gpu: tuple[list[int], list[dict]],

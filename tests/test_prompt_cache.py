@@ -106,21 +106,13 @@ _ids = iter(range(1, 10**6))
 
 def reply(engine, prompt: str, *, cache: bool = True, logprobs: int | None = None):
     """(text, stats, logprob entries) of one request run to its end."""
-    from localmed.runtimes.messages import Done, Logprobs, Piece, Request
+    from localmed.runtimes.messages import Request
 
     rid = next(_ids)
-    engine.submit(Request(rid, engine.tokenize(prompt), GREEDY, logprobs=logprobs,
-                          cache_prompt=cache))
-    text, entries = [], []
-    while True:
-        for event in engine.step():
-            assert event.id == rid
-            if isinstance(event, Piece):
-                text.append(event.text)
-            elif isinstance(event, Logprobs):
-                entries += event.entries
-            elif isinstance(event, Done):
-                return "".join(text), event.stats, entries
+    outcomes = engine.run(Request(rid, engine.tokenize(prompt), GREEDY, logprobs=logprobs,
+                                  cache_prompt=cache))
+    assert list(outcomes) == [rid]
+    return outcomes[rid].text, outcomes[rid].stats, outcomes[rid].logprobs
 
 
 def first_logprobs(entries) -> dict[str, float]:

@@ -29,7 +29,7 @@ import pytest
 from localmed.errors import ImageError, ProjectorError
 from localmed.images import MAX_PIXELS, prompt_parts, read_data_url, read_image, read_image_file
 from localmed.runtimes.base import GenerationParams
-from localmed.runtimes.messages import Done, Failed, Logprobs, Piece, Request
+from localmed.runtimes.messages import Request
 from localmed.runtimes.vision import placeholder
 from localmed.templates import Message, gguf_template
 from tests.terminal import Terminal
@@ -93,24 +93,6 @@ def prompt_tokens(engine_, model: Path, image, question: str = QUESTION) -> list
     return engine_.tokenize(prompt_parts(text, {marker: image}))
 
 
-def run(engine_, *requests: Request) -> dict[int, dict]:
-    out = {r.id: {"text": "", "entries": [], "stats": None, "error": None} for r in requests}
-    for request in requests:
-        engine_.submit(request)
-    while engine_.busy:
-        for event in engine_.step():
-            got = out[event.id]
-            if isinstance(event, Piece):
-                got["text"] += event.text
-            elif isinstance(event, Logprobs):
-                got["entries"] += event.entries
-            elif isinstance(event, Done):
-                got["stats"] = event.stats
-            elif isinstance(event, Failed):
-                got["error"] = event.error
-    return out
-
-
 # --- conversion -----------------------------------------------------------------------------------
 
 def test_quantize_writes_the_projector_beside_the_model_with_provenance(vlm):
@@ -160,7 +142,7 @@ def test_greedy_reply_equals_llama_mtmd_cli(quant, vlm, pictures, mtmd_cli):
         for name, path in pictures.items():
             image = read_image_file(path)
             tokens = prompt_tokens(e, model, image)
-            replies[name] = run(e, Request(1, tokens, GREEDY, images=(image,)))[1]["text"]
+            replies[name] = e.run(Request(1, tokens, GREEDY, images=(image,)))[1].text
     finally:
         e.close()
     assert replies["a"] != replies["b"]  # the picture, not the question alone, drives it
@@ -192,10 +174,10 @@ def test_log_probabilities_equal_transformers(vlm, pictures):
         ours, tokens = {}, {}
         for name, image in images.items():
             tokens[name] = prompt_tokens(e, model, image)
-            got = run(e, Request(1, tokens[name], dataclasses_replace(GREEDY, max_tokens=1),
+            got = e.run(Request(1, tokens[name], dataclasses_replace(GREEDY, max_tokens=1),
                                  images=(image,), logprobs=20))[1]
-            ours[name] = (got["stats"].token_ids[0],
-                          [x["logprob"] for x in got["entries"][0]["top_logprobs"]])
+            ours[name] = (got.stats.token_ids[0],
+                          [x["logprob"] for x in got.logprobs[0]["top_logprobs"]])
     finally:
         e.close()
     reference = Gemma3ForConditionalGeneration.from_pretrained(
@@ -229,11 +211,11 @@ def test_a_follow_up_keeps_the_image_in_the_cache_and_another_image_does_not(vlm
     e = engine(model, projector=vlm["mmproj-F16"])
     try:
         first = prompt_tokens(e, model, a)
-        run(e, Request(1, first, GREEDY, images=(a,)))
-        again = run(e, Request(2, first, GREEDY, images=(a,)))[2]["stats"]
+        e.run(Request(1, first, GREEDY, images=(a,)))
+        again = e.run(Request(2, first, GREEDY, images=(a,)))[2].stats
         assert again.cached_tokens == len(first) - 1
         other = prompt_tokens(e, model, b)
-        stats = run(e, Request(3, other, GREEDY, images=(b,)))[3]["stats"]
+        stats = e.run(Request(3, other, GREEDY, images=(b,)))[3].stats
         image_at = other.index(placeholder(b))
         assert stats.cached_tokens == image_at  # the text before it, not a token of it
     finally:
@@ -246,12 +228,12 @@ def test_two_sequences_with_images_at_once_answer_as_alone(vlm, pictures):
     e = engine(model, projector=vlm["mmproj-F16"], n_parallel=2)
     try:
         ta, tb = prompt_tokens(e, model, a), prompt_tokens(e, model, b)
-        alone = {1: run(e, Request(1, ta, GREEDY, images=(a,), cache_prompt=False))[1],
-                 2: run(e, Request(2, tb, GREEDY, images=(b,), cache_prompt=False))[2]}
-        together = run(e, Request(3, ta, GREEDY, images=(a,), cache_prompt=False),
-                       Request(4, tb, GREEDY, images=(b,), cache_prompt=False))
-        assert together[3]["text"] == alone[1]["text"]
-        assert together[4]["text"] == alone[2]["text"]
+        alone = {1: e.run(Request(1, ta, GREEDY, images=(a,), cache_prompt=False))[1],
+                 2: e.run(Request(2, tb, GREEDY, images=(b,), cache_prompt=False))[2]}
+        together = e.run(Request(3, ta, GREEDY, images=(a,), cache_prompt=False),
+                         Request(4, tb, GREEDY, images=(b,), cache_prompt=False))
+        assert together[3].text == alone[1].text
+        assert together[4].text == alone[2].text
     finally:
         e.close()
 
@@ -270,8 +252,8 @@ def test_a_sliding_window_model_follows_up_from_cells_it_really_has(vlm):
                                 "woman of 40.", add_bos=False)
 
         def first(engine_, rid, tokens, cache=True):
-            got = run(engine_, Request(rid, tokens, GREEDY, logprobs=5, cache_prompt=cache))
-            return [x["logprob"] for x in got[rid]["entries"][0]["top_logprobs"]]
+            got = engine_.run(Request(rid, tokens, GREEDY, logprobs=5, cache_prompt=cache))
+            return [x["logprob"] for x in got[rid].logprobs[0]["top_logprobs"]]
 
         want = {"a": first(fresh, 1, a, False), "b": first(fresh, 2, b, False)}
         for rid, (name, tokens) in enumerate([("a", a), ("b", b)] * 2):
@@ -381,7 +363,7 @@ def test_serve_answers_an_image_as_the_engine_does_and_caches_it(server, vlm, pi
     try:
         image = read_image_file(pictures["a"])
         tokens = prompt_tokens(e, vlm["Q8_0"], image)
-        alone = run(e, Request(1, tokens, GREEDY, images=(image,)))[1]["text"]
+        alone = e.run(Request(1, tokens, GREEDY, images=(image,)))[1].text
     finally:
         e.close()
     assert first.choices[0].message.content == alone

@@ -113,6 +113,18 @@ class _Sequence:
     """When text was last sent on (0: never, so the first piece goes at once)."""
 
 
+@dataclass
+class Outcome:
+    """What one request produced, run to its end in this thread (:meth:`BatchEngine.run`)."""
+
+    text: str = ""
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    """OpenAI's ``logprobs.content`` entries, one per token (with ``Request.logprobs``)."""
+    stats: GenerationStats | None = None
+    """The :class:`Done` event's (None: the request failed)."""
+    error: Exception | None = None
+
+
 class BatchEngine:
     """A GGUF loaded for ``n_parallel`` sequences decoded together."""
 
@@ -238,6 +250,25 @@ class BatchEngine:
     @property
     def busy(self) -> bool:
         return bool(self._running or self._waiting)
+
+    def run(self, *requests: Request) -> dict[int, Outcome]:
+        """Submit ``requests`` and decode in this thread until no request is left: what each
+        produced, by id (checks, benchmarks and tests; the engine process streams events)."""
+        outcomes = {request.id: Outcome() for request in requests}
+        for request in requests:
+            self.submit(request)
+        while self.busy:
+            for event in self.step():
+                outcome = outcomes.setdefault(event.id, Outcome())
+                if isinstance(event, Piece):
+                    outcome.text += event.text
+                elif isinstance(event, Logprobs):
+                    outcome.logprobs += event.entries
+                elif isinstance(event, Done):
+                    outcome.stats = event.stats
+                elif isinstance(event, Failed):
+                    outcome.error = event.error
+        return outcomes
 
     # --- the loop -------------------------------------------------------------------------------
 
