@@ -147,7 +147,7 @@ class ChatSession:
         """Read an image for the next message (:class:`ImageError` in one line: not an image,
         too large, or a model that reads text only)."""
         if self.no_images:
-            raise ImageError(f"{self.model.label} takes no images: {self.no_images}")
+            raise ImageError(f"this model takes no images: {self.no_images}")
         image = read_image_file(path)
         self.pending.append(image)
         return image
