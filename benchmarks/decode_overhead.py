@@ -20,10 +20,12 @@ sampling settings, and exactly ``--tokens`` tokens (end-of-turn ignored on every
   into the page: the tok/s its status line shows when the reply ends, read from what the
   browser received over the WebSocket (the browser shares the machine, as a user's does).
 
-Medians of ``--repeats`` runs, and each path's ratio to raw.
+Medians of ``--repeats`` runs; each path's ratio to raw is the median of its runs' ratios to
+the raw run just before them (paired: this VM's speed drifts by 10% between minutes, which a
+ratio of two medians taken minutes apart would read as the path's cost).
 
     python benchmarks/decode_overhead.py [--tokens 512] [--repeats 5] [--gguf FILE ...]
-                                         [--paths tui serve web]
+                                         [--threads N ...] [--paths tui serve web]
 
 (512 tokens, 5 runs: on a small shared VM one 256-token run varies by 10-15%.)
 """
@@ -241,6 +243,11 @@ def web_tps(gguf: Path, threads: int, tokens: int, ctx: int, expected_s: float) 
         proc.wait(60)
 
 
+def paired(runs: list[float], raw: list[float]) -> float:
+    """The median of each run's ratio to the raw run of the same repeat."""
+    return statistics.median(x / r for x, r in zip(runs, raw, strict=True)) if runs else float("nan")
+
+
 def smollm2() -> Path | None:
     try:
         from tests.real_models import Unavailable, smollm2_gguf
@@ -260,6 +267,8 @@ def main() -> None:
     parser.add_argument("--ctx", type=int, default=2048)
     parser.add_argument("--gguf", type=Path, action="append", help="models (default: SmolLM2 "
                         "and a tiny Llama)")
+    parser.add_argument("--threads", type=int, nargs="+", help="thread counts (default: "
+                        "llama-cpp-python's default, cores // 2, and all cores)")
     parser.add_argument("--paths", nargs="+", choices=("tui", "serve", "web"),
                         default=["tui", "serve", "web"], help="what to measure beside raw "
                         "(default: all three)")
@@ -273,7 +282,7 @@ def main() -> None:
     try:
         models = args.gguf or [m for m in (smollm2(), build_tiny(scratch)) if m]
         cores = os.cpu_count() or 1
-        counts = sorted({max(cores // 2, 1), cores})
+        counts = args.threads or sorted({max(cores // 2, 1), cores})
         print(f"{args.tokens} tokens each, EOS ignored, medians of {args.repeats}; "
               f"{cores} cores; ratios to raw llama-cpp-python")
         print(f"{'model':38} {'threads':>7} {'raw t/s':>8} {'FA off':>8} {'tui t/s':>8} "
@@ -297,9 +306,11 @@ def main() -> None:
                 raw, off, tui, srv, web = (
                     statistics.median(runs[k]) if runs[k] else float("nan")
                     for k in ("raw", "off", "tui", "serve", "web"))
+                tui_r, srv_r, web_r = (paired(runs[k], runs["raw"])
+                                       for k in ("tui", "serve", "web"))
                 print(f"{gguf.name[:38]:38} {threads:7d} {raw:8.1f} {off:8.1f} {tui:8.1f} "
-                      f"{tui / raw:8.2f} "
-                      f"{srv:9.1f} {srv / raw:9.2f} {web:8.1f} {web / raw:8.2f}", flush=True)
+                      f"{tui_r:8.2f} "
+                      f"{srv:9.1f} {srv_r:9.2f} {web:8.1f} {web_r:8.2f}", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
