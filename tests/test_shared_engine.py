@@ -81,7 +81,7 @@ def test_a_tab_process_chats_on_the_shared_engine(hub, smollm2):
                          timeout=120, env={**os.environ, **hub.environment()})
     assert out.returncode == 0, out.stderr
     head, reply = out.stdout.split("\n", 1)
-    assert head == f"True {hub.client.n_ctx}"
+    assert head == f"True {hub.client.ready.n_ctx}"
     assert reply == expected and reply
 
 

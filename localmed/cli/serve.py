@@ -84,7 +84,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
                              on_restart=lambda why: print(f"localmed serve: the model engine: "
                                                           f"{why}; reloading", file=log,
                                                           flush=True))
-        return client.info, client.plan, BatchJobs(client, args.queue, log)
+        return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
     from localmed.chat import open_runtime
 
     if args.parallel and args.parallel > 1:

@@ -250,31 +250,12 @@ class BatchClient:
         if not isinstance(first, Ready):
             self._stop_process()
             raise first.error
-        self.ready: Ready = first  # what the engine loaded; the same for every tab it serves
+        self.ready: Ready = first
+        """What the engine loaded (its info, plan, n_ctx, n_parallel, …): the same for every
+        tab it serves, replaced when it is reloaded."""
         threading.Thread(target=self._read, args=(self._conn,), name="localmed-engine-reader",
                          daemon=True).start()
         self._ready.set()
-
-    @property
-    def info(self) -> Any:
-        return self.ready.info
-
-    @property
-    def plan(self) -> Any:
-        return self.ready.plan
-
-    @property
-    def n_ctx(self) -> int:
-        """Tokens each sequence holds."""
-        return self.ready.n_ctx
-
-    @property
-    def n_parallel(self) -> int:
-        return self.ready.n_parallel
-
-    @property
-    def no_images(self) -> str:
-        return self.ready.no_images
 
     def _died(self) -> EngineDiedError:
         if self._process is None:
@@ -542,15 +523,15 @@ class SlotRuntime(Runtime):
 
     @property
     def info(self) -> Any:  # type: ignore[override]
-        return self.client.info
+        return self.client.ready.info
 
     @property
     def plan(self) -> Any:  # type: ignore[override]
-        return self.client.plan
+        return self.client.ready.plan
 
     @property
     def n_ctx(self) -> int:
-        return self.client.n_ctx
+        return self.client.ready.n_ctx
 
     def tokenize(self, text: str | Sequence[Part], *, add_bos: bool = True) -> list[int]:
         """The engine's tokens for ``text``, the last few prompts' kept (an image stands in the
@@ -570,7 +551,7 @@ class SlotRuntime(Runtime):
 
     @property
     def no_images(self) -> str:
-        return self.client.no_images
+        return self.client.ready.no_images
 
     def stream(self, prompt: str | Sequence[Part], params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:

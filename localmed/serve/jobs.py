@@ -152,16 +152,16 @@ class BatchJobs(Jobs):
     """The multi-sequence engine: ``parallel`` replies decoded together."""
 
     def __init__(self, client: Any, queue_size: int, log: TextIO) -> None:
-        super().__init__(client.n_parallel, queue_size, log)
+        super().__init__(client.ready.n_parallel, queue_size, log)
         self.client = client
 
     @property
     def n_ctx(self) -> int:
-        return self.client.n_ctx
+        return self.client.ready.n_ctx
 
     @property
     def no_images(self) -> str:
-        return self.client.no_images
+        return self.client.ready.no_images
 
     @property
     def host_cache(self) -> int:
