@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localmed import formats, library, paths
 from localmed.conversation import (
@@ -26,6 +27,14 @@ from localmed.errors import ImageError, LocalmedError, ModelNotAvailableError, U
 from localmed.formats.info import ModelInfo
 from localmed.images import Image, image_marker, new_nonce, prompt_parts, read_image_file
 from localmed.registry import ModelEntry, Registry
+from localmed.retrieval.grounding import (
+    CitationCheck,
+    Grounding,
+    check_citations,
+    fit_passages,
+    grounded_question,
+    passage_budget,
+)
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.templates import Message, TemplateChoice, resolve_template
 
@@ -43,7 +52,20 @@ class ChatModel:
 
 def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = None,
                        models_dir: Path | None = None) -> ChatModel:
-    """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder."""
+    """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder;
+    a registry's embedding model is refused (it answers nothing)."""
+    model = resolve_model(spec, registry, quant=quant, models_dir=models_dir)
+    if model.entry is not None and model.entry.kind == "embedding":
+        raise LocalmedError(f"{model.entry.id} is an embedding model: it finds passages and "
+                            "answers nothing (index a folder with it: localmed docs add FOLDER "
+                            f"--embed {model.entry.id}); chat with a chat model")
+    return model
+
+
+def resolve_model(spec: str, registry: Registry, *, quant: str | None = None,
+                  models_dir: Path | None = None) -> ChatModel:
+    """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder,
+    of any kind."""
     from localmed.demo import DEMO_ENTRY, DEMO_ID, demo_model
     from localmed.quants import get_quant
 
@@ -100,6 +122,13 @@ class ChatSession:
     """The images of this conversation's user messages, by message index (kept in memory
     only: a saved conversation records their names)."""
     _nonce: str = field(default_factory=new_nonce, init=False)
+    retriever: Any = field(default=None, init=False)
+    """The document index questions are answered from (``--docs``, ``/docs NAME``): a
+    :class:`~localmed.retrieval.search.Retriever`; None: the model's own knowledge."""
+    docs_k: int = 5
+    """Passages a question gets at most (fewer where the context has no room for them)."""
+    last_grounding: Grounding | None = field(default=None, init=False)
+    last_check: CitationCheck | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.conversation = self._new_conversation()
@@ -169,6 +198,48 @@ class ChatSession:
                             else message)
         return dataclasses.replace(conversation, messages=messages), by_marker
 
+    # --- documents ------------------------------------------------------------------------------
+
+    @property
+    def docs(self) -> str:
+        """The index answering questions ("": none)."""
+        return self.retriever.name if self.retriever is not None else ""
+
+    def set_docs(self, retriever: Any) -> None:
+        """Answer from ``retriever``'s index from the next question on (None: from none); the
+        one it replaces is closed."""
+        from localmed.retrieval.catalog import close_retriever
+
+        old, self.retriever = self.retriever, retriever
+        if old is not None and old is not retriever:
+            close_retriever(old)
+
+    def ground(self, text: str) -> Grounding | None:
+        """The passages of the index for ``text``, as many as the context has room for beside
+        the question and the reply (none when nothing clears the relevance floor)."""
+        retriever = self.retriever
+        if retriever is None:
+            return None
+        found = retriever.search(text, k=self.docs_k)
+        notes = tuple(found.notes)
+        folder = str(retriever.index.meta("folder", ""))
+        if not found.grounded:
+            return Grounding(retriever.name, (), False, notes, folder)
+        alone = Conversation(model=self.conversation.model, template=self.conversation.template,
+                             system=self.conversation.system)
+        alone.add("user", grounded_question(text, Grounding(retriever.name, (), True)))
+        room = self.runtime.n_ctx - self._reserve() - self._prompt_for(alone)[0].tokens
+        budget = min(passage_budget(self.runtime.n_ctx, self._reserve()), room)
+        kept = fit_passages(found.passages,
+                            lambda t: self.runtime.count_tokens(t, add_bos=False), budget)
+        if len(kept) < len(found.passages):
+            notes += (f"{len(kept)} of {len(found.passages)} passages fit the "
+                      f"{self.runtime.n_ctx}-token context beside the question",)
+        return Grounding(retriever.name, tuple(kept), bool(kept), notes, folder)
+
+    def _reserve(self) -> int:
+        return min(self.params.max_tokens, self.runtime.n_ctx // 4)
+
     def context_used(self) -> int:
         return self.last_prompt.tokens + self.runtime.last_stats.generated_tokens \
             if self.last_prompt else 0
@@ -181,8 +252,7 @@ class ChatSession:
                 else self.runtime.count_tokens(text)
 
         prompt = build_prompt(self.template_choice.template, marked, count,
-                              self.runtime.n_ctx,
-                              reserve=min(self.params.max_tokens, self.runtime.n_ctx // 4))
+                              self.runtime.n_ctx, reserve=self._reserve())
         return prompt, by_marker
 
     def check_fits(self, text: str) -> None:
@@ -200,17 +270,24 @@ class ChatSession:
         finally:
             self.images = saved
 
-    def ask(self, text: str) -> Iterator[str]:
+    def ask(self, text: str, grounding: Grounding | None = None) -> Iterator[str]:
         """Add the user's turn (with the images attached to it) and stream the reply; the
         reply is recorded when it ends, stopped or not. Raises ContextFullError before adding
-        anything that cannot fit."""
+        anything that cannot fit. ``grounding`` (from :meth:`ground`): the passages the model
+        is given above the question; the conversation keeps the question as it was asked."""
         self.conversation.add("user", text)
         index = len(self.conversation.messages) - 1
         if self.pending:
             self.images[index] = self.pending
             self.conversation.attachments[str(index)] = [i.label for i in self.pending]
+        sent = self.conversation
+        if grounding is not None and grounding.passages:
+            sent = dataclasses.replace(self.conversation, messages=[
+                *self.conversation.messages[:-1],
+                Message("user", grounded_question(text, grounding))])
+        self.last_grounding, self.last_check = grounding, None
         try:
-            prompt, by_marker = self._prompt_for(self.conversation)
+            prompt, by_marker = self._prompt_for(sent)
         except Exception:
             self.conversation.messages.pop()
             self.images.pop(index, None)
@@ -226,7 +303,11 @@ class ChatSession:
                 parts.append(piece)
                 yield piece
         finally:
-            self.conversation.add("assistant", "".join(parts).strip())
+            reply = "".join(parts).strip()
+            self.conversation.add("assistant", reply)
+            if grounding is not None:
+                self.last_check = check_citations(reply, grounding)
+                self.conversation.sources[str(index + 1)] = grounding.record(self.last_check)
             if self.save_history:
                 self.history.save(self.conversation)
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from localmed import paths
 from localmed.atomic import write_text_atomic
@@ -46,6 +47,10 @@ class Conversation:
     attachments: dict[str, list[str]] = field(default_factory=dict)
     """The images each user message carried, by message index: names only (a saved
     conversation keeps no pixels)."""
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """What each reply was answered from, by message index (``chat --docs``): the index, whether
+    anything cleared the relevance floor, the passages given (file, page, heading, span, text)
+    and the citation checks that failed."""
 
     def add(self, role: str, content: str) -> None:
         self.messages.append(Message(role, content))  # type: ignore[arg-type]
@@ -77,7 +82,24 @@ class Conversation:
             lines += [f"## {'Clinician' if message.role == 'user' else 'Model'}", ""]
             lines += [f"*image: {name}*" for name in self.attachments.get(str(i), [])]
             lines += [message.content, ""]
+            if record := self.sources.get(str(i)):
+                lines += source_lines(record)
         return "\n".join(lines)
+
+
+def source_lines(record: dict[str, Any]) -> list[str]:
+    """A reply's sources in Markdown, under it: each passage given, and what was flagged."""
+    if not record.get("grounded"):
+        return [f"> *Not grounded: nothing in {record.get('index')} cleared the relevance "
+                "floor; this reply is the model's own.*", ""]
+    lines = [f"**Sources** ({record.get('index')}):", ""]
+    for passage in record.get("passages", []):
+        page = f" p. {passage['page']}" if passage.get("page") is not None else ""
+        first = next((ln.strip() for ln in passage.get("text", "").splitlines() if ln.strip()),
+                     "")
+        lines.append(f"- [{passage['id']}] {passage['source']}{page}: {first[:100]}")
+    lines += [f"- ⚠ {flag}" for flag in record.get("flags", [])]
+    return [*lines, ""]
 
 
 @dataclass(frozen=True)

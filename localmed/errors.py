@@ -355,3 +355,22 @@ class ImageError(LocalmedError):
 
 class ProjectorError(LocalmedError):
     """A vision projector (mmproj) file that is missing, damaged or of another model."""
+
+
+class DocumentError(LocalmedError, ValueError):
+    """A document ``localmed docs`` cannot index (encrypted, no text layer, damaged, not what
+    its name says, too large); the rest of its folder is indexed all the same."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        self.path = Path(path)
+        self.reason = message
+        super().__init__(f"{self.path}: {message}")
+
+
+class DocsIndexError(LocalmedError, ValueError):
+    """A document index that cannot be used: unknown, damaged, of another folder, or written by
+    a newer localmed."""
+
+
+class DiskFullError(LocalmedError, OSError):
+    """The disk filled while an index was written; what was finished before is kept."""

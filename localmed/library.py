@@ -2,7 +2,8 @@
 and what each file and folder is called.
 
 This is the one module that knows the names (``<id>.<QUANT>.gguf``, ``<id>-GPTQ-4bit-g128``,
-``<id>.mmproj-F16.gguf``, ``<name>.imatrix.gguf``, ``bench/<model>/results.json``); everything
+``<id>.mmproj-F16.gguf``, ``<name>.imatrix.gguf``, ``bench/<model>/results.json``,
+``docs/<name>.sqlite``); everything
 else asks it. Paths come from
 functions and nothing is created here.
 """
@@ -26,6 +27,21 @@ PROJECTOR_MARK = "mmproj"
 """In the name of an image-text model's vision projector, localmed's (``<id>.mmproj-F16.gguf``)
 as llama.cpp's and the hub's (``mmproj-model-f16.gguf``): never a model of its own."""
 RESULTS_FILE = "results.json"
+
+
+# --- document indexes ----------------------------------------------------------------------------
+
+INDEX_SUFFIX = ".sqlite"
+
+
+def docs_dir() -> Path:
+    """Where ``localmed docs`` keeps its indexes: one SQLite file each."""
+    return data_dir() / "docs"
+
+
+def index_path(name: str) -> Path:
+    """``<data dir>/docs/<name>.sqlite``: the index ``docs add --name NAME`` makes."""
+    return docs_dir() / f"{name}{INDEX_SUFFIX}"
 
 
 # --- models ---------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ class ModelEntry:
     context_length: int
     """Context length the model was trained for, in tokens."""
     template: str
-    """Default prompt template (a name from :mod:`localmed.templates`)."""
+    """Default prompt template (a name from :mod:`localmed.templates`); "" for an embedding
+    model."""
     license: str
     gated: bool
     """Whether the hub repo asks users to accept terms before downloading."""
@@ -63,6 +64,20 @@ class ModelEntry:
     """From the model's config.json, for `plan` before download: ``layers``, ``kv_heads``,
     ``head_dim``, optionally ``hidden_size``, ``vocab_size``, ``tied_embeddings``; empty where
     not confirmed."""
+    kind: str = "chat"
+    """``chat`` (it answers) or ``embedding`` (it turns passages into vectors for ``localmed
+    docs``)."""
+    query_prefix: str = ""
+    """An embedding model's text before a query, as its model card asks (nomic:
+    ``search_query: ``)."""
+    document_prefix: str = ""
+    """An embedding model's text before a passage (nomic: ``search_document: ``)."""
+    query_encoder: str = ""
+    """The registry id of the model that embeds queries for this one (MedCPT's article
+    encoder is searched with its query encoder); "": this model itself."""
+    pooling: str = ""
+    """An embedding model's pooling (``mean``, ``cls``, ``last``) where its GGUF declares none
+    (a checkpoint without sentence-transformers' files: MedCPT); "": the GGUF's."""
 
     def model_shape(self) -> ModelShape | None:
         """The shape to estimate a GGUF of it from, if the entry gives one."""
@@ -84,7 +99,11 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
     "default_quant": str,
     "advisory": str,
 }
-_OPTIONAL = {"scores", "shape", "gguf_repos"}
+_OPTIONAL = {"scores", "shape", "gguf_repos", "kind", "query_prefix", "document_prefix",
+             "query_encoder", "pooling"}
+KINDS = ("chat", "embedding")
+POOLINGS = ("mean", "cls", "last")
+_EMBEDDING_ONLY = ("query_prefix", "document_prefix", "query_encoder", "pooling")
 _SHAPE_REQUIRED = ("layers", "kv_heads", "head_dim")
 _SHAPE_OPTIONAL = ("hidden_size", "vocab_size")
 _KIND_WORDS: dict[object, str] = {str: "a string", int: "an integer", bool: "true or false"}
@@ -115,6 +134,20 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
+    model_kind = raw.get("kind", "chat")
+    if model_kind not in KINDS:
+        raise RegistryError(path, f"must be one of {', '.join(KINDS)}, got {model_kind!r}",
+                            entry=model_id, field="kind")
+    for name in _EMBEDDING_ONLY:
+        if name in raw and (model_kind != "embedding" or not isinstance(raw[name], str)):
+            why = "must be a string" if model_kind == "embedding" else \
+                "is for embedding models only (kind = \"embedding\")"
+            raise RegistryError(path, why, entry=model_id, field=name)
+    if raw.get("pooling", "mean") not in POOLINGS:
+        raise RegistryError(path, f"must be one of {', '.join(POOLINGS)}", entry=model_id,
+                            field="pooling")
+    if model_kind == "embedding":
+        raw = {"template": "", **raw}
     for name, kind in _FIELDS.items():
         if name not in raw:
             raise RegistryError(path, "missing", entry=model_id, field=name)
@@ -128,7 +161,10 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
     if unknown:
         raise RegistryError(path, f"unknown field(s): {', '.join(sorted(unknown))}",
                             entry=model_id, field=sorted(unknown)[0])
-    if raw["template"] not in TEMPLATES:
+    if model_kind == "embedding" and raw["template"]:
+        raise RegistryError(path, "an embedding model has no prompt template",
+                            entry=model_id, field="template")
+    if model_kind == "chat" and raw["template"] not in TEMPLATES:
         raise RegistryError(path, f"unknown template '{raw['template']}'; valid: "
                             f"{', '.join(TEMPLATES)}", entry=model_id, field="template")
     if raw["default_quant"].upper() not in QUANT_TYPES:
@@ -183,6 +219,11 @@ def _entry(model_id: str, raw: Mapping[str, Any], path: Path) -> ModelEntry:
         source=path,
         shape=MappingProxyType(dict(shape)),
         gguf_repos=tuple(repos),
+        kind=model_kind,
+        query_prefix=raw.get("query_prefix", ""),
+        document_prefix=raw.get("document_prefix", ""),
+        query_encoder=raw.get("query_encoder", ""),
+        pooling=raw.get("pooling", ""),
     )
 
 
@@ -210,6 +251,12 @@ class Registry(Mapping[str, ModelEntry]):
                 merged[model_id] = ({**base, **raw}, user)
         entries = {model_id: _entry(model_id, raw, path)
                    for model_id, (raw, path) in merged.items()}
+        for entry in entries.values():
+            encoder = entries.get(entry.query_encoder)
+            if entry.query_encoder and (encoder is None or encoder.kind != "embedding"):
+                raise RegistryError(entry.source, f"'{entry.query_encoder}' is not an "
+                                    "embedding model of the registry", entry=entry.id,
+                                    field="query_encoder")
         return cls(entries, tuple(files))
 
     def __getitem__(self, model_id: str) -> ModelEntry:

@@ -9,11 +9,12 @@ from rich.table import Table
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import DirectoryTree, Label, OptionList, Static, TextArea
 from textual.widgets.option_list import Option
 
+from localmed.retrieval.store import Passage
 from localmed.tui.widgets import DisclaimerBanner
 
 
@@ -175,3 +176,54 @@ class ImagePickerScreen(BannerModal):
 
     def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
         self.dismiss(event.path)
+
+
+class PassageScreen(BannerModal):
+    """One passage a reply was given, whole: where it is (file, page, heading, characters) and
+    its text, to check the reply against."""
+
+    def __init__(self, advisory: str, number: int, passage: Passage, folder: str = "") -> None:
+        super().__init__(advisory)
+        self.number = number
+        self.passage = passage
+        self.folder = folder
+
+    def compose_dialog(self) -> ComposeResult:
+        passage = self.passage
+        yield Label(f"[{self.number}] {passage.where}", classes="dialog-title")
+        table = Table(show_header=False, box=None, padding=(0, 2, 0, 0))
+        table.add_column(style="bold", no_wrap=True)
+        table.add_column()
+        where = str(Path(self.folder) / passage.source) if self.folder else passage.source
+        table.add_row("file", where)
+        if passage.page is not None:
+            table.add_row("page", str(passage.page))
+        if passage.heading:
+            table.add_row("section", " > ".join(passage.heading))
+        table.add_row("characters", f"{passage.start}-{passage.end} of the "
+                      + ("page's" if passage.page is not None else "file's") + " text")
+        yield Static(table)
+        with VerticalScroll(classes="passage"):
+            yield Static(Text(passage.text))
+        yield Static("Esc: close", classes="hint")
+
+
+class SourcesScreen(BannerModal):
+    """The last reply's passages (F7); Enter opens one. Returns its number."""
+
+    def __init__(self, advisory: str, passages: Sequence[Passage]) -> None:
+        super().__init__(advisory)
+        self.passages = list(passages)
+
+    def compose_dialog(self) -> ComposeResult:
+        yield Label("Sources of the last reply", classes="dialog-title")
+        options = [Option(Text.assemble((f"[{n}] {p.where}", "bold"), f"  {p.first_line}"),
+                          id=str(n)) for n, p in enumerate(self.passages, start=1)]
+        yield OptionList(*options, id="sources")
+        yield Static("Enter: read it whole · Esc: close", classes="hint")
+
+    def on_mount(self) -> None:
+        self.query_one(OptionList).focus()
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        self.dismiss(int(event.option.id or 0))

@@ -1,4 +1,5 @@
-"""Widgets of the chat app: the disclaimer banner, messages, status line and history list."""
+"""Widgets of the chat app: the disclaimer banner, messages, a reply's sources, the status line
+and the history list."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ from textual import events
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.geometry import Region
+from textual.message import Message
 from textual.strip import Strip
 from textual.widget import Widget
 from textual.widgets import Label, ListItem, Markdown, Static
 
 from localmed.conversation import DISCLAIMER, Conversation
 from localmed.images import Image, thumbnail
+from localmed.retrieval.grounding import CitationCheck, Grounding
+from localmed.retrieval.store import Passage
 
 
 class DisclaimerBanner(Static):
@@ -197,13 +201,65 @@ class MessageView(Vertical):
         await self.mount(Markdown(self.content))
 
 
+class SourceLine(Static):
+    """One passage a reply was given: ``[n] file p. N — its first line``; a click opens it
+    whole."""
+
+    class Chosen(Message):
+        def __init__(self, passage: Passage, number: int) -> None:
+            super().__init__()
+            self.passage = passage
+            self.number = number
+
+    def __init__(self, number: int, passage: Passage, cited: bool) -> None:
+        text = Text()
+        text.append(f"[{number}] ", style="bold")
+        text.append(passage.where, style="underline")
+        text.append(f" — {passage.first_line}")
+        if not cited:
+            text.append("  (not cited)", style="dim")
+        super().__init__(text, classes="source")
+        self.passage = passage
+        self.number = number
+
+    def on_click(self) -> None:
+        self.post_message(self.Chosen(self.passage, self.number))
+
+
+class SourcesView(Vertical):
+    """Under a reply answered from documents: the passages it was given (click one, or F7, to
+    read it whole), what its citation check flagged, or that it is not grounded."""
+
+    def __init__(self, grounding: Grounding, check: CitationCheck | None) -> None:
+        super().__init__(classes="sources")
+        self.grounding = grounding
+        self.check = check
+
+    def compose(self) -> ComposeResult:
+        grounding, check = self.grounding, self.check
+        if not grounding.grounded:
+            yield Static(Text(f"⚠ Not grounded: nothing in {grounding.index} cleared the "
+                              "relevance floor; this reply is the model's own.",
+                              style="bold"), classes="ungrounded")
+            return
+        cited = set(check.cited) if check else set()
+        yield Label(f"Sources ({grounding.index}) — click one, or F7, to read it whole",
+                    classes="who")
+        for n, passage in enumerate(grounding.passages, start=1):
+            yield SourceLine(n, passage, n in cited)
+        for flag in check.flags if check else ():
+            yield Static(Text(f"⚠ {flag}"), classes="flag")
+
+
 class StatusLine(Static):
     """Bottom line: speed, context use, offload, template and whether chats are saved."""
 
     def show(self, *, tps: float, used: int, n_ctx: int, offload: str, template: str,
-             saving: bool, note: str = "") -> None:
+             saving: bool, note: str = "", docs: str = "") -> None:
         parts = [f"{tps:.1f} tok/s" if tps else "– tok/s", f"ctx {used}/{n_ctx}", offload,
                  f"template: {template}", f"saving: {'on' if saving else 'off'}"]
+        if docs:
+            parts.insert(4, f"docs: {docs}")
         if note:
             parts.append(note)
         self.update(" · ".join(parts))

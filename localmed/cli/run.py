@@ -78,7 +78,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                    save_history=args.save, system=args.system or "")
         session.params = dataclasses.replace(session.params, max_tokens=args.max_tokens,
                                              ignore_eos=args.ignore_eos)
-    except LocalmedError:
+        if args.docs:
+            from localmed.retrieval.catalog import open_retriever
+
+            with err.status(f"opening the document index {args.docs}…"):
+                session.set_docs(open_retriever(args.docs))
+    except BaseException:
         runtime.close()
         raise
     if session.template_choice.fallback:
@@ -100,13 +105,18 @@ def _chat_web(args: argparse.Namespace) -> int:
     args.port = 8000 if args.port is None else args.port
     sessions = args.sessions or 1
     check_port_free(args.port)
+    if args.docs:
+        from localmed.retrieval.catalog import index_file
+
+        index_file(args.docs)  # an unknown index is one line, before anything is served
     with err_console().status("finding the model…"):
         model = _chat_model(args)
     chat_args = [args.model]
     for flag, value in (("--quant", args.quant), ("--ctx", args.ctx),
                         ("--gpu-layers", args.gpu_layers), ("--threads", args.threads),
                         ("--template", args.template), ("--system", args.system),
-                        ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj)):
+                        ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj),
+                        ("--docs", args.docs)):
         if value is not None:
             chat_args += [flag, str(value)]
     if args.save:
@@ -313,6 +323,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mmproj", metavar="FILE", type=Path, help="the vision projector of an "
                    "image-text model (default: the one beside the model); `/image PATH` in the "
                    "chat attaches an image")
+    p.add_argument("--docs", metavar="NAME", help="answer from a document index (localmed docs "
+                   "add FOLDER makes one): each question gets its passages, each reply lists "
+                   "them; /docs NAME and /docs off switch in the chat")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
     p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "

@@ -151,6 +151,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             info, plan, jobs = _open(model, args, sys.stderr)
             choice = choose_template(model, info, args.template)
             server.model_sha256 = hashing.result() if hashing else ""
+        if args.docs or args.embed:
+            with err.status("opening the documents…"):
+                server.docs = _docs(args)
         served_id = model.entry.id if model.entry else model.path.stem
         server.attach(ServedModel(served_id, info, choice.template, model.advisory,
                                   cache_prompt=args.cache_prompt, no_images=jobs.no_images),
@@ -159,16 +162,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             server.audit.start(model=served_id, model_file=model.path.name,
                                model_sha256=server.model_sha256, host=args.host,
                                port=args.port, tls=tls is not None,
-                               keys=sorted(keys.keys) if keys else [])
+                               keys=sorted(keys.keys) if keys else [],
+                               docs=server.docs.index if server.docs else None)
         # From the banner's first line on, a stop signal stops the server (status 0): a
         # supervisor may send it as soon as it reads a line of the banner.
         try:
             host = f"[{args.host}]" if ":" in args.host else args.host
             scheme = "https" if tls else "http"
             out = console()
+            routes = "/v1/models, /v1/chat/completions, /v1/completions" + (
+                ", /v1/embeddings" if server.docs and server.docs.embedder else "")
             out.print(f"[bold]localmed serve[/]: {escape(served_id)} at {scheme}://{host}:"
-                      f"{args.port}/v1 (OpenAI-compatible: /v1/models, /v1/chat/completions, "
-                      "/v1/completions)")
+                      f"{args.port}/v1 (OpenAI-compatible: {routes})")
             out.print(f"  template: {escape(choice.reason)}; {escape(plan.label)}")
             if jobs.parallel > 1:
                 out.print(f"  {jobs.parallel} replies at once, {jobs.n_ctx} tokens each (context "
@@ -180,6 +185,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     out.print("  every prompt is prefilled whole (--no-cache-prompt)")
             else:
                 out.print(f"  one reply at a time, {jobs.n_ctx} tokens of context")
+            if server.docs is not None:
+                docs = server.docs
+                if docs.retriever is not None:
+                    how = "BM25 + " + docs.embedding_id if docs.embedder else "BM25"
+                    out.print(f"  documents: {escape(docs.index)} ({escape(how)}): each chat "
+                              "completion gets its passages, and `citations` in the response")
+                if docs.embedder is not None:
+                    out.print(f"  embeddings: {escape(docs.embedding_id)} at /v1/embeddings "
+                              f"({docs.embedder.dimensions} numbers a vector)")
             out.print("  images: " + (escape(jobs.no_images) if jobs.no_images else
                                       "taken (PNG, JPEG or WebP, as data: URLs in image_url "
                                       "parts)"))
@@ -214,6 +228,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       "prove the log was not rewritten)", soft_wrap=True)
         if jobs is not None:
             jobs.close()
+
+
+def _docs(args: argparse.Namespace):
+    """The index (``--docs``) and embedding model (``--embed``, else the index's) to serve."""
+    from localmed.cli.docs import embedder_spec
+    from localmed.retrieval.catalog import open_retriever
+    from localmed.retrieval.embedder import Embedder
+    from localmed.serve.documents import ServedDocs
+
+    retriever = open_retriever(args.docs, threads=args.threads) if args.docs else None
+    embedder = retriever.embedder if retriever is not None else None
+    if args.embed and embedder is None:
+        spec = embedder_spec(args.embed)
+        embedder = Embedder(spec, threads=args.threads)
+    elif args.embed and embedder is not None and embedder_spec(args.embed).identity != \
+            embedder.spec.identity:
+        from localmed.retrieval.catalog import close_retriever
+
+        close_retriever(retriever)  # type: ignore[arg-type]
+        raise ServeError(f"--embed {args.embed} is not the model {args.docs} was indexed with "
+                         f"({embedder.spec.name}): leave --embed out, or re-index with it")
+    return ServedDocs(retriever, embedder, embedder.spec.name if embedder else "")
 
 
 def _keys(args: argparse.Namespace) -> KeyRing | None:
@@ -312,6 +348,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mmproj", metavar="FILE", type=Path, help="the vision projector of an "
                    "image-text model (default: the one beside the model, as `localmed quantize` "
                    "and `localmed pull` put it)")
+    p.add_argument("--docs", metavar="NAME", help="answer chat completions from a document "
+                   "index (localmed docs add FOLDER makes one); responses carry `citations`")
+    p.add_argument("--embed", metavar="MODEL", help="serve this embedding model at "
+                   "/v1/embeddings (with --docs, the index's own is served)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
                    help="prefill every prompt whole: each reply depends on its request alone "
                    "(slower follow-ups; see README)")

@@ -51,6 +51,7 @@ from localmed.runtimes.messages import (
     Cancel,
     Close,
     Done,
+    Embed,
     Event,
     Failed,
     JsonGrammar,
@@ -89,6 +90,11 @@ class BatchOptions:
     """Bytes of host memory for the cells of conversations whose slot was taken (0: none)."""
     projector: Path | None = None
     """The vision projector (``--mmproj``); None: the one beside the model, if any."""
+    embedding: bool = False
+    """An embedding model (:mod:`localmed.runtimes.embedding`): it answers :class:`Embed`, and
+    generates nothing."""
+    pooling: str = ""
+    """An embedding model's pooling where its GGUF declares none."""
 
 
 def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
@@ -99,6 +105,15 @@ def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
     from localmed.runtimes.batch import BatchEngine
 
     info, footprint = read_gguf_footprint(path)
+    if options.embedding:
+        from localmed.runtimes.embedding import EmbeddingEngine
+
+        plan = refuse_unless_fits(plan_offload(footprint, hardware.detect(),
+                                               n_ctx=min(footprint.n_ctx_train, EMBED_BATCH),
+                                               gpu_layers=options.gpu_layers), path)
+        return (EmbeddingEngine(path, gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
+                                n_batch=EMBED_BATCH, pooling=options.pooling), info, plan,
+                "an embedding model")
     pairing = pair(path, options.projector)
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
     plan = refuse_unless_fits(plan_offload(with_projector(footprint, pairing), hardware.detect(),
@@ -111,6 +126,40 @@ def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
     return engine, info, plan, pairing.absent
 
 
+EMBED_BATCH = 512
+"""Tokens an embedding model's batch holds (``llama_cpp.Llama``'s default ``n_batch``); a text
+longer than that (or than the model's context) is cut to it."""
+
+
+def _embed_main(conn: Connection, engine: Any, info: Any, plan: Any) -> None:
+    """An embedding model's engine: one thing at a time, until Close/EOF."""
+    conn.send(Ready(info, plan, engine.n_batch, 0, "an embedding model",
+                    embedding_size=engine.n_embd, pooling=engine.pooling))
+    try:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            if isinstance(message, Close):
+                return
+            try:
+                if isinstance(message, Embed):
+                    value: Any = engine.embed(message.texts)
+                elif isinstance(message, Tokenize) and isinstance(message.text, str):
+                    value = engine.tokenize(message.text)
+                else:
+                    raise EngineError("this engine holds an embedding model: it embeds text, "
+                                      "and generates nothing")
+                conn.send(Answer(message.id, value))
+            except (EOFError, OSError):
+                return
+            except Exception as exc:
+                conn.send(Failed(getattr(message, "id", None), _portable(exc)))
+    finally:
+        engine.close()
+
+
 def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: str,
                  batch_seconds: float) -> None:
     """The engine process: load, then decode whatever requests are in until Close/EOF."""
@@ -121,6 +170,9 @@ def _engine_main(conn: Connection, path: str, options: BatchOptions, log_path: s
         engine, info, plan, no_images = _load(Path(path), options)
     except Exception as exc:
         conn.send(Failed(None, _portable(exc)))
+        return
+    if options.embedding:
+        _embed_main(conn, engine, info, plan)
         return
     sending = threading.Lock()
 
@@ -341,6 +393,11 @@ class BatchClient:
         prompt = text if isinstance(text, str) else tuple(text)
         return self._ask(lambda rid: Tokenize(rid, prompt, add_bos))
 
+    def embed(self, texts: Sequence[str]) -> Any:
+        """An embedding model's :class:`~localmed.runtimes.embedding.Embeddings` of
+        ``texts``."""
+        return self._ask(lambda rid: Embed(rid, tuple(texts)))
+
     def json_grammar(self, schema: dict[str, Any] | None) -> str:
         """llama.cpp's grammar for JSON (for ``schema``, if given), made and parsed by the
         engine beside running decodes; a schema it cannot use raises GrammarError."""
@@ -471,6 +528,8 @@ class EngineHub:
                                                                   add_bos=message.add_bos)))
                 elif isinstance(message, JsonGrammar):
                     outbox.put(Answer(message.id, client.json_grammar(message.schema)))
+                elif isinstance(message, Embed):
+                    outbox.put(Answer(message.id, client.embed(message.texts)))
             except Exception as exc:
                 outbox.put(Failed(getattr(message, "id", None), _portable(exc)))
         for rid in list(theirs.values()):

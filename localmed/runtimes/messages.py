@@ -3,9 +3,10 @@
 One module says it all. The llama.cpp engine (:mod:`localmed.runtimes.batch_process`): a client
 (``localmed serve``, ``localmed chat``, a browser tab of ``chat --web``) sends a
 :class:`Request` to start a reply and :class:`Cancel`, :class:`Tokenize`, :class:`JsonGrammar`
-or :class:`Close`; the engine first says :class:`Ready` (or :class:`Failed` with no id), then
-answers each message that names an id with its events: :class:`Logprobs` and :class:`Piece` any
-number of times, then one :class:`Done`, :class:`Answer` or :class:`Failed`. The same event
+or :class:`Close` (an embedding model's engine takes :class:`Embed` in place of requests); the
+engine first says :class:`Ready` (or :class:`Failed` with no id), then answers each message
+that names an id with its events: :class:`Logprobs` and :class:`Piece` any number of times,
+then one :class:`Done`, :class:`Answer` or :class:`Failed`. The same event
 objects reach each request's own queue, so a server or a chat matches on their type, never on
 a string. The generic engine process (:mod:`localmed.runtimes.process`, a GPTQ folder's
 transformers, and bench's scorer) takes one thing at a time: :class:`Generate`,
@@ -72,6 +73,15 @@ class JsonGrammar:
 
 
 @dataclass(frozen=True)
+class Embed:
+    """Vectors of ``texts`` (an embedding model's engine): answered with
+    :class:`~localmed.runtimes.embedding.Embeddings`."""
+
+    id: int
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Generate:
     """Stream a reply to ``prompt`` (the generic engine), in pieces at most ``batch_seconds``
     apart."""
@@ -96,7 +106,7 @@ class Close:
     """The client is done; the engine (or, behind a hub, this client's share) ends."""
 
 
-Command = Request | Cancel | Tokenize | JsonGrammar | Generate | Score | Close
+Command = Request | Cancel | Tokenize | JsonGrammar | Embed | Generate | Score | Close
 
 
 # --- engine -> client -----------------------------------------------------------------------------
@@ -117,6 +127,10 @@ class Ready:
     (0: none; such a conversation is prefilled again)."""
     sliding_window: int = 0
     """The model's sliding-window width in tokens (0: none); such a model keeps no host cache."""
+    embedding_size: int = 0
+    """An embedding model's vector size (0: a model that generates)."""
+    pooling: str = ""
+    """An embedding model's pooling (``mean``, ``cls``, ``last``)."""
 
 
 @dataclass(frozen=True)

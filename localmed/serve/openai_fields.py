@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from localmed.images import image_marker, new_nonce
@@ -300,3 +301,61 @@ class Chunks:
     def last(self, stats: GenerationStats) -> dict[str, Any]:
         return {**self.head, "choices": [self._choice(None, finish_reason(stats))],
                 "usage": usage(stats)}
+
+
+# --- documents and embeddings ---------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 2048
+"""Texts one ``/v1/embeddings`` request may carry (OpenAI's bound)."""
+
+
+def citations(passages: Sequence[Any]) -> list[dict[str, Any]]:
+    """The response's top-level ``citations``: each passage given, by its number in the
+    prompt (``[n]`` in the reply)."""
+    return [{"id": n, "source": p.source, "page": p.page, "text": p.text,
+             "score": round(p.score, 6)} for n, p in enumerate(passages, start=1)]
+
+
+def embedding_inputs(body: dict[str, Any]) -> tuple[list[str], bool]:
+    """``/v1/embeddings``' texts, and whether the vectors go back as base64 (the ``openai``
+    client asks for that by default) rather than lists of floats."""
+    texts = body.get("input")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts:
+        raise APIError(400, "'input' must be a string or a non-empty list of strings",
+                       param="input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise APIError(400, f"{len(texts)} inputs; up to {MAX_EMBEDDING_INPUTS} are taken",
+                       param="input")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise APIError(400, f"input[{i}]: token arrays are not taken here; send text",
+                           param="input", code="unsupported_parameter")
+        if not text.strip():
+            raise APIError(400, f"input[{i}] is empty", param="input")
+    encoding = body.get("encoding_format", "float")
+    if encoding not in ("float", "base64"):
+        raise APIError(400, "'encoding_format' must be 'float' or 'base64'",
+                       param="encoding_format")
+    if body.get("dimensions") is not None:
+        raise APIError(400, "'dimensions' is not supported: the model's own vector size is "
+                       "returned", param="dimensions", code="unsupported_parameter")
+    return texts, encoding == "base64"
+
+
+def embeddings_response(model_id: str, vectors: Any, tokens: int, base64: bool
+                        ) -> dict[str, Any]:
+    """OpenAI's ``list`` of ``embedding`` objects, with usage."""
+    import base64 as b64
+
+    import numpy as np
+
+    data = []
+    for i, vector in enumerate(vectors):
+        array = np.asarray(vector, dtype="<f4")
+        value: Any = b64.b64encode(array.tobytes()).decode("ascii") if base64 else \
+            [float(x) for x in array]
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {"object": "list", "data": data, "model": model_id,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -47,6 +47,7 @@ from localmed.runtimes.base import GenerationStats
 from localmed.runtimes.batch import GrammarError
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece
 from localmed.serve.audit import AuditError, AuditLog, digest
+from localmed.serve.documents import ServedDocs
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
 from localmed.serve.keys import KeyRing, RateLimit
 from localmed.serve.openai_fields import (
@@ -55,7 +56,10 @@ from localmed.serve.openai_fields import (
     ImagePart,
     cache_prompt,
     chat_messages,
+    citations,
     completion,
+    embedding_inputs,
+    embeddings_response,
     logprobs,
     merge_runs,
     response_format,
@@ -112,6 +116,9 @@ class LocalServer:
         self.started = int(time.time())
         self.model: ServedModel
         self.jobs: Jobs
+        self.docs: ServedDocs | None = None
+        """The document index answered from, and the embedding model (``--docs``,
+        ``--embed``)."""
 
     def attach(self, model: ServedModel, jobs: Jobs) -> None:
         self.model = model
@@ -129,6 +136,9 @@ class LocalServer:
         for route in ROUTES:
             app.router.add_post(route, self._completion)
             app.router.add_post(route + "/", self._completion)
+        if self.docs is not None and self.docs.embedder is not None:
+            app.router.add_post("/v1/embeddings", self._embeddings)
+            app.router.add_post("/v1/embeddings/", self._embeddings)
         return app
 
     def serve_forever(self) -> None:
@@ -193,15 +203,43 @@ class LocalServer:
         """Close the socket, and the engine if a model was attached."""
         if hasattr(self, "jobs"):
             self.jobs.close()
+        if self.docs is not None:
+            self.docs.close()
+            self.docs = None
         self.sock.close()
 
     # --- routes ---------------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
         served = self.model
-        return _json(200, {"object": "list", "data": [{
-            "id": served.id, "object": "model", "created": self.started,
-            "owned_by": "localmed", "localmed": served.notice()}]})
+        data = [{"id": served.id, "object": "model", "created": self.started,
+                 "owned_by": "localmed", "localmed": served.notice()}]
+        if self.docs is not None and self.docs.embedder is not None:
+            data.append({"id": self.docs.embedding_id, "object": "model",
+                         "created": self.started, "owned_by": "localmed",
+                         "localmed": {"kind": "embedding",
+                                      "dimensions": self.docs.embedder.dimensions}})
+        return _json(200, {"object": "list", "data": data})
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's ``/v1/embeddings`` on the embedding model, texts as they are."""
+        assert self.docs is not None
+        body = await _body(request)
+        model = body.get("model", self.docs.embedding_id)
+        if model != self.docs.embedding_id:
+            raise APIError(400, f"the embedding model '{model}' is not served here; this "
+                           f"server has '{self.docs.embedding_id}'", param="model",
+                           code="model_not_found")
+        texts, as_base64 = embedding_inputs(body)
+        result = await asyncio.to_thread(self.docs.embed, texts)
+        if result.truncated:
+            raise APIError(400, f"{result.truncated} of the inputs are longer than "
+                           f"{self.docs.embedding_id}'s context "
+                           f"({self.docs.embedder.n_ctx} tokens)", param="input",  # type: ignore[union-attr]
+                           code="context_length_exceeded")
+        request["tokens"] = (result.tokens, 0)
+        return _json(200, embeddings_response(self.docs.embedding_id, result.vectors,
+                                              result.tokens, as_base64))
 
     async def _health(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok", "model": self.model.id,
@@ -233,6 +271,11 @@ class LocalServer:
                     raise APIError(400, f"{len(image_parts)} images in one request; up to "
                                    f"{MAX_IMAGES} are taken", param="messages")
                 images = await asyncio.to_thread(read_images, image_parts)
+            if self.docs is not None and self.docs.retriever is not None:
+                messages, grounding = await asyncio.to_thread(
+                    self.docs.ground, messages, jobs.tokenize, self._render, jobs.n_ctx,
+                    params.max_tokens)
+                request["grounding"] = grounding
             prompt = self._render(messages)
             stops = stop_strings(body, served.template.stop)
             kind, where = "chat.completion", "messages"
@@ -315,9 +358,20 @@ class LocalServer:
         text = "".join(parts)
         request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
         request["reply"] = text
-        return _json(200, completion(kind, self.model.id, text, stats,
-                                     entries if job.logprobs is not None else None,
-                                     self.model.notice()))
+        answer = completion(kind, self.model.id, text, stats,
+                            entries if job.logprobs is not None else None, self.model.notice())
+        return _json(200, self._cite(request, answer))
+
+    def _cite(self, request: web.Request, answer: dict[str, Any]) -> dict[str, Any]:
+        """A response answered from the index: its ``citations`` (the passages given, by
+        number) and whether it is grounded."""
+        grounding = request.get("grounding")
+        if grounding is not None:
+            answer["citations"] = citations(grounding.passages)
+            answer.setdefault("localmed", {})
+            answer["localmed"] = {**answer["localmed"], "docs": grounding.index,
+                                  "grounded": grounding.grounded}
+        return answer
 
     async def _stream(self, request: web.Request, job: Job, kind: str) -> web.StreamResponse:
         chunks = Chunks(kind, self.model.id)
@@ -341,7 +395,7 @@ class LocalServer:
                 else:
                     stats = happened.stats
                     request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
-                    await event(chunks.last(stats))
+                    await event(self._cite(request, chunks.last(stats)))
             await response.write(b"data: [DONE]\n\n")
         except APIError as failed:
             await event(failed.body())
@@ -451,6 +505,12 @@ class LocalServer:
             "prompt_sha256": digest(prompt) if prompt is not None else None,
             "reply_sha256": digest(reply) if reply is not None else None,
             "refusal": request.get("refusal")}
+        if (grounding := request.get("grounding")) is not None:
+            record["docs"] = grounding.index
+            record["passages"] = [
+                {"id": n, "passage": p.id, "source": p.source, "page": p.page,
+                 "sha256": digest(p.text), **({"text": p.text} if self.log_content else {})}
+                for n, p in enumerate(grounding.passages, start=1)]
         if self.log_content:
             record |= {"prompt": prompt, "reply": reply}
         assert self.audit is not None

@@ -1,0 +1,167 @@
+"""Passages and queries as vectors: an embedding GGUF in an engine process of its own, like the
+chat model's (:class:`~localmed.runtimes.batch_process.BatchClient`), so llama.cpp never runs in
+the app's process and a crash there is one line, not the app's end.
+
+An index records which model embedded it (:class:`EmbedderSpec`: the file's identity, its
+vector size, the prefixes its model card asks for, such as nomic's ``search_document:``); a
+search embeds the query with the same model, or with its query encoder where the model has one
+(MedCPT's article encoder is searched with its query encoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from localmed.errors import DocsIndexError
+
+_EDGE = 2**20
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """The embedding model an index was made with (kept in the index)."""
+
+    name: str
+    """The registry id, else the file's name."""
+    path: str
+    identity: str
+    """Size and hashes of the file's first and last MiB: the same model, wherever it is."""
+    document_prefix: str = ""
+    query_prefix: str = ""
+    query_path: str = ""
+    """A separate query encoder's GGUF (MedCPT); "": queries use this model too."""
+    pooling_override: str = ""
+    """The registry's pooling for a GGUF that declares none (MedCPT)."""
+    dimensions: int = 0
+    pooling: str = ""
+    """What the engine pooled by (filled in when it loads)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EmbedderSpec:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def same_model(self, other: EmbedderSpec) -> bool:
+        return (self.identity, self.document_prefix, self.query_prefix) == \
+            (other.identity, other.document_prefix, other.query_prefix)
+
+
+def identity(path: Path) -> str:
+    """``size:sha256(first MiB + last MiB)`` of a model file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        digest.update(fh.read(_EDGE))
+        if size > 2 * _EDGE:
+            fh.seek(size - _EDGE)
+            digest.update(fh.read(_EDGE))
+    return f"{size}:{digest.hexdigest()[:32]}"
+
+
+class Embedder:
+    """An embedding model loaded in its engine process (a query encoder beside it where the
+    spec names one). ``client`` joins an engine another process already runs."""
+
+    BATCH = 64
+    """Passages sent to the engine at once (it packs them into batches of 512 tokens)."""
+
+    def __init__(self, spec: EmbedderSpec, *, threads: int | None = None,
+                 client: Any = None, query_client: Any = None) -> None:
+        from localmed.runtimes.batch_process import BatchClient, BatchOptions
+
+        self.spec = spec
+        options = BatchOptions(0, threads=threads, embedding=True,
+                               pooling=spec.pooling_override)
+        for path in (spec.path, spec.query_path):
+            if path and not Path(path).is_file():
+                raise DocsIndexError(f"the embedding model {spec.name} is not at {path} any "
+                                     "more: put it back, or give --embed MODEL to re-embed the "
+                                     "index with another")
+        self._client = client or BatchClient(Path(spec.path), options)
+        try:
+            self._query_client = query_client or (
+                BatchClient(Path(spec.query_path), options) if spec.query_path
+                else self._client)
+        except BaseException:
+            self._client.close()
+            raise
+        self.n_ctx = self._query_client.ready.n_ctx
+        self.dimensions = self._client.ready.embedding_size
+        if self._query_client.ready.embedding_size != self.dimensions:
+            self.close()
+            raise DocsIndexError(f"{spec.name}: its query encoder makes vectors of "
+                                 f"{self._query_client.ready.embedding_size} numbers and its "
+                                 f"document encoder {self.dimensions}")
+
+    @property
+    def ready(self) -> Any:
+        """The document encoder's :class:`~localmed.runtimes.messages.Ready`."""
+        return self._client.ready
+
+    def completed(self) -> EmbedderSpec:
+        """The spec with what loading told: vector size and pooling."""
+        return dataclasses.replace(self.spec, dimensions=self.dimensions,
+                                   pooling=self._client.ready.pooling)
+
+    def embed_documents(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors of passages (the document prefix before each); and how many were longer
+        than the model's context (cut to it)."""
+        vectors, truncated = [], 0
+        for at in range(0, len(texts), self.BATCH):
+            batch = [self.spec.document_prefix + t for t in texts[at:at + self.BATCH]]
+            result = self._client.embed(batch)
+            vectors.append(result.vectors)
+            truncated += result.truncated
+        if not vectors:
+            return np.zeros((0, self.dimensions), dtype=np.float32), 0
+        return np.concatenate(vectors), truncated
+
+    def embed_raw(self, texts: list[str]) -> Any:
+        """:class:`~localmed.runtimes.embedding.Embeddings` of ``texts`` as they are, by the
+        document encoder (no prefix): what ``/v1/embeddings`` answers."""
+        return self._client.embed(texts)
+
+    def embed_query(self, text: str) -> tuple[np.ndarray, str]:
+        """The query's vector, and a note when it was longer than the model's context: then
+        it is embedded in pieces that fit, and their mean stands for it (a long vignette's
+        every part counts, not just its beginning)."""
+        prefixed = self.spec.query_prefix + text
+        tokens = len(self._query_client.tokenize(prefixed))
+        if tokens <= self.n_ctx:
+            return self._query_client.embed([prefixed]).vectors[0], ""
+        pieces = _pieces(text, max(1, -(-tokens // (self.n_ctx - 16))))
+        result = self._query_client.embed([self.spec.query_prefix + p for p in pieces])
+        mean = result.vectors.mean(axis=0)
+        note = (f"the query has {tokens} tokens, more than {self.spec.name}'s {self.n_ctx}: "
+                f"it was embedded in {len(pieces)} pieces")
+        return mean / max(float(np.linalg.norm(mean)), 1e-12), note
+
+    def close(self) -> None:
+        for client in {id(c): c for c in (self._client, getattr(self, "_query_client", None))
+                       if c is not None}.values():
+            client.close()
+
+
+def _pieces(text: str, count: int) -> list[str]:
+    """``text`` in ``count`` runs of whole words of about equal length."""
+    words = re.findall(r"\S+\s*", text)
+    size = -(-len(text) // count)
+    pieces, current = [], ""
+    for word in words:
+        if current and len(current) + len(word) > size:
+            pieces.append(current.strip())
+            current = ""
+        current += word
+    if current.strip():
+        pieces.append(current.strip())
+    return pieces
