@@ -54,11 +54,14 @@ def resolve_chat_model(spec: str, registry: Registry, *, quant: str | None = Non
                        models_dir: Path | None = None) -> ChatModel:
     """``demo``, a registry id (its default or ``quant``), or a path to a model file or folder;
     a registry's embedding model is refused (it answers nothing)."""
-    model = resolve_model(spec, registry, quant=quant, models_dir=models_dir)
-    if model.entry is not None and model.entry.kind == "embedding":
-        raise LocalmedError(f"{model.entry.id} is an embedding model: it finds passages and "
-                            "answers nothing (index a folder with it: localmed docs add FOLDER "
-                            f"--embed {model.entry.id}); chat with a chat model")
+    named = registry.get(spec)
+    if named is None or named.kind != "embedding":  # (an embedding id: said before its file)
+        model = resolve_model(spec, registry, quant=quant, models_dir=models_dir)
+        named = model.entry
+    if named is not None and named.kind == "embedding":
+        raise LocalmedError(f"{named.id} is an embedding model: it finds passages and answers "
+                            f"nothing (index a folder with it: localmed docs add FOLDER --embed "
+                            f"{named.id}); chat with a chat model")
     return model
 
 

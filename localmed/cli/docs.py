@@ -75,12 +75,13 @@ def embedder_spec(name: str):
     from localmed.retrieval.embedder import EmbedderSpec, identity
 
     registry = Registry.load()
+    named = registry.get(name)
+    if named is not None and named.kind != "embedding":  # said before looking for its file
+        raise LocalmedError(f"{named.id} is a chat model, not an embedding model: --embed "
+                            "takes one of " + ", ".join(e.id for e in registry.values()
+                                                        if e.kind == "embedding"))
     model = resolve_model(name, registry)
     entry = model.entry
-    if entry is not None and entry.kind != "embedding":
-        raise LocalmedError(f"{entry.id} is a chat model, not an embedding model: --embed takes "
-                            "one of " + ", ".join(e.id for e in registry.values()
-                                                  if e.kind == "embedding"))
     query_path = ""
     if entry is not None and entry.query_encoder:
         query_path = str(resolve_model(entry.query_encoder, registry).path)
@@ -128,8 +129,11 @@ def cmd_docs_add(args: argparse.Namespace) -> int:
         elif spec is None and stored:
             spec = EmbedderSpec.from_json(stored)
         if spec is not None:
-            with err.status(f"loading the embedding model {spec.name}…"):
-                embedder = Embedder(spec, threads=args.threads)
+            embedder = Embedder(spec, threads=args.threads)
+            known = stored is not None and EmbedderSpec.from_json(stored).same_model(spec)
+            if not known:  # a model new to the index is checked now, before a file is read
+                with err.status(f"loading the embedding model {spec.name}…"):
+                    embedder.load()
         with _bars() as bars:
             report = update(index, folder, embedder=embedder, progress=bars,
                             max_file_bytes=args.max_file_mb * 2**20)
@@ -144,6 +148,11 @@ def cmd_docs_add(args: argparse.Namespace) -> int:
         raise DiskFullError(f"the disk filled while indexing {folder}: {name} keeps the {done} "
                             f"files finished before it; free some space and run docs add again "
                             f"({full})") from None
+    except BaseException:
+        if created and index.db is not None and not index.files():
+            index.close()
+            _remove_index_files(path)  # a new index that never held a file is not left behind
+        raise
     finally:
         if embedder is not None:
             embedder.close()
@@ -229,11 +238,15 @@ def cmd_docs_remove(args: argparse.Namespace) -> int:
     path = catalog.index_file(args.name)
     with DocsIndex(path, writer=True):  # refused while a docs add writes it
         pass
-    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
-        leftover.unlink(missing_ok=True)
+    _remove_index_files(path)
     console().print(f"removed the index {escape(args.name)} (the documents themselves are "
                     "untouched)")
     return 0
+
+
+def _remove_index_files(path: Path) -> None:
+    for leftover in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        leftover.unlink(missing_ok=True)
 
 
 def cmd_docs_search(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from localmed.cli.common import console, err_console, model_options, port_number
 from localmed.cli.progress import progress_bars
 from localmed.errors import LocalmedError
 from localmed.extras import EXTRAS, install_command, missing
+from localmed.runtimes.base import GenerationParams
 
 
 def _chat_model(args: argparse.Namespace):
@@ -77,7 +78,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
         session.params = dataclasses.replace(session.params, max_tokens=args.max_tokens,
-                                             ignore_eos=args.ignore_eos)
+                                             ignore_eos=args.ignore_eos,
+                                             temperature=args.temperature)
+        session.docs_k = args.passages
         if args.docs:
             from localmed.retrieval.catalog import open_retriever
 
@@ -116,7 +119,8 @@ def _chat_web(args: argparse.Namespace) -> int:
                         ("--gpu-layers", args.gpu_layers), ("--threads", args.threads),
                         ("--template", args.template), ("--system", args.system),
                         ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj),
-                        ("--docs", args.docs)):
+                        ("--docs", args.docs), ("--passages", args.passages),
+                        ("--temperature", args.temperature)):
         if value is not None:
             chat_args += [flag, str(value)]
     if args.save:
@@ -313,6 +317,16 @@ def _versions(modules: tuple[str, ...]) -> str:
     return ", ".join(found)
 
 
+def temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 2:
+        raise argparse.ArgumentTypeError(f"{value} is not from 0 to 2")
+    return value
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
@@ -326,10 +340,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--docs", metavar="NAME", help="answer from a document index (localmed docs "
                    "add FOLDER makes one): each question gets its passages, each reply lists "
                    "them; /docs NAME and /docs off switch in the chat")
+    p.add_argument("--passages", type=positive, default=5, help="passages a question gets at "
+                   "most (default 5; fewer where the context has no room)")
     p.add_argument("--save", action="store_true", help="save conversations (mode 0600) in the "
                    "data folder; off by default")
     p.add_argument("--max-tokens", type=positive, default=1024, help="longest reply, in tokens "
                    "(default 1024)")
+    p.add_argument("--temperature", type=temperature, default=GenerationParams.temperature,
+                   help=f"sampling temperature, 0-2 (default {GenerationParams.temperature}; "
+                   "0: the same reply every time)")
     # benchmarks/decode_overhead.py forces the same token count on every path with it
     p.add_argument("--ignore-eos", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--web", action="store_true", help="serve the same chat to a browser on "

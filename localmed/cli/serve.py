@@ -249,7 +249,8 @@ def _docs(args: argparse.Namespace):
         close_retriever(retriever)  # type: ignore[arg-type]
         raise ServeError(f"--embed {args.embed} is not the model {args.docs} was indexed with "
                          f"({embedder.spec.name}): leave --embed out, or re-index with it")
-    return ServedDocs(retriever, embedder, embedder.spec.name if embedder else "")
+    return ServedDocs(retriever, embedder, embedder.spec.name if embedder else "",
+                      k=args.passages)
 
 
 def _keys(args: argparse.Namespace) -> KeyRing | None:
@@ -352,6 +353,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "index (localmed docs add FOLDER makes one); responses carry `citations`")
     p.add_argument("--embed", metavar="MODEL", help="serve this embedding model at "
                    "/v1/embeddings (with --docs, the index's own is served)")
+    p.add_argument("--passages", type=positive, default=5, help="--docs: passages a question "
+                   "gets at most (default 5; fewer where its context has no room)")
     p.add_argument("--no-cache-prompt", dest="cache_prompt", action="store_false",
                    help="prefill every prompt whole: each reply depends on its request alone "
                    "(slower follow-ups; see README)")

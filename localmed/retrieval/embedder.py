@@ -69,54 +69,81 @@ def identity(path: Path) -> str:
 
 
 class Embedder:
-    """An embedding model loaded in its engine process (a query encoder beside it where the
-    spec names one). ``client`` joins an engine another process already runs."""
+    """An embedding model in its engine process (a query encoder beside it where the spec names
+    one), started when first needed: a ``docs add`` with nothing to embed never loads it.
+    ``client`` joins an engine another process already runs."""
 
     BATCH = 64
     """Passages sent to the engine at once (it packs them into batches of 512 tokens)."""
 
     def __init__(self, spec: EmbedderSpec, *, threads: int | None = None,
                  client: Any = None, query_client: Any = None) -> None:
-        from localmed.runtimes.batch_process import BatchClient, BatchOptions
-
         self.spec = spec
-        options = BatchOptions(0, threads=threads, embedding=True,
-                               pooling=spec.pooling_override)
+        self.threads = threads
         for path in (spec.path, spec.query_path):
             if path and not Path(path).is_file():
                 raise DocsIndexError(f"the embedding model {spec.name} is not at {path} any "
                                      "more: put it back, or give --embed MODEL to re-embed the "
                                      "index with another")
-        self._client = client or BatchClient(Path(spec.path), options)
+        self._client, self._query_client = client, query_client or client
+        if client is not None:
+            self._check()
+
+    @property
+    def loaded(self) -> bool:
+        return self._client is not None
+
+    def load(self) -> None:
+        """Start the engine (and the query encoder's) now."""
+        if self._client is not None:
+            return
+        from localmed.runtimes.batch_process import BatchClient, BatchOptions
+
+        spec = self.spec
+        options = BatchOptions(0, threads=self.threads, embedding=True,
+                               pooling=spec.pooling_override)
+        self._client = BatchClient(Path(spec.path), options)
         try:
-            self._query_client = query_client or (
-                BatchClient(Path(spec.query_path), options) if spec.query_path
-                else self._client)
+            self._query_client = BatchClient(Path(spec.query_path), options) \
+                if spec.query_path else self._client
+            self._check()
         except BaseException:
-            self._client.close()
-            raise
-        self.n_ctx = self._query_client.ready.n_ctx
-        self.dimensions = self._client.ready.embedding_size
-        if self._query_client.ready.embedding_size != self.dimensions:
             self.close()
-            raise DocsIndexError(f"{spec.name}: its query encoder makes vectors of "
+            raise
+
+    def _check(self) -> None:
+        if self._query_client.ready.embedding_size != self._client.ready.embedding_size:
+            raise DocsIndexError(f"{self.spec.name}: its query encoder makes vectors of "
                                  f"{self._query_client.ready.embedding_size} numbers and its "
-                                 f"document encoder {self.dimensions}")
+                                 f"document encoder {self._client.ready.embedding_size}")
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens a query may have (the query encoder's batch)."""
+        self.load()
+        return self._query_client.ready.n_ctx
+
+    @property
+    def dimensions(self) -> int:
+        self.load()
+        return self._client.ready.embedding_size
 
     @property
     def ready(self) -> Any:
         """The document encoder's :class:`~localmed.runtimes.messages.Ready`."""
+        self.load()
         return self._client.ready
 
     def completed(self) -> EmbedderSpec:
         """The spec with what loading told: vector size and pooling."""
         return dataclasses.replace(self.spec, dimensions=self.dimensions,
-                                   pooling=self._client.ready.pooling)
+                                   pooling=self.ready.pooling)
 
     def embed_documents(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors of passages (the document prefix before each); and how many were longer
         than the model's context (cut to it)."""
         vectors, truncated = [], 0
+        self.load()
         for at in range(0, len(texts), self.BATCH):
             batch = [self.spec.document_prefix + t for t in texts[at:at + self.BATCH]]
             result = self._client.embed(batch)
@@ -129,6 +156,7 @@ class Embedder:
     def embed_raw(self, texts: list[str]) -> Any:
         """:class:`~localmed.runtimes.embedding.Embeddings` of ``texts`` as they are, by the
         document encoder (no prefix): what ``/v1/embeddings`` answers."""
+        self.load()
         return self._client.embed(texts)
 
     def embed_query(self, text: str) -> tuple[np.ndarray, str]:
@@ -136,20 +164,22 @@ class Embedder:
         it is embedded in pieces that fit, and their mean stands for it (a long vignette's
         every part counts, not just its beginning)."""
         prefixed = self.spec.query_prefix + text
+        n_ctx = self.n_ctx  # (loads)
         tokens = len(self._query_client.tokenize(prefixed))
-        if tokens <= self.n_ctx:
+        if tokens <= n_ctx:
             return self._query_client.embed([prefixed]).vectors[0], ""
-        pieces = _pieces(text, max(1, -(-tokens // (self.n_ctx - 16))))
+        pieces = _pieces(text, max(1, -(-tokens // (n_ctx - 16))))
         result = self._query_client.embed([self.spec.query_prefix + p for p in pieces])
         mean = result.vectors.mean(axis=0)
-        note = (f"the query has {tokens} tokens, more than {self.spec.name}'s {self.n_ctx}: "
+        note = (f"the query has {tokens} tokens, more than {self.spec.name}'s {n_ctx}: "
                 f"it was embedded in {len(pieces)} pieces")
         return mean / max(float(np.linalg.norm(mean)), 1e-12), note
 
     def close(self) -> None:
-        for client in {id(c): c for c in (self._client, getattr(self, "_query_client", None))
+        for client in {id(c): c for c in (self._client, self._query_client)
                        if c is not None}.values():
             client.close()
+        self._client = self._query_client = None
 
 
 def _pieces(text: str, count: int) -> list[str]:

@@ -192,7 +192,11 @@ def _classify(root) -> list[tuple[str, int, str]]:
     import lxml.html
 
     html = lxml.html.tostring(root, encoding="unicode")
-    paragraphs = justext.justext(html, frozenset(), stopwords_low=0, stopwords_high=0)
+    # jusText's lengths are for news articles (good: over 200 characters, and a page with no
+    # good paragraph keeps nothing); a protocol's paragraphs and bullets are shorter: good
+    # from 60 characters, short below 20.
+    paragraphs = justext.justext(html, frozenset(), length_low=20, length_high=60,
+                                 stopwords_low=0, stopwords_high=0)
     out: list[tuple[str, int, str]] = []
     for paragraph in paragraphs:
         tag = paragraph.dom_path.rsplit(".", 1)[-1]

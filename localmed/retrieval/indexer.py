@@ -187,6 +187,9 @@ def update(index: DocsIndex, folder: Path, *, chunker: Chunker | None = None,
         progress.advance(pages, passages)
     if embedder is not None:
         _embed_missing(index, embedder, report, progress)
+        if embedder.loaded:  # the vector size and pooling it loaded with
+            with index.transaction():
+                index.set_meta("embedder", embedder.completed().to_json())
     report.seconds = time.monotonic() - started
     return report
 
@@ -203,9 +206,11 @@ def _check_settings(index: DocsIndex, folder: Path, chunker: Chunker,
         index.set_meta("folder", str(folder))
     if embedder is None:
         return
-    spec = embedder.completed()
+    spec = embedder.spec
     old = index.meta("embedder")
-    if old is not None and not EmbedderSpec.from_json(old).same_model(spec):
+    if old is not None and EmbedderSpec.from_json(old).same_model(spec):
+        return
+    if old is not None:
         count = index.counts()[3]
         index.drop_vectors()
         report.notes.append(f"the embedding model changed ({EmbedderSpec.from_json(old).name} "
@@ -222,7 +227,7 @@ def _index_file(index: DocsIndex, item: Found, record: FileRecord | None, chunke
     fresh = FileRecord(item.relative, item.size, item.mtime_ns, "")
     try:
         if item.size > max_file_bytes:
-            raise DocumentError(item.path, f"{item.size / 2**20:,.0f} MB, over the "
+            raise DocumentError(item.path, f"{item.size / 2**20:,.1f} MB, over the "
                                 f"{max_file_bytes / 2**20:,.0f} MB limit (--max-file-mb)")
         try:
             data = item.path.read_bytes()
