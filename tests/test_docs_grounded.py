@@ -281,3 +281,32 @@ def test_serve_embeds_for_other_tools(served, minilm):
         assert answer.status_code == 400 and fragment in answer.json()["error"]["message"]
     models = [m.id for m in client.models.list().data]
     assert minilm.name in models
+
+
+def test_an_embedding_model_pulled_by_id_indexes_with_its_prefixes(corpus, minilm, tmp_path):
+    """``localmed pull nomic-embed-text-v1.5`` (its registry entry names nomic's GGUF repo; the
+    hub is a local cache here, its file all-MiniLM under nomic's name), then ``docs add --embed``
+    by id: the registry's prefixes go before each passage and query."""
+    from tests.test_pull import lay_out, localmed
+
+    cache = tmp_path / "hf"
+    lay_out(cache, "nomic-ai/nomic-embed-text-v1.5-GGUF",
+            {"nomic-embed-text-v1.5.Q8_0.gguf": minilm, "nomic-embed-text-v1.5.f16.gguf": minilm})
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache),
+           "LOCALMED_DATA_DIR": str(tmp_path / "data")}
+    pulled = localmed(env, "pull", "nomic-embed-text-v1.5")
+    assert pulled.returncode == 0, pulled.stderr
+    folder, _ = corpus
+    added = localmed(env, "docs", "add", str(folder), "--name", "nomic", "--embed",
+                     "nomic-embed-text-v1.5")
+    assert added.returncode == 0, added.stderr
+    assert "BM25 + nomic-embed-text-v1.5 vectors" in " ".join(added.stdout.split())
+    from localmed.retrieval.embedder import EmbedderSpec
+    from localmed.retrieval.store import DocsIndex
+
+    with DocsIndex(tmp_path / "data" / "docs" / "nomic.sqlite") as index:
+        spec = EmbedderSpec.from_json(index.meta("embedder"))
+    assert (spec.query_prefix, spec.document_prefix) == ("search_query: ", "search_document: ")
+    assert spec.path.endswith("nomic-embed-text-v1.5.Q8_0.gguf") and spec.dimensions == 384
+    found = localmed(env, "docs", "search", "nomic", ABSTRACTS[5].question, "--json")
+    assert found.returncode == 0 and json.loads(found.stdout)

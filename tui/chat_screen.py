@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import Input, Label, ListView, Static
+from textual.widgets import Input, Label, ListView
 from textual.worker import Worker, WorkerState
 
 from localmed.chat import ChatSession
@@ -20,24 +20,16 @@ from localmed.errors import EngineDiedError, LocalmedError
 from localmed.retrieval.grounding import Grounding
 from localmed.runtimes.base import batched, describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
+from localmed.tui.docs import DocsMixin
 from localmed.tui.modals import (
     EngineDiedScreen,
     ErrorScreen,
     ImagePickerScreen,
     InfoScreen,
-    PassageScreen,
-    SourcesScreen,
     SystemPromptScreen,
     TemplateScreen,
 )
-from localmed.tui.widgets import (
-    DisclaimerBanner,
-    HistoryItem,
-    MessageView,
-    SourceLine,
-    SourcesView,
-    StatusLine,
-)
+from localmed.tui.widgets import DisclaimerBanner, HistoryItem, MessageView, SourcesView, StatusLine
 
 FLUSH_SECONDS = 0.1
 """How often new text of a reply reaches the screen. Each update is Python work in the app; when
@@ -67,7 +59,7 @@ HELP_ROWS = [
 ]
 
 
-class ChatScreen(Screen):
+class ChatScreen(DocsMixin, Screen):
     """Talk to the model. Generation runs in a thread worker that only posts messages."""
 
     BINDINGS = [
@@ -100,20 +92,6 @@ class ChatScreen(Screen):
 
     class Reloaded(Message):
         """The model's engine is running again."""
-
-    @dataclass
-    class Grounded(Message):
-        """The passages a question is answered from, before the reply's first text."""
-
-        grounding: Grounding
-
-    @dataclass
-    class DocsOpened(Message):
-        """``/docs NAME`` opened its index (or failed: ``error``)."""
-
-        retriever: object | None
-        name: str
-        error: str = ""
 
     def __init__(self, session: ChatSession) -> None:
         super().__init__()
@@ -157,14 +135,11 @@ class ChatScreen(Screen):
         text = event.value.strip()
         if not text:
             return
-        if text == "/image" or text.startswith("/image "):
-            self.attach(text.removeprefix("/image").strip())
-            event.input.clear()
-            return
-        if text == "/docs" or text.startswith("/docs "):
-            self.switch_docs(text.removeprefix("/docs").strip())
-            event.input.clear()
-            return
+        for command, act in (("/image", self.attach), ("/docs", self.switch_docs)):
+            if text == command or text.startswith(command + " "):
+                act(text.removeprefix(command).strip())
+                event.input.clear()
+                return
         if self.generating:
             self.notify("A reply is still coming: wait, or press Esc to stop it.")
             return
@@ -195,7 +170,7 @@ class ChatScreen(Screen):
     def generate(self, text: str) -> None:
         grounding = self.session.ground(text)
         if grounding is not None:
-            self.post_message(self.Grounded(grounding))
+            self.post_message(DocsMixin.Grounded(grounding))
         # The engine sends text every FLUSH_SECONDS (cmd_chat asks it to); an in-process runtime
         # sends every token, so it is batched here too. Half the interval: a batch from the
         # engine that comes a little early is shown, not held back for the next one.
@@ -208,22 +183,10 @@ class ChatScreen(Screen):
         if self._reply is not None:
             self._reply.append(message.text)
 
-    async def on_chat_screen_grounded(self, message: Grounded) -> None:
-        grounding = message.grounding
-        for note in grounding.notes:
-            self.notify(note, timeout=8)
-        if not grounding.grounded and self._reply is not None and self._reply.is_attached:
-            await self.query_one("#log", VerticalScroll).mount(
-                Static(f"Nothing in {grounding.index} on this: the model answers from its own "
-                       "knowledge (not grounded).", classes="docs-notice"), before=self._reply)
-
     async def on_chat_screen_finished(self, message: Finished) -> None:
         reply = self._reply
         await self._end_stream()
-        grounding = self.session.last_grounding
-        if grounding is not None and reply is not None and reply.is_attached:
-            await self.query_one("#log", VerticalScroll).mount(
-                SourcesView(grounding, self.session.last_check), after=reply)
+        await self.show_sources(reply)
         stats = self.session.stats
         note = "stopped" if stats.stopped_by == "user" else ""
         self.refresh_status(note)
@@ -295,74 +258,6 @@ class ChatScreen(Screen):
         self.engine_down = False
         self.refresh_status()
         self.notify("Model reloaded. The conversation is as it was; send your message again.")
-
-    # --- documents ------------------------------------------------------------------------------
-
-    def switch_docs(self, name: str) -> None:
-        """``/docs NAME`` (answer from that index) or ``/docs off``."""
-        if self.generating:
-            self.notify("A reply is still coming: wait, or press Esc to stop it.")
-            return
-        if not name:
-            now = self.session.docs
-            self.notify(f"Answering from {now}. " if now else "Answering from no documents. "
-                        "/docs NAME answers from an index (localmed docs list shows them); "
-                        "/docs off from none.", timeout=10)
-            return
-        if name == "off":
-            self.session.set_docs(None)
-            self.refresh_status()
-            self.notify("Documents off: replies come from the model's own knowledge.")
-            return
-        self.refresh_status(f"opening {name}…")
-        self.open_docs(name)
-
-    @work(thread=True, exclusive=True, exit_on_error=False, group="docs")
-    def open_docs(self, name: str) -> None:
-        from localmed.retrieval.catalog import open_retriever
-
-        try:
-            retriever = open_retriever(name)
-        except LocalmedError as refused:
-            self.post_message(self.DocsOpened(None, name, str(refused)))
-            return
-        self.post_message(self.DocsOpened(retriever, name))
-
-    def on_chat_screen_docs_opened(self, message: DocsOpened) -> None:
-        if message.error:
-            self.refresh_status()
-            self.notify(f"Documents not switched: {message.error}", severity="error",
-                        timeout=12)
-            return
-        self.session.set_docs(message.retriever)
-        self.refresh_status()
-        self.notify(f"Answering from {message.name}: each question gets its passages, and the "
-                    "reply lists them.")
-
-    def on_source_line_chosen(self, message: SourceLine.Chosen) -> None:
-        folder = ""
-        for view in message.control.ancestors:
-            if isinstance(view, SourcesView):
-                folder = view.grounding.folder
-                break
-        self.app.push_screen(PassageScreen(self.session.model.advisory, message.number,
-                                           message.passage, folder))
-
-    def action_sources(self) -> None:
-        grounding = self.session.last_grounding
-        if grounding is None or not grounding.passages:
-            self.notify("The last reply has no sources." if grounding is not None else
-                        "No reply was answered from documents yet (/docs NAME).")
-            return
-
-        def chosen(number: int | None) -> None:
-            if number:
-                self.app.push_screen(PassageScreen(self.session.model.advisory, number,
-                                                   grounding.passages[number - 1],
-                                                   grounding.folder))
-
-        self.app.push_screen(SourcesScreen(self.session.model.advisory, grounding.passages),
-                             chosen)
 
     # --- commands -------------------------------------------------------------------------------
 

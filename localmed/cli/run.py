@@ -191,8 +191,58 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if images:
         out.print(escape(images))
     out.print(escape(describe_plan(plan)))
+    docs_fit = _plan_docs(args.docs, plan, hw) if getattr(args, "docs", None) else True
     _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
-    return 0 if plan.fits else 1
+    return 0 if plan.fits and docs_fit else 1
+
+
+def _plan_docs(name: str, plan, hw) -> bool:
+    """`plan --docs NAME`: the index's embedding model planned in what the chat model leaves,
+    and how many of its passages a question gets at this context."""
+    import dataclasses as dc
+
+    from localmed import formats
+    from localmed.planner import gib, plan_offload
+    from localmed.retrieval import catalog
+    from localmed.retrieval.embedder import EmbedderSpec
+    from localmed.retrieval.grounding import PER_PASSAGE_OVERHEAD, passage_budget
+    from localmed.retrieval.store import DocsIndex
+    from localmed.runtimes.batch_process import EMBED_BATCH
+
+    with DocsIndex(catalog.index_file(name)) as index:
+        _, _, passages, _ = index.counts()
+        chars = index.db.execute("SELECT avg(length(text)) FROM passages").fetchone()[0] or 0
+        stored = index.meta("embedder")
+    out = console()
+    tokens = int(chars / 4) + PER_PASSAGE_OVERHEAD  # ~4 characters a token in English prose
+    reserve = min(GenerationParams.max_tokens, plan.n_ctx // 4)
+    budget = passage_budget(plan.n_ctx, reserve)
+    fit = min(5, budget // max(tokens, 1))
+    out.print(f"documents: {escape(name)}, {passages:,} passages of ~{tokens} tokens: "
+              f"{fit} of them fit a question at {plan.n_ctx} tokens of context (up to {budget} "
+              f"tokens for passages beside a {reserve}-token reply; --passages bounds them)")
+    if not stored:
+        out.print("  no embedding model (BM25 only): nothing more to load")
+        return True
+    spec = EmbedderSpec.from_json(stored)
+    path = Path(spec.path)
+    if not path.is_file():
+        out.print(f"  [yellow]its embedding model {escape(spec.name)} is not at "
+                  f"{escape(spec.path)}[/]")
+        return False
+    info, footprint = formats.footprint(path)
+    left = dc.replace(hw, ram_available=max(hw.ram_available - plan.ram_needed, 0),
+                      vram_free=max(hw.vram_free - plan.vram_needed, 0))
+    embed_plan = plan_offload(footprint, left, n_ctx=min(footprint.n_ctx_train, EMBED_BATCH))
+    where = embed_plan.label
+    out.print(f"  embedding model {escape(spec.name)} ({info.quant}, {gib(info.file_bytes)}): "
+              f"{where}, needs {gib(embed_plan.ram_needed)} RAM"
+              + (f" and {gib(embed_plan.vram_needed)} VRAM" if embed_plan.vram_needed else "")
+              + " beside the chat model: "
+              + ("fits" if embed_plan.fits else "[bold red]does not fit[/]")
+              + f" (together {gib(plan.ram_needed + embed_plan.ram_needed)} of "
+              f"{gib(hw.ram_available)} RAM)")
+    return embed_plan.fits
 
 
 def _machine_line(hw) -> str:
@@ -361,6 +411,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("plan", help="how a model would be loaded: GPU layers, memory, and why")
     model_options(p)
+    p.add_argument("--docs", metavar="NAME", help="a document index chat --docs would answer "
+                   "from: its embedding model's memory beside the model's, and how many "
+                   "passages fit a question")
     p.add_argument("--mmproj", metavar="FILE", type=Path, help="an image-text model's vision "
                    "projector (default: the one beside the model), counted in the plan")
     p.set_defaults(func=cmd_plan)
@@ -368,4 +421,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "
                        "and memory it sees")
     model_options(p, optional=True)
+    p.add_argument("--docs", metavar="NAME", help="with MODEL: a document index's embedding "
+                   "model planned beside it")
     p.set_defaults(func=cmd_doctor)
