@@ -16,7 +16,7 @@ GPT4All's LocalDocs recipe, in the same run.
   the second ``docs add`` after one edit in a 500-file folder, a search at 100,000 passages.
 
     python benchmarks/grounded.py [--limit 500] [--hyde 100] [--rerank 60] [--answers 125]
-        [--skip-scale] [--json results.json]
+        [--skip-scale] [--parts recall,floor,...] [--json results.json]
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tests.documents import SHARED, Abstract, pubmedqa, write_corpus  # noqa: E4
 from tests.real_models import gemma3_gguf, minilm_gguf, smollm2_gguf  # noqa: E402
 
 Target = tuple[str, frozenset[int] | None]
+PARTS = ("recall", "floor", "hyde", "rerank", "answers", "throughput", "incremental", "scale")
 
 
 @dataclass
@@ -110,8 +111,13 @@ def main() -> int:
                         "without passages (0: skip)")
     parser.add_argument("--skip-scale", action="store_true", help="skip the 500-file and "
                         "100,000-passage measurements")
+    parser.add_argument("--parts", default=",".join(PARTS), help="what to measure, of "
+                        f"{','.join(PARTS)} (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"unknown parts: {', '.join(sorted(parts - set(PARTS)))}")
     results: dict = {"machine": {"cores": os.cpu_count()}}
     embed_path = minilm_gguf("F16")
     spec = EmbedderSpec("all-minilm-l6-v2", str(embed_path), identity(embed_path))
@@ -134,6 +140,8 @@ def main() -> int:
                 ("gpt4all", Chunker("fixed", 512), True),
                 ("sections-600", Chunker("sections", 600), True),
                 ("sections-1500", Chunker("sections", 1500), True)):
+            if name not in ("localmed", "gpt4all") and "recall" not in parts:
+                continue
             indexes[name], builds[name] = build(data, name, folder, chunker,
                                                 spec if with_vectors else None)
             b = builds[name]
@@ -153,7 +161,7 @@ def main() -> int:
                   flush=True)
             rows = []
             opened = {name: DocsIndex(path) for name, path in indexes.items()}
-            for label, name, mode in (
+            for label, name, mode in () if "recall" not in parts else (
                     ("BM25 alone (localmed passages)", "localmed", "bm25"),
                     ("dense alone (localmed passages)", "localmed", "dense"),
                     ("hybrid RRF (localmed passages) = localmed default", "localmed", "hybrid"),
@@ -170,25 +178,29 @@ def main() -> int:
                       flush=True)
             results["recall"] = dict(rows)
             default = Retriever(opened["localmed"], embedder)
-            results["floor"] = floor_calibration(default, queries)
-            if args.hyde:
+            if "floor" in parts:
+                results["floor"] = floor_calibration(default, queries)
+            if args.hyde and "hyde" in parts:
                 results["hyde"] = hyde(default, queries, targets, args.hyde)
-            if args.rerank:
+            if args.rerank and "rerank" in parts:
                 results["rerank"] = rerank(default, queries, targets, args.rerank)
-            if args.answers:
+            if args.answers and "answers" in parts:
                 results["answers"] = answers(default, opened["gpt4all"], embedder, abstracts,
                                              args.answers)
-            results["throughput"] = throughput(opened["localmed"], embedder, embed_path)
+            if "throughput" in parts:
+                results["throughput"] = throughput(opened["localmed"], embedder, embed_path)
             for index in opened.values():
                 index.close()
-            if not args.skip_scale:
+            if not args.skip_scale and "incremental" in parts:
                 results["incremental"] = incremental(tmp_path, abstracts, embed_path)
+            if not args.skip_scale and "scale" in parts:
                 results["scale"] = scale(tmp_path, opened_path=indexes["localmed"],
                                          embedder=embedder, queries=queries)
         finally:
             embedder.close()
     print()
-    print(table(rows))
+    if rows:
+        print(table(rows))
     print(json.dumps({k: v for k, v in results.items() if k != "recall"}, indent=2,
                      default=str))
     if args.json:
@@ -269,16 +281,20 @@ def hyde(retriever: Retriever, queries: list[Query], targets: dict[str, Target],
 def rerank(retriever: Retriever, queries: list[Query], targets: dict[str, Target], n: int
            ) -> dict:
     """The hybrid's top 10 reordered by SmolLM2's log-likelihood of the query after each
-    passage (the chat model's own judgement of relevance)."""
+    passage (the chat model's own judgement of relevance), on every query the hybrid ranks
+    wrong at 1 (what reranking could mend) and ``n`` it ranks right (what it could break)."""
     import llama_cpp
 
     model = llama_cpp.Llama(str(smollm2_gguf()), n_ctx=2048, n_threads=os.cpu_count(),
                             verbose=False, logits_all=True)
-    chosen = [q for q in queries][:: max(1, len(queries) // n)][:n]
-    before, after = [], []
+    ranked = {id(q): retriever.search(q.text, k=10, vector=q.vector).passages for q in queries}
+    wrong = [q for q in queries if not _hit(ranked[id(q)], targets[q.pmid])[0]]
+    right = [q for q in queries if _hit(ranked[id(q)], targets[q.pmid])[0]]
+    chosen = wrong + right[:: max(1, len(right) // n)][:n]
+    mended = broken = 0
     started = time.monotonic()
     for q in chosen:
-        found = retriever.search(q.text, k=10, vector=q.vector).passages
+        found = ranked[id(q)]
         scores = []
         for passage in found:
             context = model.tokenize(f"Passage: {passage.text}\n\nA question this passage "
@@ -295,10 +311,14 @@ def rerank(retriever: Retriever, queries: list[Query], targets: dict[str, Target
             scores.append(float(np.mean([logp[i, t] for i, t in enumerate(tokens[-tail:])])))
         reordered = [p for _, p in sorted(zip(scores, found, strict=True),
                                           key=lambda pair: -pair[0])]
-        before.append(_hit(found, targets[q.pmid]))
-        after.append(_hit(reordered, targets[q.pmid]))
-    out = {"queries": len(chosen), "seconds": time.monotonic() - started,
-           "hybrid @1/@5": _rates(before), "reranked by SmolLM2 @1/@5": _rates(after)}
+        before, after = _hit(found, targets[q.pmid])[0], _hit(reordered, targets[q.pmid])[0]
+        mended += after and not before
+        broken += before and not after
+    out = {"hybrid wrong at 1": len(wrong), "of them in its top 10": sum(
+               any(hit(p, targets[q.pmid]) for p in ranked[id(q)]) for q in wrong),
+           "right ones also reranked": len(chosen) - len(wrong),
+           "mended by reranking": mended, "broken by reranking": broken,
+           "seconds": time.monotonic() - started}
     print("rerank:", out, flush=True)
     return out
 
@@ -314,29 +334,34 @@ def _rates(rows: list[tuple[bool, bool]]) -> str:
 
 def answers(default: Retriever, gpt4all_index: DocsIndex, embedder: Embedder,
             abstracts: list[Abstract], n: int) -> dict:
-    """PubMedQA's question alone, asked as bench asks it (lettered options, the next token's
-    logits at the letters), with no passages, with localmed's top 3, with GPT4All's top 3 and
-    with the study's own abstract; every ``len/n``-th question, so the answers are mixed."""
+    """PubMedQA's question alone, with no passages, with localmed's top 3, with GPT4All's top 3
+    and with the study's own abstract; every ``len/n``-th question, so the answers are mixed.
+    Two ways of asking: as ``localmed bench`` asks (lettered options, the next token's logits
+    at the letters), and in words (the logits of " yes", " no" and " maybe" after "Answer
+    (yes, no or maybe):")."""
     import llama_cpp
 
     gpt4all = Retriever(gpt4all_index, embedder)
     chosen = abstracts[:: max(1, len(abstracts) // n)][:n]
+    contexts = {a.pmid: {"no passages": "",
+                         "localmed top 3": _passages(default, a),
+                         "GPT4All recipe top 3": _passages(gpt4all, a),
+                         "the study's own abstract":
+                             "Passage: " + " ".join(a.paragraphs) + "\n\n"}
+                for a in chosen}
     out = {}
     for label, path in (("SmolLM2-135M-Instruct Q4_1", smollm2_gguf()),
                         ("Gemma 3 270M Q4_K_M", gemma3_gguf())):
         model = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=os.cpu_count(), verbose=False)
-        counts = {"no passages": 0, "localmed top 3": 0, "GPT4All recipe top 3": 0,
-                  "the study's own abstract": 0}
-        for a in chosen:
-            own = "Passage: " + " ".join(a.paragraphs) + "\n\n"
-            for key, context in (("no passages", ""),
-                                 ("localmed top 3", _passages(default, a)),
-                                 ("GPT4All recipe top 3", _passages(gpt4all, a)),
-                                 ("the study's own abstract", own)):
-                counts[key] += _choose(model, context, a) == a.answer_idx
-        out[label] = {k: round(v / len(chosen), 3) for k, v in counts.items()}
-        out[label]["questions"] = len(chosen)
-        print("answers:", label, out[label], flush=True)
+        for style in ("letters", "words"):
+            counts: dict[str, int] = {}
+            for a in chosen:
+                for key, context in contexts[a.pmid].items():
+                    counts[key] = counts.get(key, 0) + (_choose(model, context, a, style)
+                                                        == a.answer_idx)
+            row = {k: round(v / len(chosen), 3) for k, v in counts.items()}
+            out[f"{label}, {style}"] = {**row, "questions": len(chosen)}
+            print("answers:", label, style, row, flush=True)
         model.close()
     return out
 
@@ -346,14 +371,22 @@ def _passages(retriever: Retriever, a: Abstract) -> str:
     return "".join(f"Passage: {p.text}\n\n" for p in found)
 
 
-def _choose(model, context: str, a: Abstract) -> str:
-    """The option letter the model's next token favours, as ``localmed bench`` scores."""
+def _choose(model, context: str, a: Abstract, style: str) -> str:
+    """The option the model's next token favours: its letter (as ``localmed bench`` scores)
+    or its word."""
     import llama_cpp
 
     letters = ["A", "B", "C"]
-    ids = [model.tokenize((" " + x).encode(), add_bos=False)[-1] for x in letters]
-    prompt = ("The following are multiple choice questions (with answers) about medicine.\n\n"
-              f"{context}Question: {a.question}\nA. yes\nB. no\nC. maybe\nAnswer:")
+    if style == "letters":
+        choices = letters
+        prompt = ("The following are multiple choice questions (with answers) about "
+                  f"medicine.\n\n{context}Question: {a.question}\nA. yes\nB. no\nC. maybe\n"
+                  "Answer:")
+    else:
+        choices = ["yes", "no", "maybe"]
+        prompt = f"{context}Question: {a.question}\nAnswer (yes, no or maybe):"
+    ids = [model.tokenize((" " + x).encode(), add_bos=False)[0 if style == "words" else -1]
+           for x in choices]
     model.reset()
     model.eval(model.tokenize(prompt.encode())[-4000:])
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(model._ctx.ctx, -1),
@@ -447,22 +480,30 @@ def scale(tmp: Path, opened_path: Path, embedder: Embedder, queries: list[Query]
         started = time.monotonic()
         index.vectors()
         load_s = time.monotonic() - started
-        times = []
-        for q in queries[:200:2]:
+        sample = queries[::10]  # questions and conclusions
+        times, embedding, lexical, dense = [], [], [], []
+        bm25_only = Retriever(index, None)
+        for q in sample:
             started = time.monotonic()
             retriever.search(q.text, k=5)
             times.append(time.monotonic() - started)
-        bm25_only = Retriever(index, None)
-        lexical = []
-        for q in queries[:200:2]:
+            started = time.monotonic()
+            vector, _ = embedder.embed_query(q.text)
+            embedding.append(time.monotonic() - started)
             started = time.monotonic()
             bm25_only.search(q.text, k=5)
             lexical.append(time.monotonic() - started)
+            started = time.monotonic()
+            retriever.dense(vector, 50)
+            dense.append(time.monotonic() - started)
     out = {"passages": total, "build s": build_s, "vectors loaded once s": load_s,
            "search ms p50": 1000 * statistics.median(times),
            "search ms p95": 1000 * float(np.percentile(times, 95)),
            "bm25-only search ms p50": 1000 * statistics.median(lexical),
-           "bm25-only search ms p95": 1000 * float(np.percentile(lexical, 95))}
+           "bm25-only search ms p95": 1000 * float(np.percentile(lexical, 95)),
+           "query embedding ms p50": 1000 * statistics.median(embedding),
+           "exact dense ms p50": 1000 * statistics.median(dense),
+           "queries": len(sample)}
     print("scale:", out, flush=True)
     return out
 

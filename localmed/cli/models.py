@@ -38,7 +38,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         rows = []
         for entry in registry.values():
             rows.append({
-                "id": entry.id, "name": entry.name, "repo": entry.repo,
+                "id": entry.id, "kind": entry.kind, "name": entry.name, "repo": entry.repo,
                 "architecture": entry.architecture, "parameters_b": entry.parameters_b,
                 "context_length": entry.context_length, "template": entry.template,
                 "license": entry.license, "gated": entry.gated,
@@ -78,19 +78,21 @@ def _models_table(registry: object, models_dir: Path, *, narrow: bool) -> Table:
             "ForConditionalGeneration")
         licence = escape(entry.license) + (", [yellow]gated[/]" if entry.gated else "")
         converter = converter_path(entry.architecture)
+        ctx = f"{entry.context_length // 1024}k" if entry.context_length >= 1024 else \
+            str(entry.context_length)
+        template = entry.template or f"[dim]({entry.kind})[/]"
         if narrow:
             local = "\n".join(quants) if quants else \
                 f"[dim]none\ndefault\n{entry.default_quant}[/]"
             table.add_row(f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]\n[dim]{licence}[/]",
-                          f"{family}\n{entry.parameters_b:g}B\n"
-                          f"{entry.context_length // 1024}k ctx",
-                          f"{entry.template}\n[dim]{converter}[/]", local)
+                          f"{family}\n{entry.parameters_b:g}B\n{ctx} ctx",
+                          f"{template}\n[dim]{converter}[/]", local)
         else:
             local = ", ".join(quants) if quants else \
                 f"[dim]none[/]\n[dim]default {entry.default_quant}[/]"
             table.add_row(f"[bold]{entry.id}[/]\n[dim]{entry.repo}[/]",
-                          f"{family} {entry.parameters_b:g}B, {entry.context_length // 1024}k "
-                          f"ctx\n[dim]{licence}[/]", entry.template, converter, local)
+                          f"{family} {entry.parameters_b:g}B, {ctx} ctx\n[dim]{licence}[/]",
+                          template, converter, local)
     return table
 
 

@@ -142,22 +142,23 @@ class Embedder:
     def embed_documents(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """Vectors of passages (the document prefix before each); and how many were longer
         than the model's context (cut to it)."""
-        vectors, truncated = [], 0
-        self.load()
-        for at in range(0, len(texts), self.BATCH):
-            batch = [self.spec.document_prefix + t for t in texts[at:at + self.BATCH]]
-            result = self._client.embed(batch)
-            vectors.append(result.vectors)
-            truncated += result.truncated
-        if not vectors:
-            return np.zeros((0, self.dimensions), dtype=np.float32), 0
-        return np.concatenate(vectors), truncated
+        result = self.embed_raw([self.spec.document_prefix + t for t in texts])
+        return result.vectors, result.truncated
 
     def embed_raw(self, texts: list[str]) -> Any:
         """:class:`~localmed.runtimes.embedding.Embeddings` of ``texts`` as they are, by the
-        document encoder (no prefix): what ``/v1/embeddings`` answers."""
+        document encoder (no prefix): what ``/v1/embeddings`` answers. Sent :data:`BATCH` at a
+        time, so a client's thousand texts do not hold up another's query for their whole
+        length (the engine takes its messages in turn)."""
+        from localmed.runtimes.embedding import Embeddings
+
         self.load()
-        return self._client.embed(texts)
+        parts = [self._client.embed(texts[at:at + self.BATCH])
+                 for at in range(0, len(texts), self.BATCH)]
+        vectors = np.concatenate([p.vectors for p in parts]) if parts else \
+            np.zeros((0, self.dimensions), dtype=np.float32)
+        return Embeddings(vectors, sum(p.tokens for p in parts),
+                          sum(p.truncated for p in parts))
 
     def embed_query(self, text: str) -> tuple[np.ndarray, str]:
         """The query's vector, and a note when it was longer than the model's context: then

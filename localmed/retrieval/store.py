@@ -146,6 +146,8 @@ class DocsIndex:
             self.close()
             raise
         self._vectors: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._vocabulary = False
+        self._count: tuple[int, int] | None = None
 
     def _check_or_create(self, create: bool) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -318,6 +320,14 @@ class DocsIndex:
         vectors = self.db.execute("SELECT count(*) FROM vectors").fetchone()[0]
         return files - failed, failed, passages, vectors
 
+    def passage_count(self) -> int:
+        """Passages in the index (read once per generation)."""
+        generation = int(self.meta("generation", 0))
+        if self._count is None or self._count[0] != generation:
+            total = self.db.execute("SELECT count(*) FROM passages").fetchone()[0]
+            self._count = (generation, total)
+        return self._count[1]
+
     def passages(self, ids: Sequence[int], scores: Sequence[float] | None = None
                  ) -> list[Passage]:
         """The passages ``ids`` names, in that order (with ``scores``, each its own)."""
@@ -334,6 +344,32 @@ class DocsIndex:
             out.append(Passage(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4],
                                row[5], row[6], float(scores[n]) if scores is not None else 0.0))
         return out
+
+    def document_counts(self, words: Sequence[str]) -> list[int]:
+        """How many passages hold each word, as FTS5 stems it (``treatments`` counts
+        ``treatment``), in order; read from FTS5's own vocabulary, no passage scanned."""
+        db = self.db
+        if not self._vocabulary:
+            tokenizer = "tokenize='porter unicode61 remove_diacritics 2'"
+            db.execute(f"CREATE VIRTUAL TABLE temp.query_words USING fts5(word, {tokenizer})")
+            db.execute("CREATE VIRTUAL TABLE temp.query_stems USING "
+                       "fts5vocab(temp, query_words, 'instance')")
+            db.execute("CREATE VIRTUAL TABLE temp.passage_terms USING "
+                       "fts5vocab(main, passages_fts, 'row')")
+            self._vocabulary = True
+        db.execute("DELETE FROM temp.query_words")
+        db.executemany("INSERT INTO temp.query_words(rowid, word) VALUES (?, ?)",
+                       list(enumerate(words)))
+        stems: dict[int, str] = {}
+        for row, term in db.execute("SELECT doc, term FROM temp.query_stems ORDER BY doc, "
+                                    "offset"):
+            stems.setdefault(row, term)
+        counts = []
+        for n in range(len(words)):
+            found = db.execute("SELECT doc FROM temp.passage_terms WHERE term = ?",
+                               (stems.get(n, ""),)).fetchone()
+            counts.append(found[0] if found else 0)
+        return counts
 
     def bm25(self, match: str, limit: int) -> list[tuple[int, float]]:
         """(passage id, BM25 score, higher is better) of the best ``limit`` for an FTS5 query."""
