@@ -76,11 +76,13 @@ def _models_table(registry: object, models_dir: Path, *, narrow: bool) -> Table:
                   for q in library.local_quants(entry.id, models_dir)]
         family = entry.architecture.removesuffix("ForCausalLM").removesuffix(
             "ForConditionalGeneration")
+        if entry.kind == "embedding":  # BertModel, NomicBertModel: a column of its own width
+            family = "BERT" if "Bert" in family else family.removesuffix("Model")
         licence = escape(entry.license) + (", [yellow]gated[/]" if entry.gated else "")
         converter = converter_path(entry.architecture)
         ctx = f"{entry.context_length // 1024}k" if entry.context_length >= 1024 else \
             str(entry.context_length)
-        template = entry.template or f"[dim]({entry.kind})[/]"
+        template = entry.template or "[dim](embeds)[/]"  # an embedding model: no template
         if narrow:
             local = "\n".join(quants) if quants else \
                 f"[dim]none\ndefault\n{entry.default_quant}[/]"
