@@ -213,6 +213,25 @@ def _log(path: Path, n: int = 5) -> list[str]:
     return path.read_text().splitlines(keepends=True)
 
 
+def test_expiry_is_read_with_cryptography_not_the_ssl_modules_private_decoder(pki, monkeypatch):
+    """The expired certificate (made by openssl) is refused with its end date even where the
+    ssl module's private decoder is missing: the check is cryptography's public API, so it
+    cannot silently disappear. A good certificate, and a chain file whose first certificate is
+    the server's, still load."""
+    import ssl
+
+    from localmed.errors import ServeError
+    from localmed.serve.server import tls_context
+
+    monkeypatch.delattr(ssl._ssl, "_test_decode_cert", raising=False)
+    with pytest.raises(ServeError, match=r"old\.pem: expired on 2020-02-01 00:00 UTC"):
+        tls_context(pki["old.pem"], pki["old.key"])
+    assert tls_context(pki["server.pem"], pki["server.key"]) is not None
+    chain = pki["server.pem"].with_name("chain.pem")
+    chain.write_bytes(pki["server.pem"].read_bytes() + pki["ca.pem"].read_bytes())
+    assert tls_context(chain, pki["server.key"]) is not None
+
+
 @pytest.mark.parametrize(("change", "record", "why"), [
     ("edit", 3, "edited"),
     ("edit last", 5, "edited"),

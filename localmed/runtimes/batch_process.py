@@ -12,7 +12,10 @@ cannot use) without waiting for anyone's reply. The messages are the dataclasses
 - :class:`BatchClient` starts the engine process and multiplexes requests over its pipe; when
   the engine dies, every request in it hears :class:`EngineDiedError` and the model is loaded
   again at once (the one restart policy: a caller's :meth:`BatchClient.restart` waits for that
-  reload, or tries again if it failed).
+  reload, or tries again if it failed). A caller only queues what it sends: a writer thread
+  pickles and writes it, so a request with a 40 MB image never holds the lock that the
+  reader takes for each token of every other reply; a receiver that raises ends its own
+  request only; a close() that comes during a reload stops the process that reload starts.
 - :class:`EngineHub` lets other processes share it: ``chat --web --sessions N`` loads the
   model once, for N sequences, and each browser tab's ``localmed chat`` connects over a private
   Unix socket (``BatchClient.connect``) instead of loading its own copy.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import multiprocessing
 import os
 import queue
@@ -32,11 +36,13 @@ import secrets
 import shutil
 import tempfile
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -261,11 +267,15 @@ class BatchClient:
         self.address, self._authkey = address, authkey
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        """Held only to look up or change ``_waiting`` (and queue a message with it): never
+        across a pipe write, which the reader would otherwise wait behind."""
         self._restarting = threading.Lock()
+        self._spawning = threading.Lock()  # close() against a reload starting a process
         self._waiting: dict[int, tuple[Sink, Callable[[], None] | None]] = {}
         self._closing = False
         self._ready = threading.Event()
         self._process: Any = None
+        self._writer: _Writer | None = None
         self._log: Path | None = None
         self._remove_log: Callable[[], Any] = lambda: None
         self._start()
@@ -276,23 +286,27 @@ class BatchClient:
         return cls(None, None, address=address, authkey=authkey)
 
     def _start(self) -> None:
-        if self.address is not None:
-            try:
-                self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
-            except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
-                raise EngineDiedError(f"shared by localmed chat --web cannot be reached "
-                                      f"({type(exc).__name__})") from None
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            self._conn, child = ctx.Pipe()
-            self._log = new_engine_log()
-            self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
-            self._process = ctx.Process(
-                target=_engine_main, name="localmed-engine", daemon=True,
-                args=(child, str(self.path), self.options, str(self._log),
-                      self.batch_seconds))
-            self._process.start()
-            child.close()
+        with self._spawning:  # a close() from now on stops what this starts
+            if self._closing:
+                raise LocalmedError("the model is being closed")
+            self._writer = None
+            if self.address is not None:
+                try:
+                    self._conn = Client(self.address, family="AF_UNIX", authkey=self._authkey)
+                except (OSError, EOFError, multiprocessing.AuthenticationError) as exc:
+                    raise EngineDiedError(f"shared by localmed chat --web cannot be reached "
+                                          f"({type(exc).__name__})") from None
+            else:
+                ctx = multiprocessing.get_context("spawn")
+                self._conn, child = ctx.Pipe()
+                self._log = new_engine_log()
+                self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
+                self._process = ctx.Process(
+                    target=_engine_main, name="localmed-engine", daemon=True,
+                    args=(child, str(self.path), self.options, str(self._log),
+                          self.batch_seconds))
+                self._process.start()
+                child.close()
         try:
             first = self._conn.recv()
         except (EOFError, OSError):
@@ -302,12 +316,16 @@ class BatchClient:
         if not isinstance(first, Ready):
             self._stop_process()
             raise first.error
-        self.ready: Ready = first
-        """What the engine loaded (its info, plan, n_ctx, n_parallel, …): the same for every
-        tab it serves, replaced when it is reloaded."""
-        threading.Thread(target=self._read, args=(self._conn,), name="localmed-engine-reader",
-                         daemon=True).start()
-        self._ready.set()
+        with self._spawning:
+            if self._closing:  # closed while it loaded: close() has stopped it
+                raise LocalmedError("the model is being closed")
+            self.ready: Ready = first
+            """What the engine loaded (its info, plan, n_ctx, n_parallel, …): the same for
+            every tab it serves, replaced when it is reloaded."""
+            self._writer = _Writer(self._conn)
+            threading.Thread(target=self._read, args=(self._conn,),
+                             name="localmed-engine-reader", daemon=True).start()
+            self._ready.set()
 
     def _died(self) -> EngineDiedError:
         if self._process is None:
@@ -329,36 +347,51 @@ class BatchClient:
                     self._waiting.pop(event.id, None)
             if sink is None:
                 continue
-            sink(event)
-            if not streamed and on_end is not None:
-                on_end()
+            try:
+                sink(event)
+            except Exception:  # that request's fault: it alone ends, the others go on
+                _log.exception("localmed: a reply's receiver failed; the reply is cancelled")
+                with self._lock:
+                    gone = self._waiting.pop(event.id, None) is not None
+                    if gone and self._writer is not None:
+                        self._writer.put(Cancel(event.id))
+                if gone:
+                    _finish(on_end)
+                continue
+            if not streamed:
+                _finish(on_end)
         if self._closing:
             return
         with self._restarting:
             died = self._died()
-            self._ready.clear()
-            with self._lock:
+            with self._lock:  # from here a new request is refused, or it is an orphan
+                self._ready.clear()
                 orphans, self._waiting = self._waiting, {}
             # Reloaded before the requests it dropped hear of it: a client that retries at once
             # finds the model there. New requests meanwhile are refused at once.
-            self.on_restart(str(died))
+            if not self._closing:
+                self.on_restart(str(died))
             try:
                 self._stop_process()
                 self._start()
             except Exception as exc:
-                self.on_restart(f"reloading failed: {exc}")
-        for rid, (sink, on_end) in orphans.items():
-            sink(Failed(rid, died))
-            if on_end is not None:
-                on_end()
+                if not self._closing:
+                    self.on_restart(f"reloading failed: {exc}")
+        _fail(orphans, died)
 
     def restart(self) -> None:
         """Bring the model back after its engine died: wait for the reload that follows a
-        death at once, or load it again if that failed."""
-        with self._restarting:
-            if not self.alive:
-                self._stop_process()
-                self._start()
+        death at once, or load it again if that failed. (The reader is the one that reloads
+        after a death; this only waits for it, or loads where its reload failed.)"""
+        while True:
+            with self._restarting:
+                if not self._ready.is_set():  # the reader's reload failed, or none began
+                    self._stop_process()
+                    self._start()
+                    return
+                if self.alive:
+                    return
+            time.sleep(0.05)  # dead, and its reader about to notice: it reloads
 
     def _stderr_tail(self) -> str:
         return last_line(self._log) if self._log is not None else ""
@@ -368,13 +401,11 @@ class BatchClient:
         if not self._ready.is_set():
             raise EngineDiedError("is being reloaded after it stopped")
         rid = next(self._ids)
-        with self._lock:
+        with self._lock:  # queued, not written: the writer thread pickles and writes it
+            if not self._ready.is_set() or self._writer is None:
+                raise EngineDiedError("is being reloaded after it stopped")
             self._waiting[rid] = (sink, on_end)
-            try:
-                self._conn.send(message(rid))
-            except OSError:
-                self._waiting.pop(rid, None)
-                raise EngineDiedError("is being reloaded after it stopped") from None
+            self._writer.put(message(rid))
         return rid
 
     def _ask(self, message: Callable[[int], Any]) -> Any:
@@ -424,9 +455,9 @@ class BatchClient:
         return self._send(sink, on_end, lambda rid: dataclasses.replace(request, id=rid))
 
     def cancel(self, rid: int) -> None:
-        with self._lock, contextlib.suppress(OSError):
-            if rid in self._waiting:
-                self._conn.send(Cancel(rid))
+        with self._lock:
+            if rid in self._waiting and self._writer is not None:
+                self._writer.put(Cancel(rid))
 
     @property
     def alive(self) -> bool:
@@ -437,24 +468,96 @@ class BatchClient:
         return self._process.pid if self._process is not None else None
 
     def _stop_process(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:  # Close after what is queued; the writer then ends
+            writer.close(Close(), timeout=STOP_SECONDS)
         if self._process is not None:
-            stop_engine(self._process, self._conn)
+            if writer is None:
+                stop_engine(self._process, self._conn)
+            else:
+                self._process.join(STOP_SECONDS)
+                if self._process.is_alive():
+                    self._process.kill()
+                    self._process.join()
+                self._conn.close()
         else:
-            with contextlib.suppress(OSError):
-                self._conn.send(Close())
+            if writer is None:
+                with contextlib.suppress(OSError):
+                    self._conn.send(Close())
             self._conn.close()
         self._remove_log()
 
     def close(self) -> None:
-        self._closing = True
-        self._ready.clear()
-        self._stop_process()
+        """End the engine process, and a reload's if one is starting (none is left)."""
+        with self._spawning:
+            self._closing = True
         with self._lock:
+            self._ready.clear()
             orphans, self._waiting = self._waiting, {}
-        for rid, (sink, on_end) in orphans.items():
-            sink(Failed(rid, LocalmedError("the model is being closed")))
-            if on_end is not None:
-                on_end()
+        self._stop_process()
+        _fail(orphans, LocalmedError("the model is being closed"))
+
+
+STOP_SECONDS = 10
+"""How long an engine process has to end after Close before it is killed."""
+
+ACCEPT_PAUSE_MIN, ACCEPT_PAUSE_MAX = 0.05, 2.0
+"""The hub's wait before accepting again after its own failure (doubling from the first to
+the second): EMFILE leaves the connection pending, and a loop that retried at once would spin."""
+
+_log = logging.getLogger(__name__)
+
+
+def _finish(on_end: Callable[[], None] | None) -> None:
+    if on_end is not None:
+        try:
+            on_end()
+        except Exception:
+            _log.exception("localmed: a reply's end handler failed")
+
+
+def _fail(orphans: dict[int, tuple[Sink, Callable[[], None] | None]],
+          error: LocalmedError) -> None:
+    """Tell each request in ``orphans`` it failed with ``error`` (one receiver's failure stops
+    no other's)."""
+    for rid, (sink, on_end) in orphans.items():
+        try:
+            sink(Failed(rid, error))
+        except Exception:
+            _log.exception("localmed: a reply's receiver failed")
+        _finish(on_end)
+
+
+class _Writer:
+    """What goes to one engine connection, written by a thread of its own: a caller only queues.
+    A request with a 40 MB image is pickled and written while replies keep streaming in."""
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._write, name="localmed-engine-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    def put(self, message: Any) -> None:
+        self._queue.put(message)
+
+    def _write(self) -> None:
+        while (message := self._queue.get()) is not None:
+            try:
+                # send_bytes, not send: ``Connection.send`` writes a bytes object and slices
+                # off what each write took, copying the rest every time (quadratic, under the
+                # GIL: 6 s for 40 MB); a memoryview slices for free. The bytes on the wire
+                # are the same, and ``recv`` reads them.
+                self._conn.send_bytes(ForkingPickler.dumps(message))
+            except (OSError, ValueError):  # the engine is gone: the reader says so
+                return
+
+    def close(self, last: Any, *, timeout: float) -> None:
+        """Write ``last`` after what is queued, then end (waiting at most ``timeout``)."""
+        self._queue.put(last)
+        self._queue.put(None)
+        self._thread.join(timeout)
 
 
 class EngineHub:
@@ -480,11 +583,23 @@ class EngineHub:
         return {ENGINE_ADDRESS_ENV: self.address, ENGINE_KEY_ENV: self.authkey.hex()}
 
     def _accept(self) -> None:
+        pause = 0.0
         while not self._closed:
             try:
                 conn = self._listener.accept()
-            except (OSError, EOFError, multiprocessing.AuthenticationError):
-                continue  # a wrong key, or the listener closed (the loop then ends)
+            except (EOFError, multiprocessing.AuthenticationError, ConnectionError):
+                continue  # that process's fault (a wrong key, gone mid-handshake): next
+            except OSError as exc:
+                if self._closed:
+                    return
+                # The process's own trouble (EMFILE: out of file descriptors; ENOBUFS, …):
+                # the connection stays pending, so accepting again at once would spin.
+                pause = min(ACCEPT_PAUSE_MAX, max(ACCEPT_PAUSE_MIN, pause * 2))
+                _log.warning("localmed: the engine's socket cannot accept a tab (%s); trying "
+                             "again in %.1f s", exc.strerror or exc, pause)
+                time.sleep(pause)
+                continue
+            pause = 0.0
             threading.Thread(target=self._relay, args=(conn,), name="localmed-engine-tab",
                              daemon=True).start()
 

@@ -9,6 +9,7 @@ reply at a time by :class:`SerialJobs`. Either way admission is decided before a
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -202,6 +203,7 @@ class SerialJobs(Jobs):
         self._jobs: queue.Queue[tuple[Job, Callable[[], None]] | None] = queue.Queue()
         self._current: Job | None = None
         self._lock = threading.Lock()
+        self._reloading = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="localmed-engine-queue",
                                         daemon=True)
         self._thread.start()
@@ -222,8 +224,8 @@ class SerialJobs(Jobs):
         self._jobs.put((job, on_end))
 
     def cancel(self, job: Job) -> None:
-        job.cancelled.set()
-        with self._lock:
+        with self._lock:  # against _work's look at the flag before it starts the job
+            job.cancelled.set()
             if self._current is job:
                 self.runtime.stop()
 
@@ -238,14 +240,23 @@ class SerialJobs(Jobs):
         while (item := self._jobs.get()) is not None:
             job, on_end = item
             try:
+                with self._lock:
+                    if job.cancelled.is_set():
+                        job.events.put(Failed(0, LocalmedError("cancelled")))
+                        continue
+                    self._current = job
+                # A stop() that came before the runtime began its reply is cleared by it:
+                # the flag, looked at after every piece, is not.
+                with contextlib.closing(self.runtime.stream(job.prompt, job.params,
+                                                            stop=job.stop)) as pieces:
+                    for piece in pieces:
+                        if job.cancelled.is_set():
+                            break
+                        job.events.put(Piece(0, piece))
                 if job.cancelled.is_set():
                     job.events.put(Failed(0, LocalmedError("cancelled")))
-                    continue
-                with self._lock:
-                    self._current = job
-                for piece in self.runtime.stream(job.prompt, job.params, stop=job.stop):
-                    job.events.put(Piece(0, piece))
-                job.events.put(Done(0, self.runtime.last_stats))
+                else:
+                    job.events.put(Done(0, self.runtime.last_stats))
             except EngineDiedError as died:
                 # Reloaded before the request hears of it: a client that retries at once
                 # finds the model there.
@@ -259,11 +270,17 @@ class SerialJobs(Jobs):
                 on_end()
 
     def reload(self, died: EngineDiedError) -> None:
-        if not self.runtime.alive:
-            with self._lock:
-                self._restart(died)
+        self._restart(died)
 
     def _restart(self, died: EngineDiedError) -> None:
+        """Load the model again if it is not running: one reload at a time, under a lock of
+        its own (a cancel, which takes ``_lock``, never waits for a model to load)."""
+        with self._reloading:
+            if self.runtime.alive:  # another caller's reload came first
+                return
+            self._reload(died)
+
+    def _reload(self, died: EngineDiedError) -> None:
         print(f"localmed serve: {died}; reloading the model", file=self.log, flush=True)
         if self.runtime.restartable:
             try:

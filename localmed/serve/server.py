@@ -18,6 +18,7 @@ and what was served. Requests are logged without their content unless ``--log-co
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import ipaddress
 import json
 import signal
@@ -37,6 +38,7 @@ from localmed.conversation import DISCLAIMER
 from localmed.errors import (
     ContextFullError,
     EngineDiedError,
+    GrammarError,
     ImageError,
     LocalmedError,
     ServeError,
@@ -44,7 +46,6 @@ from localmed.errors import (
 )
 from localmed.images import Image, prompt_parts, read_data_url
 from localmed.runtimes.base import GenerationStats
-from localmed.runtimes.batch import GrammarError
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece
 from localmed.serve.audit import AuditError, AuditLog, digest
 from localmed.serve.documents import ServedDocs
@@ -611,21 +612,29 @@ def check_host(host: str, keys: KeyRing | None, *, tls: bool, insecure_http: boo
                          "serve plain HTTP anyway")
 
 
+def check_not_expired(cert: Path) -> None:
+    """Refuse a server certificate past its end date (the first in the file: the server's own,
+    before any chain), read with ``cryptography``. A file it cannot read as PEM certificates is
+    left to ``load_cert_chain``, which says what is wrong with it."""
+    from cryptography import x509
+
+    try:
+        certificates = x509.load_pem_x509_certificates(cert.read_bytes())
+    except (ValueError, OSError):
+        return
+    expires = certificates[0].not_valid_after_utc
+    if expires < dt.datetime.now(dt.timezone.utc):
+        raise ServeError(f"--tls-cert {cert}: expired on {expires:%Y-%m-%d %H:%M} UTC; ask for "
+                         "a new one")
+
+
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     """A server context over ``cert`` and ``key`` (PEM), TLS 1.2 and newer; each way they can
     be wrong is one line."""
     for what, path in (("--tls-cert", cert), ("--tls-key", key)):
         if not path.is_file():
             raise ServeError(f"{what} {path}: no such file")
-    try:  # expiry, read by the ssl module's own decoder (it has no public one)
-        decoded = ssl._ssl._test_decode_cert(str(cert))  # type: ignore[attr-defined]
-    except (AttributeError, ssl.SSLError, OSError, ValueError):
-        decoded = None
-    if decoded is not None:
-        expires = ssl.cert_time_to_seconds(decoded["notAfter"])
-        if expires < time.time():
-            raise ServeError(f"--tls-cert {cert}: expired on {decoded['notAfter']}; ask for a "
-                             "new one")
+    check_not_expired(cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
