@@ -316,6 +316,10 @@ class EngineError(LocalmedError, RuntimeError):
     """The engine process refused a request for a reason of its own."""
 
 
+class GrammarError(LocalmedError, ValueError):
+    """A JSON schema or grammar that llama.cpp cannot use."""
+
+
 class EngineDiedError(LocalmedError, RuntimeError):
     """The engine process ended: a crash, a kill, an abort. The caller's state is intact."""
 

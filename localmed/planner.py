@@ -9,7 +9,7 @@ words.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -281,17 +281,12 @@ def plan_offload(model: ModelFootprint, hw: Hardware, *, n_ctx: int | None = Non
                        tuple(reasons), suggestion)
 
 
-_SUGGESTABLE: Sequence[str] = ("Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "IQ4_XS", "Q3_K_M", "Q2_K")
-
-
 def suggest_quant(model: ModelFootprint, capacity: int, n_ctx: int) -> str | None:
-    """The largest common quant whose estimated size fits ``capacity`` with its KV cache."""
-    current = QUANT_TYPES.get(model.quant)
-    for name in _SUGGESTABLE:
-        quant = QUANT_TYPES[name]
-        if current and quant.bits_per_weight >= current.bits_per_weight:
-            continue
-        size = model.n_parameters * quant.bits_per_weight / 8
-        if size + model.kv_bytes(n_ctx) + RAM_OVERHEAD <= capacity:
-            return name
-    return None
+    """The quant to make instead, from the one recommender (:func:`choose_quant`: the lowest
+    published KLD whose weights fit ``capacity`` beside this context's KV cache); ``plan``
+    passes it what ``localmed bench`` measured for the model, where it has."""
+    from localmed.quant_choice import choose_quant
+
+    choice = choose_quant(model.n_parameters, capacity=capacity,
+                          fixed_bytes=model.kv_bytes(n_ctx) + RAM_OVERHEAD)
+    return choice.quant if choice is not None else None

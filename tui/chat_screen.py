@@ -18,7 +18,7 @@ from localmed.chat import ChatSession
 from localmed.conversation import Conversation
 from localmed.errors import EngineDiedError, LocalmedError
 from localmed.retrieval.grounding import Grounding
-from localmed.runtimes.base import batched, describe_plan
+from localmed.runtimes.base import StopReason, batched, describe_plan
 from localmed.templates import GGUF_TEMPLATE, TEMPLATES
 from localmed.tui.docs import DocsMixin
 from localmed.tui.modals import (
@@ -188,7 +188,7 @@ class ChatScreen(DocsMixin, Screen):
         await self._end_stream()
         await self.show_sources(reply)
         stats = self.session.stats
-        note = "stopped" if stats.stopped_by == "user" else ""
+        note = "stopped" if stats.stopped_by is StopReason.USER else ""
         self.refresh_status(note)
         for notice in self.session.runtime.notices():  # it died between replies, and is back
             self.notify(notice, severity="warning", timeout=15)

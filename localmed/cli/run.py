@@ -190,9 +190,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out.print(_machine_line(hw))
     if images:
         out.print(escape(images))
+    choice = _choose_quant(info, footprint, model.path, plan.n_ctx, hw)
+    if not plan.fits:  # one recommendation: the plan's hint is the suggestion below
+        plan = dataclasses.replace(plan, suggestion=choice.quant if choice else None)
     out.print(escape(describe_plan(plan)))
     docs_fit = _plan_docs(args.docs, plan, hw) if getattr(args, "docs", None) else True
-    _suggest_quant(info, footprint, model.path, plan.n_ctx, hw)
+    _suggest_quant(choice, info, model.path, plan.n_ctx, hw)
     return 0 if plan.fits and docs_fit else 1
 
 
@@ -278,17 +281,27 @@ def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
     return 0 if plan.fits else 1
 
 
-def _suggest_quant(info, footprint, path, n_ctx: int, hw) -> None:
+def _bench_results(info, path) -> Path:
+    return library.bench_results_path(info.model_id or path.parent.name)
+
+
+def _choose_quant(info, footprint, path, n_ctx: int, hw):
     """The quant to make for this machine at this context: measured by `localmed bench` for
     this model when its results exist, llama.cpp's published order otherwise."""
-    from localmed.planner import RAM_OVERHEAD, gib
+    from localmed.planner import RAM_OVERHEAD
     from localmed.quant_choice import choose_quant, read_measured
 
     capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
-    results = library.bench_results_path(info.model_id or path.parent.name)
-    measured = read_measured(results)
-    choice = choose_quant(info.n_parameters, capacity=capacity, measured=measured,
-                          fixed_bytes=footprint.kv_bytes(n_ctx) + RAM_OVERHEAD)
+    return choose_quant(info.n_parameters, capacity=capacity,
+                        measured=read_measured(_bench_results(info, path)),
+                        fixed_bytes=footprint.kv_bytes(n_ctx) + RAM_OVERHEAD)
+
+
+def _suggest_quant(choice, info, path, n_ctx: int, hw) -> None:
+    from localmed.planner import gib
+
+    capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
+    results = _bench_results(info, path)
     out = console()
     if choice is None:
         out.print(f"no quant of {info.n_parameters / 1e9:.1f}B parameters fits "

@@ -8,6 +8,7 @@ model gets is decided by :mod:`localmed.formats`.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -38,6 +39,21 @@ class GenerationParams:
     it); never set for answers."""
 
 
+class StopReason(str, enum.Enum):
+    """Why a reply ended: one set of names for every engine and every caller."""
+
+    EOS = "eos"
+    """The model ended it (an end-of-generation token)."""
+    STOP = "stop"
+    """A stop string came."""
+    LENGTH = "length"
+    """``max_tokens`` were generated."""
+    CONTEXT = "context"
+    """The sequence's context is full."""
+    USER = "user"
+    """The caller stopped or cancelled it."""
+
+
 @dataclass
 class GenerationStats:
     """Counts and timings of the last generation."""
@@ -48,8 +64,8 @@ class GenerationStats:
     generated_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
-    stopped_by: str = ""
-    """``eos``, ``stop`` (a stop string), ``length``, ``context`` or ``user``."""
+    stopped_by: StopReason | None = None
+    """Why the reply ended (None: it has not)."""
     token_ids: list[int] = field(default_factory=list)
     """The generated tokens, in order (the end-of-generation token excluded)."""
 
@@ -152,11 +168,12 @@ class Runtime(ABC):
         """After a token: record why generation ends, if it does."""
         stats = self.last_stats
         if stops.hit:
-            stats.stopped_by = "stop"
+            stats.stopped_by = StopReason.STOP
         elif self._stop.is_set():
-            stats.stopped_by = "user"
+            stats.stopped_by = StopReason.USER
         elif stats.generated_tokens >= budget:
-            stats.stopped_by = "length" if budget == params.max_tokens else "context"
+            stats.stopped_by = (StopReason.LENGTH if budget == params.max_tokens
+                               else StopReason.CONTEXT)
         return bool(stats.stopped_by)
 
 

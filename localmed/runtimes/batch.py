@@ -48,11 +48,11 @@ from localmed.errors import (
     ContextFullError,
     EngineError,
     GGUFFileError,
+    GrammarError,
     ImageError,
-    LocalmedError,
 )
 from localmed.images import Image
-from localmed.runtimes.base import GenerationStats, StopStringFilter
+from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.prompt_cache import (
     MIN_SAVED,
@@ -67,10 +67,6 @@ NO_PROJECTOR = "this model was loaded without an image projector (mmproj): it re
 
 PENALTY_LAST_N = 64
 """Tokens the repeat penalty looks back over: ``llama_cpp.Llama``'s ``last_n_tokens_size``."""
-
-
-class GrammarError(LocalmedError):
-    """A JSON schema or grammar that llama.cpp cannot use."""
 
 
 def json_grammar(schema: dict[str, Any] | None) -> str:
@@ -236,11 +232,11 @@ class BatchEngine:
         for request in self._waiting:
             if request.id == request_id:
                 self._waiting.remove(request)
-                return [Done(request_id, GenerationStats(stopped_by="user"))]
+                return [Done(request_id, GenerationStats(stopped_by=StopReason.USER))]
         seq = self._running.get(request_id)
         if seq is None:
             return []
-        seq.stats.stopped_by = "user"
+        seq.stats.stopped_by = StopReason.USER
         return self._finish(seq)
 
     def request_ids(self) -> list[int]:
@@ -393,7 +389,7 @@ class BatchEngine:
             keep = 0
             for entry in seq.logprobs:
                 if seq.bytes_reported >= seq.bytes_sent and not (
-                        last and seq.stats.stopped_by != "stop"):
+                        last and seq.stats.stopped_by is not StopReason.STOP):
                     break
                 seq.bytes_reported += len(entry["bytes"])
                 keep += 1
@@ -534,7 +530,7 @@ class BatchEngine:
             seq.first = time.perf_counter()
             stats.prefill_seconds = seq.first - seq.started
         if not params.ignore_eos and self._llama.llama_vocab_is_eog(self._vocab, token):
-            stats.stopped_by = "eos"
+            stats.stopped_by = StopReason.EOS
             return self._finish(seq)
         stats.generated_tokens += 1
         stats.token_ids.append(token)
@@ -544,9 +540,10 @@ class BatchEngine:
         if piece and (text := seq.stops.feed(piece)):
             seq.pending.append(text)
         if seq.stops.hit:
-            stats.stopped_by = "stop"
+            stats.stopped_by = StopReason.STOP
         elif stats.generated_tokens >= seq.budget:
-            stats.stopped_by = "length" if seq.budget == params.max_tokens else "context"
+            stats.stopped_by = (StopReason.LENGTH if seq.budget == params.max_tokens
+                               else StopReason.CONTEXT)
         if stats.stopped_by:
             return self._finish(seq)
         seq.next_token = token

@@ -32,7 +32,13 @@ from localmed.planner import (
     plan_offload,
     refuse_unless_fits,
 )
-from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.runtimes.base import (
+    GenerationParams,
+    GenerationStats,
+    Runtime,
+    StopReason,
+    StopStringFilter,
+)
 from localmed.runtimes.optional import require_gptqmodel
 from localmed.templates import TURN_END_MARKERS
 
@@ -167,7 +173,7 @@ class TransformersRuntime(Runtime):
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
                 if token in self._eos and not params.ignore_eos:
-                    stats.stopped_by = "eos"
+                    stats.stopped_by = StopReason.EOS
                     break
                 generated.append(token)
                 recent.append(token)

@@ -17,7 +17,13 @@ import numpy as np
 from localmed.errors import GGUFFileError
 from localmed.formats.gguf import GGUFInfo, read_gguf_footprint
 from localmed.planner import Hardware, OffloadPlan
-from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, StopStringFilter
+from localmed.runtimes.base import (
+    GenerationParams,
+    GenerationStats,
+    Runtime,
+    StopReason,
+    StopStringFilter,
+)
 
 
 @dataclass
@@ -88,7 +94,7 @@ class LlamaCppRuntime(Runtime):
                     first = time.perf_counter()
                     stats.prefill_seconds = first - start
                 if not params.ignore_eos and self._eog(self._vocab, token):
-                    stats.stopped_by = "eos"
+                    stats.stopped_by = StopReason.EOS
                     break
                 stats.generated_tokens += 1
                 stats.token_ids.append(token)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from localmed.images import image_marker, new_nonce
-from localmed.runtimes.base import GenerationParams, GenerationStats
+from localmed.runtimes.base import GenerationParams, GenerationStats, StopReason
 from localmed.templates import Message
 
 ROLES = ("system", "user", "assistant")
@@ -224,7 +224,7 @@ def merge_runs(messages: list[Message]) -> list[Message]:
 
 
 def finish_reason(stats: GenerationStats) -> str:
-    return "length" if stats.stopped_by in ("length", "context") else "stop"
+    return "length" if stats.stopped_by in (StopReason.LENGTH, StopReason.CONTEXT) else "stop"
 
 
 def cache_prompt(body: dict[str, Any], allowed: bool) -> bool:
