@@ -287,6 +287,6 @@ def suggest_quant(model: ModelFootprint, capacity: int, n_ctx: int) -> str | Non
     passes it what ``localmed bench`` measured for the model, where it has."""
     from localmed.quant_choice import choose_quant
 
-    choice = choose_quant(model.n_parameters, capacity=capacity,
+    choice = choose_quant(model.n_parameters, capacity=capacity, below=model.quant,
                           fixed_bytes=model.kv_bytes(n_ctx) + RAM_OVERHEAD)
     return choice.quant if choice is not None else None

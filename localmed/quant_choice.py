@@ -72,13 +72,22 @@ def estimated_bytes(label: str, n_parameters: int) -> int:
 
 
 def choose_quant(n_parameters: int, *, capacity: int, fixed_bytes: int,
-                 measured: Mapping[str, Measured] | None = None) -> QuantChoice | None:
+                 measured: Mapping[str, Measured] | None = None,
+                 below: str | None = None) -> QuantChoice | None:
     """The lowest-KLD quant whose weights plus ``fixed_bytes`` (KV cache and runtime overhead)
-    fit ``capacity``; measured results first, the published order when none of them fits."""
+    fit ``capacity``; measured results first, the published order when none of them fits.
+    ``below``: a quant that does not fit (the model's own): only smaller ones are offered."""
     budget = capacity - fixed_bytes
+    ceiling = QUANT_TYPES[below].bits_per_weight if below in QUANT_TYPES else None
+
+    def smaller(label: str) -> bool:
+        return ceiling is None or QUANT_TYPES[label.removesuffix("+imatrix")].bits_per_weight \
+            < ceiling
+
     candidates: list[QuantChoice] = []
     for label, result in (measured or {}).items():
-        if label.removesuffix("+imatrix") not in QUANT_TYPES or result.kld < 0:
+        if label.removesuffix("+imatrix") not in QUANT_TYPES or result.kld < 0 or \
+                not smaller(label):
             continue
         size = result.file_bytes or estimated_bytes(label, n_parameters)
         if size <= budget and QUANT_TYPES[label.removesuffix("+imatrix")].bits_per_weight <= 8.5:
@@ -88,7 +97,7 @@ def choose_quant(n_parameters: int, *, capacity: int, fixed_bytes: int,
     if not candidates:
         for label, kld in PUBLISHED_KLD.items():
             size = estimated_bytes(label, n_parameters)
-            if size <= budget:
+            if size <= budget and smaller(label):
                 candidates.append(QuantChoice(label, size, kld, False,
                                               f"in {PUBLISHED_SOURCE}; no `localmed bench` "
                                               "results for this model yet"))

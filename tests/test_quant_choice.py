@@ -9,6 +9,7 @@ import pytest
 
 from localmed import cli, paths
 from localmed.quant_choice import PUBLISHED_KLD, Measured, choose_quant
+from localmed.quants import QUANT_TYPES
 from tests.test_bad_inputs import assert_one_line_error, leftovers, run_cli
 from tests.test_bench import BENCH
 
@@ -30,6 +31,14 @@ class TestPublishedOrder:
         # ~28 GiB available, 4 GiB of KV cache and overhead: 24 GiB (25.8 GB) for weights
         choice = choose_quant(70_000_000_000, capacity=28 * GIB, fixed_bytes=4 * GIB)
         assert choice is not None and choice.label == "IQ2_M+imatrix"
+
+    def test_below_offers_only_smaller_quants_than_one_that_does_not_fit(self):
+        # the estimate for Q4_K_M fits 6 GiB, but the model's own Q4_K_M file did not: the plan
+        # offers something smaller, never the quant it already has
+        choice = choose_quant(8_000_000_000, capacity=6 * GIB, fixed_bytes=GIB, below="Q4_K_M")
+        assert choice is not None and choice.quant != "Q4_K_M"
+        assert QUANT_TYPES[choice.quant].bits_per_weight < QUANT_TYPES["Q4_K_M"].bits_per_weight
+        assert choice.label == "Q4_K_S+imatrix"  # the least loss among the smaller ones
 
     def test_nothing_fits(self):
         assert choose_quant(70_000_000_000, capacity=4 * GIB, fixed_bytes=GIB) is None

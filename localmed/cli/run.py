@@ -190,8 +190,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out.print(_machine_line(hw))
     if images:
         out.print(escape(images))
-    choice = _choose_quant(info, footprint, model.path, plan.n_ctx, hw)
-    if not plan.fits:  # one recommendation: the plan's hint is the suggestion below
+    # One recommendation: where the model does not fit, the plan's hint is the suggestion
+    # printed below it (a quant smaller than the model's own).
+    choice = _choose_quant(info, footprint, model.path, plan.n_ctx, hw,
+                           below=None if plan.fits else info.quant)
+    if not plan.fits:
         plan = dataclasses.replace(plan, suggestion=choice.quant if choice else None)
     out.print(escape(describe_plan(plan)))
     docs_fit = _plan_docs(args.docs, plan, hw) if getattr(args, "docs", None) else True
@@ -285,14 +288,14 @@ def _bench_results(info, path) -> Path:
     return library.bench_results_path(info.model_id or path.parent.name)
 
 
-def _choose_quant(info, footprint, path, n_ctx: int, hw):
+def _choose_quant(info, footprint, path, n_ctx: int, hw, *, below: str | None = None):
     """The quant to make for this machine at this context: measured by `localmed bench` for
     this model when its results exist, llama.cpp's published order otherwise."""
     from localmed.planner import RAM_OVERHEAD
     from localmed.quant_choice import choose_quant, read_measured
 
     capacity = hw.ram_available + (0 if hw.unified_memory else hw.vram_free)
-    return choose_quant(info.n_parameters, capacity=capacity,
+    return choose_quant(info.n_parameters, capacity=capacity, below=below,
                         measured=read_measured(_bench_results(info, path)),
                         fixed_bytes=footprint.kv_bytes(n_ctx) + RAM_OVERHEAD)
 
