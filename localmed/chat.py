@@ -321,6 +321,34 @@ class ChatSession:
     def stop(self) -> None:
         self.runtime.stop()
 
+    # --- the engine as the app sees it: the app asks its session, never the runtime ----------
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.runtime.info
+
+    @property
+    def plan(self) -> Any:
+        return self.runtime.plan
+
+    @property
+    def n_ctx(self) -> int:
+        """Tokens the conversation's prompt and reply may hold."""
+        return self.runtime.n_ctx
+
+    def engine_notices(self) -> list[str]:
+        """What befell the engine since the last call (it died, and was loaded again)."""
+        return self.runtime.notices()
+
+    def restart(self) -> None:
+        """Load the model again after its engine died; the conversation is kept."""
+        self.runtime.restart()
+
+    def close(self) -> None:
+        """End the engine and let go of the document index."""
+        self.set_docs(None)
+        self.runtime.close()
+
     def set_saving(self, on: bool) -> Path | None:
         """Turn saving on (the conversation so far is written at once) or off."""
         self.save_history = on

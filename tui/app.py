@@ -49,8 +49,7 @@ class LocalmedApp(App[None]):
         for ever on a closed tty (seen under tmux kill-server). The engine is closed, then the
         process ends at once."""
         self.session.stop()
-        self.session.set_docs(None)
-        self.session.runtime.close()
+        self.session.close()
         os._exit(128 + signal.SIGHUP)
 
     async def action_quit(self) -> None:
@@ -77,5 +76,4 @@ def run_chat(session: ChatSession) -> None:
     try:
         LocalmedApp(session).run()
     finally:
-        session.set_docs(None)
-        session.runtime.close()
+        session.close()

@@ -124,7 +124,7 @@ class ChatScreen(DocsMixin, Screen):
         session = self.session
         self.query_one(StatusLine).show(
             tps=session.stats.decode_tps, used=session.context_used(),
-            n_ctx=session.runtime.n_ctx, offload=session.runtime.plan.label,
+            n_ctx=session.n_ctx, offload=session.plan.label,
             template=session.template_name, saving=session.save_history, note=note,
             docs=session.docs)
 
@@ -190,10 +190,10 @@ class ChatScreen(DocsMixin, Screen):
         stats = self.session.stats
         note = "stopped" if stats.stopped_by is StopReason.USER else ""
         self.refresh_status(note)
-        for notice in self.session.runtime.notices():  # it died between replies, and is back
+        for notice in self.session.engine_notices():  # it died between replies, and is back
             self.notify(notice, severity="warning", timeout=15)
         if message.dropped_turns:
-            self.notify(f"The conversation outgrew the {self.session.runtime.n_ctx}-token "
+            self.notify(f"The conversation outgrew the {self.session.n_ctx}-token "
                         f"context: the oldest {message.dropped_turns} messages were left out of "
                         "the prompt (the system prompt is kept).", severity="warning", timeout=10)
 
@@ -218,7 +218,7 @@ class ChatScreen(DocsMixin, Screen):
             await self._reply.remove()
         error = event.worker.error
         if isinstance(error, EngineDiedError):
-            self.session.runtime.notices()  # the dialog says it
+            self.session.engine_notices()  # the dialog says it
             self.engine_down = True
             self.refresh_status("model stopped: F6 reloads it")
 
@@ -251,7 +251,7 @@ class ChatScreen(DocsMixin, Screen):
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="reload")
     def reload_engine(self) -> None:
-        self.session.runtime.restart()
+        self.session.restart()
         self.post_message(self.Reloaded())
 
     def on_chat_screen_reloaded(self, message: Reloaded) -> None:
@@ -300,7 +300,7 @@ class ChatScreen(DocsMixin, Screen):
 
     def action_template(self) -> None:
         names = list(TEMPLATES)
-        if self.session.runtime.info.chat_template:
+        if self.session.info.chat_template:
             names.insert(0, GGUF_TEMPLATE)
         descriptions = {name: t.description for name, t in TEMPLATES.items()}
         descriptions[GGUF_TEMPLATE] = "the chat template embedded in the GGUF"
@@ -325,16 +325,16 @@ class ChatScreen(DocsMixin, Screen):
                                                 self.session.conversation.system, folded), saved)
 
     def action_model_info(self) -> None:
-        session, info = self.session, self.session.runtime.info
+        session, info = self.session, self.session.info
         rows = [
             ("model", session.model.label),
             ("file", str(info.path)),
             ("architecture", info.architecture),
             ("quant", info.quant),
             ("size", f"{info.file_bytes / 1e9:.2f} GB, {info.n_parameters:,} parameters"),
-            ("context", f"{session.runtime.n_ctx} tokens (trained for {info.context_length})"),
+            ("context", f"{session.n_ctx} tokens (trained for {info.context_length})"),
             ("template", f"{session.template_name}: {session.template_choice.reason}"),
-            ("offload", describe_plan(session.runtime.plan)),
+            ("offload", describe_plan(session.plan)),
         ]
         if info.provenance:
             rows += [(f"provenance {key}", value) for key, value in info.provenance.rows()
