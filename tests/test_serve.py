@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,7 +57,14 @@ class Server:
         self.client.close()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            self.proc.kill()
+            raise AssertionError("the server did not stop within 60 s of SIGTERM:\n"
+                                 + self.proc.stderr.read()[-12000:]) from None
 
 
 @pytest.fixture(scope="module")

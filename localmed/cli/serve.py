@@ -106,8 +106,14 @@ def _taken(jobs: Jobs) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import faulthandler
+    import signal
     import sys
     from concurrent.futures import ThreadPoolExecutor
+
+    # `kill -USR1 PID`: every thread's stack on stderr, for a server that seems stuck (a ward's
+    # IT can send it without stopping anyone's replies).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from localmed import paths
     from localmed.chat import choose_template
