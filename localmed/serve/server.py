@@ -154,6 +154,9 @@ class LocalServer:
             asyncio.run(self._serve(held))
         finally:
             self._restore_signals()
+            after, self._after_loop = getattr(self, "_after_loop", {}), {}
+            for sig, handler in after.items():  # the loop's close left SIG_DFL
+                signal.signal(sig, handler)
 
     def _restore_signals(self) -> None:
         handlers, self._handlers = getattr(self, "_handlers", {}), {}
@@ -178,15 +181,26 @@ class LocalServer:
             return factory()
 
         loop = asyncio.get_running_loop()
-        if self.keys is not None and self.keys.source is not None:
-            loop.add_signal_handler(signal.SIGHUP, self.reload_keys)
+        # A stop signal is handled in the loop, not raised at whatever bytecode runs when it
+        # comes: raised inside a weakref callback, the interrupt was dropped ("Exception
+        # ignored in ...") and the server went on serving after SIGTERM.
+        stopping = asyncio.Event()
+        reload_on_hup = self.keys is not None and self.keys.source is not None
+        if threading.current_thread() is threading.main_thread():
+            self._after_loop = {sig: signal.getsignal(sig) for sig in HELD_SIGNALS}
+            for sig in HELD_SIGNALS:
+                if sig == signal.SIGHUP and reload_on_hup:
+                    loop.add_signal_handler(sig, self.reload_keys)
+                else:
+                    loop.add_signal_handler(sig, stopping.set)
         server = await loop.create_server(connection, sock=self.sock, backlog=128,
                                           ssl=self.tls)
         try:
-            await asyncio.Event().wait()
+            await stopping.wait()
         finally:
             server.close()
             await runner.cleanup()
+        raise KeyboardInterrupt  # as Ctrl-C always ended it: the caller says so and closes
 
     def reload_keys(self) -> None:
         """SIGHUP: read the key file again; one that no longer reads keeps the keys in use."""
