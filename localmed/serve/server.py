@@ -630,14 +630,10 @@ def check_not_expired(cert: Path) -> None:
     """Refuse a server certificate past its end date (the first in the file: the server's own,
     before any chain), read with ``cryptography``. A file it cannot read as PEM certificates is
     left to ``load_cert_chain``, which says what is wrong with it."""
-    from cryptography import x509
+    from localmed.serve.tls import not_valid_after
 
-    try:
-        certificates = x509.load_pem_x509_certificates(cert.read_bytes())
-    except (ValueError, OSError):
-        return
-    expires = certificates[0].not_valid_after_utc
-    if expires < dt.datetime.now(dt.timezone.utc):
+    expires = not_valid_after(cert)
+    if expires is not None and expires < dt.datetime.now(dt.timezone.utc):
         raise ServeError(f"--tls-cert {cert}: expired on {expires:%Y-%m-%d %H:%M} UTC; ask for "
                          "a new one")
 

@@ -24,13 +24,11 @@ VALID_DAYS = 730
 def self_signed_pair(hosts: list[str]) -> tuple[Path, Path, bool]:
     """The certificate and key in ``<config dir>/tls``, made if absent (or expired); whether
     they were made now."""
-    from cryptography import x509
-
     folder = paths.config_dir() / "tls"
     cert, key = folder / "localmed-serve.pem", folder / "localmed-serve.key"
     if cert.is_file() and key.is_file():
-        current = x509.load_pem_x509_certificate(cert.read_bytes())
-        if current.not_valid_after_utc > dt.datetime.now(dt.timezone.utc):
+        expires = not_valid_after(cert)
+        if expires is not None and expires > dt.datetime.now(dt.timezone.utc):
             return cert, key, False
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
@@ -38,6 +36,17 @@ def self_signed_pair(hosts: list[str]) -> tuple[Path, Path, bool]:
     write_text_atomic(key, key_pem, mode=0o600)
     write_text_atomic(cert, cert_pem, mode=0o644)
     return cert, key, True
+
+
+def not_valid_after(cert: Path) -> dt.datetime | None:
+    """When the first certificate in a PEM file (a server's own, before any chain) expires;
+    None where the file does not read as PEM certificates."""
+    from cryptography import x509
+
+    try:
+        return x509.load_pem_x509_certificates(cert.read_bytes())[0].not_valid_after_utc
+    except (ValueError, OSError):
+        return None
 
 
 def _make(hosts: list[str]) -> tuple[str, str]:
