@@ -20,8 +20,8 @@ from localmed.conversation import (
     Conversation,
     HistoryStore,
     Prompt,
-    build_prompt,
     export_markdown,
+    fit_prompt,
 )
 from localmed.errors import ImageError, LocalmedError, ModelNotAvailableError, UnknownModelError
 from localmed.formats.info import ModelInfo
@@ -37,6 +37,11 @@ from localmed.retrieval.grounding import (
 )
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.templates import Message, TemplateChoice, resolve_template
+
+MESSAGE_FRAME = 6
+"""Tokens a template adds around a message, at most in the usual ones (``<|im_start|>user\n``
+… ``<|im_end|>\n``): a message's size when turns are chosen to drop; the prompt itself is
+counted whole."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,10 @@ class ChatSession:
     """Passages a question gets at most (fewer where the context has no room for them)."""
     last_grounding: Grounding | None = field(default=None, init=False)
     last_check: CitationCheck | None = field(default=None, init=False)
+    _said: tuple[int, bool] = field(default=(0, True), init=False)
+    """The last prompt's beginning that :meth:`dropped_notice` told of."""
+    _sizes: dict[tuple[str, str], int] = field(default_factory=dict, init=False)
+    """Each message's tokens (its images' included), by role and text: counted once."""
 
     def __post_init__(self) -> None:
         self.conversation = self._new_conversation()
@@ -165,10 +174,12 @@ class ChatSession:
         self.conversation = self._new_conversation()
         self.conversation.system = system
         self.images, self.pending = {}, []
+        self.last_prompt = None
 
     def load(self, conversation: Conversation) -> None:
         self.conversation = conversation
         self.images, self.pending = {}, []
+        self.last_prompt = None
 
     @property
     def no_images(self) -> str:
@@ -247,29 +258,39 @@ class ChatSession:
         return self.last_prompt.tokens + self.runtime.last_stats.generated_tokens \
             if self.last_prompt else 0
 
-    def _prompt_for(self, conversation: Conversation) -> tuple[Prompt, dict[str, Image]]:
+    def _prompt_for(self, conversation: Conversation,
+                    start: int = 0) -> tuple[Prompt, dict[str, Image]]:
         marked, by_marker = self._marked(conversation)
 
-        def count(text: str) -> int:  # an image counts as the tokens the projector makes
-            return len(self.runtime.tokenize(prompt_parts(text, by_marker))) if by_marker \
-                else self.runtime.count_tokens(text)
+        def count(text: str, add_bos: bool = True) -> int:
+            # an image counts as the tokens the projector makes of it
+            if by_marker and any(marker in text for marker in by_marker):
+                return len(self.runtime.tokenize(prompt_parts(text, by_marker), add_bos=add_bos))
+            return self.runtime.count_tokens(text, add_bos=add_bos)
 
-        prompt = build_prompt(self.template_choice.template, marked, count,
-                              self.runtime.n_ctx, reserve=self._reserve())
+        def size(i: int) -> int:
+            message = marked.messages[i]
+            key = (message.role, message.content)
+            if key not in self._sizes:
+                self._sizes[key] = count(message.content, add_bos=False) + MESSAGE_FRAME
+            return self._sizes[key]
+
+        prompt = fit_prompt(self.template_choice.template, marked, count, self.runtime.n_ctx,
+                            reserve=self._reserve(), size=size, start=start)
         return prompt, by_marker
 
     def check_fits(self, text: str) -> None:
-        """Raise ContextFullError (with the token count and the limit) if ``text`` cannot be
-        sent even with every earlier turn left out; nothing is changed."""
-        trial = Conversation(model=self.conversation.model, template=self.conversation.template,
-                             system=self.conversation.system,
-                             messages=[*self.conversation.messages])
-        trial.add("user", text)
-        saved = dict(self.images)
-        if self.pending:
-            self.images[len(trial.messages) - 1] = list(self.pending)
+        """Raise ContextFullError (with the token count and the limit) if ``text`` (and the
+        images attached to it) cannot be sent even with every earlier turn left out; nothing
+        is changed. One short render and count: the whole conversation is fitted by
+        :meth:`ask`, off the app's event loop."""
+        alone = Conversation(model=self.conversation.model, template=self.conversation.template,
+                             system=self.conversation.system)
+        alone.add("user", text)
+        saved = self.images
+        self.images = {0: list(self.pending)} if self.pending else {}
         try:
-            self._prompt_for(trial)
+            self._prompt_for(alone)
         finally:
             self.images = saved
 
@@ -290,7 +311,8 @@ class ChatSession:
                 Message("user", grounded_question(text, grounding))])
         self.last_grounding, self.last_check = grounding, None
         try:
-            prompt, by_marker = self._prompt_for(sent)
+            prompt, by_marker = self._prompt_for(
+                sent, self.last_prompt.start if self.last_prompt else 0)
         except Exception:
             self.conversation.messages.pop()
             self.images.pop(index, None)
@@ -313,6 +335,18 @@ class ChatSession:
                 self.conversation.sources[str(index + 1)] = grounding.record(self.last_check)
             if self.save_history:
                 self.history.save(self.conversation)
+
+    def dropped_notice(self) -> str:
+        """What the last prompt left out, once each time that changes ("": nothing new)."""
+        prompt = self.last_prompt
+        said, self._said = self._said, (prompt.start, prompt.first_kept) if prompt else (0, True)
+        if prompt is None or not prompt.dropped_turns or said == self._said:
+            return ""
+        kept = "the system prompt and your first message and its answer are kept" \
+            if prompt.first_kept else ("your first message and its answer no longer fit beside "
+                                       "the newest one and were left out too")
+        return (f"The conversation outgrew the {self.n_ctx}-token context: "
+                f"{prompt.dropped_turns} earlier messages are left out of the prompt; {kept}.")
 
     @property
     def stats(self) -> GenerationStats:
@@ -383,13 +417,14 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
     batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
     if formats.format_of(model.path).name == "gguf":
         from localmed.runtimes import batch_process as engine
+        from localmed.runtimes.prompt_cache import CACHE_REUSE
 
         if address := os.environ.get(engine.ENGINE_ADDRESS_ENV):
             key = bytes.fromhex(os.environ.get(engine.ENGINE_KEY_ENV, ""))
             return engine.SlotRuntime(engine.BatchClient.connect(address, key))
         return engine.SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
-                                            projector=projector),
+                                            projector=projector, cache_reuse=CACHE_REUSE),
             batch_seconds=batch_seconds))
     if projector is not None:
         raise ImageError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "

@@ -1,7 +1,7 @@
 """Conversations: the prompt that fits the context, saved history (0600), Markdown export.
 
 Core logic for the chat app, with no UI: the TUI holds a :class:`Conversation` and asks
-:func:`build_prompt` for the text to send.
+:func:`fit_prompt` for the text to send.
 """
 
 from __future__ import annotations
@@ -107,27 +107,68 @@ class Prompt:
     text: str
     tokens: int
     dropped_turns: int
-    """Oldest user/assistant turns left out so the prompt fits (the system prompt never is)."""
+    """Messages left out so the prompt fits (the system prompt never is)."""
+    start: int = 0
+    """The first message after the kept first exchange that the prompt holds: the next prompt
+    starts there too (turns are dropped in blocks, so the prompt's beginning, and the engine's
+    cache of it, stays the same from turn to turn)."""
+    first_kept: bool = True
+    """Whether the conversation's first exchange (usually the pasted record and its answer) is
+    in the prompt: it goes only when it alone leaves no room for the newest message."""
 
 
-def build_prompt(template: PromptTemplate, conversation: Conversation,
-                 count_tokens: Callable[[str], int], n_ctx: int, reserve: int) -> Prompt:
-    """The prompt for the next reply, dropping the oldest turns until ``reserve`` tokens of
-    room remain for the answer."""
-    messages = list(conversation.messages)
+FIRST_EXCHANGE = 2
+"""Messages kept at the front while later turns are dropped: the first question (the record a
+clinician pastes) and its answer."""
+
+
+def fit_prompt(template: PromptTemplate, conversation: Conversation,
+               count: Callable[[str], int], n_ctx: int, reserve: int, *,
+               size: Callable[[int], int], start: int = 0) -> Prompt:
+    """The prompt for the next reply, leaving ``reserve`` tokens of room for the answer.
+
+    The system prompt and the first exchange stay; later turns are left out from the oldest,
+    from ``start`` (the last prompt's) on. When the conversation outgrows the context, turns go
+    in a block that frees a quarter of the room, chosen from ``size(i)`` (message ``i``'s
+    tokens, cached by the caller), so the next turns fit behind the same beginning; the text is
+    rendered and counted once a turn, again only where the sizes were short. The first exchange
+    goes only when it leaves no room for the newest message; a newest message that does not fit
+    alone is :class:`ContextFullError`."""
+    messages = conversation.messages
     system = conversation.system or None
-    dropped = 0
-    while True:
-        text = template.render(messages, system=system)
-        tokens = count_tokens(text)
-        if tokens + reserve <= n_ctx:
-            return Prompt(text, tokens, dropped)
-        if len(messages) <= 1:
+    budget = n_ctx - reserve
+    head = FIRST_EXCHANGE if len(messages) > FIRST_EXCHANGE else 0
+    last = len(messages) - 1
+    start = max(start, head)
+    start = min(start + (start - head) % 2, last)  # a user message, the newest at the latest
+
+    def render(start: int, keep_head: bool) -> tuple[str, int]:
+        text = template.render([*(messages[:head] if keep_head else ()), *messages[start:]],
+                               system=system)
+        return text, count(text)
+
+    keep_head = True
+    text, tokens = render(start, keep_head)
+    if tokens > budget and start < last:
+        # One block: what is over, and a quarter of the room left beside the first exchange.
+        room = budget - sum(size(i) for i in range(head))
+        wanted = tokens - budget + max(room, 0) // 4
+        while wanted > 0 and start < last:
+            wanted -= size(start) + size(start + 1)
+            start += 2
+        text, tokens = render(start, keep_head)
+    while tokens > budget:  # the sizes fell short: a turn more
+        if start < last:
+            start += 2
+        elif keep_head and head:
+            keep_head = False
+        else:
             raise ContextFullError(
                 f"the system prompt and your message take {tokens} tokens; with {reserve} kept "
                 f"for the answer they do not fit the {n_ctx}-token context")
-        messages = messages[2:]  # one user turn and its answer
-        dropped += 2
+        text, tokens = render(start, keep_head)
+    dropped = start - head + (0 if keep_head else head)
+    return Prompt(text, tokens, dropped, start, keep_head)
 
 
 class HistoryStore:

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from localmed.chat import ChatModel, ChatSession
-from localmed.conversation import Conversation, HistoryStore, build_prompt
+from localmed.conversation import Conversation, HistoryStore, fit_prompt
 from localmed.errors import ContextFullError
 from localmed.runtimes.base import GenerationParams, StopStringFilter, batched
 from localmed.runtimes.llama import LlamaCppRuntime
@@ -74,23 +74,60 @@ def test_stop_string_filter_holds_back_partial_matches():
     assert g.flush() == ""
 
 
-def test_oldest_turns_are_dropped_and_the_system_prompt_kept():
-    chatml = get_template("chatml")
+def chat_of(turns: int) -> Conversation:
     conv = Conversation(model="m", template="chatml", system="SYSTEM PROMPT")
-    for i in range(6):
+    conv.add("user", "RECORD " + "r " * 40)
+    conv.add("assistant", "answer to the record")
+    for i in range(1, turns):
         conv.add("user", f"question {i} " + "x " * 40)
         conv.add("assistant", f"answer {i} " + "y " * 40)
     conv.add("user", "last question")
-    count = len  # one "token" per character keeps the arithmetic visible
-    full = count(chatml.render(conv.messages, system=conv.system))
-    prompt = build_prompt(chatml, conv, count, n_ctx=full - 100, reserve=50)
-    assert prompt.dropped_turns == 2
-    assert "SYSTEM PROMPT" in prompt.text and "question 0" not in prompt.text
-    assert "question 1" in prompt.text and "last question" in prompt.text
-    small = build_prompt(chatml, conv, count, n_ctx=200, reserve=50)
-    assert small.dropped_turns == 12 and "last question" in small.text
-    with pytest.raises(ContextFullError):
-        build_prompt(chatml, conv, count, n_ctx=60, reserve=50)
+    return conv
+
+
+def fit(conv: Conversation, n_ctx: int, reserve: int = 50, start: int = 0):
+    chatml = get_template("chatml")
+    counted: list[str] = []
+
+    def count(text: str) -> int:  # one "token" per character keeps the arithmetic visible
+        counted.append(text)
+        return len(text)
+
+    prompt = fit_prompt(chatml, conv, count, n_ctx, reserve,
+                        size=lambda i: len(conv.messages[i].content) + 25, start=start)
+    return prompt, counted
+
+
+def test_later_turns_are_dropped_in_a_block_and_the_first_exchange_kept():
+    chatml = get_template("chatml")
+    conv = chat_of(6)
+    full = len(chatml.render(conv.messages, system=conv.system))
+    prompt, counted = fit(conv, n_ctx=full - 100 + 50)
+    assert "SYSTEM PROMPT" in prompt.text and "RECORD" in prompt.text and prompt.first_kept
+    assert "question 1 " not in prompt.text and "last question" in prompt.text
+    # A block: the 100 over and a quarter of the room beside the record, in one re-fit.
+    assert prompt.dropped_turns == 4 and prompt.start == 6 and len(counted) == 2
+    assert prompt.tokens <= full - 100 - (full - 100 - 120) // 4 + 200
+
+
+def test_the_next_turn_keeps_the_same_beginning():
+    conv = chat_of(6)
+    first, _ = fit(conv, n_ctx=900)
+    conv.add("assistant", "short")
+    conv.add("user", "next")
+    second, counted = fit(conv, n_ctx=900, start=first.start)
+    assert second.start == first.start and len(counted) == 1  # one render, one count
+    assert second.text.startswith(first.text[:-len("<|im_start|>assistant\n")])
+
+
+def test_the_first_exchange_goes_only_when_the_newest_message_needs_its_room():
+    conv = chat_of(6)
+    conv.messages[-1] = Message("user", "long " * 60)
+    prompt, _ = fit(conv, n_ctx=480)
+    assert not prompt.first_kept and "RECORD" not in prompt.text
+    assert prompt.dropped_turns == 12 and "long long" in prompt.text
+    with pytest.raises(ContextFullError, match="do not fit the 200-token context"):
+        fit(conv, n_ctx=200)
 
 
 def test_session_records_turns_and_saves_only_when_asked(demo_runtime, demo_gguf, tmp_path):

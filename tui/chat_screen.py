@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,11 +85,8 @@ class ChatScreen(DocsMixin, Screen):
 
         text: str
 
-    @dataclass
     class Finished(Message):
         """The reply ended (end of text, stop string, length, or Esc)."""
-
-        dropped_turns: int
 
     class Reloaded(Message):
         """The model's engine is running again."""
@@ -147,9 +145,13 @@ class ChatScreen(DocsMixin, Screen):
             self.notify("The model is not running: press F6 to reload it (your text stays).",
                         severity="warning")
             return
+        self.generating = True  # (a second Enter while the message is measured waits too)
         try:
-            self.session.check_fits(text)
-        except LocalmedError as refused:
+            await asyncio.to_thread(self.session.check_fits, text)  # the engine counts it
+        except BaseException as refused:
+            self.generating = False
+            if not isinstance(refused, LocalmedError):
+                raise
             # Refused at the input: nothing is sent or shown, the text stays to be shortened.
             self.notify(f"Not sent: {refused}", severity="error", timeout=12)
             return
@@ -159,7 +161,6 @@ class ChatScreen(DocsMixin, Screen):
         # The reply grows half a screen at a time: a new layout every few seconds, not per line.
         self._reply = MessageView("assistant", stream_step=max(log.size.height // 2, 4))
         await log.mount(self._reply)
-        self.generating = True
         # A blinking cursor is two more screen updates a second, taken from the decode.
         self.query_one("#prompt", Input).cursor_blink = False
         self.refresh_status("generating… (Esc stops)")
@@ -176,8 +177,7 @@ class ChatScreen(DocsMixin, Screen):
         # engine that comes a little early is shown, not held back for the next one.
         for piece in batched(self.session.ask(text, grounding), FLUSH_SECONDS / 2):
             self.post_message(self.Piece(piece))
-        dropped = self.session.last_prompt.dropped_turns if self.session.last_prompt else 0
-        self.post_message(self.Finished(dropped))
+        self.post_message(self.Finished())
 
     def on_chat_screen_piece(self, message: Piece) -> None:
         if self._reply is not None:
@@ -192,10 +192,8 @@ class ChatScreen(DocsMixin, Screen):
         self.refresh_status(note)
         for notice in self.session.engine_notices():  # it died between replies, and is back
             self.notify(notice, severity="warning", timeout=15)
-        if message.dropped_turns:
-            self.notify(f"The conversation outgrew the {self.session.n_ctx}-token "
-                        f"context: the oldest {message.dropped_turns} messages were left out of "
-                        "the prompt (the system prompt is kept).", severity="warning", timeout=10)
+        if notice := self.session.dropped_notice():
+            self.notify(notice, severity="warning", timeout=10)
 
     async def _end_stream(self) -> None:
         if self._reply is not None:

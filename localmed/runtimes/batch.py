@@ -126,7 +126,8 @@ class BatchEngine:
 
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
-                 flash_attention: bool = False, projector: Path | None = None) -> None:
+                 flash_attention: bool = False, projector: Path | None = None,
+                 cache_reuse: int = 0) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
@@ -170,6 +171,10 @@ class BatchEngine:
         # keeps no host cache; a conversation in its own slot is continued as any other.
         self.n_swa = int(llama_cpp.llama_model_n_swa(self._model))
         self.host_cache = HostCache(0 if self.n_swa else cache_ram)
+        # Cells past a removed part of the prompt are moved back where the prompt has them
+        # (llama-server's --cache-reuse), where the model's positions can be shifted.
+        self.cache_reuse = cache_reuse if not self.n_swa and \
+            llama_cpp.llama_memory_can_shift(self._memory) else 0
         self._piece = ctypes.create_string_buffer(256)
         self.vision: Vision | None = None
         if projector is not None:
@@ -454,6 +459,8 @@ class BatchEngine:
         while 0 < keep < len(tokens) and tokens[keep] < 0 and tokens[keep - 1] == tokens[keep]:
             keep -= 1  # never part of an image: its tokens attend to each other
         memory = self._memory
+        if keep and self.cache_reuse:
+            keep = self._shift_chunks(slot, tokens, keep)
         if keep == 0 or not self._llama.llama_memory_seq_rm(memory, slot, keep, -1):
             return self._clear(slot)  # nothing to keep, or cells that cannot be cut part way
         del cells[keep:]
@@ -462,6 +469,32 @@ class BatchEngine:
                 max(0, keep - self.n_swa):
             return self._clear(slot)
         return keep
+
+    def _shift_chunks(self, slot: int, tokens: list[int], keep: int) -> int:
+        """After the ``keep`` tokens a slot shares with ``tokens``, the runs of at least
+        ``cache_reuse`` cells that the prompt has again further on (a chat that left some turns
+        out keeps the ones after them) are moved to the prompt's positions, the cells between
+        them dropped; the prompt tokens now in the slot's cells."""
+        llama, memory, cells = self._llama, self._memory, self._slots[slot].cells
+        end = len(tokens) - 1  # the last token is fed: its logits are needed
+        at_cells, at_prompt = keep, keep
+        while at_cells < len(cells) and at_prompt < end:
+            run = 0
+            while at_cells + run < len(cells) and at_prompt + run < end and \
+                    cells[at_cells + run] == tokens[at_prompt + run] >= 0:  # (not an image's)
+                run += 1
+            if run < self.cache_reuse:
+                at_cells += 1
+                continue
+            if not llama.llama_memory_seq_rm(memory, slot, at_prompt, at_cells):
+                break
+            llama.llama_memory_seq_add(memory, slot, at_cells, at_cells + run,
+                                       at_prompt - at_cells)
+            cells[at_prompt:at_prompt + run] = cells[at_cells:at_cells + run]
+            at_cells += run
+            at_prompt += run
+        del cells[at_prompt:]  # (what is left past it is cut from the memory by the caller)
+        return at_prompt
 
     def _clear(self, slot: int) -> int:
         self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)

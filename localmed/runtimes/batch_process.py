@@ -101,6 +101,9 @@ class BatchOptions:
     generates nothing."""
     pooling: str = ""
     """An embedding model's pooling where its GGUF declares none."""
+    cache_reuse: int = 0
+    """Runs of cells this long are moved back past turns a chat left out (0: none; the chat's
+    :data:`~localmed.runtimes.prompt_cache.CACHE_REUSE`)."""
 
 
 def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
@@ -128,7 +131,8 @@ def _load(path: Path, options: BatchOptions) -> tuple[Any, Any, Any, str]:
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
-                         projector=pairing.projector.path if pairing.projector else None)
+                         projector=pairing.projector.path if pairing.projector else None,
+                         cache_reuse=options.cache_reuse)
     return engine, info, plan, pairing.absent
 
 

@@ -31,6 +31,13 @@ MIN_SAVED = 32
 """A slot whose cells would lose fewer tokens than this is not copied to host memory: that is a
 follow-up of the same conversation re-tokenizing the end of the last reply, not another one."""
 
+CACHE_REUSE = 64
+"""The chat's ``cache_reuse``: the shortest run of kept cells moved to a changed prompt's
+positions (llama-server's ``--cache-reuse``). Off in ``serve``: a kept cell still carries
+what came before it, so a client that deletes a message expects a prefill without it; the
+chat leaves out only its own oldest turns, and keeps their faint trace as llama.cpp's context
+shift does."""
+
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
