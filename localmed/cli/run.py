@@ -132,10 +132,12 @@ def _chat_web(args: argparse.Namespace) -> int:
         serve_chat(chat_args, port=args.port, title=title, sessions=sessions)
         return 0
     from localmed.runtimes.batch_process import BatchClient, BatchOptions, EngineHub
+    from localmed.runtimes.prompt_cache import CACHE_REUSE
 
     with err_console().status(f"loading the model for {sessions} conversation(s)…"):
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
-                                                      args.threads, projector=args.mmproj),
+                                                      args.threads, projector=args.mmproj,
+                                                      cache_reuse=CACHE_REUSE),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
