@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from localmed.planner import GIB, Hardware
-    from localmed.runtimes.llama import LlamaCppRuntime
+    from localmed.runtimes.local import LocalRuntime
 
     machine = Hardware("cpu", 16 * GIB, 12 * GIB)
     with tempfile.TemporaryDirectory() as tmp:
@@ -77,10 +77,8 @@ def main() -> None:
         for k in (int(x) for x in args.shots.split(",")):
             suite = Suite("medqa", full.path, full.questions[5: 5 + args.questions])
             shots = full.questions[:k]
-            fast = LlamaCppRuntime.load(gguf, n_ctx=2048, threads=args.threads,
-                                        hardware=machine)
-            slow = LlamaCppRuntime.load(gguf, n_ctx=2048, threads=args.threads,
-                                        hardware=machine, logits_all=True)
+            fast = LocalRuntime.load(gguf, n_ctx=2048, threads=args.threads, hardware=machine)
+            slow = LocalRuntime.load(gguf, n_ctx=2048, threads=args.threads, hardware=machine)
             qps_fast, a = one_pass(fast, suite, shots)
             qps_slow, b = per_option(slow, suite, shots)
             fast.close()

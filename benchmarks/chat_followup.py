@@ -35,9 +35,10 @@ ENGINES = ("slot", "llama")
 def open_engine(which: str, model: Path, ctx: int, threads: int) -> Any:
     from localmed import formats
     from localmed.runtimes import batch_process, process
+    from localmed.runtimes.slot_runtime import SlotRuntime
 
     if which == "slot":
-        return batch_process.SlotRuntime(batch_process.BatchClient(
+        return SlotRuntime(batch_process.BatchClient(
             model, batch_process.BatchOptions(1, ctx, None, threads)))
     return process.open_engine(model, formats.LoadOptions(n_ctx=ctx, threads=threads))
 

@@ -280,8 +280,7 @@ def vision(folder: str, gpu_layers: int) -> dict[str, Any]:
             if got.error is not None:
                 raise RuntimeError(f"{name}: {got.error}")
             replies[name] = {"tokens": got.stats.token_ids,
-                             "top_logprobs": [x["logprob"]
-                                              for x in got.logprobs[0]["top_logprobs"]],
+                             "top_logprobs": [x.logprob for x in got.logprobs[0].top],
                              "prompt_seconds": round(got.stats.prefill_seconds, 4)}
     finally:
         engine.close()

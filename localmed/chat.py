@@ -406,7 +406,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
-    server shares where it says so (:mod:`localmed.runtimes.batch_process`); for a GPTQ
+    server shares where it says so (:mod:`localmed.runtimes.hub`); for a GPTQ
     folder transformers (:mod:`localmed.runtimes.process`). ``batch_seconds``: how often the
     engine sends streamed text on (its default: the server's)."""
     from localmed.runtimes.process import BATCH_SECONDS
@@ -417,12 +417,14 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
     batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
     if formats.format_of(model.path).name == "gguf":
         from localmed.runtimes import batch_process as engine
+        from localmed.runtimes.hub import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV
         from localmed.runtimes.prompt_cache import CACHE_REUSE
+        from localmed.runtimes.slot_runtime import SlotRuntime
 
-        if address := os.environ.get(engine.ENGINE_ADDRESS_ENV):
-            key = bytes.fromhex(os.environ.get(engine.ENGINE_KEY_ENV, ""))
-            return engine.SlotRuntime(engine.BatchClient.connect(address, key))
-        return engine.SlotRuntime(engine.BatchClient(
+        if address := os.environ.get(ENGINE_ADDRESS_ENV):
+            key = bytes.fromhex(os.environ.get(ENGINE_KEY_ENV, ""))
+            return SlotRuntime(engine.BatchClient.connect(address, key))
+        return SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
                                             projector=projector, cache_reuse=CACHE_REUSE),
             batch_seconds=batch_seconds))

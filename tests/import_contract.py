@@ -34,6 +34,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # engine for embeddings like any other client.
     ("core", ("localmed.chat", "localmed.conversation", "localmed.formats", "localmed.demo",
               "localmed.runtimes.process", "localmed.runtimes.batch_process",
+              "localmed.runtimes.engine_loop", "localmed.runtimes.hub",
+              "localmed.runtimes.slot_runtime",
               "localmed.retrieval")),
     # Backends: what holds llama.cpp, transformers or GPTQModel: converters and quantizers, the
     # runtimes, and what this machine's llama.cpp can do.

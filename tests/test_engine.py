@@ -15,8 +15,9 @@ import pytest
 from localmed.errors import ContextFullError, EngineDiedError, GGUFFileError, ModelTooLargeError
 from localmed.formats import LoadOptions, load_runtime
 from localmed.runtimes.base import GenerationParams
-from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+from localmed.runtimes.batch_process import BatchClient, BatchOptions
 from localmed.runtimes.process import open_engine
+from localmed.runtimes.slot_runtime import SlotRuntime
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=24)
 ENGINES = ("slot", "process")

@@ -160,7 +160,8 @@ def test_a_receiver_that_raises_fails_alone(tiny):
 
 EMFILE_SCRIPT = r"""
 import json, os, resource, subprocess, sys, time
-from localmed.runtimes.batch_process import BatchClient, BatchOptions, EngineHub
+from localmed.runtimes.batch_process import BatchClient, BatchOptions
+from localmed.runtimes.hub import EngineHub
 client = BatchClient(sys.argv[1], BatchOptions(1, 256))
 hub = EngineHub(client)
 tab = subprocess.Popen([sys.executable, "-c", sys.argv[2]], stdin=subprocess.PIPE,

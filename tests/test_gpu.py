@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ AGREE = 0.05
 """Nats by which a chosen token's log probability may differ between the GPU and the CPU."""
 
 
-def greedy(model: Path, gpu_layers: int, tokens: int = 32) -> tuple[list[int], list[dict]]:
+def greedy(model: Path, gpu_layers: int, tokens: int = 32) -> tuple[list[int], list[Any]]:
     """A greedy reply on the engine chat and serve share, with each token's top two."""
     from localmed.runtimes.base import GenerationParams
     from localmed.runtimes.batch import BatchEngine
@@ -91,8 +92,8 @@ def greedy(model: Path, gpu_layers: int, tokens: int = 32) -> tuple[list[int], l
     return outcome.stats.token_ids, outcome.logprobs
 
 
-def agree_until_a_near_tie(gpu: tuple[list[int], list[dict]],
-                           cpu: tuple[list[int], list[dict]]) -> int:
+def agree_until_a_near_tie(gpu: tuple[list[int], list[Any]],
+                           cpu: tuple[list[int], list[Any]]) -> int:
     """The GPU's greedy tokens are the CPU's up to the first place where the CPU's top two
     are a near tie, with log probabilities that agree on the way; returns that place (the
     length where they never part)."""
@@ -101,11 +102,11 @@ def agree_until_a_near_tie(gpu: tuple[list[int], list[dict]],
     parted = next((i for i, (a, b) in enumerate(zip(g_ids, c_ids, strict=True))
                    if a != b), len(c_ids))
     for i in range(parted):
-        assert abs(g_entries[i]["logprob"] - c_entries[i]["logprob"]) < AGREE, (
+        assert abs(g_entries[i].logprob - c_entries[i].logprob) < AGREE, (
             i, g_entries[i], c_entries[i])
     if parted < len(c_ids):
-        top = c_entries[parted]["top_logprobs"]
-        gap = top[0]["logprob"] - top[1]["logprob"]
+        top = c_entries[parted].top
+        gap = top[0].logprob - top[1].logprob
         assert gap < NEAR_TIE, (
             f"the GPU's reply parts from the CPU's at token {parted} where the CPU's top two "
             f"are {gap:.3f} nats apart")

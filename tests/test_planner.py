@@ -124,11 +124,11 @@ def test_footprint_of_a_real_gguf_matches_its_file(converted):
 
 
 def test_a_model_too_big_is_refused_before_loading(converted):
-    from localmed.runtimes.llama import LlamaCppRuntime
+    from localmed.runtimes.local import LocalRuntime
 
     tiny_machine = Hardware("cpu", 64 * MIB, 16 * MIB)
     with pytest.raises(ModelTooLargeError) as err:
-        LlamaCppRuntime.load(converted["llama"]["Q8_0"], hardware=tiny_machine)
+        LocalRuntime.load(converted["llama"]["Q8_0"], hardware=tiny_machine)
     assert "does not fit" in str(err.value) and "RAM" in str(err.value)
 
 

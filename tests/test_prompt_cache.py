@@ -116,7 +116,7 @@ def reply(engine, prompt: str, *, cache: bool = True, logprobs: int | None = Non
 
 
 def first_logprobs(entries) -> dict[str, float]:
-    return {alt["token"]: alt["logprob"] for alt in entries[0]["top_logprobs"]}
+    return {alt.token: alt.logprob for alt in entries[0].top}
 
 
 REPLY_CELLS_TOLERANCE = 0.5

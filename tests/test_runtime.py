@@ -10,13 +10,13 @@ from localmed.chat import ChatModel, ChatSession
 from localmed.conversation import Conversation, HistoryStore, fit_prompt
 from localmed.errors import ContextFullError
 from localmed.runtimes.base import GenerationParams, StopStringFilter, batched
-from localmed.runtimes.llama import LlamaCppRuntime
+from localmed.runtimes.local import LocalRuntime
 from localmed.templates import Message, get_template
 
 
 @pytest.fixture(scope="module")
 def demo_runtime(demo_gguf, cpu_machine):
-    runtime = LlamaCppRuntime.load(demo_gguf, hardware=cpu_machine)
+    runtime = LocalRuntime.load(demo_gguf, hardware=cpu_machine)
     yield runtime
     runtime.close()
 
@@ -43,7 +43,7 @@ def test_max_tokens_ends_with_length(demo_runtime):
 
 
 def test_stop_from_another_thread_ends_a_long_generation(converted, cpu_machine):
-    runtime = LlamaCppRuntime.load(converted["llama"]["Q8_0"], n_ctx=4096, hardware=cpu_machine)
+    runtime = LocalRuntime.load(converted["llama"]["Q8_0"], n_ctx=4096, hardware=cpu_machine)
     pieces: list[str] = []
     try:
         for piece in runtime.stream("The patient", GenerationParams(max_tokens=4000)):
@@ -55,6 +55,62 @@ def test_stop_from_another_thread_ends_a_long_generation(converted, cpu_machine)
         assert stats.generated_tokens < 50
     finally:
         runtime.close()
+
+
+SCORE_TOLERANCE = 1e-3
+"""Logits of the engine's scoring against llama-cpp-python's own ``Llama`` (flash attention on
+in both, as localmed plans it on a CPU): the same llama.cpp, the same batches."""
+
+
+def test_scoring_on_the_engine_equals_llama_cpp_pythons_logits(smol):
+    """bench scores on the multi-sequence engine: each position's logits are
+    ``llama_cpp.Llama``'s (``logits_all``), and so are the next-token logits after a kept
+    few-shot prefix (which differ from a whole prefill's by up to 0.7 here, in llama.cpp's
+    own ``Llama`` as much: the rest is a batch of another shape; the same top token)."""
+    import llama_cpp
+    import numpy as np
+
+    runtime = LocalRuntime.load(smol, n_ctx=1024, threads=2)
+    llm = llama_cpp.Llama(str(smol), n_ctx=1024, n_threads=2, logits_all=True, verbose=False,
+                          flash_attn=True)
+    try:
+        shots = "Question: Which organ makes insulin?\nAnswer: the pancreas\n\n" * 6
+        first = runtime.tokenize(shots + "Question: Which drug lowers sodium?\nAnswer:")
+        second = runtime.tokenize(shots + "Question: What does furosemide do?\nAnswer:")
+        llm.eval(second)
+        reference = np.array(llm.scores[:len(second)], dtype=np.float32)
+        whole = runtime.sequence_logits(second)
+        assert whole.shape == reference.shape
+        assert np.abs(whole - reference).max() < SCORE_TOLERANCE
+        runtime.next_logits(first)
+        kept = runtime.next_logits(second)  # the shots' cells kept from the first question
+        shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False))
+                      if a != b)
+        llm.reset()
+        llm.eval(first)
+        llm.n_tokens = shared  # llama-cpp-python's own reuse of the shared prefix
+        llm.eval(second[shared:])
+        reused = np.array(llm.scores[len(second) - 1], dtype=np.float32)
+        assert np.abs(kept - reused).max() < SCORE_TOLERANCE
+        assert int(kept.argmax()) == int(reference[-1].argmax())
+    finally:
+        llm.close()
+        runtime.close()
+
+
+def test_scoring_waits_for_no_reply_and_refuses_what_does_not_fit(demo_runtime):
+    from localmed.errors import EngineError
+
+    too_long = [1] * (demo_runtime.n_ctx + 1)
+    with pytest.raises(ContextFullError, match=f"{demo_runtime.n_ctx}-token context"):
+        demo_runtime.next_logits(too_long)
+    stream = demo_runtime.stream("### Instruction:\nWhat is localmed?\n\n### Response:\n",
+                                 GenerationParams(max_tokens=50, temperature=0.0))
+    next(stream)  # a reply is running
+    with pytest.raises(EngineError, match="between replies"):
+        demo_runtime.next_logits([1, 2, 3])
+    stream.close()  # left midway: cancelled
+    assert demo_runtime.next_logits([1, 2, 3]).shape[0] > 3
 
 
 def test_prompt_longer_than_context_is_a_clear_error(demo_runtime):

@@ -89,24 +89,38 @@ def test_four_streams_at_once_each_equal_the_request_alone(ward):
         assert list(pool.map(lambda q: ask(client, q), QUESTIONS)) == alone
 
 
-def test_a_reply_equals_what_localmed_chat_gives(ward, smol):
-    """The engine samples with llama_cpp.Llama's chain: greedy serve == the chat runtime."""
+def test_a_reply_equals_what_llama_cpp_python_gives(ward, smol):
+    """The engine samples with llama_cpp.Llama's chain: greedy serve (its default repeat
+    penalty, 1.1) == ``llama_cpp.Llama``'s own completion of the same prompt."""
+    import llama_cpp
+
     from localmed.formats.gguf import read_gguf_info
     from localmed.runtimes.base import GenerationParams
-    from localmed.runtimes.llama import LlamaCppRuntime
     from localmed.templates import Message, gguf_template
 
     info = read_gguf_info(smol)
     template = gguf_template(info.chat_template, bos_token=info.bos_token,
                              eos_token=info.eos_token, add_bos=info.add_bos)
-    runtime = LlamaCppRuntime.load(smol, n_ctx=1024, threads=2)
+    params = GenerationParams(max_tokens=40, temperature=0)
+    # flash attention as the server's plan has it on a CPU (llama-cpp-python's default: off)
+    llm = llama_cpp.Llama(str(smol), n_ctx=1024, n_threads=2, verbose=False, flash_attn=True)
     try:
         prompt = template.render([Message("user", QUESTIONS[0])])
-        expected = "".join(runtime.stream(prompt, GenerationParams(max_tokens=40, temperature=0),
-                                          stop=template.stop))
+        tokens = llm.tokenize(prompt.encode(), add_bos=info.add_bos, special=True)
+        out: list[int] = []
+        for token in llm.generate(tokens, top_k=params.top_k, top_p=params.top_p,
+                                  min_p=params.min_p, temp=0.0,
+                                  repeat_penalty=params.repeat_penalty, reset=True):
+            if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token) \
+                    or len(out) == params.max_tokens:
+                break
+            out.append(token)
+        expected = llm.detokenize(out).decode()
+        for stop in template.stop:  # (the text before a stop string)
+            expected = expected.split(stop)[0]
     finally:
-        runtime.close()
-    assert ask(client_of(ward), QUESTIONS[0]) == expected
+        llm.close()
+    assert expected and ask(client_of(ward), QUESTIONS[0]) == expected
 
 
 def test_logprobs_are_the_models_own_as_llama_cpp_reports_them(ward, smol):

@@ -16,15 +16,10 @@ import pytest
 
 from localmed.errors import EngineDiedError
 from localmed.runtimes.base import GenerationParams
-from localmed.runtimes.batch_process import (
-    ENGINE_ADDRESS_ENV,
-    ENGINE_KEY_ENV,
-    BatchClient,
-    BatchOptions,
-    EngineHub,
-    SlotRuntime,
-)
+from localmed.runtimes.batch_process import BatchClient, BatchOptions
+from localmed.runtimes.hub import ENGINE_ADDRESS_ENV, ENGINE_KEY_ENV, EngineHub
 from localmed.runtimes.messages import Done
+from localmed.runtimes.slot_runtime import SlotRuntime
 
 GREEDY = GenerationParams(temperature=0.0, max_tokens=16)
 RECORD = ("Discharge summary. 71-year-old woman admitted with community-acquired pneumonia, "
@@ -68,7 +63,8 @@ def test_a_tab_process_chats_on_the_shared_engine(hub, smollm2):
     model of its own and gets the reply the owner gets."""
     expected = "".join(SlotRuntime(hub.client).stream("The patient", GREEDY))
     script = ("import sys\n"
-              "from localmed.runtimes.batch_process import BatchClient, SlotRuntime\n"
+              "from localmed.runtimes.batch_process import BatchClient\n"
+              "from localmed.runtimes.slot_runtime import SlotRuntime\n"
               "from localmed.runtimes.base import GenerationParams\n"
               "import os\n"
               "runtime = SlotRuntime(BatchClient.connect(os.environ['LOCALMED_ENGINE'], "
@@ -106,7 +102,8 @@ def test_a_tab_that_leaves_mid_reply_frees_its_sequence_at_once(smollm2):
     client = BatchClient(smollm2["gguf"], BatchOptions(1, 2048, threads=2))
     hub = EngineHub(client)
     script = ("import os, sys\n"
-              "from localmed.runtimes.batch_process import BatchClient, SlotRuntime\n"
+              "from localmed.runtimes.batch_process import BatchClient\n"
+              "from localmed.runtimes.slot_runtime import SlotRuntime\n"
               "from localmed.runtimes.base import GenerationParams\n"
               "runtime = SlotRuntime(BatchClient.connect(os.environ['LOCALMED_ENGINE'], "
               "bytes.fromhex(os.environ['LOCALMED_ENGINE_KEY'])))\n"

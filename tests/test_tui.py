@@ -18,7 +18,7 @@ from localmed.chat import ChatModel, ChatSession
 from localmed.conversation import DISCLAIMER, HistoryStore
 from localmed.demo import DEMO_ENTRY
 from localmed.runtimes.base import GenerationParams
-from localmed.runtimes.llama import LlamaCppRuntime
+from localmed.runtimes.local import LocalRuntime
 from localmed.tui.app import LocalmedApp
 from localmed.tui.chat_screen import ChatScreen
 from localmed.tui.modals import ErrorScreen
@@ -30,11 +30,11 @@ SIZE = (100, 30)
 @pytest.fixture
 def make_app(demo_gguf, cpu_machine, tmp_path, monkeypatch):
     monkeypatch.setenv("LOCALMED_DATA_DIR", str(tmp_path / "data"))
-    opened: list[LlamaCppRuntime] = []
+    opened: list[LocalRuntime] = []
 
     def make(path: Path = demo_gguf, *, n_ctx: int | None = None, template: str | None = None,
              save: bool = False, params: GenerationParams | None = None) -> LocalmedApp:
-        runtime = LlamaCppRuntime.load(path, n_ctx=n_ctx, hardware=cpu_machine)
+        runtime = LocalRuntime.load(path, n_ctx=n_ctx, hardware=cpu_machine)
         opened.append(runtime)
         entry = DEMO_ENTRY if path == demo_gguf else None
         model = ChatModel(path.name, path, entry, DEMO_ENTRY.advisory if entry else "")
@@ -293,8 +293,9 @@ class TestEngineProcess:
     @staticmethod
     def start(which: str, gguf):
         from localmed.formats import LoadOptions
-        from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+        from localmed.runtimes.batch_process import BatchClient, BatchOptions
         from localmed.runtimes.process import open_engine
+        from localmed.runtimes.slot_runtime import SlotRuntime
 
         if which == "slot":  # the chat's engine
             return SlotRuntime(BatchClient(gguf, BatchOptions(1, 1024)))

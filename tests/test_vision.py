@@ -177,7 +177,7 @@ def test_log_probabilities_equal_transformers(vlm, pictures):
             got = e.run(Request(1, tokens[name], dataclasses_replace(GREEDY, max_tokens=1),
                                  images=(image,), logprobs=20))[1]
             ours[name] = (got.stats.token_ids[0],
-                          [x["logprob"] for x in got.logprobs[0]["top_logprobs"]])
+                          [x.logprob for x in got.logprobs[0].top])
     finally:
         e.close()
     reference = Gemma3ForConditionalGeneration.from_pretrained(
@@ -253,7 +253,7 @@ def test_a_sliding_window_model_follows_up_from_cells_it_really_has(vlm):
 
         def first(engine_, rid, tokens, cache=True):
             got = engine_.run(Request(rid, tokens, GREEDY, logprobs=5, cache_prompt=cache))
-            return [x["logprob"] for x in got[rid].logprobs[0]["top_logprobs"]]
+            return [x.logprob for x in got[rid].logprobs[0].top]
 
         want = {"a": first(fresh, 1, a, False), "b": first(fresh, 2, b, False)}
         for rid, (name, tokens) in enumerate([("a", a), ("b", b)] * 2):
@@ -612,7 +612,8 @@ def test_info_and_plan_name_the_projector_and_count_it(vlm):
 
 def test_a_text_model_s_chat_refuses_an_image_in_one_line(smollm2, pictures):
     from localmed.chat import ChatModel, ChatSession
-    from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+    from localmed.runtimes.batch_process import BatchClient, BatchOptions
+    from localmed.runtimes.slot_runtime import SlotRuntime
 
     runtime = SlotRuntime(BatchClient(smollm2["gguf"], BatchOptions(1, 512, threads=2)))
     try:
@@ -631,7 +632,8 @@ def test_a_chat_message_with_an_image_goes_to_the_engine_once(vlm, pictures):
     and once more for a follow-up, whose prompt is new."""
     from localmed.chat import ChatModel, ChatSession
     from localmed.images import Image
-    from localmed.runtimes.batch_process import BatchClient, BatchOptions, SlotRuntime
+    from localmed.runtimes.batch_process import BatchClient, BatchOptions
+    from localmed.runtimes.slot_runtime import SlotRuntime
 
     runtime = SlotRuntime(BatchClient(vlm["Q8_0"], BatchOptions(1, 1024, threads=2)))
     sent: list[int] = []

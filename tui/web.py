@@ -3,7 +3,7 @@
 Each browser tab that connects starts ``localmed chat`` with the same arguments in a process of
 its own, driven by Textual's web driver: the same screens, the same disclaimer banner, the same
 engine (for a GGUF, one engine in this process's child, shared by the tabs over a private
-Unix socket: :class:`localmed.runtimes.batch_process.EngineHub`). Three things differ from
+Unix socket: :class:`localmed.runtimes.hub.EngineHub`). Three things differ from
 textual-serve's defaults, all for an offline clinician:
 
 - it listens on 127.0.0.1 only;

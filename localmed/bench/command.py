@@ -24,7 +24,7 @@ from localmed.formats.info import ModelInfo
 from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
-from localmed.runtimes.base import Runtime
+from localmed.runtimes.base import ScoringRuntime
 
 
 @dataclass(frozen=True)
@@ -112,10 +112,10 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
 
 def model_loader(threads: int | None) -> object:
     """Loads each quant with the Runtime its format calls for, at most at its trained context."""
-    def load(quant: str, path: Path, logits_all: bool, n_ctx: int) -> Runtime:
+    def load(quant: str, path: Path, n_ctx: int) -> ScoringRuntime:
         trained = formats.describe(path).context_length or n_ctx
-        return formats.load_runtime(path, formats.LoadOptions(
-            n_ctx=min(n_ctx, trained), threads=threads, logits_all=logits_all))
+        return formats.load_runtime(path, formats.LoadOptions(n_ctx=min(n_ctx, trained),
+                                                              threads=threads))
 
     return load
 

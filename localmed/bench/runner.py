@@ -38,7 +38,7 @@ from localmed.bench.scoring import (
 from localmed.bench.suites import Question, Suite
 from localmed.errors import BenchSettingsError
 from localmed.registry import ModelEntry
-from localmed.runtimes.base import GenerationParams, Runtime
+from localmed.runtimes.base import GenerationParams, ScoringRuntime
 
 SPEED_PROMPT = ("### Instruction:\nList the first steps in managing suspected sepsis in the "
                 "emergency department.\n\n### Response:\n")
@@ -87,8 +87,8 @@ class BenchConfig:
         }
 
 
-Loader = Callable[[str, Path, bool, int], Runtime]
-"""(quant, path, logits_all, n_ctx) → a loaded Runtime."""
+Loader = Callable[[str, Path, int], ScoringRuntime]
+"""(quant, path, n_ctx) → a loaded runtime that scores."""
 
 
 class Records:
@@ -199,7 +199,7 @@ def run_bench(config: BenchConfig, load: Loader, advance: Callable[[str], None])
         # below holds analysis buffers (vocabulary-wide log-probabilities) that are ours, not
         # the model's.
         with peak_rss() as peak:
-            runtime = load(quant, path, False, config.n_ctx)
+            runtime = load(quant, path, config.n_ctx)
             try:
                 prefill = _score_suites(config, runtime, quant, records, advance)
                 if speed_path.is_file():
@@ -209,7 +209,7 @@ def run_bench(config: BenchConfig, load: Loader, advance: Callable[[str], None])
             finally:
                 runtime.close()
         if config.texts:
-            runtime = load(quant, path, True, config.text_ctx)
+            runtime = load(quant, path, config.text_ctx)
             try:
                 _score_texts(config, runtime, quant, records, ref_cache, advance)
             finally:
@@ -225,7 +225,7 @@ def _size(path: Path) -> int:
         p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _score_suites(config: BenchConfig, runtime: Runtime, quant: str, records: Records,
+def _score_suites(config: BenchConfig, runtime: ScoringRuntime, quant: str, records: Records,
                   advance: Callable[[str], None]) -> float | None:
     """Score the questions still missing; returns prefill tokens/s over what was scored."""
     from localmed.templates import get_template
@@ -252,14 +252,14 @@ def _score_suites(config: BenchConfig, runtime: Runtime, quant: str, records: Re
     return tokens / seconds if seconds > 0 else None
 
 
-def _decode_tps(runtime: Runtime) -> float:
+def _decode_tps(runtime: ScoringRuntime) -> float:
     params = GenerationParams(max_tokens=48, temperature=0.0, repeat_penalty=1.0)
     for _ in runtime.stream(SPEED_PROMPT, params):
         pass
     return runtime.last_stats.decode_tps
 
 
-def _score_texts(config: BenchConfig, runtime: Runtime, quant: str, records: Records,
+def _score_texts(config: BenchConfig, runtime: ScoringRuntime, quant: str, records: Records,
                  cache: Path, advance: Callable[[str], None]) -> None:
     done = records.read(quant, "text")
     is_ref = quant == config.reference

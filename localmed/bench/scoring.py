@@ -14,7 +14,7 @@ import numpy as np
 
 from localmed.bench.suites import Question, Suite
 from localmed.errors import ScoringError
-from localmed.runtimes.base import Runtime
+from localmed.runtimes.base import ScoringRuntime
 from localmed.templates import Message, PromptTemplate
 
 HEADER = "The following are multiple choice questions (with answers) about medicine.\n\n"
@@ -46,7 +46,7 @@ class PromptBuilder:
         return self.template.render([Message("user", text)]), ""
 
 
-def letter_token_ids(runtime: Runtime, prompt: str, separator: str,
+def letter_token_ids(runtime: ScoringRuntime, prompt: str, separator: str,
                      letters: Sequence[str]) -> list[int]:
     """The token each option letter is after ``prompt``; each must be exactly one token."""
     base = runtime.tokenize(prompt)
@@ -98,7 +98,7 @@ class Answer:
 class QuestionScorer:
     """Scores the questions of one suite on one runtime."""
 
-    def __init__(self, runtime: Runtime, suite: Suite, builder: PromptBuilder) -> None:
+    def __init__(self, runtime: ScoringRuntime, suite: Suite, builder: PromptBuilder) -> None:
         self.runtime = runtime
         self.builder = builder
         self._letters: dict[tuple[str, ...], list[int]] = {}
@@ -148,7 +148,7 @@ class TextScore:
     """Positions where the model's most likely token is the reference's."""
 
 
-def text_logprobs(runtime: Runtime, tokens: Sequence[int]) -> np.ndarray:
+def text_logprobs(runtime: ScoringRuntime, tokens: Sequence[int]) -> np.ndarray:
     """Log-probabilities predicting tokens[1:], shape [len-1, vocab], float32."""
     logits = runtime.sequence_logits(tokens)[:-1]
     out = np.empty(logits.shape, dtype=np.float32)

@@ -131,7 +131,8 @@ def _chat_web(args: argparse.Namespace) -> int:
     if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
         serve_chat(chat_args, port=args.port, title=title, sessions=sessions)
         return 0
-    from localmed.runtimes.batch_process import BatchClient, BatchOptions, EngineHub
+    from localmed.runtimes.batch_process import BatchClient, BatchOptions
+    from localmed.runtimes.hub import EngineHub
     from localmed.runtimes.prompt_cache import CACHE_REUSE
 
     with err_console().status(f"loading the model for {sessions} conversation(s)…"):
@@ -215,7 +216,7 @@ def _plan_docs(name: str, plan, hw) -> bool:
     from localmed.retrieval.embedder import EmbedderSpec
     from localmed.retrieval.grounding import PER_PASSAGE_OVERHEAD, passage_budget
     from localmed.retrieval.store import DocsIndex
-    from localmed.runtimes.batch_process import EMBED_BATCH
+    from localmed.runtimes.load import EMBED_BATCH
 
     with DocsIndex(catalog.index_file(name)) as index:
         _, _, passages, _ = index.counts()

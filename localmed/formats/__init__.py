@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     # Only named in annotations: the Runtime interface reads ModelInfo from this package, so
     # importing it here at run time would make a cycle (runtimes.base → formats →
     # runtimes.base).
-    from localmed.runtimes.base import Runtime
+    from localmed.runtimes.base import ScoringRuntime
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,6 @@ class LoadOptions:
     n_ctx: int | None = None
     gpu_layers: int | None = None
     threads: int | None = None
-    logits_all: bool = False
-    """Keep logits of every position (bench's text KLD needs them)."""
 
 
 class ModelFormat(ABC):
@@ -69,8 +67,8 @@ class ModelFormat(ABC):
         """The plan for a footprint already read (one header read for both)."""
 
     @abstractmethod
-    def load(self, path: Path, options: LoadOptions) -> Runtime:
-        """A loaded Runtime; refuses a model that does not fit before loading it."""
+    def load(self, path: Path, options: LoadOptions) -> ScoringRuntime:
+        """A loaded runtime (one that scores too); refuses a model that does not fit before loading it."""
 
 
 FORMATS: dict[str, ModelFormat] = {}
@@ -109,7 +107,7 @@ def plan(path: Path, options: LoadOptions = LoadOptions(),
     return format_of(path).plan(Path(path).expanduser(), options, hardware)
 
 
-def load_runtime(path: Path, options: LoadOptions = LoadOptions()) -> Runtime:
+def load_runtime(path: Path, options: LoadOptions = LoadOptions()) -> ScoringRuntime:
     return format_of(path).load(Path(path).expanduser(), options)
 
 
@@ -159,11 +157,11 @@ class GGUFFormat(ModelFormat):
         return plan_offload(footprint, hardware or detect.detect(), n_ctx=options.n_ctx,
                             gpu_layers=options.gpu_layers)
 
-    def load(self, path: Path, options: LoadOptions) -> Runtime:
-        from localmed.runtimes.llama import LlamaCppRuntime
+    def load(self, path: Path, options: LoadOptions) -> ScoringRuntime:
+        from localmed.runtimes.local import LocalRuntime
 
-        return LlamaCppRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
-                                    threads=options.threads, logits_all=options.logits_all)
+        return LocalRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
+                                 threads=options.threads)
 
 
 @register
@@ -194,7 +192,7 @@ class GPTQFormat(ModelFormat):
 
         return plan_transformers(footprint, options.n_ctx, hardware)
 
-    def load(self, path: Path, options: LoadOptions) -> Runtime:
+    def load(self, path: Path, options: LoadOptions) -> ScoringRuntime:
         require("gptq", "running a GPTQ model (transformers' loader)")
         from localmed.runtimes.hf import TransformersRuntime
 

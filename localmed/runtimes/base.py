@@ -1,9 +1,12 @@
 """The Runtime interface that chat, bench and serve use; implementations are engines.
 
-A Runtime is a loaded model: it streams text pieces for a prompt, stops at once when asked (from
-any thread), counts tokens, and reports its context size and offload. llama.cpp's implementation
-is :mod:`localmed.runtimes.llama`, transformers' (GPTQ) :mod:`localmed.runtimes.hf`; which one a
-model gets is decided by :mod:`localmed.formats`.
+A :class:`Runtime` is a loaded model: it streams text pieces for a prompt, stops at once when
+asked (from any thread), counts tokens, and reports its context size and offload. A
+:class:`ScoringRuntime` scores too (bench's option letters and text log-likelihoods). llama.cpp's
+is one multi-sequence engine (:mod:`localmed.runtimes.batch`): in this process
+(:mod:`localmed.runtimes.local`, bench) or in an engine process
+(:mod:`localmed.runtimes.batch_process`, chat and serve); transformers' (GPTQ) is
+:mod:`localmed.runtimes.hf`. Which one a model gets is decided by :mod:`localmed.formats`.
 """
 
 from __future__ import annotations
@@ -131,18 +134,6 @@ class Runtime(ABC):
         raise EngineError("this model runs inside the app and cannot be reloaded")
 
     @abstractmethod
-    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits (float32, whole vocabulary) for the token after ``tokens``.
-
-        The longest prefix shared with the previous call is not evaluated again, so a few-shot
-        prefix common to every question costs one evaluation in all.
-        """
-
-    @abstractmethod
-    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of ``tokens`` (shape ``[len(tokens), n_vocab]``)."""
-
-    @abstractmethod
     def close(self) -> None:
         """Free the model."""
 
@@ -175,6 +166,22 @@ class Runtime(ABC):
             stats.stopped_by = (StopReason.LENGTH if budget == params.max_tokens
                                else StopReason.CONTEXT)
         return bool(stats.stopped_by)
+
+
+class ScoringRuntime(Runtime):
+    """A Runtime that scores: the logits after a prompt, and at each of its positions."""
+
+    @abstractmethod
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (float32, whole vocabulary) for the token after ``tokens``.
+
+        The longest prefix shared with the previous call is not evaluated again, so a few-shot
+        prefix common to every question costs one evaluation in all.
+        """
+
+    @abstractmethod
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` (shape ``[len(tokens), n_vocab]``)."""
 
 
 class StopStringFilter:

@@ -53,13 +53,22 @@ from localmed.errors import (
 )
 from localmed.images import Image
 from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
-from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
+from localmed.runtimes.messages import (
+    Done,
+    Event,
+    Failed,
+    Logprobs,
+    Piece,
+    Request,
+    TokenLogprob,
+)
 from localmed.runtimes.prompt_cache import (
     MIN_SAVED,
     HostCache,
     SavedState,
     Slot,
     choose_slot,
+    common_prefix,
 )
 from localmed.runtimes.vision import Part, Vision, placeholder
 
@@ -100,8 +109,8 @@ class _Sequence:
     started: float = field(default_factory=time.perf_counter)
     first: float = 0.0
     pending: list[str] = field(default_factory=list)
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    """Entries of tokens whose text has not been sent yet."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Those of tokens whose text has not been sent yet."""
     bytes_sent: int = 0
     bytes_reported: int = 0
     """Text sent on, and text of the tokens whose entries were sent (UTF-8 bytes)."""
@@ -114,8 +123,8 @@ class Outcome:
     """What one request produced, run to its end in this thread (:meth:`BatchEngine.run`)."""
 
     text: str = ""
-    logprobs: list[dict[str, Any]] = field(default_factory=list)
-    """OpenAI's ``logprobs.content`` entries, one per token (with ``Request.logprobs``)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per token (with ``Request.logprobs``)."""
     stats: GenerationStats | None = None
     """The :class:`Done` event's (None: the request failed)."""
     error: Exception | None = None
@@ -396,7 +405,7 @@ class BatchEngine:
                 if seq.bytes_reported >= seq.bytes_sent and not (
                         last and seq.stats.stopped_by is not StopReason.STOP):
                     break
-                seq.bytes_reported += len(entry["bytes"])
+                seq.bytes_reported += len(entry.bytes)
                 keep += 1
             if keep:
                 events.append(Logprobs(seq.request.id, seq.logprobs[:keep]))
@@ -410,22 +419,21 @@ class BatchEngine:
                                              len(self._piece), 0, False)
         return self._piece.raw[:max(n, 0)]
 
-    def _entry(self, token: int, logprob: float) -> dict[str, Any]:
+    def _logprob(self, token: int, logprob: float,
+                 top: tuple[TokenLogprob, ...] = ()) -> TokenLogprob:
         raw = self._token_bytes(token)
-        return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
-                "bytes": list(raw)}
+        return TokenLogprob(raw.decode("utf-8", errors="replace"), logprob, raw, top)
 
-    def _logprob_entry(self, logits: Any, token: int, top: int) -> dict[str, Any]:
-        """OpenAI's ``logprobs.content`` item: the token's log probability under the model
-        (log-softmax of its logits) and the ``top`` most likely tokens'."""
+    def _logprob_entry(self, logits: Any, token: int, top: int) -> TokenLogprob:
+        """The token's log probability under the model (log-softmax of its logits) and the
+        ``top`` most likely tokens'."""
         peak = float(logits.max())
         log_z = peak + math.log(float(np.exp(logits - peak).sum()))
-        entry = self._entry(token, float(logits[token]) - log_z)
         negated = -logits  # ascending = most likely first; top <= 20 (the server's bound) < vocab
         best = np.argpartition(negated, top)[:top]
         best = best[np.argsort(negated[best], kind="stable")]
-        entry["top_logprobs"] = [self._entry(int(t), float(logits[t]) - log_z) for t in best]
-        return entry
+        return self._logprob(token, float(logits[token]) - log_z,
+                             tuple(self._logprob(int(t), float(logits[t]) - log_z) for t in best))
 
     def _admit(self) -> None:
         busy = {seq.slot for seq in self._running.values()}
@@ -591,6 +599,63 @@ class BatchEngine:
         events = self._send(seq, "".join(seq.pending) + tail, last=True)
         events.append(Done(seq.request.id, seq.stats))
         return events
+
+    # --- scoring (bench): between replies, in the first sequence -------------------------------
+
+    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits (float32, the whole vocabulary) for the token after ``tokens``; the cells the
+        first sequence shares with them (the last call's few-shot prefix, say) are kept."""
+        tokens = self._scorable(tokens)
+        cells = self._slots[0].cells
+        keep = min(common_prefix(cells, tokens), len(tokens) - 1)
+        if not self._llama.llama_memory_seq_rm(self._memory, 0, keep, -1):
+            keep = self._clear(0)
+        del cells[keep:]
+        return self._evaluate(tokens[keep:], every=False)[-1]
+
+    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Logits at every position of ``tokens`` (``[len(tokens), n_vocab]``), from a
+        prefill of them all."""
+        tokens = self._scorable(tokens)
+        self._clear(0)
+        return self._evaluate(tokens, every=True)
+
+    def _scorable(self, tokens: Sequence[int]) -> list[int]:
+        if self.busy:
+            raise EngineError("the engine scores between replies, and one is running")
+        if not tokens or len(tokens) > self.n_ctx_seq:
+            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx_seq}-token "
+                                   "context")
+        return list(tokens)
+
+    def _evaluate(self, tokens: list[int], *, every: bool) -> np.ndarray:
+        """Prefill ``tokens`` into the first sequence a batch at a time: the logits of each
+        (``every``) or of the last."""
+        llama, batch, cells = self._llama, self._batch, self._slots[0].cells
+        rows: list[np.ndarray] = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last = start + len(chunk) == len(tokens)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = len(cells)
+                cells.append(token)
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = every or (last and i == len(chunk) - 1)
+            batch.n_tokens = len(chunk)
+            status = llama.llama_decode(self._ctx, batch)
+            if status != 0:
+                self._clear(0)
+                raise EngineError(f"llama_decode failed (status {status}) scoring "
+                                  f"{len(chunk)} tokens")
+            if every:
+                rows.append(np.ctypeslib.as_array(llama.llama_get_logits(self._ctx),
+                                                  shape=(len(chunk), self._n_vocab)).copy())
+        if not every:
+            rows.append(np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, -1),
+                                              shape=(1, self._n_vocab)).copy())
+        return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
     def close(self) -> None:
         llama = self._llama

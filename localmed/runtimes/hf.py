@@ -35,7 +35,7 @@ from localmed.planner import (
 from localmed.runtimes.base import (
     GenerationParams,
     GenerationStats,
-    Runtime,
+    ScoringRuntime,
     StopReason,
     StopStringFilter,
 )
@@ -69,7 +69,7 @@ def plan_transformers(footprint: ModelFootprint, n_ctx: int | None,
 
 
 @dataclass
-class TransformersRuntime(Runtime):
+class TransformersRuntime(ScoringRuntime):
     """transformers (GPTQ kernels from GPTQModel through optimum)."""
 
     info: ModelInfo

@@ -142,11 +142,23 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log probability under the model (before sampling), and the most
+    likely tokens' (``top``, most likely first; empty where none were asked for)."""
+
+    token: str
+    """Its text (invalid UTF-8, part of a character, as U+FFFD)."""
+    logprob: float
+    bytes: bytes
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Logprobs:
-    """OpenAI's ``logprobs.content`` entries of tokens whose text comes in the next piece."""
+    """The log probabilities of the tokens whose text comes in the next piece."""
 
     id: int
-    entries: list[dict[str, Any]]
+    entries: list[TokenLogprob]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,13 @@ import numpy as np
 
 from localmed import offline
 from localmed.errors import EngineDiedError, EngineError, LocalmedError
-from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime, batched
+from localmed.runtimes.base import (
+    GenerationParams,
+    GenerationStats,
+    Runtime,
+    ScoringRuntime,
+    batched,
+)
 from localmed.runtimes.messages import (
     Answer,
     Close,
@@ -147,7 +153,7 @@ def describe_exit(code: int | None) -> str:
     return f"exited with status {code}"
 
 
-class EngineRuntime(Runtime):
+class EngineRuntime(ScoringRuntime):
     """A :class:`Runtime` whose model is loaded in a child process. ``batch_seconds``: how
     long streamed text may wait in the engine before it is sent on."""
 

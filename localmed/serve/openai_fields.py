@@ -16,6 +16,7 @@ from typing import Any
 
 from localmed.images import image_marker, new_nonce
 from localmed.runtimes.base import GenerationParams, GenerationStats, StopReason
+from localmed.runtimes.messages import TokenLogprob
 from localmed.templates import Message
 
 ROLES = ("system", "user", "assistant")
@@ -254,14 +255,32 @@ def head(kind: str, model_id: str) -> dict[str, Any]:
             "created": int(time.time()), "model": model_id}
 
 
+def model_list(models: Sequence[tuple[str, dict[str, Any]]], created: int) -> dict[str, Any]:
+    """``GET /v1/models``: each model served (its id, and what localmed says of it)."""
+    return {"object": "list", "data": [
+        {"id": model_id, "object": "model", "created": created, "owned_by": "localmed",
+         "localmed": about} for model_id, about in models]}
+
+
+def logprob_content(entries: Sequence[TokenLogprob]) -> list[dict[str, Any]]:
+    """OpenAI's ``logprobs.content``: an item per token, with its ``top_logprobs``."""
+    def item(entry: TokenLogprob) -> dict[str, Any]:
+        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes)}
+
+    return [{**item(entry), "top_logprobs": [item(alt) for alt in entry.top]}
+            for entry in entries]
+
+
 def completion(kind: str, model_id: str, text: str, stats: GenerationStats,
-               entries: list[dict[str, Any]] | None, notice: dict[str, Any]) -> dict[str, Any]:
-    """A whole reply: ``chat.completion`` (``entries``: its ``logprobs.content``, None when
-    not asked for) or ``text_completion``."""
+               entries: Sequence[TokenLogprob] | None, notice: dict[str, Any]
+               ) -> dict[str, Any]:
+    """A whole reply: ``chat.completion`` (``entries``: its tokens' log probabilities, None
+    when not asked for) or ``text_completion``."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish_reason(stats)}
     if kind == "chat.completion":
         choice["message"] = {"role": "assistant", "content": text}
-        choice["logprobs"] = {"content": entries} if entries is not None else None
+        choice["logprobs"] = {"content": logprob_content(entries)} if entries is not None \
+            else None
     else:
         choice |= {"text": text, "logprobs": None}
     return {**head(kind, model_id), "choices": [choice], "usage": usage(stats),
@@ -276,7 +295,7 @@ class Chunks:
     def __init__(self, kind: str, model_id: str) -> None:
         self.chat = kind == "chat.completion"
         self.head = head("chat.completion.chunk" if self.chat else kind, model_id)
-        self.entries: list[dict[str, Any]] = []
+        self.entries: list[TokenLogprob] = []
         """Log probabilities of the tokens whose text the next chunk carries."""
 
     def _choice(self, text: str | None, reason: str | None, first: bool = False
@@ -288,7 +307,7 @@ class Chunks:
             delta["content"] = text
         out = {"index": 0, "delta": delta, "finish_reason": reason}
         if self.entries:
-            out["logprobs"] = {"content": self.entries.copy()}
+            out["logprobs"] = {"content": logprob_content(self.entries)}
             self.entries.clear()
         return out
 

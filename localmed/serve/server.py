@@ -46,7 +46,7 @@ from localmed.errors import (
 )
 from localmed.images import Image, prompt_parts, read_data_url
 from localmed.runtimes.base import GenerationStats
-from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece
+from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, TokenLogprob
 from localmed.serve.audit import AuditError, AuditLog, digest
 from localmed.serve.documents import ServedDocs
 from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
@@ -63,6 +63,7 @@ from localmed.serve.openai_fields import (
     embeddings_response,
     logprobs,
     merge_runs,
+    model_list,
     response_format,
     sampling,
     seed,
@@ -226,15 +227,11 @@ class LocalServer:
     # --- routes ---------------------------------------------------------------------------------
 
     async def _models(self, request: web.Request) -> web.Response:
-        served = self.model
-        data = [{"id": served.id, "object": "model", "created": self.started,
-                 "owned_by": "localmed", "localmed": served.notice()}]
+        served = [(self.model.id, self.model.notice())]
         if self.docs is not None and self.docs.embedder is not None:
-            data.append({"id": self.docs.embedding_id, "object": "model",
-                         "created": self.started, "owned_by": "localmed",
-                         "localmed": {"kind": "embedding",
-                                      "dimensions": self.docs.embedder.dimensions}})
-        return _json(200, {"object": "list", "data": data})
+            served.append((self.docs.embedding_id, {
+                "kind": "embedding", "dimensions": self.docs.embedder.dimensions}))
+        return _json(200, model_list(served, self.started))
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's ``/v1/embeddings`` on the embedding model, texts as they are."""
@@ -361,7 +358,7 @@ class LocalServer:
 
     async def _complete(self, request: web.Request, job: Job, kind: str) -> web.Response:
         parts: list[str] = []
-        entries: list[dict[str, Any]] = []
+        entries: list[TokenLogprob] = []
         stats = GenerationStats()
         async for event in self._events(job):
             if isinstance(event, Piece):
