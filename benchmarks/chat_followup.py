@@ -1,7 +1,8 @@
 """A pasted record and follow-up questions in ``localmed chat``: the chat's engine now (one
-conversation on the multi-sequence engine that ``serve`` runs) against the engine it ran on
-before (``llama_cpp.Llama`` in an engine process, which kept the conversation's prefix too), in
-the same run.
+conversation on the multi-sequence engine that ``serve`` runs, through its client) against the
+engine process it ran in before (:mod:`localmed.runtimes.process`, one request at a time over a
+pipe; inside it the same engine now, through :class:`~localmed.runtimes.local.LocalRuntime`,
+where it was ``llama_cpp.Llama`` when these were first compared), in the same run.
 
 Both are driven through :class:`localmed.chat.ChatSession` (the object the terminal and browser
 chat drive), with the same GGUF, template, threads, context and greedy replies of ``--reply``
