@@ -148,24 +148,17 @@ class LocalServer:
         while the event loop is being made is held until the loop runs, then raised as it would
         have been (raised into a half-made loop, its teardown printed tracebacks)."""
         held: list[int] = []
+        originals: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._handlers = {sig: signal.signal(sig, lambda signum, _: held.append(signum))
-                              for sig in HELD_SIGNALS}
+            originals = {sig: signal.signal(sig, lambda signum, _: held.append(signum))
+                         for sig in HELD_SIGNALS}
         try:
-            asyncio.run(self._serve(held))
+            asyncio.run(self._serve(held, originals))
         finally:
-            self._restore_signals()
-            after, self._after_loop = getattr(self, "_after_loop", {}), {}
-            for sig, handler in after.items():  # the loop's close left SIG_DFL
-                signal.signal(sig, handler)
+            restore_signals(originals)  # (the loop's close left SIG_DFL where it had its own)
 
-    def _restore_signals(self) -> None:
-        handlers, self._handlers = getattr(self, "_handlers", {}), {}
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-
-    async def _serve(self, held: list[int]) -> None:
-        self._restore_signals()
+    async def _serve(self, held: list[int], originals: dict[int, Any]) -> None:
+        restore_signals(originals)
         for signum in held:
             handler = signal.getsignal(signum)
             if callable(handler):
@@ -187,8 +180,7 @@ class LocalServer:
         # ignored in ...") and the server went on serving after SIGTERM.
         stopping = asyncio.Event()
         reload_on_hup = self.keys is not None and self.keys.source is not None
-        if threading.current_thread() is threading.main_thread():
-            self._after_loop = {sig: signal.getsignal(sig) for sig in HELD_SIGNALS}
+        if originals:  # (the main thread: these signals are the loop's to handle)
             for sig in HELD_SIGNALS:
                 if sig == signal.SIGHUP and reload_on_hup:
                     loop.add_signal_handler(sig, self.reload_keys)
@@ -621,6 +613,11 @@ def check_host(host: str, keys: KeyRing | None, *, tls: bool, insecure_http: boo
                          "the network: give a certificate (--tls-cert FILE --tls-key FILE, from "
                          "hospital IT), or make one with --self-signed; --insecure-http to "
                          "serve plain HTTP anyway")
+
+
+def restore_signals(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
 
 
 def check_not_expired(cert: Path) -> None:
