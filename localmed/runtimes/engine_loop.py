@@ -27,6 +27,7 @@ from localmed.runtimes.messages import (
     Ready,
     Request,
     Tokenize,
+    received,
 )
 from localmed.runtimes.process import _portable, settle_engine_process
 
@@ -36,13 +37,7 @@ def embed_main(conn: Connection, engine: Any, info: Any, plan: Any) -> None:
     conn.send(Ready(info, plan, engine.n_batch, 0, "an embedding model",
                     embedding_size=engine.n_embd, pooling=engine.pooling))
     try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                return
-            if isinstance(message, Close):
-                return
+        for message in received(conn):
             try:
                 if isinstance(message, Embed):
                     value: Any = engine.embed(message.texts)
@@ -85,12 +80,7 @@ def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: st
     inbox: queue.Queue[Any] = queue.Queue()
 
     def receive() -> None:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                inbox.put(Close())
-                return
+        for message in received(conn):
             if isinstance(message, (Tokenize, JsonGrammar)):
                 try:
                     if isinstance(message, Tokenize):
@@ -103,8 +93,7 @@ def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: st
                     send(Failed(message.id, _portable(exc)))
             else:
                 inbox.put(message)
-                if isinstance(message, Close):
-                    return
+        inbox.put(Close())
 
     threading.Thread(target=receive, name="localmed-engine-pipe", daemon=True).start()
     try:

@@ -22,12 +22,12 @@ from localmed.runtimes.batch_process import BatchClient, Sink
 from localmed.runtimes.messages import (
     Answer,
     Cancel,
-    Close,
     Embed,
     Failed,
     JsonGrammar,
     Request,
     Tokenize,
+    received,
 )
 from localmed.runtimes.process import _portable
 
@@ -105,13 +105,7 @@ class EngineHub:
         def relay(tab_id: int) -> Sink:
             return lambda event: outbox.put(dataclasses.replace(event, id=tab_id))
 
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            if isinstance(message, Close):
-                break
+        for message in received(conn):
             try:
                 if isinstance(message, Request):
                     tab_id = message.id

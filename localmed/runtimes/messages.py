@@ -18,6 +18,7 @@ field is a plain value or one of localmed's own picklable types.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +108,19 @@ class Close:
 
 
 Command = Request | Cancel | Tokenize | JsonGrammar | Embed | Generate | Score | Close
+
+
+def received(conn: Any) -> Iterator[Any]:
+    """What comes over a pipe (a ``multiprocessing`` connection), until :class:`Close` or the
+    pipe's end (the other side gone)."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return
+        if isinstance(message, Close):
+            return
+        yield message
 
 
 # --- engine -> client -----------------------------------------------------------------------------

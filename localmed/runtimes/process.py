@@ -48,6 +48,7 @@ from localmed.runtimes.messages import (
     Ready,
     Score,
     Tokenize,
+    received,
 )
 
 _STDERR_TAIL = 4096
@@ -79,13 +80,7 @@ def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path:
         return
     runtime.share_stop(stop)
     conn.send(Ready(runtime.info, runtime.plan, runtime.n_ctx, 1))
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            break
-        if isinstance(request, Close):
-            break
+    for request in received(conn):
         try:
             if isinstance(request, Generate):
                 _stream(conn, runtime, request)
