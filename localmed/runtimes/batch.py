@@ -295,13 +295,7 @@ class BatchEngine:
 
         def add(token: int, slot: int, logits: bool) -> None:
             nonlocal n
-            cells = self._slots[slot].cells
-            batch.token[n] = token
-            batch.pos[n] = len(cells)
-            cells.append(token)
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot
-            batch.logits[n] = logits
+            self._put(n, token, slot, logits)
             n += 1
 
         events: list[Event] = []
@@ -365,6 +359,16 @@ class BatchEngine:
                 seq.pending.clear()
                 seq.flushed = now
         return events
+
+    def _put(self, i: int, token: int, slot: int, logits: bool) -> None:
+        """Place ``token`` at index ``i`` of the batch, next in ``slot``'s cells."""
+        cells, batch = self._slots[slot].cells, self._batch
+        batch.token[i] = token
+        batch.pos[i] = len(cells)
+        cells.append(token)
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = slot
+        batch.logits[i] = logits
 
     def _feed_images(self, seq: _Sequence) -> list[Event]:
         """Evaluate the images that come next in ``seq``'s prompt; a failure ends that
@@ -631,18 +635,13 @@ class BatchEngine:
     def _evaluate(self, tokens: list[int], *, every: bool) -> np.ndarray:
         """Prefill ``tokens`` into the first sequence a batch at a time: the logits of each
         (``every``) or of the last."""
-        llama, batch, cells = self._llama, self._batch, self._slots[0].cells
+        llama, batch = self._llama, self._batch
         rows: list[np.ndarray] = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last = start + len(chunk) == len(tokens)
             for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = len(cells)
-                cells.append(token)
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = every or (last and i == len(chunk) - 1)
+                self._put(i, token, 0, every or (last and i == len(chunk) - 1))
             batch.n_tokens = len(chunk)
             status = llama.llama_decode(self._ctx, batch)
             if status != 0:
