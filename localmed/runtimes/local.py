@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from localmed.errors import ContextFullError
 from localmed.runtimes.base import GenerationParams, GenerationStats, ScoringRuntime
 from localmed.runtimes.messages import Done, Failed, Piece, Request
 
@@ -55,15 +54,11 @@ class LocalRuntime(ScoringRuntime):
 
     def stream(self, prompt: str, params: GenerationParams | None = None,
                stop: Sequence[str] = ()) -> Iterator[str]:
-        tokens = self.tokenize(prompt)
-        if len(tokens) >= self.n_ctx:
-            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
-                                   f"{self.n_ctx}")
-        self._stop.clear()
-        self.last_stats = GenerationStats(prompt_tokens=len(tokens))
+        params = params or GenerationParams()
+        tokens, _ = self._begin(prompt, params)
         rid = next(self._ids)
         engine = self.engine
-        engine.submit(Request(rid, tokens, params or GenerationParams(), tuple(stop)))
+        engine.submit(Request(rid, tokens, params, tuple(stop)))
         try:
             while True:
                 events = engine.cancel(rid) if self._stop.is_set() else engine.step()

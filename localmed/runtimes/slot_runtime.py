@@ -10,7 +10,6 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from localmed.errors import ContextFullError
 from localmed.images import Image
 from localmed.runtimes.base import GenerationParams, GenerationStats, Runtime
 from localmed.runtimes.batch_process import BatchClient
@@ -89,17 +88,13 @@ class SlotRuntime(Runtime):
                stop: Sequence[str] = ()) -> Iterator[str]:
         """The reply to ``prompt``: a text, or text and images in the order the template
         put them (:func:`localmed.images.prompt_parts`)."""
-        tokens = self.tokenize(prompt)
+        params = params or GenerationParams()
+        tokens, _ = self._begin(prompt, params)  # type: ignore[arg-type]
         images = () if isinstance(prompt, str) else \
             tuple(part for part in prompt if isinstance(part, Image))
-        if len(tokens) >= self.n_ctx:
-            raise ContextFullError(f"the prompt has {len(tokens)} tokens; the context holds "
-                                   f"{self.n_ctx}")
         events: queue.Queue[Event] = queue.Queue()
-        self._stop.clear()
-        self.last_stats = GenerationStats(prompt_tokens=len(tokens))
-        rid = self._current = self.client.submit(tokens, params or GenerationParams(),
-                                                 tuple(stop), events.put, images=images)
+        rid = self._current = self.client.submit(tokens, params, tuple(stop), events.put,
+                                                 images=images)
         if self._stop.is_set():  # stop() came between the submit and knowing its id
             self.client.cancel(rid)
         ended = False
