@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,14 +402,16 @@ class ChatSession:
 
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None, in_process: bool = False,
-                 batch_seconds: float | None = None, projector: Path | None = None) -> Runtime:
+                 batch_seconds: float | None = None, projector: Path | None = None,
+                 on_restart: Callable[[str], None] | None = None) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
     server shares where it says so (:mod:`localmed.runtimes.hub`); for a GPTQ
     folder transformers (:mod:`localmed.runtimes.process`). ``batch_seconds``: how often the
-    engine sends streamed text on (its default: the server's)."""
-    from localmed.runtimes.process import BATCH_SECONDS
+    engine sends streamed text on (its default: the server's); ``on_restart``: hears the engine
+    die (it is loaded again at once) and a reload fail."""
+    from localmed.runtimes.supervisor import BATCH_SECONDS
 
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
     if in_process:
@@ -427,13 +429,14 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
         return SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
                                             projector=projector, cache_reuse=CACHE_REUSE),
-            batch_seconds=batch_seconds))
+            batch_seconds=batch_seconds, on_restart=on_restart))
     if projector is not None:
         raise ImageError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "
                          "runs on transformers")
-    from localmed.runtimes.process import open_engine
+    from localmed.runtimes.process import EngineRuntime
 
-    return open_engine(model.path, options, batch_seconds=batch_seconds)
+    return EngineRuntime(model.path, options, batch_seconds=batch_seconds,
+                         on_restart=on_restart)
 
 
 def choose_template(model: ChatModel, info: ModelInfo, requested: str | None) -> TemplateChoice:

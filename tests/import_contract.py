@@ -29,13 +29,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Applications: the Textual app, bench, the server, export.
     ("app", ("localmed.tui", "localmed.bench", "localmed.serve", "localmed.export")),
     # Core: what a chat session is, the registry of model formats, the demo model, and the
-    # engine processes that hold a runtime (one sequence) or the multi-sequence engine.
+    # engine processes that hold a runtime (one sequence) or the multi-sequence engine, and
+    # their supervisor.
     # Retrieval over the clinic's documents is core too: chat and serve use it, and it uses the
     # engine for embeddings like any other client.
     ("core", ("localmed.chat", "localmed.conversation", "localmed.formats", "localmed.demo",
               "localmed.runtimes.process", "localmed.runtimes.batch_process",
               "localmed.runtimes.engine_loop", "localmed.runtimes.hub",
-              "localmed.runtimes.slot_runtime",
+              "localmed.runtimes.slot_runtime", "localmed.runtimes.supervisor",
               "localmed.retrieval")),
     # Backends: what holds llama.cpp, transformers or GPTQModel: converters and quantizers, the
     # runtimes, and what this machine's llama.cpp can do.

@@ -221,7 +221,7 @@ def test_expiry_is_read_with_cryptography_not_the_ssl_modules_private_decoder(pk
     import ssl
 
     from localmed.errors import ServeError
-    from localmed.serve.server import tls_context
+    from localmed.serve.tls import tls_context
 
     monkeypatch.delattr(ssl._ssl, "_test_decode_cert", raising=False)
     with pytest.raises(ServeError, match=r"old\.pem: expired on 2020-02-01 00:00 UTC"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -140,6 +141,49 @@ def test_close_ends_the_engine_process_by_itself(tiny, which):
     """Asked to close, the engine ends on its own at once (exit status 0), not killed after the
     10 s grace (its protocol's close message must be the one sent)."""
     runtime = start(which, tiny, 256)
-    process = runtime.client._process if which == "slot" else runtime._process
+    supervisor = runtime.client._supervisor if which == "slot" else runtime._supervisor
+    process = supervisor.engine.process
     runtime.close()
     assert process.exitcode == 0
+
+
+@pytest.mark.parametrize("which", ENGINES)
+def test_one_reload_policy_a_death_reloads_at_once_and_a_failed_reload_is_tried_again(
+        tiny, which, tmp_path):
+    """Both engines are supervised alike: a death is followed at once by a reload, before the
+    request in it hears why (its next request just works). Where that reload fails (the model
+    file gone), requests are refused at once, and revive() (what the server calls when one
+    is) loads it again in the background once the file is back."""
+    model = tmp_path / "model.gguf"
+    model.write_bytes(tiny.read_bytes())
+    runtime = start(which, model, 256)
+    try:
+        first = runtime.pid
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(EngineDiedError):
+            list(runtime.stream("The patient", GREEDY))
+        deadline = time.monotonic() + 30
+        while not runtime.alive and time.monotonic() < deadline:  # the slot's reader reloads
+            time.sleep(0.05)
+        assert runtime.alive and runtime.pid != first
+        assert "".join(runtime.stream("The patient", GREEDY))  # no restart() asked for
+        assert any("SIGKILL" in line for line in runtime.notices())
+
+        away = model.rename(tmp_path / "away.gguf")
+        os.kill(runtime.pid, signal.SIGKILL)
+        with pytest.raises(EngineDiedError):
+            list(runtime.stream("The patient", GREEDY))
+        time.sleep(0.5)
+        asked = time.monotonic()
+        with pytest.raises(EngineDiedError):  # refused at once while it is down
+            list(runtime.stream("The patient", GREEDY))
+        assert time.monotonic() - asked < 1 and not runtime.alive
+        away.rename(model)
+        asked = time.monotonic()
+        runtime.revive()
+        assert time.monotonic() - asked < 0.5  # in the background
+        while not runtime.alive and time.monotonic() < asked + 30:
+            time.sleep(0.05)
+        assert "".join(runtime.stream("The patient", GREEDY))
+    finally:
+        runtime.close()

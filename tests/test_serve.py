@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from localmed.conversation import DISCLAIMER
-from localmed.serve.server import DISCLAIMER_HEADER
+from localmed.serve.wire import DISCLAIMER_HEADER
 
 GREEDY = {"temperature": 0}
 

@@ -71,6 +71,9 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
     from localmed import formats
     from localmed.serve.jobs import BatchJobs, SerialJobs
 
+    def reloading(line: str) -> None:  # the engine's supervisor reloads at once
+        print(f"localmed serve: {line}", file=log, flush=True)
+
     if formats.format_of(model.path).name == "gguf":
         from localmed.runtimes.batch_process import BatchClient, BatchOptions
 
@@ -81,16 +84,15 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
                                                       args.threads, cache_ram(args),
                                                       args.mmproj),
-                             on_restart=lambda why: print(f"localmed serve: the model engine: "
-                                                          f"{why}; reloading", file=log,
-                                                          flush=True))
+                             on_restart=reloading)
         return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
     from localmed.chat import open_runtime
 
     if args.parallel and args.parallel > 1:
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
-                           threads=args.threads, projector=args.mmproj)  # refuses --mmproj
+                           threads=args.threads, projector=args.mmproj,  # refuses --mmproj
+                           on_restart=reloading)
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 
@@ -119,9 +121,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from localmed.chat import choose_template
     from localmed.provenance import sha256_file
     from localmed.serve.audit import AuditLog
+    from localmed.serve.binding import bind, is_loopback
     from localmed.serve.jobs import ServedModel
     from localmed.serve.keys import RateLimit
-    from localmed.serve.server import bind, is_loopback, tls_context
+    from localmed.serve.tls import tls_context
 
     keys = _keys(args)
     if (args.tls_cert is None) != (args.tls_key is None):

@@ -133,6 +133,10 @@ class Runtime(ABC):
         """Load the model again after its runtime died; the caller's state is kept."""
         raise EngineError("this model runs inside the app and cannot be reloaded")
 
+    def revive(self) -> None:  # noqa: B027 (a runtime in the app's process cannot die alone)
+        """Load the model again in the background if it is down (the reload after its death
+        failed); returns at once."""
+
     @abstractmethod
     def close(self) -> None:
         """Free the model."""

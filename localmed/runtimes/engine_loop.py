@@ -29,7 +29,7 @@ from localmed.runtimes.messages import (
     Tokenize,
     received,
 )
-from localmed.runtimes.process import _portable, settle_engine_process
+from localmed.runtimes.supervisor import portable, settle_engine_process
 
 
 def embed_main(conn: Connection, engine: Any, info: Any, plan: Any) -> None:
@@ -50,21 +50,21 @@ def embed_main(conn: Connection, engine: Any, info: Any, plan: Any) -> None:
             except (EOFError, OSError):
                 return
             except Exception as exc:
-                conn.send(Failed(getattr(message, "id", None), _portable(exc)))
+                conn.send(Failed(getattr(message, "id", None), portable(exc)))
     finally:
         engine.close()
 
 
-def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: str,
-                 batch_seconds: float) -> None:
+def engine_main(conn: Connection, path: str, options: BatchOptions, batch_seconds: float,
+                log_path: str) -> None:
     """The engine process: load, then decode whatever requests are in until Close/EOF."""
-    from localmed.runtimes.batch import json_grammar
+    from localmed.runtimes.vocab import json_grammar
 
     settle_engine_process(log_path)
     try:
         engine, info, plan, no_images = load_engine(Path(path), options)
     except Exception as exc:
-        conn.send(Failed(None, _portable(exc)))
+        conn.send(Failed(None, portable(exc)))
         return
     if options.embedding:
         embed_main(conn, engine, info, plan)
@@ -90,7 +90,7 @@ def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: st
                         engine.check_grammar(value)
                     send(Answer(message.id, value))
                 except Exception as exc:
-                    send(Failed(message.id, _portable(exc)))
+                    send(Failed(message.id, portable(exc)))
             else:
                 inbox.put(message)
         inbox.put(Close())
@@ -109,7 +109,7 @@ def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: st
                     try:
                         engine.submit(message)
                     except Exception as exc:
-                        send(Failed(message.id, _portable(exc)))
+                        send(Failed(message.id, portable(exc)))
                 elif isinstance(message, Cancel):
                     for event in engine.cancel(message.id):
                         send(event)
@@ -122,7 +122,7 @@ def engine_main(conn: Connection, path: str, options: BatchOptions, log_path: st
                     events = engine.step(batch_seconds)
                 except Exception as exc:  # every request in it hears; the process ends
                     for rid in engine.request_ids():
-                        send(Failed(rid, _portable(exc)))
+                        send(Failed(rid, portable(exc)))
                     return
                 for event in events:
                     send(event)

@@ -29,7 +29,7 @@ from localmed.runtimes.messages import (
     Tokenize,
     received,
 )
-from localmed.runtimes.process import _portable
+from localmed.runtimes.supervisor import portable
 
 ENGINE_ADDRESS_ENV = "LOCALMED_ENGINE"
 ENGINE_KEY_ENV = "LOCALMED_ENGINE_KEY"
@@ -123,7 +123,7 @@ class EngineHub:
                 elif isinstance(message, Embed):
                     outbox.put(Answer(message.id, client.embed(message.texts)))
             except Exception as exc:
-                outbox.put(Failed(getattr(message, "id", None), _portable(exc)))
+                outbox.put(Failed(getattr(message, "id", None), portable(exc)))
         for rid in list(theirs.values()):
             client.cancel(rid)
         outbox.put(None)

@@ -1,11 +1,13 @@
-"""A loaded model in its own process, behind the :class:`Runtime` interface.
+"""A loaded model in its own process, behind the :class:`ScoringRuntime` interface: what a GPTQ
+folder runs on (transformers), one request at a time.
 
 The chat app and the server talk to the model over a local pipe (``multiprocessing``, spawned:
 nothing on the network, no fork of a process that holds threads). Decoding then never shares an
 interpreter, or its GIL, with Textual's rendering or the HTTP server; and when the engine dies
-(SIGILL on a CPU without the instructions the build assumed, the OOM killer, a llama.cpp abort)
-the caller gets an :class:`EngineDiedError` saying so in one line, keeps its state, and can
-:meth:`EngineRuntime.restart`.
+(the OOM killer, a crash in a native library) the request in it gets an
+:class:`EngineDiedError` saying so in one line, after the model has been loaded again: the
+process is supervised by :class:`~localmed.runtimes.supervisor.Supervisor`, as the llama.cpp
+engine's is.
 
 The messages are :mod:`localmed.runtimes.messages`' (one thing at a time, id 0): the caller
 sends :class:`Generate`, :class:`Tokenize`, :class:`Score` or :class:`Close`; the engine answers
@@ -17,20 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import os
-import signal
-import tempfile
 import threading
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from localmed import offline
-from localmed.errors import EngineDiedError, EngineError, LocalmedError
+from localmed.errors import EngineDiedError, EngineError
 from localmed.runtimes.base import (
     GenerationParams,
     GenerationStats,
@@ -40,7 +37,6 @@ from localmed.runtimes.base import (
 )
 from localmed.runtimes.messages import (
     Answer,
-    Close,
     Done,
     Failed,
     Generate,
@@ -50,22 +46,13 @@ from localmed.runtimes.messages import (
     Tokenize,
     received,
 )
-
-_STDERR_TAIL = 4096
-BATCH_SECONDS = 0.05
-"""Longest a streamed piece waits in the engine, unless the caller asks otherwise: the server's
-stream. The chat app asks for what its screen shows new text at."""
-
-
-def settle_engine_process(log_path: str) -> None:
-    """First thing in an engine process: the terminal's Ctrl-C belongs to the app (which stops
-    or closes the engine itself); llama.cpp's fd 2 goes to the log (on a TUI's screen it would
-    garble it; kept for crash reports), fd 1 nowhere; no socket beyond loopback
-    (:mod:`localmed.offline`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.dup2(os.open(log_path, os.O_WRONLY | os.O_APPEND), 2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-    offline.enforce("localmed's engine process")
+from localmed.runtimes.supervisor import (
+    BATCH_SECONDS,
+    EngineProcess,
+    Supervisor,
+    portable,
+    settle_engine_process,
+)
 
 
 def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path: str) -> None:
@@ -76,7 +63,7 @@ def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path:
     try:
         runtime = formats.load_runtime(Path(path), options)
     except Exception as exc:
-        conn.send(Failed(None, _portable(exc)))
+        conn.send(Failed(None, portable(exc)))
         return
     runtime.share_stop(stop)
     conn.send(Ready(runtime.info, runtime.plan, runtime.n_ctx, 1))
@@ -92,7 +79,7 @@ def _engine_main(conn: Connection, stop: Any, path: str, options: Any, log_path:
             else:
                 conn.send(Failed(0, EngineError(f"unknown request {request!r}")))
         except Exception as exc:  # the engine survives a bad request, as the app does
-            conn.send(Failed(0, _portable(exc)))
+            conn.send(Failed(0, portable(exc)))
     runtime.close()
 
 
@@ -108,110 +95,70 @@ def _stream(conn: Connection, runtime: Runtime, request: Generate) -> None:
     conn.send(Done(0, runtime.last_stats))
 
 
-def new_engine_log() -> Path:
-    """A private (0600) file for an engine process's stderr: llama.cpp's last words."""
-    log = tempfile.NamedTemporaryFile(prefix="localmed-engine-", suffix=".log", delete=False)
-    log.close()
-    os.chmod(log.name, 0o600)
-    return Path(log.name)
-
-
-def last_line(log: Path) -> str:
-    """The last line an engine wrote to its log, for the one-line error when it dies."""
-    try:
-        with log.open("rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - _STDERR_TAIL))
-            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1].strip() if lines else ""
-
-
-def describe_exit(code: int | None) -> str:
-    """An engine's exit status in words."""
-    if code is None:
-        return "is not responding"
-    if code < 0:
-        sig = -code
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        why = {
-            signal.SIGILL: "an instruction this CPU lacks (a llama.cpp build for another CPU?)",
-            signal.SIGKILL: "killed (out of memory?)",
-            signal.SIGABRT: "llama.cpp aborted",
-            signal.SIGSEGV: "a crash in llama.cpp",
-            signal.SIGBUS: "a crash reading the model file (changed or on a removed disk?)",
-        }.get(sig, "a signal")
-        return f"died: {name}, {why}"
-    return f"exited with status {code}"
-
-
 class EngineRuntime(ScoringRuntime):
     """A :class:`Runtime` whose model is loaded in a child process. ``batch_seconds``: how
-    long streamed text may wait in the engine before it is sent on."""
+    long streamed text may wait in the engine before it is sent on; ``on_restart`` hears the
+    engine's death (and a failed reload) in one line."""
 
-    def __init__(self, path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS) -> None:
+    def __init__(self, path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS,
+                 on_restart: Callable[[str], None] | None = None) -> None:
         self.path = Path(path)
         self.options = options
         self.batch_seconds = batch_seconds
         self.last_stats = GenerationStats()
-        self._lock = threading.Lock()
-        self._start()
+        self._lock = threading.Lock()  # one request at a time
+        self._stop = multiprocessing.get_context("spawn").Event()
+        self._supervisor = Supervisor(self._spawn, self._commit, on_restart)
+        self._supervisor.load()
 
-    def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        self._stop = ctx.Event()
-        self._conn, child = ctx.Pipe()
-        self._log = new_engine_log()
-        # Gone with close(), or at the latest when this process exits without one.
-        self._remove_log = weakref.finalize(self, self._log.unlink, missing_ok=True)
-        self._process = ctx.Process(
-            target=_engine_main, name="localmed-engine", daemon=True,
-            args=(child, self._stop, str(self.path), self.options, str(self._log)))
-        self._process.start()
-        child.close()
-        try:
-            ready = self._answer()
-            self.info, self.plan, self._n_ctx = ready.info, ready.plan, ready.n_ctx
-        except BaseException:
-            self.close()
-            raise
+    def _spawn(self) -> EngineProcess:
+        return EngineProcess(_engine_main, self._stop, str(self.path), self.options)
+
+    def _commit(self, engine: EngineProcess, ready: Ready) -> None:
+        self._engine = engine
+        self.info, self.plan, self._n_ctx = ready.info, ready.plan, ready.n_ctx
+
+    def notices(self) -> list[str]:
+        return self._supervisor.notices()
 
     @property
     def restartable(self) -> bool:
         return True
 
     def restart(self) -> None:
-        """Load the model again in a new engine (after it died); the caller's state is kept.
-        Calls from other threads wait for it."""
-        with self._lock:
-            self.close()
-            self._start()
+        """Bring the model back after its engine died: wait for the reload that follows a
+        death at once, or load it again if that failed. The caller's state is kept."""
+        self._supervisor.restart()
+
+    def revive(self) -> None:
+        self._supervisor.revive()
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid
+        return self._engine.pid
 
     @property
     def alive(self) -> bool:
-        return self._process.is_alive()
+        return self._supervisor.loaded.is_set() and self._engine.alive
 
     @property
     def n_ctx(self) -> int:
         return self._n_ctx
 
-    def _receive(self) -> Any:
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise EngineDiedError(describe_exit(self._process.exitcode),
-                                  self._stderr_tail()) from None
+    def _lost(self) -> EngineDiedError:
+        """The engine died under a request: loaded again at once (the supervisor's policy),
+        then the request hears why."""
+        died = self._engine.died()
+        self._supervisor.lost(died)
+        return died
 
-    def _stderr_tail(self) -> str:
-        return last_line(self._log)
+    def _receive(self) -> Any:
+        if not self._supervisor.loaded.is_set():
+            raise EngineDiedError("is not loaded: its reload failed")
+        try:
+            return self._engine.conn.recv()
+        except (EOFError, OSError):
+            raise self._lost() from None
 
     def _answer(self) -> Any:
         reply = self._receive()
@@ -220,12 +167,12 @@ class EngineRuntime(ScoringRuntime):
         return reply.value if isinstance(reply, Answer) else reply
 
     def _send(self, request: Any) -> None:
+        if not self._supervisor.loaded.is_set():
+            raise EngineDiedError("is not loaded: its reload failed")
         try:
-            self._conn.send(request)
-        except (BrokenPipeError, OSError):
-            self._process.join(5)
-            raise EngineDiedError(describe_exit(self._process.exitcode),
-                                  self._stderr_tail()) from None
+            self._engine.conn.send(request)
+        except (OSError, ValueError):
+            raise self._lost() from None
 
     def _call(self, request: Any) -> Any:
         with self._lock:
@@ -255,8 +202,11 @@ class EngineRuntime(ScoringRuntime):
                     else:
                         finished = True
                         raise reply.error
+            except EngineDiedError:
+                finished = True
+                raise
             finally:
-                if not finished and self._process.is_alive():
+                if not finished:
                     self._drain()
 
     def _drain(self) -> None:
@@ -274,27 +224,7 @@ class EngineRuntime(ScoringRuntime):
         return self._call(Score(list(tokens), every=True))
 
     def close(self) -> None:
-        stop_engine(self._process, self._conn)
-        self._remove_log()
-
-
-def stop_engine(process: Any, conn: Connection) -> None:
-    """Ask an engine process to close, kill it if it has not within 10 s, close the pipe."""
-    if process.is_alive():
-        with contextlib.suppress(OSError):
-            conn.send(Close())
-        process.join(10)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    conn.close()
-
-
-def _portable(exc: Exception) -> LocalmedError:
-    """localmed's errors cross the pipe as they are; anything else as an EngineError."""
-    if isinstance(exc, LocalmedError):
-        return exc
-    return EngineError(f"{type(exc).__name__}: {exc}")
+        self._supervisor.close()
 
 
 def open_engine(path: Path, options: Any, *, batch_seconds: float = BATCH_SECONDS

@@ -36,21 +36,11 @@ class SlotRuntime(Runtime):
         self.last_stats = GenerationStats()
         self._stop = threading.Event()
         self._current: int | None = None
-        self._notices: list[str] = []
         self._tokenized: OrderedDict[tuple[Any, ...], list[int]] = OrderedDict()
         self._tokenizing = threading.Lock()  # the screen's fit check beside a reply's worker
-        told = client.on_restart
-
-        def heard(why: str) -> None:  # the client reloads a dead engine at once
-            self._notices.append(why)
-            told(why)
-
-        client.on_restart = heard
 
     def notices(self) -> list[str]:
-        deaths, self._notices = self._notices, []
-        return [f"{why[:1].upper()}{why[1:]}; the model was loaded again and the conversation "
-                "is kept." for why in deaths]
+        return self.client.notices()  # the client reloads a dead engine at once
 
     @property
     def info(self) -> Any:  # type: ignore[override]
@@ -132,6 +122,9 @@ class SlotRuntime(Runtime):
 
     def restart(self) -> None:
         self.client.restart()
+
+    def revive(self) -> None:
+        self.client.revive()
 
     @property
     def pid(self) -> int | None:

@@ -198,3 +198,28 @@ class AuditLog:
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self._fd)
+
+
+def request_record(request: Any, status: int, *, model_sha256: str, content: bool
+                   ) -> dict[str, Any]:
+    """The record of one request (an aiohttp request and what the server noted on it): who,
+    which route and model, the outcome, token counts, the prompt's and reply's sha256 (their
+    text only with ``content``), and the passages an answer from the documents was given."""
+    prompt, reply = request.get("prompt"), request.get("reply")
+    record: dict[str, Any] = {
+        "event": "request", "request_id": request["id"], "key": request.get("key"),
+        "client": request.remote, "method": request.method, "route": request.path,
+        "model_sha256": model_sha256, "status": status,
+        "prompt_tokens": request["tokens"][0], "completion_tokens": request["tokens"][1],
+        "prompt_sha256": digest(prompt) if prompt is not None else None,
+        "reply_sha256": digest(reply) if reply is not None else None,
+        "refusal": request.get("refusal")}
+    if (grounding := request.get("grounding")) is not None:
+        record["docs"] = grounding.index
+        record["passages"] = [
+            {"id": n, "passage": p.id, "source": p.source, "page": p.page,
+             "sha256": digest(p.text), **({"text": p.text} if content else {})}
+            for n, p in enumerate(grounding.passages, start=1)]
+    if content:
+        record |= {"prompt": prompt, "reply": reply}
+    return record

@@ -127,8 +127,10 @@ class Jobs(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
-    def reload(self, died: EngineDiedError) -> None:  # noqa: B027 (most engines reload alone)
-        """Bring back an engine that died between requests (where the engine does not)."""
+    @abstractmethod
+    def revive(self) -> None:
+        """Load the model again in the background if it is down (its reload after a death
+        failed): a request that found it so asks, and is answered at once."""
 
     def admit(self, job: Job) -> None:
         """Start ``job`` now or queue it, in arrival order; refuse it if all is taken."""
@@ -190,6 +192,9 @@ class BatchJobs(Jobs):
         if job.handle is not None:
             self.client.cancel(job.handle)
 
+    def revive(self) -> None:
+        self.client.revive()
+
     def close(self) -> None:
         self.client.close()
 
@@ -203,7 +208,6 @@ class SerialJobs(Jobs):
         self._jobs: queue.Queue[tuple[Job, Callable[[], None]] | None] = queue.Queue()
         self._current: Job | None = None
         self._lock = threading.Lock()
-        self._reloading = threading.Lock()
         self._thread = threading.Thread(target=self._work, name="localmed-engine-queue",
                                         daemon=True)
         self._thread.start()
@@ -257,10 +261,7 @@ class SerialJobs(Jobs):
                     job.events.put(Failed(0, LocalmedError("cancelled")))
                 else:
                     job.events.put(Done(0, self.runtime.last_stats))
-            except EngineDiedError as died:
-                # Reloaded before the request hears of it: a client that retries at once
-                # finds the model there.
-                self._restart(died)
+            except EngineDiedError as died:  # the runtime has loaded the model again
                 job.events.put(Failed(0, died))
             except Exception as exc:  # answered to this request; the server goes on
                 job.events.put(Failed(0, exc))
@@ -269,21 +270,5 @@ class SerialJobs(Jobs):
                     self._current = None
                 on_end()
 
-    def reload(self, died: EngineDiedError) -> None:
-        self._restart(died)
-
-    def _restart(self, died: EngineDiedError) -> None:
-        """Load the model again if it is not running: one reload at a time, under a lock of
-        its own (a cancel, which takes ``_lock``, never waits for a model to load)."""
-        with self._reloading:
-            if self.runtime.alive:  # another caller's reload came first
-                return
-            self._reload(died)
-
-    def _reload(self, died: EngineDiedError) -> None:
-        print(f"localmed serve: {died}; reloading the model", file=self.log, flush=True)
-        if self.runtime.restartable:
-            try:
-                self.runtime.restart()
-            except Exception as exc:
-                print(f"localmed serve: reloading failed: {exc}", file=self.log, flush=True)
+    def revive(self) -> None:
+        self.runtime.revive()

@@ -4,22 +4,22 @@ Built on aiohttp (installed with textual-serve for ``chat --web``) rather than l
 bundled server (whose running request is interrupted by the next one) or FastAPI (three more
 packages to install and audit on a clinic laptop): the decoding happens in the engine
 (:mod:`localmed.serve.jobs`), so each request only checks its body, is admitted or refused at
-once, and relays what the engine streams. Connections are kept alive between requests; a client
-that hangs up (streamed reply or not, even while its prompt is prefilled or it waits in the
-queue) stops only its own reply, and its slot is free at once; a body must arrive within
-:data:`BODY_SECONDS`; at most :data:`MAX_CONNECTIONS` connections are open at once (a further
-one gets a 503 and is closed), and idle ones close after :data:`KEEPALIVE_SECONDS`.
+once, and relays what the engine streams (:mod:`localmed.serve.wire`: bodies read, answers
+written, the disclaimer on each). Connections are kept alive between requests; a client that
+hangs up (streamed reply or not, even while its prompt is prefilled or it waits in the queue)
+stops only its own reply, and its slot is free at once; a body must arrive within
+:data:`~localmed.serve.wire.BODY_SECONDS`; at most
+:data:`~localmed.serve.wire.MAX_CONNECTIONS` connections are open at once (a further one gets
+a 503 and is closed), and idle ones close after :data:`KEEPALIVE_SECONDS`.
 
-Every reply carries the disclaimer: the ``X-Localmed-Disclaimer`` header, and a ``localmed``
-object in the JSON (in the first chunk of a stream) with the disclaimer, the model's advisory
-and what was served. Requests are logged without their content unless ``--log-content``.
+Requests are logged without their content unless ``--log-content``; with ``--audit-log`` each
+is a record of the hash-chained trail (:mod:`localmed.serve.audit`). Where it listens is
+:mod:`localmed.serve.binding`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import ipaddress
 import json
 import signal
 import socket
@@ -28,37 +28,22 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any, TextIO
 
 from aiohttp import web
 
-from localmed.conversation import DISCLAIMER
-from localmed.errors import (
-    ContextFullError,
-    EngineDiedError,
-    GrammarError,
-    ImageError,
-    LocalmedError,
-    ServeError,
-    TemplateError,
-)
-from localmed.images import Image, prompt_parts, read_data_url
-from localmed.runtimes.base import GenerationStats
-from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, TokenLogprob
-from localmed.serve.audit import AuditError, AuditLog, digest
+from localmed.errors import EngineDiedError, LocalmedError, ServeError, TemplateError
+from localmed.images import Image, prompt_parts
+from localmed.runtimes.messages import Event
+from localmed.serve.audit import AuditError, AuditLog, request_record
 from localmed.serve.documents import ServedDocs
-from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError, UnsupportedError
+from localmed.serve.jobs import Job, Jobs, ServedModel, ServerBusyError
 from localmed.serve.keys import KeyRing, RateLimit
 from localmed.serve.openai_fields import (
     APIError,
-    Chunks,
-    ImagePart,
     cache_prompt,
     chat_messages,
-    citations,
-    completion,
     embedding_inputs,
     embeddings_response,
     logprobs,
@@ -69,21 +54,26 @@ from localmed.serve.openai_fields import (
     seed,
     stop_strings,
 )
+from localmed.serve.wire import (
+    MAX_CONNECTIONS,
+    Refuse,
+    complete,
+    json_response,
+    read_body,
+    read_images,
+    refusal,
+    stream,
+)
 from localmed.templates import Message
 
-DISCLAIMER_HEADER = "X-Localmed-Disclaimer"
 MAX_BODY = 8 * 1024 * 1024
 MAX_IMAGE_BODY = 48 * 1024 * 1024
 """The body bound of a server whose model takes images: one image of the largest size taken,
 base64-encoded (a 16-bit chest radiograph as PNG can be 10-30 MB)."""
 MAX_IMAGES = 16
 """Images one request may carry (each is decoded before the request waits)."""
-BODY_SECONDS = 60.0
-"""A request body that has not arrived whole by then is refused (408)."""
 KEEPALIVE_SECONDS = 75.0
 """An idle kept-alive connection is closed after this (aiohttp's default)."""
-MAX_CONNECTIONS = 1024
-"""Open connections at most; idle ones cost little, but not nothing."""
 ROUTES = ("/v1/chat/completions", "/v1/completions")
 HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -171,7 +161,7 @@ class LocalServer:
 
         def connection() -> asyncio.BaseProtocol:  # the bound on open connections
             if len(factory.connections) >= MAX_CONNECTIONS:
-                return _Refuse()
+                return Refuse()
             return factory()
 
         loop = asyncio.get_running_loop()
@@ -223,12 +213,12 @@ class LocalServer:
         if self.docs is not None and self.docs.embedder is not None:
             served.append((self.docs.embedding_id, {
                 "kind": "embedding", "dimensions": self.docs.embedder.dimensions}))
-        return _json(200, model_list(served, self.started))
+        return json_response(200, model_list(served, self.started))
 
     async def _embeddings(self, request: web.Request) -> web.Response:
         """OpenAI's ``/v1/embeddings`` on the embedding model, texts as they are."""
         assert self.docs is not None
-        body = await _body(request)
+        body = await read_body(request)
         model = body.get("model", self.docs.embedding_id)
         if model != self.docs.embedding_id:
             raise APIError(400, f"the embedding model '{model}' is not served here; this "
@@ -242,11 +232,11 @@ class LocalServer:
                            f"({self.docs.embedder.n_ctx} tokens)", param="input",  # type: ignore[union-attr]
                            code="context_length_exceeded")
         request["tokens"] = (result.tokens, 0)
-        return _json(200, embeddings_response(self.docs.embedding_id, result.vectors,
+        return json_response(200, embeddings_response(self.docs.embedding_id, result.vectors,
                                               result.tokens, as_base64))
 
     async def _health(self, request: web.Request) -> web.Response:
-        return _json(200, {"status": "ok", "model": self.model.id,
+        return json_response(200, {"status": "ok", "model": self.model.id,
                            "localmed": self.model.notice()})
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
@@ -254,7 +244,7 @@ class LocalServer:
         its fields, the template, the schema's grammar, the prompt's length (tokenized beside
         any running decode), then room in the queue."""
         route = request.path.rstrip("/")
-        body = await _body(request)
+        body = await read_body(request)
         served, jobs = self.model, self.jobs
         model = body.get("model", served.id)
         if model != served.id:
@@ -309,8 +299,8 @@ class LocalServer:
                   file=self.log, flush=True)
         try:
             if body.get("stream"):
-                return await self._stream(request, job, kind)
-            return await self._complete(request, job, kind)
+                return await stream(request, job, kind, self.model)
+            return await complete(request, job, kind, self.model)
         except BaseException:  # the client left (the handler is cancelled): stop its reply
             self.jobs.cancel(job)
             raise
@@ -329,84 +319,6 @@ class LocalServer:
             return template.render(merged)
         except TemplateError as refused:
             raise APIError(400, str(refused), param="messages") from None
-
-    # --- answers --------------------------------------------------------------------------------
-
-    async def _events(self, job: Job) -> AsyncIterator[Piece | Logprobs | Done]:
-        while True:
-            event = await job.events.get()  # type: ignore[misc]
-            if isinstance(event, Failed):
-                error = event.error
-                if isinstance(error, EngineDiedError):
-                    raise APIError(503, f"{error}; it is being reloaded, retry the request",
-                                   kind="server_error", code="engine_died")
-                if isinstance(error, LocalmedError):
-                    raise refusal(error)
-                raise APIError(500, "the model engine failed on this request",
-                               kind="server_error")
-            yield event  # type: ignore[misc]
-            if isinstance(event, Done):
-                return
-
-    async def _complete(self, request: web.Request, job: Job, kind: str) -> web.Response:
-        parts: list[str] = []
-        entries: list[TokenLogprob] = []
-        stats = GenerationStats()
-        async for event in self._events(job):
-            if isinstance(event, Piece):
-                parts.append(event.text)
-            elif isinstance(event, Logprobs):
-                entries += event.entries
-            else:
-                stats = event.stats
-        text = "".join(parts)
-        request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
-        request["reply"] = text
-        answer = completion(kind, self.model.id, text, stats,
-                            entries if job.logprobs is not None else None, self.model.notice())
-        return _json(200, self._cite(request, answer))
-
-    def _cite(self, request: web.Request, answer: dict[str, Any]) -> dict[str, Any]:
-        """A response answered from the index: its ``citations`` (the passages given, by
-        number) and whether it is grounded."""
-        grounding = request.get("grounding")
-        if grounding is not None:
-            answer["citations"] = citations(grounding.passages)
-            answer.setdefault("localmed", {})
-            answer["localmed"] = {**answer["localmed"], "docs": grounding.index,
-                                  "grounded": grounding.grounded}
-        return answer
-
-    async def _stream(self, request: web.Request, job: Job, kind: str) -> web.StreamResponse:
-        chunks = Chunks(kind, self.model.id)
-        response = web.StreamResponse(status=200, headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-            DISCLAIMER_HEADER: DISCLAIMER, "X-Request-Id": request["id"]})
-        await response.prepare(request)
-        reply: list[str] = []  # for the audit record
-
-        async def event(data: dict[str, Any]) -> None:
-            await response.write(b"data: " + json.dumps(data).encode() + b"\n\n")
-
-        try:
-            await event(chunks.first(self.model.notice()))
-            async for happened in self._events(job):
-                if isinstance(happened, Logprobs):
-                    chunks.entries += happened.entries
-                elif isinstance(happened, Piece):
-                    reply.append(happened.text)
-                    await event(chunks.piece(happened.text))
-                else:
-                    stats = happened.stats
-                    request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
-                    await event(self._cite(request, chunks.last(stats)))
-            await response.write(b"data: [DONE]\n\n")
-        except APIError as failed:
-            await event(failed.body())
-        finally:
-            request["reply"] = "".join(reply)
-        await response.write_eof()
-        return response
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -428,25 +340,25 @@ class LocalServer:
             if failed.retry_after:
                 headers["Retry-After"] = failed.retry_after
             request["refusal"] = failed.message
-            response = _json(failed.status, failed.body(), headers)
+            response = json_response(failed.status, failed.body(), headers)
         except web.HTTPException as http:  # no such route or method
             if http.status in (404, 405):
                 failed = APIError(404, f"no such endpoint: {request.method} {request.path}",
                                   code="not_found")
             else:
                 failed = APIError(http.status, http.reason)
-            response = _json(failed.status, failed.body())
+            response = json_response(failed.status, failed.body())
         except ServerBusyError as busy:  # decided at once: nobody waits to hear it
-            response = _json(503, APIError(503, str(busy), kind="server_error",
+            response = json_response(503, APIError(503, str(busy), kind="server_error",
                                            code="server_busy").body(), {"Retry-After": "1"})
-        except EngineDiedError as died:  # between requests: the next one reloads it
-            response = _json(503, APIError(503, f"{died}; retry the request",
+        except EngineDiedError as died:  # down: reloaded in the background, answered at once
+            response = json_response(503, APIError(503, f"{died}; retry the request",
                                            kind="server_error", code="engine_died").body(),
                              {"Retry-After": "5"})
-            await asyncio.to_thread(self.jobs.reload, died)
+            self.jobs.revive()
         except LocalmedError as refused:  # the request's fault, in localmed's own sentence
             request["refusal"] = str(refused)
-            response = _json(400, refusal(refused).body())
+            response = json_response(400, refusal(refused).body())
         except (asyncio.CancelledError, ConnectionError):  # the client left
             self._log_request(request, 499, started)
             if self.audit is not None:
@@ -455,7 +367,7 @@ class LocalServer:
         except Exception as exc:  # never a traceback to the client; the server keeps serving
             print(f"localmed serve: internal error: {type(exc).__name__}: {exc}",
                   file=self.log, flush=True)
-            response = _json(500, APIError(500, f"internal error: {type(exc).__name__}",
+            response = json_response(500, APIError(500, f"internal error: {type(exc).__name__}",
                                            kind="server_error").body())
         if not response.prepared:  # (a stream's headers went with its first chunk)
             response.headers["X-Request-Id"] = request["id"]
@@ -500,119 +412,12 @@ class LocalServer:
               file=self.log, flush=True)
 
     def _audit(self, request: web.Request, status: int) -> None:
-        prompt, reply = request.get("prompt"), request.get("reply")
-        record: dict[str, Any] = {
-            "event": "request", "request_id": request["id"], "key": request.get("key"),
-            "client": request.remote, "method": request.method, "route": request.path,
-            "model_sha256": self.model_sha256, "status": status,
-            "prompt_tokens": request["tokens"][0], "completion_tokens": request["tokens"][1],
-            "prompt_sha256": digest(prompt) if prompt is not None else None,
-            "reply_sha256": digest(reply) if reply is not None else None,
-            "refusal": request.get("refusal")}
-        if (grounding := request.get("grounding")) is not None:
-            record["docs"] = grounding.index
-            record["passages"] = [
-                {"id": n, "passage": p.id, "source": p.source, "page": p.page,
-                 "sha256": digest(p.text), **({"text": p.text} if self.log_content else {})}
-                for n, p in enumerate(grounding.passages, start=1)]
-        if self.log_content:
-            record |= {"prompt": prompt, "reply": reply}
         assert self.audit is not None
         try:
-            self.audit.append(**record)
+            self.audit.append(**request_record(
+                request, status, model_sha256=self.model_sha256, content=self.log_content))
         except AuditError as failed:  # the next requests are refused until a write succeeds
             print(f"localmed serve: {failed}", file=self.log, flush=True)
-
-
-class _Refuse(asyncio.Protocol):
-    """A connection over :data:`MAX_CONNECTIONS`: one 503, then closed."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = json.dumps(APIError(503, f"the server has {MAX_CONNECTIONS} connections open; "
-                                   "retry shortly", kind="server_error",
-                                   code="server_busy").body()).encode()
-        transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"  # type: ignore[attr-defined]
-                        b"Retry-After: 1\r\nConnection: close\r\nContent-Length: " +
-                        str(len(body)).encode() + b"\r\n\r\n" + body)
-        transport.close()
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    try:
-        raw = await asyncio.wait_for(request.read(), BODY_SECONDS)
-    except web.HTTPRequestEntityTooLarge:
-        raise APIError(413, f"the request body is over {MAX_BODY // (1024 * 1024)} MiB") \
-            from None
-    except asyncio.TimeoutError:
-        raise APIError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s") \
-            from None
-    try:
-        body = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise APIError(400, f"the body is not valid JSON: {exc}") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "the body must be a JSON object")
-    return body
-
-
-def _json(status: int, data: dict[str, Any], headers: dict[str, str] | None = None
-          ) -> web.Response:
-    return web.Response(status=status, body=json.dumps(data).encode(),
-                        content_type="application/json",
-                        headers={DISCLAIMER_HEADER: DISCLAIMER, **(headers or {})})
-
-
-def read_images(parts: dict[str, ImagePart]) -> dict[str, Image]:
-    """Each ``image_url`` part's image, by marker: a 400 that names the part for any that is
-    not a whole PNG, JPEG or WebP in a ``data:`` URL."""
-    images = {}
-    for n, (marker, part) in enumerate(parts.items()):
-        try:
-            images[marker] = read_data_url(part.url, f"image {n + 1}")
-        except ImageError as refused:
-            raise APIError(400, str(refused), param=part.param, code="invalid_image") from None
-    return images
-
-
-def refusal(error: LocalmedError) -> APIError:
-    """A localmed error in a request's path as the 400 that names what it was about."""
-    if isinstance(error, ContextFullError):
-        param, code = None, "context_length_exceeded"
-    elif isinstance(error, UnsupportedError):
-        param, code = None, "unsupported_parameter"
-    elif isinstance(error, GrammarError):
-        param, code = "response_format.json_schema.schema", "invalid_json_schema"
-    elif isinstance(error, TemplateError):
-        param, code = "messages", None
-    else:
-        param, code = None, None
-    return APIError(400, str(error), param=param, code=code)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is this machine alone (else other machines can reach it)."""
-    try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
-    except (socket.gaierror, UnicodeError):
-        raise ServeError(f"--host {host}: not an address or a name this machine can resolve") \
-            from None
-    return all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
-
-
-def check_host(host: str, keys: KeyRing | None, *, tls: bool, insecure_http: bool) -> None:
-    """A host that resolves; beyond loopback only with API keys, and over TLS unless plain
-    HTTP is asked for by name."""
-    if is_loopback(host):
-        return
-    if keys is None:
-        raise ServeError(f"--host {host} is reachable from other machines: set API keys "
-                         "(--api-key-file, --api-key or LOCALMED_API_KEY) to serve beyond this "
-                         "laptop")
-    if not tls and not insecure_http:
-        raise ServeError(f"--host {host} would carry keys and patient text in plain HTTP across "
-                         "the network: give a certificate (--tls-cert FILE --tls-key FILE, from "
-                         "hospital IT), or make one with --self-signed; --insecure-http to "
-                         "serve plain HTTP anyway")
 
 
 def restore_signals(handlers: dict[int, Any]) -> None:
@@ -620,60 +425,3 @@ def restore_signals(handlers: dict[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def check_not_expired(cert: Path) -> None:
-    """Refuse a server certificate past its end date (the first in the file: the server's own,
-    before any chain), read with ``cryptography``. A file it cannot read as PEM certificates is
-    left to ``load_cert_chain``, which says what is wrong with it."""
-    from localmed.serve.tls import not_valid_after
-
-    expires = not_valid_after(cert)
-    if expires is not None and expires < dt.datetime.now(dt.timezone.utc):
-        raise ServeError(f"--tls-cert {cert}: expired on {expires:%Y-%m-%d %H:%M} UTC; ask for "
-                         "a new one")
-
-
-def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
-    """A server context over ``cert`` and ``key`` (PEM), TLS 1.2 and newer; each way they can
-    be wrong is one line."""
-    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
-        if not path.is_file():
-            raise ServeError(f"{what} {path}: no such file")
-    check_not_expired(cert)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    try:
-        context.load_cert_chain(cert, key)
-    except ssl.SSLError as exc:
-        why = ("the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(exc)
-               else f"not a PEM certificate and its key ({exc.reason or exc})")
-        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {why}") from None
-    except OSError as exc:
-        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {exc.strerror or exc}") from None
-    return context
-
-
-def bind(host: str, port: int, *, keys: KeyRing | None, log_content: bool = False,
-         log: TextIO = sys.stderr, tls: ssl.SSLContext | None = None,
-         insecure_http: bool = False) -> LocalServer:
-    """Bind before the model loads: a port in use is said in a second, not after a minute."""
-    check_host(host, keys, tls=tls is not None, insecure_http=insecure_http)
-    if not 0 < port < 65536:
-        raise ServeError(f"--port {port}: not a TCP port (1-65535)")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-        sock.setblocking(False)
-        return LocalServer(sock, keys=keys, log_content=log_content, log=log, tls=tls)
-    except PermissionError:
-        sock.close()
-        raise ServeError(f"port {port}: not allowed for this user (ports below 1024 need "
-                         "root); choose --port 8080 or above") from None
-    except OSError as exc:
-        sock.close()
-        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-            raise ServeError(f"port {port} on {host} is in use (another localmed serve, "
-                             "Ollama or LM Studio?); choose another with --port") from None
-        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror}") from None

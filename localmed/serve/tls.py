@@ -13,10 +13,12 @@ import datetime as dt
 import ipaddress
 import os
 import socket
+import ssl
 from pathlib import Path
 
 from localmed import paths
 from localmed.atomic import write_text_atomic
+from localmed.errors import ServeError
 
 VALID_DAYS = 730
 
@@ -94,3 +96,33 @@ def fingerprint(cert: Path) -> str:
 
     digest = x509.load_pem_x509_certificate(cert.read_bytes()).fingerprint(hashes.SHA256())
     return ":".join(f"{b:02X}" for b in digest)
+
+
+def check_not_expired(cert: Path) -> None:
+    """Refuse a server certificate past its end date (the first in the file: the server's own,
+    before any chain), read with ``cryptography``. A file it cannot read as PEM certificates is
+    left to ``load_cert_chain``, which says what is wrong with it."""
+    expires = not_valid_after(cert)
+    if expires is not None and expires < dt.datetime.now(dt.timezone.utc):
+        raise ServeError(f"--tls-cert {cert}: expired on {expires:%Y-%m-%d %H:%M} UTC; ask for "
+                         "a new one")
+
+
+def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """A server context over ``cert`` and ``key`` (PEM), TLS 1.2 and newer; each way they can
+    be wrong is one line."""
+    for what, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not path.is_file():
+            raise ServeError(f"{what} {path}: no such file")
+    check_not_expired(cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        why = ("the key does not belong to the certificate" if "KEY_VALUES_MISMATCH" in str(exc)
+               else f"not a PEM certificate and its key ({exc.reason or exc})")
+        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {why}") from None
+    except OSError as exc:
+        raise ServeError(f"--tls-cert {cert} / --tls-key {key}: {exc.strerror or exc}") from None
+    return context
