@@ -22,6 +22,7 @@ changes").
 
     python benchmarks/followup.py                      # SmolLM2-135M (from the tests' cache)
     python benchmarks/followup.py --model qwen2.5-0.5b.gguf --conversations 1 4 --json out.json
+    python benchmarks/followup.py --model gemma-3-270m-q4_k_m.gguf --template gemma
 """
 
 from __future__ import annotations
@@ -158,14 +159,17 @@ def agreement(url: str, transcripts: list[list[tuple[list[dict[str, str]], str]]
     return differ, len(turns)
 
 
-def command(which: str, model: Path, slots: int, ctx: int, threads: int, port: int
-            ) -> list[str]:
+def command(which: str, model: Path, slots: int, ctx: int, threads: int, port: int,
+            template: str | None = None) -> list[str]:
+    """A server's command line; ``template``: a built-in template both know by that name, for
+    a GGUF that embeds none."""
     if which == "localmed":
         return [sys.executable, "-m", "localmed", "serve", str(model), "--port", str(port),
                 "--parallel", str(slots), "--ctx", str(ctx * slots), "--threads",
-                str(threads)]
+                str(threads)] + (["--template", template] if template else [])
     return [str(llama_server()), "-m", str(model), "--port", str(port), "-np", str(slots),
-            "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads)]
+            "-c", str(ctx * slots), "-t", str(threads), "-tb", str(threads)] + \
+        (["--no-jinja", "--chat-template", template] if template else [])  # (built-in names)
 
 
 def main() -> int:
@@ -183,6 +187,8 @@ def main() -> int:
                         "(one run varies by ~15%% on a small shared machine)")
     parser.add_argument("--agreement", action="store_true", help="then ask each server's "
                         "turns again with the cache off and count the replies that differ")
+    parser.add_argument("--template", help="a template both servers have built in, for a GGUF "
+                        "without one (gemma for Gemma 3 270M, a base model)")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
     model = args.model
@@ -200,7 +206,8 @@ def main() -> int:
         for round_ in range(args.rounds):  # the servers alternate, so drift hits both alike
             for which in sorted(runs, reverse=round_ % 2 == 1):
                 port = free_port()
-                cmd = command(which, model, args.slots, args.ctx, args.threads, port)
+                cmd = command(which, model, args.slots, args.ctx, args.threads, port,
+                              args.template)
                 env = {"LD_LIBRARY_PATH": str(Path(cmd[0]).parent)} \
                     if which == "llama-server" else None
                 with running(cmd, port, env) as url:
