@@ -263,6 +263,40 @@ def test_a_sliding_window_model_follows_up_from_cells_it_really_has(vlm):
         fresh.close()
 
 
+def test_a_sliding_window_follow_up_goes_on_from_its_prompts_window(vlm):
+    """A conversation whose slot another took comes back from host memory, which holds only the
+    window of its last cells: its follow-up edits the end of the last reply (so it shares less
+    than those cells), and goes on from the window copied when its prompt was prefilled (a
+    checkpoint, as llama-server keeps them), not from the start; answered as a whole prefill
+    is, bit for bit (flash attention off). Before, a sliding-window model kept no host cache and
+    prefilled it all again."""
+    model = vlm["Q8_0"]
+    e = engine(model, n_parallel=2, cache_ram=1 << 30, flash_attention=False)
+    fresh = engine(model, n_parallel=2, flash_attention=False)
+    try:
+        a = e.tokenize("The patient is a 67-year-old man with chest pain radiating to the left "
+                       "arm and sweating for two hours. What now? " * 2)
+        b = a[:12] + e.tokenize(" Something else: the kidney and liver function tests of a "
+                                "woman of 40.", add_bos=False)
+
+        def run(engine_, rid, tokens, cache=True):
+            return engine_.run(Request(rid, tokens, GREEDY, logprobs=5,
+                                       cache_prompt=cache))[rid]
+
+        reply = run(e, 1, a).stats.token_ids
+        assert len(reply) > 8  # past the tiny model's 8-token window
+        edited = a + reply[:-4] + e.tokenize(" And the troponin?", add_bos=False)
+        run(e, 2, b)  # takes a's slot: a's cells go to host memory
+        got, want = run(e, 3, edited), run(fresh, 4, edited, cache=False)
+        assert got.stats.cached_tokens == len(a), (got.stats.cached_tokens, len(a))
+        assert [x.logprob for x in got.logprobs[0].top] == \
+            [x.logprob for x in want.logprobs[0].top]
+        assert got.text == want.text
+    finally:
+        e.close()
+        fresh.close()
+
+
 # --- bad images and projectors --------------------------------------------------------------------
 
 def png_header(width: int, height: int) -> bytes:
@@ -337,9 +371,8 @@ def server(vlm):
     running = Server(vlm["Q8_0"], "--ctx", "2048", "--parallel", "2")
     banner = running.banner()
     assert "images: taken" in banner
-    # a sliding-window model keeps no host cache (see the follow-up test below), and says so
-    assert "a sliding-window model (" in banner and "keeps no host cache" in banner, banner
-    assert "--cache-ram)" not in banner, banner
+    # a sliding-window model's host cache keeps its windows (see the follow-up test above)
+    assert "--cache-ram), with their 8-token window as each prompt left it" in banner, banner
     yield running
     running.stop()
 

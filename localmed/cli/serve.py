@@ -99,11 +99,10 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
 def _taken(jobs: Jobs) -> str:
     """What becomes of a conversation whose slot another took, as the engine loaded it."""
     if jobs.host_cache:
+        window = (f", with their {jobs.sliding_window}-token window as each prompt left it"
+                  if jobs.sliding_window else "")
         return (f"up to {jobs.host_cache // MIB} MiB of host memory keep those whose slot "
-                "another took (--cache-ram)")
-    if jobs.sliding_window:
-        return (f"one whose slot another took is prefilled again: a sliding-window model "
-                f"({jobs.sliding_window}-token window) keeps no host cache")
+                f"another took (--cache-ram){window}")
     return "one whose slot another took is prefilled again (--cache-ram 0)"
 
 

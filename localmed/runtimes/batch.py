@@ -206,6 +206,8 @@ class BatchEngine:
         for seq in order:  # the generating ones first: one token each
             seq.logits_at = -1
             if seq.next_token is not None:
+                if self.n_swa and seq.stats.generated_tokens == 1:  # the prompt's window
+                    self.cells.checkpoint(seq.slot)  # for this conversation's follow-ups
                 feed[seq.slot] = (seq, [seq.next_token])
                 seq.next_token = None
                 room -= 1

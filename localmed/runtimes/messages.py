@@ -140,7 +140,7 @@ class Ready:
     """Bytes of host memory that keep the cells of conversations whose slot another took
     (0: none; such a conversation is prefilled again)."""
     sliding_window: int = 0
-    """The model's sliding-window width in tokens (0: none); such a model keeps no host cache."""
+    """The model's sliding-window width in tokens (0: none): its window is checkpointed."""
     embedding_size: int = 0
     """An embedding model's vector size (0: a model that generates)."""
     pooling: str = ""

@@ -48,6 +48,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+MAX_CHECKPOINTS = 2
+"""Window checkpoints a slot keeps (the latest; one per reply): the last turn's, for its
+follow-up, and the one before, for a last message edited or sent again. (A window's cells are
+not small: ~180 MB for MedGemma 4B's 1,024-token window.)"""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A sliding-window model's window cells as they were when the first ``n_tokens`` of its
+    slot's tokens were in its cells (llama-server's context checkpoints): a follow-up that
+    shares at least those tokens goes on from there even where the window has slid past what
+    it needs (a long reply; a state read back from host memory, which holds the last window
+    only)."""
+
+    n_tokens: int
+    data: bytes
+
+
 @dataclass
 class Slot:
     """One sequence of the context: the tokens in its cells, in position order."""
@@ -55,6 +73,8 @@ class Slot:
     cells: list[int] = field(default_factory=list)
     used: int = 0
     """When a request last took it (a counter; 0: never), for least-recently-used choice."""
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+    """A sliding-window model's, oldest first."""
 
 
 def choose_slot(slots: Sequence[Slot], free: Sequence[int], prompt: Sequence[int],
@@ -74,10 +94,16 @@ def choose_slot(slots: Sequence[Slot], free: Sequence[int], prompt: Sequence[int
 
 @dataclass
 class SavedState:
-    """A slot's cells copied to host memory: its tokens and llama.cpp's state bytes."""
+    """A slot's cells copied to host memory: its tokens and llama.cpp's state bytes (and a
+    sliding-window model's checkpoints)."""
 
     tokens: list[int]
     data: bytes
+    checkpoints: list[Checkpoint] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + sum(len(c.data) for c in self.checkpoints)
 
 
 class HostCache:
@@ -105,22 +131,24 @@ class HostCache:
     def take(self, key: int) -> SavedState:
         """Remove and return a saved state (it goes back into a slot)."""
         state = self._states.pop(key)
-        self.used -= len(state.data)
+        self.used -= state.size
         return state
 
-    def put(self, tokens: list[int], data: bytes) -> bool:
+    def put(self, tokens: list[int], data: bytes,
+            checkpoints: Sequence[Checkpoint] = ()) -> bool:
         """Keep a slot's state; False when it alone is over the limit. States it makes useless
         (their tokens a prefix of these) go, then the least recently used until it fits."""
-        if len(data) > self.limit:
+        state = SavedState(tokens, data, list(checkpoints))
+        if state.size > self.limit:
             return False
         for k in [k for k, s in self._states.items()
                   if common_prefix(s.tokens, tokens) == len(s.tokens)]:
             self.take(k)
-        while self.used + len(data) > self.limit:
+        while self.used + state.size > self.limit:
             self.take(next(iter(self._states)))
-        self._states[self._next] = SavedState(tokens, data)
+        self._states[self._next] = state
         self._next += 1
-        self.used += len(data)
+        self.used += state.size
         return True
 
     def clear(self) -> None:

@@ -8,10 +8,14 @@ another conversation (``llama_state_seq_get_data``); with ``cache_reuse`` (llama
 positions (``llama_memory_seq_add``); the rest is cut (``llama_memory_seq_rm``).
 
 A sliding-window model (Gemma 3, MedGemma) may hold only its last ``n_swa`` positions' cells in
-its sliding-window layers: a prefix is reused only when the cells it needs are there (even with
-llama.cpp's swa_full, a state read back from host memory lacks them: its follow-ups went wrong
-by up to 1.6 nats on a tiny Gemma 3), so such a model keeps no host cache and moves no cells; a
-conversation in its own slot is continued as any other.
+its sliding-window layers: a prefix is reused only when the cells it needs are there (a state
+read back from host memory holds the last window only: trusting it, follow-ups went wrong by up
+to 1.6 nats on a tiny Gemma 3). So, as llama-server does, the window's cells are copied when a
+prompt has been prefilled (a :class:`~localmed.runtimes.prompt_cache.Checkpoint`, with
+``LLAMA_STATE_SEQ_FLAGS_SWA_ONLY``), and kept with the slot and in host memory: a follow-up
+whose window has slid past what it needs is read back from the last checkpoint it shares, and
+prefills from there (the last reply and the new message) rather than from the start. Such a
+model moves no cells (``cache_reuse``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from localmed.runtimes.prompt_cache import (
+    MAX_CHECKPOINTS,
     MIN_SAVED,
+    Checkpoint,
     HostCache,
     SavedState,
     Slot,
@@ -39,7 +45,7 @@ class SlotCells:
         self._memory = llama.llama_get_memory(ctx)
         self.slots = [Slot() for _ in range(n_parallel)]
         self.n_swa = n_swa
-        self.host_cache = HostCache(0 if n_swa else cache_ram)
+        self.host_cache = HostCache(cache_ram)
         self.cache_reuse = cache_reuse if not n_swa and \
             llama.llama_memory_can_shift(self._memory) else 0
         self._taken = 0  # requests given a slot so far: the slots' least-recently-used clock
@@ -61,7 +67,7 @@ class SlotCells:
         if not self._llama.llama_memory_seq_rm(self._memory, slot, keep, -1):
             return self.clear(slot)
         del cells[keep:]
-        return keep
+        return self._window(slot, keep) if self.n_swa else keep
 
     def _reuse(self, slot: int, tokens: list[int], shared: int, *, from_host: bool) -> int:
         """Make ``slot`` hold the longest prefix of ``tokens`` that it (``shared`` tokens) or
@@ -83,11 +89,53 @@ class SlotCells:
         if keep == 0 or not self._llama.llama_memory_seq_rm(memory, slot, keep, -1):
             return self.clear(slot)  # nothing to keep, or cells that cannot be cut part way
         del cells[keep:]
-        # enough of a sliding-window model's positions for what comes next?
-        if self.n_swa and self._llama.llama_memory_seq_pos_min(memory, slot) > \
-                max(0, keep - self.n_swa):
-            return self.clear(slot)
+        if self.n_swa:
+            keep = self._window(slot, keep)
         return keep
+
+    def _window(self, slot: int, keep: int) -> int:
+        """A sliding-window model's ``keep`` cells, if its window holds the positions the next
+        token attends to; else the last checkpoint within them read back and the cells cut
+        there; else none. The tokens kept."""
+        llama, memory, state = self._llama, self._memory, self.slots[slot]
+        state.checkpoints = [c for c in state.checkpoints if c.n_tokens <= keep]
+        if self._has_window(slot, keep):
+            return keep
+        while state.checkpoints:
+            checkpoint = state.checkpoints[-1]
+            data = (ctypes.c_uint8 * len(checkpoint.data)).from_buffer_copy(checkpoint.data)
+            keep = checkpoint.n_tokens
+            if llama.llama_state_seq_set_data_ext(self._ctx, data, len(checkpoint.data), slot,
+                                                  llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY) and \
+                    llama.llama_memory_seq_rm(memory, slot, keep, -1) and \
+                    self._has_window(slot, keep):
+                del state.cells[keep:]
+                return keep
+            state.checkpoints.pop()  # (one that does not read back is no use later either)
+        return self.clear(slot)
+
+    def _has_window(self, slot: int, keep: int) -> bool:
+        """Whether the cells of ``slot``'s first ``keep`` tokens reach back as far as the next
+        token attends (none at all, as after a whole state is read back: no)."""
+        pos_min = self._llama.llama_memory_seq_pos_min(self._memory, slot)
+        return 0 <= pos_min <= max(0, keep - self.n_swa)
+
+    def checkpoint(self, slot: int) -> None:
+        """Copy a sliding-window model's window cells as they are now (a prompt prefilled,
+        its first reply token not yet), for the follow-ups of this conversation."""
+        llama, state = self._llama, self.slots[slot]
+        flags = llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
+        size = llama.llama_state_seq_get_size_ext(self._ctx, slot, flags)
+        if not size:
+            return
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self._ctx, buffer, size, slot, flags)
+        if not written:
+            return
+        n_tokens = len(state.cells)
+        state.checkpoints = [c for c in state.checkpoints if c.n_tokens < n_tokens]
+        state.checkpoints.append(Checkpoint(n_tokens, ctypes.string_at(buffer, written)))
+        del state.checkpoints[:-MAX_CHECKPOINTS]
 
     def _shift_chunks(self, slot: int, tokens: list[int], keep: int) -> int:
         """After the ``keep`` tokens a slot shares with ``tokens``, the runs of at least
@@ -119,10 +167,13 @@ class SlotCells:
         """Drop ``slot``'s cells from position ``start`` on (a failed image's, say)."""
         self._llama.llama_memory_seq_rm(self._memory, slot, start, -1)
         del self.slots[slot].cells[start:]
+        self.slots[slot].checkpoints = [c for c in self.slots[slot].checkpoints
+                                        if c.n_tokens <= start]
 
     def clear(self, slot: int) -> int:
         self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
         self.slots[slot].cells.clear()
+        self.slots[slot].checkpoints.clear()
         return 0
 
     def _save(self, slot: int) -> None:
@@ -136,7 +187,8 @@ class SlotCells:
         buffer = (ctypes.c_uint8 * size)()
         written = llama.llama_state_seq_get_data(self._ctx, buffer, size, slot)
         if written:  # one copy into bytes (a 7B's conversation can be a gigabyte)
-            self.host_cache.put(list(cells), ctypes.string_at(buffer, written))
+            self.host_cache.put(list(cells), ctypes.string_at(buffer, written),
+                                self.slots[slot].checkpoints)
 
     def _restore(self, slot: int, state: SavedState) -> bool:
         """Put a state taken from the host cache back into ``slot``."""
@@ -146,4 +198,5 @@ class SlotCells:
             self.clear(slot)
             return False
         self.slots[slot].cells[:] = state.tokens
+        self.slots[slot].checkpoints = list(state.checkpoints)
         return True
