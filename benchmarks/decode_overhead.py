@@ -119,7 +119,11 @@ def plan_flash_attention(gguf: Path, ctx: int) -> bool:
 
 
 def localmed(*args: str) -> list[str]:
-    return [sys.executable, "-m", "localmed", *args]
+    """A localmed command, without speculation: what is measured here is what localmed's own
+    layers cost over the engine's token loop (a reply forced on past its end repeats itself,
+    which prompt lookup would draft and turn into a speed-up that is not the app's;
+    ``benchmarks/speculative.py`` measures speculation)."""
+    return [sys.executable, "-m", "localmed", *args, "--no-speculation"]
 
 
 def screen() -> str:

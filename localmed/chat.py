@@ -403,7 +403,8 @@ class ChatSession:
 def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int | None = None,
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None, projector: Path | None = None,
-                 on_restart: Callable[[str], None] | None = None) -> Runtime:
+                 on_restart: Callable[[str], None] | None = None,
+                 speculation: bool = True) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
@@ -413,7 +414,8 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
     die (it is loaded again at once) and a reload fail."""
     from localmed.runtimes.supervisor import BATCH_SECONDS
 
-    options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads)
+    options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads,
+                                  speculation=speculation)
     if in_process:
         return formats.load_runtime(model.path, options)
     batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
@@ -428,7 +430,8 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
             return SlotRuntime(engine.BatchClient.connect(address, key))
         return SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
-                                            projector=projector, cache_reuse=CACHE_REUSE),
+                                            projector=projector, cache_reuse=CACHE_REUSE,
+                                            speculation=speculation),
             batch_seconds=batch_seconds, on_restart=on_restart))
     if projector is not None:
         raise ImageError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "

@@ -119,9 +119,10 @@ class ChatScreen(DocsMixin, Screen):
         self.query_one("#prompt", Input).focus()
 
     def refresh_status(self, note: str = "") -> None:
-        session = self.session
+        session, stats = self.session, self.session.stats
         self.query_one(StatusLine).show(
-            tps=session.stats.decode_tps, used=session.context_used(),
+            tps=stats.decode_tps, drafts=(stats.accepted_tokens, stats.drafted_tokens),
+            used=session.context_used(),
             n_ctx=session.n_ctx, offload=session.plan.label,
             template=session.template_name, saving=session.save_history, note=note,
             docs=session.docs)

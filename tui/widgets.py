@@ -252,11 +252,16 @@ class SourcesView(Vertical):
 
 
 class StatusLine(Static):
-    """Bottom line: speed, context use, offload, template and whether chats are saved."""
+    """Bottom line: speed (and the last reply's drafted tokens the model took), context use,
+    offload, template and whether chats are saved."""
 
     def show(self, *, tps: float, used: int, n_ctx: int, offload: str, template: str,
-             saving: bool, note: str = "", docs: str = "") -> None:
-        parts = [f"{tps:.1f} tok/s" if tps else "– tok/s", f"ctx {used}/{n_ctx}", offload,
+             saving: bool, note: str = "", docs: str = "", drafts: tuple[int, int] = (0, 0)
+             ) -> None:
+        speed = f"{tps:.1f} tok/s" if tps else "– tok/s"
+        if drafts[1]:
+            speed += f" (drafts {drafts[0]}/{drafts[1]} taken)"
+        parts = [speed, f"ctx {used}/{n_ctx}", offload,
                  f"template: {template}", f"saving: {'on' if saving else 'off'}"]
         if docs:
             parts.insert(4, f"docs: {docs}")

@@ -110,12 +110,13 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
     return docs[:count]
 
 
-def model_loader(threads: int | None) -> object:
+def model_loader(threads: int | None, speculation: bool = True) -> object:
     """Loads each quant with the Runtime its format calls for, at most at its trained context."""
     def load(quant: str, path: Path, n_ctx: int) -> ScoringRuntime:
         trained = formats.describe(path).context_length or n_ctx
         return formats.load_runtime(path, formats.LoadOptions(n_ctx=min(n_ctx, trained),
-                                                              threads=threads))
+                                                              threads=threads,
+                                                              speculation=speculation))
 
     return load
 
@@ -156,7 +157,7 @@ def run(args: object, console: Console, err: Console) -> int:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:
         task = bar.add_task("bench", total=todo)
-        run_bench(config, model_loader(args.threads),
+        run_bench(config, model_loader(args.threads, args.speculation),
                   lambda what: bar.update(task, advance=1, description=what))
     results = aggregate(config)
     written = write_outputs(results, out)

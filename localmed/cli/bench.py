@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from localmed.cli.common import console, err_console, non_negative, positive
+from localmed.cli.common import console, err_console, non_negative, positive, speculation_option
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -37,6 +37,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="documents of it to use (0: none)")
     p.add_argument("--ctx", type=positive, default=2048, help="context for question prompts")
     p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
+    speculation_option(p)
     p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "
                    "rerunning into it with the same settings resumes")
     p.add_argument("--fresh", action="store_true", help="start over in --out, discarding the "

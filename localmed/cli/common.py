@@ -71,3 +71,10 @@ def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None
                    "default: as many as fit")
     p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
 
+
+def speculation_option(p: argparse.ArgumentParser) -> None:
+    """``--no-speculation`` (chat, serve, bench)."""
+    p.add_argument("--no-speculation", dest="speculation", action="store_false",
+                   help="never draft tokens by prompt lookup (speculative decoding: on by "
+                   "default, and it backs off where drafts are not taken)")
+

@@ -10,7 +10,14 @@ from pathlib import Path
 from rich.markup import escape
 
 from localmed import library
-from localmed.cli.common import console, err_console, model_options, port_number, positive
+from localmed.cli.common import (
+    console,
+    err_console,
+    model_options,
+    port_number,
+    positive,
+    speculation_option,
+)
 from localmed.cli.progress import progress_bars
 from localmed.errors import LocalmedError
 from localmed.extras import EXTRAS, install_command, missing
@@ -73,7 +80,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                                threads=args.threads, batch_seconds=FLUSH_SECONDS,
-                               projector=args.mmproj)
+                               projector=args.mmproj, speculation=args.speculation)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -127,6 +134,8 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
+    if not args.speculation:
+        chat_args.append("--no-speculation")
     title = f"localmed chat: {model.label}"
     if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
         serve_chat(chat_args, port=args.port, title=title, sessions=sessions)
@@ -138,7 +147,8 @@ def _chat_web(args: argparse.Namespace) -> int:
     with err_console().status(f"loading the model for {sessions} conversation(s)…"):
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
                                                       args.threads, projector=args.mmproj,
-                                                      cache_reuse=CACHE_REUSE),
+                                                      cache_reuse=CACHE_REUSE,
+                                                      speculation=args.speculation),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
@@ -400,6 +410,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
     model_options(p)
+    speculation_option(p)
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--system", help="system prompt")

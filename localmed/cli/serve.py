@@ -16,6 +16,7 @@ from localmed.cli.common import (
     non_negative,
     port_number,
     positive,
+    speculation_option,
 )
 from localmed.errors import LocalmedError, ServeError
 
@@ -83,7 +84,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         per_reply = -(-args.ctx // parallel // CTX_GRANULE) * CTX_GRANULE if args.ctx else None
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
                                                       args.threads, cache_ram(args),
-                                                      args.mmproj),
+                                                      args.mmproj,
+                                                      speculation=args.speculation),
                              on_restart=reloading)
         return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
     from localmed.chat import open_runtime
@@ -92,7 +94,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                            threads=args.threads, projector=args.mmproj,  # refuses --mmproj
-                           on_restart=reloading)
+                           on_restart=reloading, speculation=args.speculation)
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 
@@ -323,6 +325,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible API on this laptop (loopback by "
                        "default; offline)")
     model_options(p)
+    speculation_option(p)
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "

@@ -33,6 +33,8 @@ class LoadOptions:
     n_ctx: int | None = None
     gpu_layers: int | None = None
     threads: int | None = None
+    speculation: bool = True
+    """llama.cpp's engine drafts tokens by prompt lookup (``--no-speculation``: never)."""
 
 
 class ModelFormat(ABC):
@@ -161,7 +163,7 @@ class GGUFFormat(ModelFormat):
         from localmed.runtimes.local import LocalRuntime
 
         return LocalRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
-                                 threads=options.threads)
+                                 threads=options.threads, speculation=options.speculation)
 
 
 @register

@@ -71,6 +71,9 @@ class GenerationStats:
     """Why the reply ended (None: it has not)."""
     token_ids: list[int] = field(default_factory=list)
     """The generated tokens, in order (the end-of-generation token excluded)."""
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    """Tokens proposed by speculation and checked, and those of them the sampler chose."""
 
     @property
     def decode_tps(self) -> float:

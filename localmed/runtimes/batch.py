@@ -44,6 +44,7 @@ from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.reply import Outcome, Reply
 from localmed.runtimes.slot_cells import SlotCells
+from localmed.runtimes.speculation import Drafter, PromptLookup, StepCost
 from localmed.runtimes.vision import Part, Vision, placeholder
 from localmed.runtimes.vocab import Vocabulary, json_grammar
 
@@ -58,7 +59,7 @@ class BatchEngine:
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
                  flash_attention: bool = False, projector: Path | None = None,
-                 cache_reuse: int = 0) -> None:
+                 cache_reuse: int = 0, speculation: bool = True) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
@@ -91,6 +92,10 @@ class BatchEngine:
         self._waiting: deque[Request] = deque()
         self._running: dict[int, Reply] = {}  # by request id
         self.n_swa = int(llama_cpp.llama_model_n_swa(self._model))
+        # (a recurrent model's state cannot drop a rejected draft's tokens)
+        self.speculation = speculation and not (llama_cpp.llama_model_is_recurrent(self._model)
+                                                or llama_cpp.llama_model_is_hybrid(self._model))
+        self.step_cost = StepCost()
         self.cells = SlotCells(llama_cpp, self._ctx, n_parallel, n_swa=self.n_swa,
                                cache_ram=cache_ram, cache_reuse=cache_reuse)
         self.host_cache = self.cells.host_cache
@@ -203,9 +208,11 @@ class BatchEngine:
             return events
         room = self.n_batch
         feed: dict[int, tuple[Reply, list[int]]] = {}  # by slot
+        generating: list[Reply] = []
         for seq in order:  # the generating ones first: one token each
             seq.logits_at = -1
             if seq.next_token is not None:
+                generating.append(seq)
                 if self.n_swa and seq.stats.generated_tokens == 1:  # the prompt's window
                     self.cells.checkpoint(seq.slot)  # for this conversation's follow-ups
                 feed[seq.slot] = (seq, [seq.next_token])
@@ -223,21 +230,37 @@ class BatchEngine:
                 feed[seq.slot] = (seq, tokens[seq.fed:seq.fed + take])
                 seq.fed += take
                 room -= take
+        decoding = len(feed) == len(generating)  # no prompt in this step
+        cost = self.step_cost.cost(len(generating))
+        drafted = 0
+        for left, seq in enumerate(reversed(generating)):  # then drafts, in what room is left
+            if seq.drafter is None:
+                continue
+            cells = len(self._slots[seq.slot].cells)
+            limit = min(room // (left + 1), seq.budget - seq.stats.generated_tokens - 1,
+                        self.n_ctx_seq - cells - 2)
+            draft = seq.drafter.propose(limit, cost)
+            feed[seq.slot][1].extend(draft)
+            room -= len(draft)
+            drafted += len(draft)
         # In slot order: with a KV cache per sequence, llama.cpp puts in one ubatch only
         # sequences whose ids come in increasing consecutive order, and splits the rest into
         # more ubatches, each of which reads all the weights again (served 4 streams in the
         # order their requests came: 1.5x the time per token).
         for slot in sorted(feed):
             seq, tokens = feed[slot]
-            for token in tokens[:-1]:
-                add(token, slot, False)
             last = seq.fed == len(seq.request.tokens)  # generating, or the prompt's end
-            add(tokens[-1], slot, last)
+            checked = 1 + len(seq.drafter.draft) if last and seq.drafter is not None else 1
+            for token in tokens[:-checked]:
+                add(token, slot, False)
             if last:
-                seq.logits_at = n - 1
+                seq.logits_at = n
+            for token in tokens[-checked:]:
+                add(token, slot, last)
         batch.n_tokens = n
         if n == 0:
             return events
+        started = time.perf_counter()
         status = llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed (status {status}) with {n} tokens of "
@@ -246,16 +269,40 @@ class BatchEngine:
         for seq in order:
             if seq.logits_at < 0:
                 continue
-            logits = None
-            if seq.request.logprobs is not None:  # the model's distribution, before sampling
-                logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(
-                    self._ctx, seq.logits_at), shape=(self.vocab.n_vocab,)).copy()
-            token = llama.llama_sampler_sample(seq.sampler, self._ctx, seq.logits_at)
-            if seq.take(int(token), self.vocab, logits):
+            if self._sample(seq):
                 events += self._finish(seq)
             else:
                 events += seq.flush(now, flush_seconds)
+        if decoding and self.speculation:  # what drafts cost, for the next steps' drafts
+            self.step_cost.record(len(generating), drafted, time.perf_counter() - started)
         return events
+
+    def _sample(self, seq: Reply) -> bool:
+        """Sample ``seq``'s next token (and, past a draft, each position in turn while the
+        sampler chooses the draft's token); the rejected part of a draft leaves the cells.
+        True when the reply has ended."""
+        llama = self._llama
+        draft = seq.drafter.draft if seq.drafter is not None else []
+        accepted, ended = 0, False
+        for at in range(seq.logits_at, seq.logits_at + len(draft) + 1):
+            logits = None
+            if seq.request.logprobs is not None:  # the model's distribution, before sampling
+                logits = np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, at),
+                                               shape=(self.vocab.n_vocab,)).copy()
+            token = int(llama.llama_sampler_sample(seq.sampler, self._ctx, at))
+            ended = seq.take(token, self.vocab, logits)
+            if ended or accepted == len(draft) or token != draft[accepted]:
+                break
+            accepted += 1
+        if draft:
+            rejected = len(draft) - accepted
+            if rejected:
+                cells = self._slots[seq.slot].cells
+                self.cells.cut(seq.slot, len(cells) - rejected)
+            seq.stats.drafted_tokens += len(draft)
+            seq.stats.accepted_tokens += accepted
+            self.step_cost.taken(seq.drafter.taken(accepted), accepted)  # type: ignore[union-attr]
+        return ended
 
     def _put(self, i: int, token: int, slot: int, logits: bool) -> None:
         """Place ``token`` at index ``i`` of the batch, next in ``slot``'s cells."""
@@ -306,7 +353,9 @@ class BatchEngine:
             self._running[request.id] = Reply(
                 request, slot, self.vocab.sampler(request),
                 min(request.params.max_tokens, room), stats=stats,
-                stops=StopStringFilter(request.stop), fed=cached)
+                stops=StopStringFilter(request.stop), fed=cached,
+                drafter=Drafter(PromptLookup(tokens), self.step_cost.acceptance)
+                if self.speculation else None)
 
     def _finish(self, seq: Reply) -> list[Event]:
         del self._running[seq.request.id]

@@ -32,6 +32,9 @@ class BatchOptions:
     cache_reuse: int = 0
     """Runs of cells this long are moved back past turns a chat left out (0: none; the chat's
     :data:`~localmed.runtimes.prompt_cache.CACHE_REUSE`)."""
+    speculation: bool = True
+    """Replies draft their next tokens by prompt lookup (:mod:`localmed.runtimes.speculation`;
+    ``--no-speculation``: never)."""
 
 
 def load_engine(path: Path, options: BatchOptions, machine: Any = None
@@ -65,7 +68,7 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
                          projector=pairing.projector.path if pairing.projector else None,
-                         cache_reuse=options.cache_reuse)
+                         cache_reuse=options.cache_reuse, speculation=options.speculation)
     return engine, info, plan, pairing.absent
 
 

@@ -33,7 +33,8 @@ class LocalRuntime(ScoringRuntime):
 
     @classmethod
     def load(cls, path: Path, *, n_ctx: int | None = None, gpu_layers: int | None = None,
-             threads: int | None = None, hardware: Any = None) -> LocalRuntime:
+             threads: int | None = None, hardware: Any = None,
+             speculation: bool = True) -> LocalRuntime:
         """Plan for ``hardware`` (None: this machine; the context: ``n_ctx``, else the
         model's, at most 4096), refuse what cannot fit, then load."""
         from localmed.runtimes.load import BatchOptions, load_engine
@@ -42,7 +43,8 @@ class LocalRuntime(ScoringRuntime):
         # errors reach the terminal (an engine process writes them all to its log file)
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         engine, info, plan, _ = load_engine(
-            Path(path), BatchOptions(1, n_ctx, gpu_layers, threads), hardware)
+            Path(path), BatchOptions(1, n_ctx, gpu_layers, threads, speculation=speculation),
+            hardware)
         return cls(engine, info, plan)
 
     @property

@@ -12,6 +12,7 @@ from typing import Any
 
 from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
 from localmed.runtimes.messages import Done, Event, Logprobs, Piece, Request, TokenLogprob
+from localmed.runtimes.speculation import Drafter
 from localmed.runtimes.vocab import Vocabulary
 
 
@@ -43,6 +44,8 @@ class Reply:
     """Text sent on, and text of the tokens whose entries were sent (UTF-8 bytes)."""
     flushed: float = 0.0
     """When text was last sent on (0: never, so the first piece goes at once)."""
+    drafter: Drafter | None = None
+    """Its speculation (None: off)."""
 
     @property
     def id(self) -> int:
@@ -73,6 +76,8 @@ class Reply:
         if stats.stopped_by:
             return True
         self.next_token = token
+        if self.drafter is not None:
+            self.drafter.lookup.append(token)
         return False
 
     def flush(self, now: float, flush_seconds: float) -> list[Event]:

@@ -407,8 +407,10 @@ class LocalServer:
         prompt, generated = request["tokens"]
         when = time.strftime("%d/%b/%Y %H:%M:%S")
         key = f" key={request['key']}" if request.get("key") else ""
+        accepted, drafted = request.get("drafts", (0, 0))
+        drafts = f" (drafts {accepted}/{drafted} taken)" if drafted else ""
         print(f"{when} {request.remote}{key} {request.method} {request.path} {status} "
-              f"{prompt}+{generated} tokens {time.monotonic() - started:.2f}s",
+              f"{prompt}+{generated} tokens{drafts} {time.monotonic() - started:.2f}s",
               file=self.log, flush=True)
 
     def _audit(self, request: web.Request, status: int) -> None:

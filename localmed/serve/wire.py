@@ -122,6 +122,13 @@ async def events(job: Job) -> AsyncIterator[Piece | Logprobs | Done]:
             return
 
 
+def noted(request: web.Request, stats: GenerationStats) -> None:
+    """What the server's log line and audit record say of a reply: its tokens, and the drafted
+    tokens the model took."""
+    request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+    request["drafts"] = (stats.accepted_tokens, stats.drafted_tokens)
+
+
 async def complete(request: web.Request, job: Job, kind: str, model: ServedModel
                    ) -> web.Response:
     """The whole reply in one JSON response."""
@@ -136,7 +143,7 @@ async def complete(request: web.Request, job: Job, kind: str, model: ServedModel
         else:
             stats = event.stats
     text = "".join(parts)
-    request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+    noted(request, stats)
     request["reply"] = text
     answer = completion(kind, model.id, text, stats,
                         entries if job.logprobs is not None else None, model.notice())
@@ -179,7 +186,7 @@ async def stream(request: web.Request, job: Job, kind: str, model: ServedModel
                 await event(chunks.piece(happened.text))
             else:
                 stats = happened.stats
-                request["tokens"] = (stats.prompt_tokens, stats.generated_tokens)
+                noted(request, stats)
                 await event(cite(request, chunks.last(stats)))
         await response.write(b"data: [DONE]\n\n")
     except APIError as failed:

@@ -1,0 +1,245 @@
+"""Speculative decoding by prompt lookup in the multi-sequence engine: drafts come from the
+reply's own context, are checked in the step's batch, and what the sampler does not take leaves
+the cache. Greedy replies are the ones without it (on real SmolLM2 and Gemma 3 270M and the tiny
+checkpoints; where a batch's shape moves llama.cpp's float sums, a difference only where the
+model's two best tokens were all but tied, shown with both logits); seeded sampling keeps the
+model's distribution; and serve, through the openai client, says what was drafted and taken."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from localmed.runtimes.base import GenerationParams, StopReason
+from localmed.runtimes.messages import Request
+from localmed.runtimes.speculation import (
+    DRAFT_MAX,
+    PRIOR_COST,
+    PROBE,
+    REST_STEPS,
+    Drafter,
+    PromptLookup,
+    StepCost,
+)
+
+GREEDY = GenerationParams(temperature=0.0, max_tokens=96, repeat_penalty=1.0)
+NEAR_TIE = 0.25
+"""Nats between the two best tokens below which a batch's float sums may swap them (measured
+differences of llama.cpp's CPU kernels between batch shapes: up to ~0.05 on SmolLM2)."""
+
+
+def engine(model: Path, *, speculation: bool, n_parallel: int = 1):
+    from localmed.runtimes.batch import BatchEngine
+
+    return BatchEngine(model, n_parallel=n_parallel, n_ctx=2048 * n_parallel, threads=2,
+                       speculation=speculation)
+
+
+def medication_prompt(model_engine) -> list[int]:
+    """A record and an ask whose answer copies it: the work prompt lookup is for."""
+    from benchmarks.followup import record
+
+    text = (f"<|im_start|>user\n{record(7)}\n\nList her medications on admission with their "
+            "doses, one per line, exactly as the record writes them.<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    return model_engine.tokenize(text)
+
+
+# --- the lookup and its adaptation ----------------------------------------------------------------
+
+def test_a_lookup_proposes_what_followed_the_newest_tokens_last_time():
+    lookup = PromptLookup([1, 2, 3, 4, 5, 9, 9, 8, 2, 3, 4, 6, 7, 0, 2, 3])
+    assert lookup.draft(3) == [4, 6, 7]  # (2, 3) last came before 4, 6, 7 (not 4, 5, 9)
+    lookup.append(4)
+    assert lookup.draft(8) == [6, 7, 0, 2, 3, 4]  # the latest (2, 3, 4)'s, up to the end
+    lookup = PromptLookup([5, 1, 2, 3, 7, 8, 2, 3, 9, 9, 5, 1, 2, 3])
+    assert lookup.draft(2) == [7, 8]  # the longest match, (5, 1, 2, 3), not the latest (2, 3)
+    assert PromptLookup([5, 6, 7]).draft(4) == []  # nothing seen twice
+    lookup.append(-3)  # an image's placeholder id is never proposed
+    assert -3 not in PromptLookup([8, -3, -3, 8, -3]).draft(4)
+
+
+def test_a_draft_is_as_long_as_its_expected_gain_pays():
+    """The k-th drafted token is taken with probability acceptance**k and costs ``cost``: a
+    reply that takes its drafts drafts more; one whose acceptance is below the cost rests, then
+    probes (so the cost is measured again)."""
+    drafter = Drafter(PromptLookup(list(range(200)) * 2))
+    first = drafter.propose(100, 0.1)
+    assert len(first) == int(math.log(0.1) / math.log(drafter.acceptance))
+    drafter.taken(len(first))
+    assert len(drafter.propose(100, 0.1)) > len(first)
+    for _ in range(8):
+        drafter.taken(len(drafter.draft))
+        drafter.propose(100, 0.1)
+    assert len(drafter.draft) == DRAFT_MAX
+    assert drafter.size(1.0) == 0  # a token that costs a step is never worth drafting
+    misses = 0
+    while drafter.draft and misses < 100:  # drafts the sampler does not take
+        drafter.taken(0)
+        misses += 1
+        drafter.propose(100, 0.1)
+    assert 1 < misses < 100 and drafter.acceptance <= 0.1  # below its cost: it rests
+    assert drafter.resting == REST_STEPS[0]
+    assert [drafter.propose(100, 0.1) for _ in range(REST_STEPS[0] - 1)] == \
+        [[]] * (REST_STEPS[0] - 1)
+    assert len(drafter.propose(100, 0.99)) == PROBE  # rested: a probe, whatever the cost
+
+
+def test_a_drafted_tokens_cost_is_measured_and_dearer_in_a_full_batch():
+    cost = StepCost()
+    assert cost.cost(1) == PRIOR_COST and cost.cost(4) == 4 * PRIOR_COST
+    for _ in range(100):  # (the prior weighs as two steps)
+        cost.record(1, 0, 0.010)  # a step: 10 ms
+        cost.record(1, 4, 0.014)  # four drafted tokens: 1 ms each, a tenth of a step
+        cost.record(4, 0, 0.020)
+        cost.record(4, 4, 0.024)  # four replies wait for each: 4 x 1 / 20 ms
+    assert cost.cost(1) == pytest.approx(0.1, abs=0.02)
+    assert cost.cost(4) == pytest.approx(0.2, abs=0.03) and cost.cost(4) > cost.cost(1)
+
+
+# --- the same replies ------------------------------------------------------------------------------
+
+def same_or_near_tie(model: Path, prompt: list[int], with_: str, without: str) -> None:
+    """The two greedy replies are the same text; or they part where the model's two best
+    tokens were within NEAR_TIE (shown with both logits, from a whole prefill)."""
+    if with_ == without:
+        return
+    from localmed.runtimes.local import LocalRuntime
+
+    runtime = LocalRuntime.load(model, n_ctx=2048, threads=2, speculation=False)
+    try:
+        a, b = runtime.tokenize(with_, add_bos=False), runtime.tokenize(without, add_bos=False)
+        at = next(i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y)
+        logits = runtime.next_logits(prompt + b[:at])
+        best = np.argsort(-logits)[:2]
+        gap = float(logits[best[0]] - logits[best[1]])
+        assert {a[at], b[at]} <= set(best.tolist()) and gap < NEAR_TIE, (
+            f"parted at token {at}: {a[at]} vs {b[at]}; best two {best.tolist()} with logits "
+            f"{logits[best].tolist()} (gap {gap:.3f})")
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("which", ["smollm2", "gemma3", "tiny llama", "tiny llama3"])
+def test_greedy_replies_are_the_ones_without_speculation(which, request):
+    model = {"smollm2": lambda: request.getfixturevalue("smol"),
+             "gemma3": lambda: request.getfixturevalue("gemma3_real")["gguf"],
+             "tiny llama": lambda: request.getfixturevalue("converted")["llama"]["Q8_0"],
+             "tiny llama3": lambda: request.getfixturevalue("converted")["llama3"]["F32"],
+             }[which]()
+    replies, stats = {}, {}
+    for speculation in (True, False):
+        e = engine(model, speculation=speculation)
+        try:
+            prompt = medication_prompt(e)[:1500]
+            outcome = e.run(Request(1, prompt, GREEDY))[1]
+        finally:
+            e.close()
+        replies[speculation], stats[speculation] = outcome.text, outcome.stats
+    assert stats[False].drafted_tokens == 0
+    assert stats[True].drafted_tokens > 0  # it did draft: the record is there to copy
+    same_or_near_tie(model, prompt, replies[True], replies[False])
+
+
+def test_a_copying_reply_takes_most_of_its_drafts_and_keeps_only_what_was_taken(smol):
+    """SmolLM2 copying the medication list takes drafts (the point of it); the cells hold the
+    reply's tokens and no rejected draft: a follow-up from them answers as a whole prefill."""
+    e = engine(smol, speculation=True)
+    try:
+        prompt = medication_prompt(e)
+        outcome = e.run(Request(1, prompt, GREEDY))[1]
+        s = outcome.stats
+        assert s.accepted_tokens >= s.generated_tokens // 3, (s.accepted_tokens, s.drafted_tokens,
+                                                            s.generated_tokens)
+        cells = e._slots[0].cells
+        fed = s.token_ids if s.stopped_by is StopReason.EOS else s.token_ids[:-1]
+        assert cells == prompt + fed  # every token fed (the last, sampled, not), no draft
+        import llama_cpp
+
+        assert llama_cpp.llama_memory_seq_pos_max(llama_cpp.llama_get_memory(e._ctx), 0) == \
+            len(cells) - 1
+    finally:
+        e.close()
+
+
+# --- sampling --------------------------------------------------------------------------------------
+
+def chi_square_critical(df: int, z: float = 3.09) -> float:
+    """The chi-square value a df-degree statistic passes with probability 0.001 (Wilson and
+    Hilferty's approximation)."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_seeded_sampling_keeps_the_models_distribution(smol):
+    """400 seeded samples of a short continuation that copies the record (so drafts are
+    proposed and taken), with and without speculation: the two distributions of the eight
+    tokens agree (a chi-square test of homogeneity, p > 0.001), and each seed draws the same
+    reply (its random numbers are drawn in the same order) wherever no float sum moved."""
+    params = GenerationParams(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, max_tokens=8,
+                              repeat_penalty=1.0)
+    samples: dict[bool, list[tuple[int, ...]]] = {}
+    drafted = 0
+    for speculation in (True, False):
+        e = engine(smol, speculation=speculation)
+        # Drafted tokens as cheap as a 7B's on a laptop (this 2-core VM measures ~0.5 a step for
+        # SmolLM2, and an 8-token reply would draft nothing): what is tested is the sampling.
+        e.step_cost.cost = lambda replies: 0.05  # type: ignore[method-assign]
+        try:
+            prompt = medication_prompt(e) + e.tokenize("Medications on admission:",
+                                                       add_bos=False)
+            got = []
+            for seed in range(400):
+                stats = e.run(Request(seed + 1, prompt, params, seed=seed))[seed + 1].stats
+                got.append(tuple(stats.token_ids))
+                drafted += stats.drafted_tokens
+            samples[speculation] = got
+        finally:
+            e.close()
+    assert drafted > 100
+    counts = {k: Counter(v) for k, v in samples.items()}
+    kinds = [k for k in counts[True] | counts[False]
+             if counts[True][k] + counts[False][k] >= 10]
+    rare = [k for k in counts[True] | counts[False] if k not in kinds]
+    table = [[counts[s][k] for k in kinds] + [sum(counts[s][k] for k in rare)]
+             for s in (True, False)]
+    totals = [sum(row) for row in table]
+    columns = [a + b for a, b in zip(*table, strict=True)]
+    chi = sum((table[r][c] - totals[r] * columns[c] / sum(totals)) ** 2
+              / (totals[r] * columns[c] / sum(totals))
+              for r in range(2) for c in range(len(columns)) if columns[c])
+    df = sum(1 for c in columns if c) - 1
+    assert df >= 2 and chi < chi_square_critical(df), (chi, df)
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+def test_serve_says_what_was_drafted_and_no_speculation_turns_it_off(smol):
+    from openai import OpenAI
+
+    from benchmarks.followup import record
+    from tests.test_serve import Server
+
+    for flags, drafts in (((), True), (("--no-speculation",), False)):
+        server = Server(smol, "--ctx", "4096", "--parallel", "1", "--template", "chatml", *flags)
+        try:
+            server.banner()
+            client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
+            answer = client.chat.completions.create(
+                model=client.models.list().data[0].id, temperature=0, max_tokens=64,
+                messages=[{"role": "user", "content": f"{record(3)}\n\nList her medications "
+                           "on admission with their doses, exactly as written."}])
+            assert answer.choices[0].message.content
+        finally:
+            server.stop()
+        logged = server.proc.stderr.read()
+        line = next(x for x in logged.splitlines() if "/v1/chat/completions 200" in x)
+        assert ("(drafts " in line) == drafts, line
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))
