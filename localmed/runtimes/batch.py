@@ -234,7 +234,7 @@ class BatchEngine:
         cost = self.step_cost.cost(len(generating))
         drafted = 0
         for left, seq in enumerate(reversed(generating)):  # then drafts, in what room is left
-            if seq.drafter is None:
+            if seq.drafter is None or cost >= 1.0:  # (a full batch: no draft pays, none probes)
                 continue
             cells = len(self._slots[seq.slot].cells)
             limit = min(room // (left + 1), seq.budget - seq.stats.generated_tokens - 1,
