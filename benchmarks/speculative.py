@@ -135,7 +135,8 @@ def command(which: str, model: Path, draft: Path, streams: int, ctx: int, thread
         return ([sys.executable, "-m", "localmed", "serve", str(model), "--port", str(port),
                  "--parallel", str(streams), "--ctx", str(ctx * streams), "--threads",
                  str(threads), "--template", "chatml"]
-                + (["--no-speculation"] if which.endswith("without") else []), None)
+                + (["--no-speculation"] if which.endswith("without") else ["--speculation"]),
+                None)
     server = llama_server()
     extra = LLAMA_MODES[which] + (["-md", str(draft)] if which.endswith("draft") else [])
     return ([str(server), "-m", str(model), "--port", str(port), "-np", str(streams), "-c",

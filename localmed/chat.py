@@ -404,7 +404,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None, projector: Path | None = None,
                  on_restart: Callable[[str], None] | None = None,
-                 speculation: bool = True) -> Runtime:
+                 speculation: bool = False) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``

@@ -218,13 +218,13 @@ def test_seeded_sampling_keeps_the_models_distribution(smol):
 
 # --- serve -----------------------------------------------------------------------------------------
 
-def test_serve_says_what_was_drafted_and_no_speculation_turns_it_off(smol):
+def test_serve_says_what_was_drafted_and_speculation_is_off_unless_asked(smol):
     from openai import OpenAI
 
     from benchmarks.followup import record
     from tests.test_serve import Server
 
-    for flags, drafts in (((), True), (("--no-speculation",), False)):
+    for flags, drafts in ((("--speculation",), True), ((), False)):
         server = Server(smol, "--ctx", "4096", "--parallel", "1", "--template", "chatml", *flags)
         try:
             server.banner()

@@ -110,7 +110,7 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
     return docs[:count]
 
 
-def model_loader(threads: int | None, speculation: bool = True) -> object:
+def model_loader(threads: int | None, speculation: bool = False) -> object:
     """Loads each quant with the Runtime its format calls for, at most at its trained context."""
     def load(quant: str, path: Path, n_ctx: int) -> ScoringRuntime:
         trained = formats.describe(path).context_length or n_ctx

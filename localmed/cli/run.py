@@ -134,8 +134,8 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
-    if not args.speculation:
-        chat_args.append("--no-speculation")
+    if args.speculation:
+        chat_args.append("--speculation")
     title = f"localmed chat: {model.label}"
     if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
         serve_chat(chat_args, port=args.port, title=title, sessions=sessions)

@@ -33,8 +33,8 @@ class LoadOptions:
     n_ctx: int | None = None
     gpu_layers: int | None = None
     threads: int | None = None
-    speculation: bool = True
-    """llama.cpp's engine drafts tokens by prompt lookup (``--no-speculation``: never)."""
+    speculation: bool = False
+    """llama.cpp's engine drafts tokens by prompt lookup (``--speculation``)."""
 
 
 class ModelFormat(ABC):

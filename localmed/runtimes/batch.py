@@ -59,7 +59,7 @@ class BatchEngine:
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
                  flash_attention: bool = False, projector: Path | None = None,
-                 cache_reuse: int = 0, speculation: bool = True) -> None:
+                 cache_reuse: int = 0, speculation: bool = False) -> None:
         import llama_cpp
 
         self._llama = llama_cpp

@@ -32,9 +32,9 @@ class BatchOptions:
     cache_reuse: int = 0
     """Runs of cells this long are moved back past turns a chat left out (0: none; the chat's
     :data:`~localmed.runtimes.prompt_cache.CACHE_REUSE`)."""
-    speculation: bool = True
+    speculation: bool = False
     """Replies draft their next tokens by prompt lookup (:mod:`localmed.runtimes.speculation`;
-    ``--no-speculation``: never)."""
+    ``--speculation``; off by default until it pays on the machines it runs on: README)."""
 
 
 def load_engine(path: Path, options: BatchOptions, machine: Any = None

@@ -34,7 +34,7 @@ class LocalRuntime(ScoringRuntime):
     @classmethod
     def load(cls, path: Path, *, n_ctx: int | None = None, gpu_layers: int | None = None,
              threads: int | None = None, hardware: Any = None,
-             speculation: bool = True) -> LocalRuntime:
+             speculation: bool = False) -> LocalRuntime:
         """Plan for ``hardware`` (None: this machine; the context: ``n_ctx``, else the
         model's, at most 4096), refuse what cannot fit, then load."""
         from localmed.runtimes.load import BatchOptions, load_engine
