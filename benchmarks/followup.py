@@ -85,13 +85,13 @@ def record(case: int) -> str:
     return "\n".join(lines)
 
 
-def first_token(url: str, served: str, messages: list[dict[str, str]], reply: int,
-                cache: bool = True) -> tuple[float, str, dict[str, Any]]:
-    """(seconds to the first token, the reply, usage) of one streamed greedy reply."""
-    body = {"model": served, "messages": messages, "max_tokens": reply, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": cache}
-    start = time.monotonic()
-    first, parts, usage = None, [], {}
+def streamed(url: str, body: dict[str, Any]
+             ) -> tuple[float | None, float | None, str, dict[str, Any]]:
+    """One streamed chat completion (``body`` asks for it): when its first piece of text came
+    and when its last did (``time.monotonic``; None: no text), its text and its usage."""
+    first = last = None
+    parts: list[str] = []
+    usage: dict[str, Any] = {}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=1800) as r:
         if r.status_code != 200:
             r.read()
@@ -100,15 +100,23 @@ def first_token(url: str, served: str, messages: list[dict[str, str]], reply: in
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
+            usage = event.get("usage") or usage
             for choice in event.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content")
-                if text:
-                    if first is None:
-                        first = time.monotonic() - start
+                if text := (choice.get("delta") or {}).get("content"):
+                    last = time.monotonic()
+                    first = first or last
                     parts.append(text)
-    return (first if first is not None else time.monotonic() - start), "".join(parts), usage
+    return first, last, "".join(parts), usage
+
+
+def first_token(url: str, served: str, messages: list[dict[str, str]], reply: int,
+                cache: bool = True) -> tuple[float, str, dict[str, Any]]:
+    """(seconds to the first token, the reply, usage) of one streamed greedy reply."""
+    body = {"model": served, "messages": messages, "max_tokens": reply, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": cache}
+    start = time.monotonic()
+    first, _, text, usage = streamed(url, body)
+    return (first if first is not None else time.monotonic()) - start, text, usage
 
 
 def conversations(url: str, count: int, turns: int, reply: int) -> dict[str, Any]:

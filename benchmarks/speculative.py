@@ -28,7 +28,6 @@ import os
 import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.followup import record
+from benchmarks.followup import record, streamed
 from benchmarks.serve_load import free_port, llama_server, running
 
 COPY_ASKS = ("List her medications on admission with their doses, one per line, exactly as "
@@ -88,24 +87,8 @@ def reply(url: str, served: str, messages: list[dict[str, str]], tokens: int
     greedy reply."""
     body = {"model": served, "messages": messages, "max_tokens": tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
-    first = last = 0.0
-    parts: list[str] = []
-    usage: dict[str, Any] = {}
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=1800) as r:
-        if r.status_code != 200:
-            r.read()
-            raise RuntimeError(f"{r.status_code}: {r.text[:300]}")
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or ():
-                if text := (choice.get("delta") or {}).get("content"):
-                    last = time.monotonic()
-                    first = first or last
-                    parts.append(text)
-    return first, last, "".join(parts), int(usage.get("completion_tokens", 0))
+    first, last, text, usage = streamed(url, body)
+    return first or 0.0, last or 0.0, text, int(usage.get("completion_tokens", 0))
 
 
 def decode_rate(url: str, kind: str, streams: int, tokens: int) -> tuple[float, list[str]]:

@@ -238,19 +238,25 @@ def test_two_sequences_with_images_at_once_answer_as_alone(vlm, pictures):
         e.close()
 
 
+def cached_and_fresh(vlm):
+    """The tiny Gemma 3 on two slots with host memory for its cache, the same without (flash
+    attention off on both: bit for bit), and two prompts that share their first 12 tokens."""
+    model = vlm["Q8_0"]
+    e = engine(model, n_parallel=2, cache_ram=1 << 30, flash_attention=False)
+    fresh = engine(model, n_parallel=2, flash_attention=False)
+    a = e.tokenize("The patient is a 67-year-old man with chest pain radiating to the left "
+                   "arm and sweating for two hours. What now? " * 2)
+    b = a[:12] + e.tokenize(" Something else: the kidney and liver function tests of a "
+                            "woman of 40.", add_bos=False)
+    return e, fresh, a, b
+
+
 def test_a_sliding_window_model_follows_up_from_cells_it_really_has(vlm):
     """Gemma 3's sliding-window layers: conversations that take each other's slot, with host
     memory for the cache, answer as a whole prefill does (flash attention off: bit for bit).
     A state read back from host memory lacked the window's cells, and follow-ups went wrong."""
-    model = vlm["Q8_0"]
-    e = engine(model, n_parallel=2, cache_ram=1 << 30, flash_attention=False)
-    fresh = engine(model, n_parallel=2, flash_attention=False)
+    e, fresh, a, b = cached_and_fresh(vlm)
     try:
-        a = e.tokenize("The patient is a 67-year-old man with chest pain radiating to the left "
-                       "arm and sweating for two hours. What now? " * 2)
-        b = a[:12] + e.tokenize(" Something else: the kidney and liver function tests of a "
-                                "woman of 40.", add_bos=False)
-
         def first(engine_, rid, tokens, cache=True):
             got = engine_.run(Request(rid, tokens, GREEDY, logprobs=5, cache_prompt=cache))
             return [x.logprob for x in got[rid].logprobs[0].top]
@@ -270,15 +276,8 @@ def test_a_sliding_window_follow_up_goes_on_from_its_prompts_window(vlm):
     checkpoint, as llama-server keeps them), not from the start; answered as a whole prefill
     is, bit for bit (flash attention off). Before, a sliding-window model kept no host cache and
     prefilled it all again."""
-    model = vlm["Q8_0"]
-    e = engine(model, n_parallel=2, cache_ram=1 << 30, flash_attention=False)
-    fresh = engine(model, n_parallel=2, flash_attention=False)
+    e, fresh, a, b = cached_and_fresh(vlm)
     try:
-        a = e.tokenize("The patient is a 67-year-old man with chest pain radiating to the left "
-                       "arm and sweating for two hours. What now? " * 2)
-        b = a[:12] + e.tokenize(" Something else: the kidney and liver function tests of a "
-                                "woman of 40.", add_bos=False)
-
         def run(engine_, rid, tokens, cache=True):
             return engine_.run(Request(rid, tokens, GREEDY, logprobs=5,
                                        cache_prompt=cache))[rid]

@@ -103,10 +103,8 @@ class SlotCells:
             return keep
         while state.checkpoints:
             checkpoint = state.checkpoints[-1]
-            data = (ctypes.c_uint8 * len(checkpoint.data)).from_buffer_copy(checkpoint.data)
             keep = checkpoint.n_tokens
-            if llama.llama_state_seq_set_data_ext(self._ctx, data, len(checkpoint.data), slot,
-                                                  llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY) and \
+            if self._read_back(slot, checkpoint.data, llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY) and \
                     llama.llama_memory_seq_rm(memory, slot, keep, -1) and \
                     self._has_window(slot, keep):
                 del state.cells[keep:]
@@ -123,18 +121,13 @@ class SlotCells:
     def checkpoint(self, slot: int) -> None:
         """Copy a sliding-window model's window cells as they are now (a prompt prefilled,
         its first reply token not yet), for the follow-ups of this conversation."""
-        llama, state = self._llama, self.slots[slot]
-        flags = llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY
-        size = llama.llama_state_seq_get_size_ext(self._ctx, slot, flags)
-        if not size:
-            return
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data_ext(self._ctx, buffer, size, slot, flags)
-        if not written:
+        state = self.slots[slot]
+        data = self._copy_out(slot, self._llama.LLAMA_STATE_SEQ_FLAGS_SWA_ONLY)
+        if data is None:
             return
         n_tokens = len(state.cells)
         state.checkpoints = [c for c in state.checkpoints if c.n_tokens < n_tokens]
-        state.checkpoints.append(Checkpoint(n_tokens, ctypes.string_at(buffer, written)))
+        state.checkpoints.append(Checkpoint(n_tokens, data))
         del state.checkpoints[:-MAX_CHECKPOINTS]
 
     def _shift_chunks(self, slot: int, tokens: list[int], keep: int) -> int:
@@ -178,25 +171,37 @@ class SlotCells:
 
     def _save(self, slot: int) -> None:
         """Copy a slot's cells to the host cache (when it has room for them)."""
-        llama, cells = self._llama, self.slots[slot].cells
+        cells = self.slots[slot].cells
         if not self.host_cache.limit or not cells:
             return
-        size = llama.llama_state_seq_get_size(self._ctx, slot)
-        if size > self.host_cache.limit:
-            return
-        buffer = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self._ctx, buffer, size, slot)
-        if written:  # one copy into bytes (a 7B's conversation can be a gigabyte)
-            self.host_cache.put(list(cells), ctypes.string_at(buffer, written),
-                                self.slots[slot].checkpoints)
+        data = self._copy_out(slot, limit=self.host_cache.limit)
+        if data is not None:
+            self.host_cache.put(list(cells), data, self.slots[slot].checkpoints)
 
     def _restore(self, slot: int, state: SavedState) -> bool:
         """Put a state taken from the host cache back into ``slot``."""
         self.clear(slot)
-        data = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
-        if not self._llama.llama_state_seq_set_data(self._ctx, data, len(state.data), slot):
+        if not self._read_back(slot, state.data):
             self.clear(slot)
             return False
         self.slots[slot].cells[:] = state.tokens
         self.slots[slot].checkpoints = list(state.checkpoints)
         return True
+
+    def _copy_out(self, slot: int, flags: int = 0, *, limit: int | None = None) -> bytes | None:
+        """``slot``'s state as llama.cpp writes it (``flags``: ``LLAMA_STATE_SEQ_FLAGS_*``), in
+        one copy into bytes (a 7B's conversation can be a gigabyte); None when it is empty or
+        over ``limit`` bytes."""
+        llama = self._llama
+        size = llama.llama_state_seq_get_size_ext(self._ctx, slot, flags)
+        if not size or (limit is not None and size > limit):
+            return None
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data_ext(self._ctx, buffer, size, slot, flags)
+        return ctypes.string_at(buffer, written) if written else None
+
+    def _read_back(self, slot: int, data: bytes, flags: int = 0) -> bool:
+        """Read a state :meth:`_copy_out` made (with the same ``flags``) into ``slot``."""
+        buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return bool(self._llama.llama_state_seq_set_data_ext(self._ctx, buffer, len(data), slot,
+                                                             flags))
