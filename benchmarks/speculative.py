@@ -1,5 +1,6 @@
-"""Speculative decoding: ``localmed serve`` with and without prompt lookup, beside llama-server
-without speculation and with its n-gram and draft-model modes, in the same run.
+"""Speculative decoding: ``localmed serve`` with prompt lookup, with a draft model and without
+speculation, beside llama-server without speculation and with its n-gram and draft-model modes,
+in the same run.
 
 Two kinds of work, as a clinician asks them: copy-heavy (a pasted discharge summary, then "list
 her medications and doses as written" or "copy the day-by-day sodium values"), where a reply
@@ -12,7 +13,7 @@ llama-server's best mode; the greedy replies with speculation are compared with 
 
 llama-server runs as users run it (its defaults, the model, the port, the context, the slots and
 the threads), once with no speculation and once per ``--spec-type`` mode below; its draft model
-is the target's own Q4_0 (``-md``). The target is SmolLM2-135M-Instruct requantized to Q8_0
+is the target's own Q4_0 (``-md``), localmed's the same (``--draft``). The target is SmolLM2-135M-Instruct requantized to Q8_0
 (from the tests' Q4_1: the weights are Q4_1's, the size and speed Q8_0's), made once into the
 benchmarks' cache, as the draft is.
 
@@ -55,21 +56,10 @@ LLAMA_MODES = {"llama-server": [],
 
 
 def requantized(source: Path, quant: str) -> Path:
-    """``source`` requantized to ``quant`` (Q8_0, Q4_0) by llama.cpp, once, in the cache."""
-    import llama_cpp
+    """``source`` requantized to ``quant`` (Q8_0, Q4_0), once, in the benchmarks' cache."""
+    from tests.real_models import requantized as make
 
-    out = Path.home() / ".cache" / "localmed-bench" / f"{source.stem}-{quant}.gguf"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
-        params.allow_requantize = True
-        part = out.with_suffix(".part")
-        if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
-                                          params) != 0:
-            raise RuntimeError(f"llama.cpp could not requantize {source} to {quant}")
-        part.rename(out)
-    return out
+    return make(source, quant, Path.home() / ".cache" / "localmed-bench")
 
 
 def prompts(kind: str, streams: int) -> list[list[dict[str, str]]]:
@@ -115,11 +105,11 @@ def decode_rate(url: str, kind: str, streams: int, tokens: int) -> tuple[float, 
 def command(which: str, model: Path, draft: Path, streams: int, ctx: int, threads: int,
             port: int) -> tuple[list[str], dict[str, str] | None]:
     if which.startswith("localmed"):
+        mode = {"localmed without": ["--no-speculation"],
+                "localmed draft": ["--draft", str(draft)]}.get(which, ["--speculation"])
         return ([sys.executable, "-m", "localmed", "serve", str(model), "--port", str(port),
                  "--parallel", str(streams), "--ctx", str(ctx * streams), "--threads",
-                 str(threads), "--template", "chatml"]
-                + (["--no-speculation"] if which.endswith("without") else ["--speculation"]),
-                None)
+                 str(threads), "--template", "chatml", *mode], None)
     server = llama_server()
     extra = LLAMA_MODES[which] + (["-md", str(draft)] if which.endswith("draft") else [])
     return ([str(server), "-m", str(model), "--port", str(port), "-np", str(streams), "-c",
@@ -151,8 +141,8 @@ def main() -> int:
     parser.add_argument("--ctx", type=int, default=4096, help="context per stream")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--servers", nargs="+", default=["localmed", "localmed without",
-                                                          *LLAMA_MODES])
+    parser.add_argument("--servers", nargs="+", default=["localmed", "localmed draft",
+                                                          "localmed without", *LLAMA_MODES])
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
     from tests.real_models import smollm2_gguf
@@ -183,18 +173,22 @@ def main() -> int:
                          key=lambda w: row[w], default=None)
             line = f"{streams} stream(s), {kind}: " + ", ".join(
                 f"{w} {row[w]:.1f}" for w in args.servers) + " tok/s"
-            if "localmed" in row and "localmed without" in row:
-                row["ratio_without"] = row["localmed"] / row["localmed without"]
-                same = sum(a == b for a, b in zip(texts[("localmed", kind)],
-                                                  texts[("localmed without", kind)],
-                                                  strict=True))
-                row["same_replies"] = f"{same}/{streams}"
-                line += (f"; localmed {row['ratio_without']:.2f}x without speculation, greedy "
-                         f"replies the same {same} of {streams}")
-            if theirs is not None and "localmed" in row:
-                row["best_llama_server"] = theirs
-                row["ratio_best"] = row["localmed"] / row[theirs]
-                line += f", {row['ratio_best']:.2f}x {theirs} (its best)"
+            for mode in ("localmed", "localmed draft"):
+                if mode not in row:
+                    continue
+                key = mode.replace("localmed", "").strip() or "lookup"
+                if "localmed without" in row:
+                    row[f"{key}_ratio_without"] = row[mode] / row["localmed without"]
+                    same = sum(a == b for a, b in zip(texts[(mode, kind)],
+                                                      texts[("localmed without", kind)],
+                                                      strict=True))
+                    row[f"{key}_same_replies"] = f"{same}/{streams}"
+                    line += (f"; {mode} {row[f'{key}_ratio_without']:.2f}x without "
+                             f"speculation (greedy replies the same {same} of {streams})")
+                if theirs is not None:
+                    row["best_llama_server"] = theirs
+                    row[f"{key}_ratio_best"] = row[mode] / row[theirs]
+                    line += f", {row[f'{key}_ratio_best']:.2f}x {theirs} (its best)"
             rows.append(row)
             print(line, flush=True)
     if args.json:

@@ -23,7 +23,13 @@ from localmed.conversation import (
     export_markdown,
     fit_prompt,
 )
-from localmed.errors import ImageError, LocalmedError, ModelNotAvailableError, UnknownModelError
+from localmed.errors import (
+    ImageError,
+    LocalmedError,
+    ModelNotAvailableError,
+    SpeculationError,
+    UnknownModelError,
+)
 from localmed.formats.info import ModelInfo
 from localmed.images import Image, image_marker, new_nonce, prompt_parts, read_image_file
 from localmed.registry import ModelEntry, Registry
@@ -404,7 +410,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None, projector: Path | None = None,
                  on_restart: Callable[[str], None] | None = None,
-                 speculation: bool = False) -> Runtime:
+                 speculation: bool = False, draft: Path | None = None) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
@@ -415,7 +421,7 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
     from localmed.runtimes.supervisor import BATCH_SECONDS
 
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads,
-                                  speculation=speculation)
+                                  speculation=speculation, draft=draft)
     if in_process:
         return formats.load_runtime(model.path, options)
     batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
@@ -431,8 +437,11 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
         return SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
                                             projector=projector, cache_reuse=CACHE_REUSE,
-                                            speculation=speculation),
+                                            speculation=speculation, draft=draft),
             batch_seconds=batch_seconds, on_restart=on_restart))
+    if draft is not None:
+        raise SpeculationError("--draft needs a GGUF: llama.cpp's engine drafts, and a GPTQ "
+                               "folder runs on transformers")
     if projector is not None:
         raise ImageError("--mmproj needs a GGUF: llama.cpp reads the image, and a GPTQ folder "
                          "runs on transformers")

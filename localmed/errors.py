@@ -378,3 +378,8 @@ class DocsIndexError(LocalmedError, ValueError):
 
 class DiskFullError(LocalmedError, OSError):
     """The disk filled while an index was written; what was finished before is kept."""
+
+
+class SpeculationError(LocalmedError, ValueError):
+    """A draft model that cannot draft for the model (another vocabulary, a recurrent state),
+    or speculation options that contradict each other."""

@@ -95,6 +95,26 @@ def smollm2_gguf() -> Path:
         return _assemble(_members(wheels, GGUF_NAME)[:1], target)
 
 
+def requantized(source: Path, quant: str, folder: Path | None = None) -> Path:
+    """``source`` requantized to ``quant`` (Q8_0, Q4_0) by llama.cpp, once, into ``folder``
+    (default: beside it): SmolLM2's own quants make a real target and draft pair (the weights
+    are the Q4_1's, the size and speed the new quant's)."""
+    import llama_cpp
+
+    out = (folder or source.parent) / f"{source.stem}-{quant}.gguf"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{quant}")
+        params.allow_requantize = True
+        part = out.with_suffix(".part")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(part).encode(),
+                                          params) != 0:
+            raise RuntimeError(f"llama.cpp could not requantize {source} to {quant}")
+        part.replace(out)
+    return out
+
+
 def gemma3_gguf() -> Path:
     """The original Gemma 3 270M GGUF, joined from its four chunk packages and checked
     against the sha256 its main package publishes."""

@@ -8,6 +8,7 @@ model's distribution; and serve, through the openai client, says what was drafte
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -33,11 +34,26 @@ NEAR_TIE = 0.25
 differences of llama.cpp's CPU kernels between batch shapes: up to ~0.05 on SmolLM2)."""
 
 
-def engine(model: Path, *, speculation: bool, n_parallel: int = 1):
+def engine(model: Path, *, speculation: bool, n_parallel: int = 1, draft: Path | None = None):
     from localmed.runtimes.batch import BatchEngine
 
     return BatchEngine(model, n_parallel=n_parallel, n_ctx=2048 * n_parallel, threads=2,
-                       speculation=speculation)
+                       speculation=speculation, draft=draft)
+
+
+@pytest.fixture(scope="session")
+def smol_pair(smol) -> tuple[Path, Path]:
+    """A real target and draft of one vocabulary: SmolLM2 at Q8_0, and its own Q4_0."""
+    from tests.real_models import requantized
+
+    return requantized(smol, "Q8_0"), requantized(smol, "Q4_0")
+
+
+def cheap_drafts(e) -> None:
+    """Drafted tokens as cheap as a 7B's on a laptop: this 2-core VM measures ~0.5 of a step for
+    SmolLM2 (and a draft model of its size costs most of a step more), so replies this short
+    would draft nothing; what is tested is what drafting does."""
+    e.step_cost.cost = lambda replies: 0.05
 
 
 def medication_prompt(model_engine) -> list[int]:
@@ -146,6 +162,100 @@ def test_greedy_replies_are_the_ones_without_speculation(which, request):
     same_or_near_tie(model, prompt, replies[True], replies[False])
 
 
+def test_a_draft_models_drafts_are_checked_and_the_replies_stay_the_same(smol_pair):
+    """SmolLM2's Q4_0 drafts for its Q8_0, two replies at once (a record to copy, a free
+    question): each greedy reply is the one without speculation (or parts at a near-tie), the
+    draft's tokens were taken, and neither the model's cells nor the draft's hold a rejected
+    draft: what each holds is the reply's own tokens."""
+    target, draft = smol_pair
+    free = ("<|im_start|>user\nWhat are the first steps in managing suspected sepsis?"
+            "<|im_end|>\n<|im_start|>assistant\n")
+    replies: dict[bool, dict[int, object]] = {}
+    for speculation in (True, False):
+        e = engine(target, speculation=speculation, n_parallel=2,
+                   draft=draft if speculation else None)
+        cheap_drafts(e)
+        try:
+            prompts = {1: medication_prompt(e)[:1500], 2: e.tokenize(free)}
+            replies[speculation] = e.run(*(Request(i, p, GREEDY) for i, p in prompts.items()))
+            if speculation:
+                assert e.draft_model is not None
+                for i, prompt in prompts.items():
+                    s = replies[True][i].stats
+                    fed = s.token_ids if s.stopped_by is StopReason.EOS else s.token_ids[:-1]
+                    slot = next(n for n, cells in enumerate(e._slots)
+                                if cells.cells[:len(prompt)] == prompt)
+                    assert e._slots[slot].cells == prompt + fed
+                    held = e.draft_model.held[slot]
+                    assert held[:len(prompt)] == prompt
+                    # then the reply's tokens up to its last draft, whose tail may be rejected
+                    own = held[len(prompt):]
+                    pairs = zip(own, s.token_ids, strict=False)
+                    agree = next((k for k, (x, y) in enumerate(pairs) if x != y),
+                                 min(len(own), len(s.token_ids)))
+                    assert 0 < agree and len(own) - agree <= DRAFT_MAX, (agree, len(own))
+        finally:
+            e.close()
+    copy = replies[True][1].stats
+    assert copy.drafted_tokens > 20 and copy.accepted_tokens >= copy.drafted_tokens // 2, (
+        copy.accepted_tokens, copy.drafted_tokens)
+    assert replies[True][2].stats.drafted_tokens > 0  # free text drafts too (lookup would not)
+    assert replies[False][1].stats.drafted_tokens == 0
+    same_or_near_tie(target, prompts[1], replies[True][1].text, replies[False][1].text)
+    same_or_near_tie(target, prompts[2], replies[True][2].text, replies[False][2].text)
+
+
+def test_a_draft_of_another_vocabulary_is_refused_in_one_line_before_anything_loads(
+        smol, smol_pair, gemma3_real, tmp_path):
+    """Gemma 3's tokenizer for SmolLM2's: refused from the headers (no weight read), in chat,
+    serve and plan alike; a vocabulary whose texts differ is refused as llama.cpp refuses it;
+    --draft with --no-speculation contradicts itself."""
+    import subprocess
+
+    from localmed.errors import SpeculationError
+    from localmed.runtimes.draft_model import _vocab_mismatch, check_pair
+
+    gemma = gemma3_real["gguf"]
+    with pytest.raises(SpeculationError, match=r"cannot draft for .*tokenizer is 'llama'"):
+        check_pair(smol, gemma)
+    check_pair(*smol_pair)  # a pair of one vocabulary passes
+    tokens = [b"<s>", b"a", b"b", b"c", b"d", b"e", b"f"]
+    assert "token 6" in _vocab_mismatch(("gpt2", "gpt2"), (0, 1, 0, 2), (0, 1, 0, 2), tokens,
+                                        [*tokens[:6], b"g"])
+    assert "BOS" in _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 3, 0, 2), tokens, tokens)
+    assert not _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 1, 0, 2), tokens,
+                               [b"<x>", *tokens[1:]])  # (ids below 5 may differ)
+    for args in (["serve", str(smol), "--draft", str(gemma)],
+                 ["plan", str(smol), "--draft", str(gemma)],
+                 ["chat", str(smol), "--draft", str(smol_pair[1]), "--no-speculation"]):
+        done = subprocess.run([sys.executable, "-m", "localmed", *args], capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+        assert ("cannot draft for" in lines[0]) != ("--no-speculation" in args), lines[0]
+    assert not list(tmp_path.iterdir())
+
+
+def test_plan_counts_the_draft_models_memory(smol_pair, tmp_path):
+    import re
+    import subprocess
+
+    target, draft = smol_pair
+    needs = {}
+    for extra in ([], ["--draft", str(draft)]):
+        done = subprocess.run([sys.executable, "-m", "localmed", "plan", str(target), *extra],
+                              capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                              env={**os.environ, "COLUMNS": "200"})
+        assert done.returncode == 0, done.stderr
+        weights = re.search(r"weights (\d+) MiB, KV cache (\d+) MiB", done.stdout)
+        needs[bool(extra)] = (int(weights[1]), int(weights[2]))
+        assert ("draft: " + draft.name in done.stdout) == bool(extra), done.stdout
+    draft_mib = draft.stat().st_size / 2**20
+    assert needs[True][0] - needs[False][0] == pytest.approx(draft_mib, abs=3)
+    assert needs[True][1] == 2 * needs[False][1]  # the same model's cells, once more
+
+
 def test_a_copying_reply_takes_most_of_its_drafts_and_keeps_only_what_was_taken(smol):
     """SmolLM2 copying the medication list takes drafts (the point of it); the cells hold the
     reply's tokens and no rejected draft: a follow-up from them answers as a whole prefill."""
@@ -169,26 +279,29 @@ def test_a_copying_reply_takes_most_of_its_drafts_and_keeps_only_what_was_taken(
 
 # --- sampling --------------------------------------------------------------------------------------
 
-def chi_square_critical(df: int, z: float = 3.09) -> float:
-    """The chi-square value a df-degree statistic passes with probability 0.001 (Wilson and
-    Hilferty's approximation)."""
+def chi_square_critical(df: int, z: float = 3.29) -> float:
+    """The chi-square value a df-degree statistic passes with probability 0.0005 (Wilson and
+    Hilferty's approximation; three tests of a test: 0.0015 together)."""
     return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-def test_seeded_sampling_keeps_the_models_distribution(smol):
+@pytest.mark.parametrize("drafting", ["lookup", "draft model"])
+def test_seeded_sampling_keeps_the_models_distribution(drafting, request):
     """400 seeded samples of a short continuation that copies the record (so drafts are
-    proposed and taken), with and without speculation: the two distributions of the eight
-    tokens agree (a chi-square test of homogeneity, p > 0.001), and each seed draws the same
-    reply (its random numbers are drawn in the same order) wherever no float sum moved."""
-    params = GenerationParams(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, max_tokens=8,
+    proposed and taken), with and without speculation (by lookup, or by SmolLM2's own Q4_0 for
+    its Q8_0): the distributions of its first two, three and four tokens agree (chi-square
+    tests of homogeneity, p > 0.0005 each; whole replies are nearly all different)."""
+    if drafting == "lookup":
+        model, draft = request.getfixturevalue("smol"), None
+    else:
+        model, draft = request.getfixturevalue("smol_pair")
+    params = GenerationParams(temperature=1.0, top_k=40, top_p=1.0, min_p=0.0, max_tokens=4,
                               repeat_penalty=1.0)
     samples: dict[bool, list[tuple[int, ...]]] = {}
     drafted = 0
     for speculation in (True, False):
-        e = engine(smol, speculation=speculation)
-        # Drafted tokens as cheap as a 7B's on a laptop (this 2-core VM measures ~0.5 a step for
-        # SmolLM2, and an 8-token reply would draft nothing): what is tested is the sampling.
-        e.step_cost.cost = lambda replies: 0.05  # type: ignore[method-assign]
+        e = engine(model, speculation=speculation, draft=draft if speculation else None)
+        cheap_drafts(e)
         try:
             prompt = medication_prompt(e) + e.tokenize("Medications on admission:",
                                                        add_bos=False)
@@ -201,6 +314,14 @@ def test_seeded_sampling_keeps_the_models_distribution(smol):
         finally:
             e.close()
     assert drafted > 100
+    for n in (2, 3, 4):  # the first token is never drafted; what follows it is
+        chi, df = homogeneity({k: [sample[:n] for sample in v] for k, v in samples.items()})
+        assert df >= 2 and chi < chi_square_critical(df), (n, chi, df)
+
+
+def homogeneity(samples: dict[bool, list[tuple[int, ...]]]) -> tuple[float, int]:
+    """The chi-square statistic of homogeneity of two samples' kinds (those seen fewer than
+    10 times pooled), and its degrees of freedom."""
     counts = {k: Counter(v) for k, v in samples.items()}
     kinds = [k for k in counts[True] | counts[False]
              if counts[True][k] + counts[False][k] >= 10]
@@ -212,8 +333,7 @@ def test_seeded_sampling_keeps_the_models_distribution(smol):
     chi = sum((table[r][c] - totals[r] * columns[c] / sum(totals)) ** 2
               / (totals[r] * columns[c] / sum(totals))
               for r in range(2) for c in range(len(columns)) if columns[c])
-    df = sum(1 for c in columns if c) - 1
-    assert df >= 2 and chi < chi_square_critical(df), (chi, df)
+    return chi, sum(1 for c in columns if c) - 1
 
 
 # --- serve -----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
 from localmed.runtimes.base import ScoringRuntime
+from localmed.runtimes.speculation import speculating
 
 
 @dataclass(frozen=True)
@@ -110,13 +111,15 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
     return docs[:count]
 
 
-def model_loader(threads: int | None, speculation: bool = False) -> object:
+def model_loader(threads: int | None, speculation: bool = False,
+                 draft: Path | None = None) -> object:
     """Loads each quant with the Runtime its format calls for, at most at its trained context."""
     def load(quant: str, path: Path, n_ctx: int) -> ScoringRuntime:
         trained = formats.describe(path).context_length or n_ctx
         return formats.load_runtime(path, formats.LoadOptions(n_ctx=min(n_ctx, trained),
                                                               threads=threads,
-                                                              speculation=speculation))
+                                                              speculation=speculation,
+                                                              draft=draft))
 
     return load
 
@@ -157,7 +160,7 @@ def run(args: object, console: Console, err: Console) -> int:
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:
         task = bar.add_task("bench", total=todo)
-        run_bench(config, model_loader(args.threads, args.speculation),
+        run_bench(config, model_loader(args.threads, speculating(args.speculation, args.draft), args.draft),
                   lambda what: bar.update(task, advance=1, description=what))
     results = aggregate(config)
     written = write_outputs(results, out)

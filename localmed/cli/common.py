@@ -4,6 +4,7 @@ stderr), the one-line argument parser, argument types and the options of a model
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import NoReturn
 
 from rich.console import Console
@@ -73,8 +74,12 @@ def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None
 
 
 def speculation_option(p: argparse.ArgumentParser) -> None:
-    """``--speculation`` / ``--no-speculation`` (chat, serve, bench)."""
-    p.add_argument("--speculation", action=argparse.BooleanOptionalAction, default=False,
+    """``--speculation`` / ``--no-speculation`` and ``--draft`` (chat, serve, bench): read them
+    with :func:`speculating`."""
+    p.add_argument("--draft", metavar="GGUF", type=Path, help="a small model of the same "
+                   "vocabulary drafts tokens for this one (speculative decoding; turns "
+                   "--speculation on), counted in the plan")
+    p.add_argument("--speculation", action=argparse.BooleanOptionalAction, default=None,
                    help="draft tokens by prompt lookup (speculative decoding; it backs off "
                    "where drafts do not pay): faster when a reply copies a pasted record; off "
                    "by default for now")

@@ -19,9 +19,10 @@ from localmed.cli.common import (
     speculation_option,
 )
 from localmed.cli.progress import progress_bars
-from localmed.errors import LocalmedError
+from localmed.errors import LocalmedError, SpeculationError
 from localmed.extras import EXTRAS, install_command, missing
 from localmed.runtimes.base import GenerationParams
+from localmed.runtimes.speculation import speculating
 
 
 def _chat_model(args: argparse.Namespace):
@@ -80,7 +81,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                                threads=args.threads, batch_seconds=FLUSH_SECONDS,
-                               projector=args.mmproj, speculation=args.speculation)
+                               projector=args.mmproj, speculation=speculating(args.speculation, args.draft),
+                               draft=args.draft)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -127,6 +129,7 @@ def _chat_web(args: argparse.Namespace) -> int:
                         ("--template", args.template), ("--system", args.system),
                         ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj),
                         ("--docs", args.docs), ("--passages", args.passages),
+                        ("--draft", args.draft),
                         ("--temperature", args.temperature)):
         if value is not None:
             chat_args += [flag, str(value)]
@@ -134,7 +137,7 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
-    if args.speculation:
+    if speculating(args.speculation, args.draft):
         chat_args.append("--speculation")
     title = f"localmed chat: {model.label}"
     if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
@@ -148,7 +151,8 @@ def _chat_web(args: argparse.Namespace) -> int:
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
                                                       args.threads, projector=args.mmproj,
                                                       cache_reuse=CACHE_REUSE,
-                                                      speculation=args.speculation),
+                                                      speculation=speculating(args.speculation, args.draft),
+                                                      draft=args.draft),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
@@ -179,7 +183,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     hw = hardware.detect()
     # One header read: the footprint serves the plan and the quant suggestion.
     info, footprint = formats.footprint(model.path)
-    images = ""
+    beside = ""
     if info.format == "gguf":
         from localmed.errors import ProjectorError
         from localmed.projector import pair, with_projector
@@ -187,22 +191,32 @@ def cmd_plan(args: argparse.Namespace) -> int:
         try:
             pairing = pair(model.path, args.mmproj)
         except ProjectorError as refused:
-            images = f"images: off: {refused}"
+            beside = f"images: off: {refused}"
         else:
             footprint = with_projector(footprint, pairing)
             if pairing.projector is not None:
-                images = (f"images: {pairing.projector.path.name} "
+                beside = (f"images: {pairing.projector.path.name} "
                           f"({gib(pairing.projector.file_bytes)}, counted in the plan)")
             elif pairing.lost:
-                images = f"images: off: {pairing.absent}"
+                beside = f"images: off: {pairing.absent}"
+        if args.draft is not None:
+            from localmed.runtimes.draft_model import check_pair, with_draft
+
+            check_pair(model.path, args.draft)
+            footprint = with_draft(footprint, args.draft)
+            beside = "\n".join(filter(None, (beside, f"draft: {args.draft.name} "
+                                              f"({gib(args.draft.stat().st_size)}, its cells "
+                                              "too, counted in the plan)")))
+    elif args.draft is not None:
+        raise SpeculationError("--draft needs a GGUF: llama.cpp's engine drafts")
     plan = formats.format_of(model.path).plan_footprint(footprint, formats.LoadOptions(
         n_ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads), hw)
     out = console()
     out.print(f"[bold]{escape(model.label)}[/]  {info.quant}, {gib(info.file_bytes)} "
               f"{info.format.upper()}, {info.block_count} layers")
     out.print(_machine_line(hw))
-    if images:
-        out.print(escape(images))
+    if beside:
+        out.print(escape(beside))
     # One recommendation: where the model does not fit, the plan's hint is the suggestion
     # printed below it (a quant smaller than the model's own).
     choice = _choose_quant(info, footprint, model.path, plan.n_ctx, hw,
@@ -446,6 +460,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "passages fit a question")
     p.add_argument("--mmproj", metavar="FILE", type=Path, help="an image-text model's vision "
                    "projector (default: the one beside the model), counted in the plan")
+    p.add_argument("--draft", metavar="GGUF", type=Path, help="a draft model for speculative "
+                   "decoding, counted in the plan")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "

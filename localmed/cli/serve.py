@@ -19,6 +19,7 @@ from localmed.cli.common import (
     speculation_option,
 )
 from localmed.errors import LocalmedError, ServeError
+from localmed.runtimes.speculation import speculating
 
 if TYPE_CHECKING:
     from localmed.chat import ChatModel
@@ -85,7 +86,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
                                                       args.threads, cache_ram(args),
                                                       args.mmproj,
-                                                      speculation=args.speculation),
+                                                      speculation=speculating(args.speculation, args.draft),
+                                                      draft=args.draft),
                              on_restart=reloading)
         return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
     from localmed.chat import open_runtime
@@ -94,7 +96,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                            threads=args.threads, projector=args.mmproj,  # refuses --mmproj
-                           on_restart=reloading, speculation=args.speculation)
+                           on_restart=reloading, speculation=speculating(args.speculation, args.draft),
+                           draft=args.draft)
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 

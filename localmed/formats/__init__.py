@@ -35,6 +35,8 @@ class LoadOptions:
     threads: int | None = None
     speculation: bool = False
     """llama.cpp's engine drafts tokens by prompt lookup (``--speculation``)."""
+    draft: Path | None = None
+    """...or with this draft model (``--draft``)."""
 
 
 class ModelFormat(ABC):
@@ -163,7 +165,8 @@ class GGUFFormat(ModelFormat):
         from localmed.runtimes.local import LocalRuntime
 
         return LocalRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
-                                 threads=options.threads, speculation=options.speculation)
+                                 threads=options.threads, speculation=options.speculation,
+                                 draft=options.draft)
 
 
 @register

@@ -41,6 +41,7 @@ import numpy as np
 from localmed.errors import ContextFullError, EngineError, GGUFFileError, ImageError
 from localmed.images import Image
 from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
+from localmed.runtimes.draft_model import DraftModel
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.reply import Outcome, Reply
 from localmed.runtimes.slot_cells import SlotCells
@@ -59,7 +60,8 @@ class BatchEngine:
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
                  flash_attention: bool = False, projector: Path | None = None,
-                 cache_reuse: int = 0, speculation: bool = False) -> None:
+                 cache_reuse: int = 0, speculation: bool = False,
+                 draft: Path | None = None) -> None:
         import llama_cpp
 
         self._llama = llama_cpp
@@ -95,19 +97,28 @@ class BatchEngine:
         # (a recurrent model's state cannot drop a rejected draft's tokens)
         self.speculation = speculation and not (llama_cpp.llama_model_is_recurrent(self._model)
                                                 or llama_cpp.llama_model_is_hybrid(self._model))
-        self.step_cost = StepCost()
         self.cells = SlotCells(llama_cpp, self._ctx, n_parallel, n_swa=self.n_swa,
                                cache_ram=cache_ram, cache_reuse=cache_reuse)
         self.host_cache = self.cells.host_cache
         self._slots = self.cells.slots
         self.vision: Vision | None = None
-        if projector is not None:
-            try:
+        self.draft_model: DraftModel | None = None
+        try:
+            if projector is not None:
                 self.vision = Vision(projector, self._model, gpu=gpu_layers != 0,
                                      threads=ctx_params.n_threads_batch)
-            except BaseException:
-                self.close()
-                raise
+            if self.speculation and draft is not None:  # on the GPU if the model is, whole
+                whole = gpu_layers < 0 or gpu_layers > llama_cpp.llama_model_n_layer(self._model)
+                self.draft_model = DraftModel(llama_cpp, draft, self._model,
+                                              n_parallel=n_parallel, n_ctx=n_ctx,
+                                              gpu_layers=-1 if whole else 0, threads=threads,
+                                              n_batch=n_batch)
+        except BaseException:
+            self.close()
+            raise
+        # (until measured, a draft model's step costs what reading its weights does)
+        self.step_cost = StepCost(draft_prior=Path(draft).stat().st_size / Path(path).stat()
+                                  .st_size if self.draft_model is not None else 0.0)
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -231,18 +242,7 @@ class BatchEngine:
                 seq.fed += take
                 room -= take
         decoding = len(feed) == len(generating)  # no prompt in this step
-        cost = self.step_cost.cost(len(generating))
-        drafted = 0
-        for left, seq in enumerate(reversed(generating)):  # then drafts, in what room is left
-            if seq.drafter is None or cost >= 1.0:  # (a full batch: no draft pays, none probes)
-                continue
-            cells = len(self._slots[seq.slot].cells)
-            limit = min(room // (left + 1), seq.budget - seq.stats.generated_tokens - 1,
-                        self.n_ctx_seq - cells - 2)
-            draft = seq.drafter.propose(limit, cost)
-            feed[seq.slot][1].extend(draft)
-            room -= len(draft)
-            drafted += len(draft)
+        drafted = self._draft(generating, room, feed) if self.speculation else 0
         # In slot order: with a KV cache per sequence, llama.cpp puts in one ubatch only
         # sequences whose ids come in increasing consecutive order, and splits the rest into
         # more ubatches, each of which reads all the weights again (served 4 streams in the
@@ -276,6 +276,34 @@ class BatchEngine:
         if decoding and self.speculation:  # what drafts cost, for the next steps' drafts
             self.step_cost.record(len(generating), drafted, time.perf_counter() - started)
         return events
+
+    def _draft(self, generating: list[Reply], room: int,
+               feed: dict[int, tuple[Reply, list[int]]]) -> int:
+        """Each generating reply's draft, fed after its next token in what room the batch has
+        left: by lookup, or from the draft model. How many tokens were drafted."""
+        cost = self.step_cost.cost(len(generating))
+        if cost >= 1.0:  # (a full batch: no draft pays, none probes)
+            return 0
+        wants: dict[int, tuple[list[int], int]] = {}
+        for left, seq in enumerate(reversed(generating)):
+            assert seq.drafter is not None
+            cells = len(self._slots[seq.slot].cells)
+            limit = min(room // (left + 1), seq.budget - seq.stats.generated_tokens - 1,
+                        self.n_ctx_seq - cells - 2)
+            if self.draft_model is None:
+                room -= len(seq.drafter.propose(limit, cost))
+            elif (size := seq.drafter.wanted(limit, cost)) and not seq.request.images:
+                wants[seq.slot] = seq.drafter.lookup.tokens, size
+                room -= size
+        if wants:
+            assert self.draft_model is not None
+            drafts, decodes, seconds = self.draft_model.propose(wants, cost)
+            self.step_cost.drafted(decodes, seconds)
+            for slot, draft in drafts.items():
+                feed[slot][0].drafter.draft = draft  # type: ignore[union-attr]
+        for seq in generating:
+            feed[seq.slot][1].extend(seq.drafter.draft)  # type: ignore[union-attr]
+        return sum(len(seq.drafter.draft) for seq in generating)  # type: ignore[union-attr]
 
     def _sample(self, seq: Reply) -> bool:
         """Sample ``seq``'s next token (and, past a draft, each position in turn while the
@@ -415,6 +443,9 @@ class BatchEngine:
         if self.vision is not None:
             self.vision.close()
             self.vision = None
+        if self.draft_model is not None:
+            self.draft_model.close()
+            self.draft_model = None
         for seq in list(self._running.values()):
             llama.llama_sampler_free(seq.sampler)
         self._running.clear()

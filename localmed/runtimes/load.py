@@ -35,6 +35,8 @@ class BatchOptions:
     speculation: bool = False
     """Replies draft their next tokens by prompt lookup (:mod:`localmed.runtimes.speculation`;
     ``--speculation``; off by default until it pays on the machines it runs on: README)."""
+    draft: Path | None = None
+    """A draft model drafts instead of the lookup (``--draft``; with ``speculation`` only)."""
 
 
 def load_engine(path: Path, options: BatchOptions, machine: Any = None
@@ -47,6 +49,7 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
     from localmed.projector import pair, with_projector
     from localmed.runtimes import hardware
     from localmed.runtimes.batch import BatchEngine
+    from localmed.runtimes.draft_model import check_pair, with_draft
 
     info, footprint = read_gguf_footprint(path)
     machine = machine or hardware.detect()
@@ -59,16 +62,21 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
         return (EmbeddingEngine(path, gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                                 n_batch=EMBED_BATCH, pooling=options.pooling), info, plan,
                 "an embedding model")
+    draft = options.draft if options.speculation else None
+    if draft is not None:  # a draft of another vocabulary: refused before a weight is read
+        check_pair(path, draft)
     pairing = pair(path, options.projector)
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
-    plan = refuse_unless_fits(plan_offload(with_projector(footprint, pairing), machine,
+    footprint = with_draft(with_projector(footprint, pairing), draft)
+    plan = refuse_unless_fits(plan_offload(footprint, machine,
                                            n_ctx=per_sequence * options.n_parallel,
                                            gpu_layers=options.gpu_layers), path)
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
                          projector=pairing.projector.path if pairing.projector else None,
-                         cache_reuse=options.cache_reuse, speculation=options.speculation)
+                         cache_reuse=options.cache_reuse, speculation=options.speculation,
+                         draft=draft)
     return engine, info, plan, pairing.absent
 
 

@@ -17,12 +17,29 @@ acceptance so far and what a drafted token costs the step, measured by the engin
 (:class:`StepCost`: the fuller the batch, the dearer); a reply whose drafts are not worth their
 cost rests, for longer each time. So free text, where lookups propose little that is taken,
 costs almost nothing, and a full batch drafts nothing.
+
+With a draft model (``--draft``: a small model of the same vocabulary, :mod:`localmed.runtimes.
+draft_model`), the drafts come from it instead, for free text too; what its steps cost is
+measured and counted in a drafted token's cost the same way.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from localmed.errors import SpeculationError
+
+
+def speculating(asked: bool | None, draft: Path | None) -> bool:
+    """Whether replies draft: as ``--speculation`` / ``--no-speculation`` say (``asked``), else
+    whether ``--draft`` names a draft model (which ``--no-speculation`` contradicts)."""
+    if draft is not None and asked is False:
+        raise SpeculationError("--draft drafts tokens by speculation, which --no-speculation "
+                               "turns off: give one of them")
+    return bool(asked) or draft is not None
+
 
 NGRAM_SIZES = (8, 6, 4, 3, 2)
 """Lengths of the reply's newest tokens looked up, longest first: the longest match proposes
@@ -92,11 +109,21 @@ class StepCost:
     acceptance of recent replies' drafts, a new reply's prior (the work a server or a chat is
     doing now: copying from records, or not)."""
 
-    def __init__(self) -> None:
+    def __init__(self, draft_prior: float = 0.0) -> None:
         self._base: dict[int, float] = {}
         self._cost: dict[int, float] = {}
         self._seen: dict[int, int] = {}
         self._tries, self._took = PRIOR_TRIES, PRIOR_TRIES * PRIOR_ACCEPTANCE
+        self._draft_prior = draft_prior
+        self._draft_step: float | None = None
+
+    def drafted(self, positions: int, seconds: float) -> None:
+        """A draft model's work in one step: ``positions`` decodes, one per drafted position
+        (every reply drafting in each), in ``seconds``."""
+        if positions:
+            each = seconds / positions
+            self._draft_step = each if self._draft_step is None else (
+                0.8 * self._draft_step + 0.2 * each)
 
     def taken(self, tried: int, accepted: int) -> None:
         """A reply's draft: positions the sampler was asked about, and drafts it took."""
@@ -123,13 +150,23 @@ class StepCost:
 
     def cost(self, replies: int) -> float:
         """A drafted token's cost, in steps of the ``replies`` decoding (the fuller the batch,
-        the dearer; 1 or more: none is worth drafting)."""
+        the dearer; 1 or more: none is worth drafting): checking it in the step, and drafting
+        it where a draft model does (every reply waits for its decodes)."""
+        return self._checking(replies) + self._drafting(replies)
+
+    def _checking(self, replies: int) -> float:
         prior, seen = PRIOR_COST * replies, self._seen.get(replies, 0)
         if not seen:
             return prior
         # (the prior weighs as two steps: one step's time is noisy, and a cost that shut off
         # drafting at once could never be measured again)
         return (seen * self._cost[replies] + 2 * prior) / (seen + 2)
+
+    def _drafting(self, replies: int) -> float:
+        base = self._base.get(replies)
+        if self._draft_step is None or not base:
+            return self._draft_prior * replies
+        return replies * self._draft_step / base
 
 
 @dataclass
@@ -169,22 +206,26 @@ class Drafter:
             return DRAFT_MAX
         return max(1, min(DRAFT_MAX, int(math.log(cost) / math.log(accept))))
 
-    def propose(self, limit: int, cost: float = PRIOR_COST) -> list[int]:
-        """This step's draft, at most ``limit`` tokens (the batch's room, the reply's budget),
-        each costing ``cost`` (in steps)."""
+    def wanted(self, limit: int, cost: float = PRIOR_COST) -> int:
+        """How long this step's draft may be: at most ``limit`` tokens (the batch's room, the
+        reply's budget), each costing ``cost`` (in steps); 0 while the reply rests."""
         self.draft = []
         if self.resting:
             self.resting -= 1
             if not self.resting:  # try again, from the prior, whatever the cost says: what
                 self.tries, self.took = PRIOR_TRIES, PRIOR_TRIES * self.prior  # (what a
-                self.draft = self.lookup.draft(min(PROBE, limit))  # cost is, is measured)
-            return self.draft
+                return max(0, min(PROBE, limit))  # cost is, is measured)
+            return 0
         size = self.size(cost)
         if not size:
             self.resting = REST_STEPS[min(self.rests, len(REST_STEPS) - 1)]
             self.rests += 1
-        elif limit > 0:
-            self.draft = self.lookup.draft(min(size, limit))
+        return max(0, min(size, limit))
+
+    def propose(self, limit: int, cost: float = PRIOR_COST) -> list[int]:
+        """This step's draft by lookup (:meth:`wanted` long at most)."""
+        size = self.wanted(limit, cost)
+        self.draft = self.lookup.draft(size) if size else []
         return self.draft
 
     def taken(self, accepted: int) -> int:
