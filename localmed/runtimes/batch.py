@@ -44,6 +44,7 @@ from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
 from localmed.runtimes.draft_model import DraftModel
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.reply import Outcome, Reply
+from localmed.runtimes.scoring import Scoring
 from localmed.runtimes.slot_cells import SlotCells
 from localmed.runtimes.speculation import Drafter, PromptLookup, StepCost
 from localmed.runtimes.vision import Part, Vision, placeholder
@@ -54,8 +55,9 @@ __all__ = ["NO_PROJECTOR", "BatchEngine", "Outcome", "json_grammar"]
 NO_PROJECTOR = "this model was loaded without an image projector (mmproj): it reads text only"
 
 
-class BatchEngine:
-    """A GGUF loaded for ``n_parallel`` sequences decoded together."""
+class BatchEngine(Scoring):
+    """A GGUF loaded for ``n_parallel`` sequences decoded together (and scoring between
+    replies: :class:`~localmed.runtimes.scoring.Scoring`)."""
 
     def __init__(self, path: Path, *, n_parallel: int, n_ctx: int, gpu_layers: int = 0,
                  threads: int | None = None, n_batch: int = 512, cache_ram: int = 0,
@@ -389,54 +391,6 @@ class BatchEngine:
         del self._running[seq.request.id]
         self._llama.llama_sampler_free(seq.sampler)
         return seq.end()
-
-    # --- scoring (bench): between replies, in the first sequence -------------------------------
-
-    def next_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits (float32, the whole vocabulary) for the token after ``tokens``; the cells the
-        first sequence shares with them (the last call's few-shot prefix, say) are kept."""
-        tokens = self._scorable(tokens)
-        keep = self.cells.keep_prefix(0, tokens)
-        return self._evaluate(tokens[keep:], every=False)[-1]
-
-    def sequence_logits(self, tokens: Sequence[int]) -> np.ndarray:
-        """Logits at every position of ``tokens`` (``[len(tokens), n_vocab]``), from a
-        prefill of them all."""
-        tokens = self._scorable(tokens)
-        self.cells.clear(0)
-        return self._evaluate(tokens, every=True)
-
-    def _scorable(self, tokens: Sequence[int]) -> list[int]:
-        if self.busy:
-            raise EngineError("the engine scores between replies, and one is running")
-        if not tokens or len(tokens) > self.n_ctx_seq:
-            raise ContextFullError(f"{len(tokens)} tokens do not fit the {self.n_ctx_seq}-token "
-                                   "context")
-        return list(tokens)
-
-    def _evaluate(self, tokens: list[int], *, every: bool) -> np.ndarray:
-        """Prefill ``tokens`` into the first sequence a batch at a time: the logits of each
-        (``every``) or of the last."""
-        llama, batch = self._llama, self._batch
-        rows: list[np.ndarray] = []
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last = start + len(chunk) == len(tokens)
-            for i, token in enumerate(chunk):
-                self._put(i, token, 0, every or (last and i == len(chunk) - 1))
-            batch.n_tokens = len(chunk)
-            status = llama.llama_decode(self._ctx, batch)
-            if status != 0:
-                self.cells.clear(0)
-                raise EngineError(f"llama_decode failed (status {status}) scoring "
-                                  f"{len(chunk)} tokens")
-            if every:
-                rows.append(np.ctypeslib.as_array(llama.llama_get_logits(self._ctx),
-                                                  shape=(len(chunk), self.vocab.n_vocab)).copy())
-        if not every:
-            rows.append(np.ctypeslib.as_array(llama.llama_get_logits_ith(self._ctx, -1),
-                                              shape=(1, self.vocab.n_vocab)).copy())
-        return np.concatenate(rows) if len(rows) > 1 else rows[0]
 
     def close(self) -> None:
         llama = self._llama
