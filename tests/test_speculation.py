@@ -53,7 +53,7 @@ def cheap_drafts(e) -> None:
     """Drafted tokens as cheap as a 7B's on a laptop: this 2-core VM measures ~0.5 of a step for
     SmolLM2 (and a draft model of its size costs most of a step more), so replies this short
     would draft nothing; what is tested is what drafting does."""
-    e.step_cost.cost = lambda replies: 0.05
+    e.step_cost.cost = lambda replies, drafting=True: 0.05
 
 
 def medication_prompt(model_engine) -> list[int]:
@@ -163,10 +163,11 @@ def test_greedy_replies_are_the_ones_without_speculation(which, request):
 
 
 def test_a_draft_models_drafts_are_checked_and_the_replies_stay_the_same(smol_pair):
-    """SmolLM2's Q4_0 drafts for its Q8_0, two replies at once (a record to copy, a free
-    question): each greedy reply is the one without speculation (or parts at a near-tie), the
-    draft's tokens were taken, and neither the model's cells nor the draft's hold a rejected
-    draft: what each holds is the reply's own tokens."""
+    """SmolLM2's Q4_0 drafts for its Q8_0 where the lookup proposes nothing, two replies at
+    once (a record to copy, a free question): each greedy reply is the one without speculation
+    (or parts at a near-tie), the draft model was asked for both and its tokens were taken, and
+    the model's cells hold no rejected draft, the draft's the reply's own tokens (and at most
+    its last draft after them)."""
     target, draft = smol_pair
     free = ("<|im_start|>user\nWhat are the first steps in managing suspected sepsis?"
             "<|im_end|>\n<|im_start|>assistant\n")
@@ -194,12 +195,21 @@ def test_a_draft_models_drafts_are_checked_and_the_replies_stay_the_same(smol_pa
                     agree = next((k for k, (x, y) in enumerate(pairs) if x != y),
                                  min(len(own), len(s.token_ids)))
                     assert 0 < agree and len(own) - agree <= DRAFT_MAX, (agree, len(own))
+                # what the draft proposes, asked directly: the Q8_0's own greedy continuation,
+                # mostly (the Q4_0 of the same weights)
+                greedy = e.run(Request(9, prompts[2], GREEDY))[9].stats.token_ids
+                taken = 0
+                for at in (0, 16, 32, 48):
+                    draft_ = e.draft_model.propose({0: (prompts[2] + greedy[:at + 1], 8)},
+                                                   0.0)[0][0]
+                    taken += next((k for k, (x, y) in enumerate(
+                        zip(draft_, greedy[at + 1:], strict=False)) if x != y), len(draft_))
+                assert taken >= 12, taken  # of 32 positions
         finally:
             e.close()
-    copy = replies[True][1].stats
-    assert copy.drafted_tokens > 20 and copy.accepted_tokens >= copy.drafted_tokens // 2, (
-        copy.accepted_tokens, copy.drafted_tokens)
-    assert replies[True][2].stats.drafted_tokens > 0  # free text drafts too (lookup would not)
+    copy, free_ = replies[True][1].stats, replies[True][2].stats
+    assert copy.drafted_tokens > 20 and copy.accepted_tokens > 0
+    assert free_.drafted_tokens > 20 and free_.accepted_tokens > 0  # free text drafts too
     assert replies[False][1].stats.drafted_tokens == 0
     same_or_near_tie(target, prompts[1], replies[True][1].text, replies[False][1].text)
     same_or_near_tie(target, prompts[2], replies[True][2].text, replies[False][2].text)

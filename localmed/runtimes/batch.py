@@ -282,24 +282,28 @@ class BatchEngine(Scoring):
     def _draft(self, generating: list[Reply], room: int,
                feed: dict[int, tuple[Reply, list[int]]]) -> int:
         """Each generating reply's draft, fed after its next token in what room the batch has
-        left: by lookup, or from the draft model. How many tokens were drafted."""
-        cost = self.step_cost.cost(len(generating))
+        left: by lookup (free to propose), else from the draft model, if there is one (its
+        decodes counted in a token's cost). How many tokens were drafted."""
+        replies = len(generating)
+        cost = self.step_cost.cost(replies, drafting=False)
         if cost >= 1.0:  # (a full batch: no draft pays, none probes)
             return 0
+        full = self.step_cost.cost(replies)
         wants: dict[int, tuple[list[int], int]] = {}
         for left, seq in enumerate(reversed(generating)):
             assert seq.drafter is not None
             cells = len(self._slots[seq.slot].cells)
             limit = min(room // (left + 1), seq.budget - seq.stats.generated_tokens - 1,
                         self.n_ctx_seq - cells - 2)
-            if self.draft_model is None:
-                room -= len(seq.drafter.propose(limit, cost))
-            elif (size := seq.drafter.wanted(limit, cost)) and not seq.request.images:
+            room -= len(seq.drafter.propose(limit, cost))
+            if (self.draft_model is not None and not seq.drafter.draft and limit > 0
+                    and not seq.drafter.resting and not seq.request.images
+                    and (size := min(seq.drafter.size(full), limit))):
                 wants[seq.slot] = seq.drafter.lookup.tokens, size
                 room -= size
         if wants:
             assert self.draft_model is not None
-            drafts, decodes, seconds = self.draft_model.propose(wants, cost)
+            drafts, decodes, seconds = self.draft_model.propose(wants, full)
             self.step_cost.drafted(decodes, seconds)
             for slot, draft in drafts.items():
                 feed[slot][0].drafter.draft = draft  # type: ignore[union-attr]

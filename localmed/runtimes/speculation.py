@@ -19,8 +19,9 @@ cost rests, for longer each time. So free text, where lookups propose little tha
 costs almost nothing, and a full batch drafts nothing.
 
 With a draft model (``--draft``: a small model of the same vocabulary, :mod:`localmed.runtimes.
-draft_model`), the drafts come from it instead, for free text too; what its steps cost is
-measured and counted in a drafted token's cost the same way.
+draft_model`), a reply whose lookup proposes nothing asks the draft model, for free text too;
+what the draft's decodes cost is measured and counted in its tokens' cost the same way (a
+lookup's tokens cost nothing to propose, and copying a record is still the lookup's).
 """
 
 from __future__ import annotations
@@ -148,11 +149,12 @@ class StepCost:
             self._cost[replies] = added if cost is None else 0.8 * cost + 0.2 * added
             self._seen[replies] = self._seen.get(replies, 0) + 1
 
-    def cost(self, replies: int) -> float:
+    def cost(self, replies: int, drafting: bool = True) -> float:
         """A drafted token's cost, in steps of the ``replies`` decoding (the fuller the batch,
         the dearer; 1 or more: none is worth drafting): checking it in the step, and drafting
-        it where a draft model does (every reply waits for its decodes)."""
-        return self._checking(replies) + self._drafting(replies)
+        it where a draft model does (every reply waits for its decodes; ``drafting`` False: a
+        lookup's token, free to propose)."""
+        return self._checking(replies) + (self._drafting(replies) if drafting else 0.0)
 
     def _checking(self, replies: int) -> float:
         prior, seen = PRIOR_COST * replies, self._seen.get(replies, 0)
