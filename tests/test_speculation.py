@@ -230,11 +230,13 @@ def test_a_draft_of_another_vocabulary_is_refused_in_one_line_before_anything_lo
         check_pair(smol, gemma)
     check_pair(*smol_pair)  # a pair of one vocabulary passes
     tokens = [b"<s>", b"a", b"b", b"c", b"d", b"e", b"f"]
-    assert "token 6" in _vocab_mismatch(("gpt2", "gpt2"), (0, 1, 0, 2), (0, 1, 0, 2), tokens,
-                                        [*tokens[:6], b"g"])
-    assert "BOS" in _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 3, 0, 2), tokens, tokens)
-    assert not _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 1, 0, 2), tokens,
-                               [b"<x>", *tokens[1:]])  # (ids below 5 may differ)
+    sizes = (len(tokens), len(tokens))
+    assert "token 6" in _vocab_mismatch(("gpt2", "gpt2"), (0, 1, 0, 2), (0, 1, 0, 2), sizes,
+                                        (tokens, [*tokens[:6], b"g"]))
+    assert "BOS" in _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 3, 0, 2), sizes,
+                                    (tokens, tokens))
+    assert not _vocab_mismatch(("gpt2", "gpt2"), (1, 1, 0, 2), (1, 1, 0, 2), sizes,
+                               (tokens, [b"<x>", *tokens[1:]]))  # (ids below 5 may differ)
     for args in (["serve", str(smol), "--draft", str(gemma)],
                  ["plan", str(smol), "--draft", str(gemma)],
                  ["chat", str(smol), "--draft", str(smol_pair[1]), "--no-speculation"]):

@@ -156,11 +156,12 @@ def run(args: object, console: Console, err: Console) -> int:
     if config.prompt_format == "chat" and model.entry is None:
         raise LocalmedError("--prompt-format chat needs a registry model (for its template)")
     check_settings(config)  # before any progress is drawn: a refusal is one line
+    loader = model_loader(args.threads, speculating(args.speculation, args.draft), args.draft)
     todo = remaining_work(config, Records(out))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:
         task = bar.add_task("bench", total=todo)
-        run_bench(config, model_loader(args.threads, speculating(args.speculation, args.draft), args.draft),
+        run_bench(config, loader,
                   lambda what: bar.update(task, advance=1, description=what))
     results = aggregate(config)
     written = write_outputs(results, out)

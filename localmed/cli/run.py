@@ -81,7 +81,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         # The engine sends text as often as the screen shows it, and wakes the app no more.
         runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                                threads=args.threads, batch_seconds=FLUSH_SECONDS,
-                               projector=args.mmproj, speculation=speculating(args.speculation, args.draft),
+                               projector=args.mmproj,
+                               speculation=speculating(args.speculation, args.draft),
                                draft=args.draft)
     try:
         session = ChatSession.open(model, runtime, template=args.template,
@@ -137,7 +138,8 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
-    if speculating(args.speculation, args.draft):
+    speculation = speculating(args.speculation, args.draft)
+    if speculation:
         chat_args.append("--speculation")
     title = f"localmed chat: {model.label}"
     if formats.format_of(model.path).name != "gguf":  # transformers: a model per tab
@@ -151,7 +153,7 @@ def _chat_web(args: argparse.Namespace) -> int:
         client = BatchClient(model.path, BatchOptions(sessions, args.ctx, args.gpu_layers,
                                                       args.threads, projector=args.mmproj,
                                                       cache_reuse=CACHE_REUSE,
-                                                      speculation=speculating(args.speculation, args.draft),
+                                                      speculation=speculation,
                                                       draft=args.draft),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
@@ -200,10 +202,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             elif pairing.lost:
                 beside = f"images: off: {pairing.absent}"
         if args.draft is not None:
-            from localmed.runtimes.draft_model import check_pair, with_draft
+            from localmed.runtimes.draft_model import with_draft
 
-            check_pair(model.path, args.draft)
-            footprint = with_draft(footprint, args.draft)
+            footprint = with_draft(footprint, model.path, args.draft)
             beside = "\n".join(filter(None, (beside, f"draft: {args.draft.name} "
                                               f"({gib(args.draft.stat().st_size)}, its cells "
                                               "too, counted in the plan)")))

@@ -76,6 +76,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
     def reloading(line: str) -> None:  # the engine's supervisor reloads at once
         print(f"localmed serve: {line}", file=log, flush=True)
 
+    speculation = speculating(args.speculation, args.draft)
+
     if formats.format_of(model.path).name == "gguf":
         from localmed.runtimes.batch_process import BatchClient, BatchOptions
 
@@ -86,7 +88,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         client = BatchClient(model.path, BatchOptions(parallel, per_reply, args.gpu_layers,
                                                       args.threads, cache_ram(args),
                                                       args.mmproj,
-                                                      speculation=speculating(args.speculation, args.draft),
+                                                      speculation=speculation,
                                                       draft=args.draft),
                              on_restart=reloading)
         return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
@@ -96,7 +98,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
         raise ServeError("--parallel needs a GGUF: a GPTQ folder is served one reply at a time")
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                            threads=args.threads, projector=args.mmproj,  # refuses --mmproj
-                           on_restart=reloading, speculation=speculating(args.speculation, args.draft),
+                           on_restart=reloading, speculation=speculation,
                            draft=args.draft)
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 

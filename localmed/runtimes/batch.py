@@ -38,10 +38,11 @@ from pathlib import Path
 
 import numpy as np
 
-from localmed.errors import ContextFullError, EngineError, GGUFFileError, ImageError
+from localmed.errors import ContextFullError, EngineError, ImageError
 from localmed.images import Image
 from localmed.runtimes.base import GenerationStats, StopReason, StopStringFilter
 from localmed.runtimes.draft_model import DraftModel
+from localmed.runtimes.llama_context import load_model, sequences_context
 from localmed.runtimes.messages import Done, Event, Failed, Logprobs, Piece, Request
 from localmed.runtimes.reply import Outcome, Reply
 from localmed.runtimes.scoring import Scoring
@@ -69,23 +70,10 @@ class BatchEngine(Scoring):
         self._llama = llama_cpp
         self.n_parallel = n_parallel
         self.n_batch = n_batch
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = gpu_layers
-        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
-        if not self._model:
-            raise GGUFFileError(Path(path), "llama.cpp could not load it")
-        cores = os.cpu_count() or 1
-        ctx_params = llama_cpp.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
-        ctx_params.n_batch = ctx_params.n_ubatch = n_batch
-        ctx_params.n_seq_max = n_parallel
-        ctx_params.kv_unified = False  # each sequence its own n_ctx / n_parallel cells
-        ctx_params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attention
-                                      else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        # llama_cpp.Llama's defaults: half the cores for one token, all of them for batches
-        ctx_params.n_threads = threads or max(cores // 2, 1)
-        ctx_params.n_threads_batch = threads or cores
-        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        self._model = load_model(llama_cpp, path, gpu_layers)
+        self._ctx = sequences_context(llama_cpp, self._model, n_ctx=n_ctx, n_batch=n_batch,
+                                      n_parallel=n_parallel, threads=threads,
+                                      flash_attention=flash_attention)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise EngineError(f"llama.cpp could not make a {n_ctx}-token context for "
@@ -108,13 +96,13 @@ class BatchEngine(Scoring):
         try:
             if projector is not None:
                 self.vision = Vision(projector, self._model, gpu=gpu_layers != 0,
-                                     threads=ctx_params.n_threads_batch)
+                                     threads=threads or os.cpu_count() or 1)
             if self.speculation and draft is not None:  # on the GPU if the model is, whole
                 whole = gpu_layers < 0 or gpu_layers > llama_cpp.llama_model_n_layer(self._model)
                 self.draft_model = DraftModel(llama_cpp, draft, self._model,
                                               n_parallel=n_parallel, n_ctx=n_ctx,
                                               gpu_layers=-1 if whole else 0, threads=threads,
-                                              n_batch=n_batch)
+                                              n_batch=n_batch, flash_attention=flash_attention)
         except BaseException:
             self.close()
             raise

@@ -21,15 +21,15 @@ loaded (:func:`check_pair`), and again with llama.cpp's own vocabularies once bo
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from localmed.errors import EngineError, GGUFFileError, SpeculationError
+from localmed.errors import EngineError, SpeculationError
 from localmed.planner import ModelFootprint
+from localmed.runtimes.llama_context import load_model, sequences_context
 
 VOCAB_SIZE_SLACK = 128
 """Tokens two vocabularies may differ by (llama.cpp's ``SPEC_VOCAB_MAX_SIZE_DIFFERENCE``)."""
@@ -60,15 +60,16 @@ def check_pair(target: Path, draft: Path) -> None:
         *((f.get(Keys.Tokenizer.ADD_BOS), f.get(Keys.Tokenizer.BOS_ID),
            f.get(Keys.Tokenizer.ADD_EOS), f.get(Keys.Tokenizer.EOS_ID))
           for f in (model.fields, small.fields)),
-        model.tokens, small.tokens)
+        (len(model.tokens), len(small.tokens)), (model.tokens, small.tokens))
     if reason:
         raise SpeculationError(f"{draft.name} cannot draft for {Path(target).name}: {reason}")
 
 
 def _vocab_mismatch(kinds: tuple[object, object], target: tuple[Any, ...],
-                    draft: tuple[Any, ...], tokens: list[Any], draft_tokens: list[Any]) -> str:
+                    draft: tuple[Any, ...], sizes: tuple[int, int],
+                    texts: tuple[list[Any], list[Any]] | None = None) -> str:
     """Why two vocabularies differ ("" where they match): their tokenizers' kinds, (add BOS,
-    BOS id, add EOS, EOS id) of each, and their token texts."""
+    BOS id, add EOS, EOS id) of each, their sizes and (where given) their token texts."""
     if kinds[0] != kinds[1]:
         return f"its tokenizer is {kinds[1]!r}, the model's {kinds[0]!r}"
     for name, at in (("BOS", 0), ("EOS", 2)):
@@ -76,9 +77,9 @@ def _vocab_mismatch(kinds: tuple[object, object], target: tuple[Any, ...],
         if add[0] != add[1] or (add[0] and ids[0] != ids[1]):
             return (f"its {name} token (id {ids[1]}, added: {add[1]}) is not the model's "
                     f"(id {ids[0]}, added: {add[0]})")
-    if abs(len(tokens) - len(draft_tokens)) > VOCAB_SIZE_SLACK:
-        return (f"its vocabulary has {len(draft_tokens):,} tokens, the model's "
-                f"{len(tokens):,}")
+    if abs(sizes[0] - sizes[1]) > VOCAB_SIZE_SLACK:
+        return f"its vocabulary has {sizes[1]:,} tokens, the model's {sizes[0]:,}"
+    tokens, draft_tokens = texts or ([], [])
     for i in range(VOCAB_CHECK_FROM, min(len(tokens), len(draft_tokens))):
         if bytes(tokens[i]) != bytes(draft_tokens[i]):
             return (f"another vocabulary (token {i} is {bytes(draft_tokens[i])!r} there, "
@@ -86,14 +87,15 @@ def _vocab_mismatch(kinds: tuple[object, object], target: tuple[Any, ...],
     return ""
 
 
-def with_draft(footprint: ModelFootprint, draft: Path | None) -> ModelFootprint:
-    """The model's footprint with its draft's counted beside it: the draft's weights with the
-    model's embeddings (on the GPU where the model is), its cells with the model's (a sequence
-    per slot, as long as the model's)."""
+def with_draft(footprint: ModelFootprint, target: Path, draft: Path | None) -> ModelFootprint:
+    """The footprint of ``target`` with its draft's counted beside it, once the pair is checked
+    (:func:`check_pair`): the draft's weights with the model's embeddings (on the GPU where the
+    model is), its cells with the model's (a sequence per slot, as long as the model's)."""
     if draft is None:
         return footprint
     from localmed.formats.gguf import read_gguf_footprint
 
+    check_pair(target, draft)
     small = read_gguf_footprint(Path(draft))[1]
     return dataclasses.replace(
         footprint, other_bytes=footprint.other_bytes + small.weights_bytes,
@@ -104,13 +106,10 @@ class DraftModel:
     """The draft's model and context, and what each slot's cells hold."""
 
     def __init__(self, llama: Any, path: Path, target: Any, *, n_parallel: int, n_ctx: int,
-                 gpu_layers: int, threads: int | None, n_batch: int) -> None:
+                 gpu_layers: int, threads: int | None, n_batch: int,
+                 flash_attention: bool) -> None:
         self._llama = llama
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = gpu_layers
-        self._model = llama.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise GGUFFileError(Path(path), "llama.cpp could not load it (the draft model)")
+        self._model = load_model(llama, path, gpu_layers, " (the draft model)")
         self._ctx = None
         try:
             if llama.llama_model_is_recurrent(self._model) or llama.llama_model_is_hybrid(
@@ -118,15 +117,9 @@ class DraftModel:
                 raise SpeculationError(f"{Path(path).name} cannot draft: its state cannot drop "
                                        "the draft tokens the model rejects")
             self._check_vocab(Path(path), target)
-            cores = os.cpu_count() or 1
-            ctx_params = llama.llama_context_default_params()
-            ctx_params.n_ctx = n_ctx
-            ctx_params.n_batch = ctx_params.n_ubatch = n_batch
-            ctx_params.n_seq_max = n_parallel
-            ctx_params.kv_unified = False
-            ctx_params.n_threads = threads or max(cores // 2, 1)
-            ctx_params.n_threads_batch = threads or cores
-            self._ctx = llama.llama_init_from_model(self._model, ctx_params)
+            self._ctx = sequences_context(llama, self._model, n_ctx=n_ctx, n_batch=n_batch,
+                                          n_parallel=n_parallel, threads=threads,
+                                          flash_attention=flash_attention)
             if not self._ctx:
                 raise EngineError(f"llama.cpp could not make a {n_ctx}-token context for the "
                                   "draft model (out of memory?)")
@@ -150,8 +143,9 @@ class DraftModel:
         kinds = tuple(int(llama.llama_vocab_type(v)) for v in vocabs)
         sides = [(llama.llama_vocab_get_add_bos(v), llama.llama_vocab_bos(v),
                   llama.llama_vocab_get_add_eos(v), llama.llama_vocab_eos(v)) for v in vocabs]
-        sizes = [int(llama.llama_vocab_n_tokens(v)) for v in vocabs]
-        reason = _vocab_mismatch(kinds, sides[0], sides[1], [b""] * sizes[0], [b""] * sizes[1])
+        sizes = (int(llama.llama_vocab_n_tokens(vocabs[0])),
+                 int(llama.llama_vocab_n_tokens(vocabs[1])))
+        reason = _vocab_mismatch(kinds, sides[0], sides[1], sizes)
         if reason:
             raise SpeculationError(f"{path.name} cannot draft for this model: {reason}")
 

@@ -49,7 +49,7 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
     from localmed.projector import pair, with_projector
     from localmed.runtimes import hardware
     from localmed.runtimes.batch import BatchEngine
-    from localmed.runtimes.draft_model import check_pair, with_draft
+    from localmed.runtimes.draft_model import with_draft
 
     info, footprint = read_gguf_footprint(path)
     machine = machine or hardware.detect()
@@ -63,11 +63,10 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
                                 n_batch=EMBED_BATCH, pooling=options.pooling), info, plan,
                 "an embedding model")
     draft = options.draft if options.speculation else None
-    if draft is not None:  # a draft of another vocabulary: refused before a weight is read
-        check_pair(path, draft)
     pairing = pair(path, options.projector)
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
-    footprint = with_draft(with_projector(footprint, pairing), draft)
+    # (a draft of another vocabulary: refused here, before a weight is read)
+    footprint = with_draft(with_projector(footprint, pairing), path, draft)
     plan = refuse_unless_fits(plan_offload(footprint, machine,
                                            n_ctx=per_sequence * options.n_parallel,
                                            gpu_layers=options.gpu_layers), path)
