@@ -25,6 +25,7 @@ from localmed.images import Image
 from localmed.runtimes.base import GenerationParams
 from localmed.runtimes.batch_process import BatchClient, BatchOptions
 from localmed.runtimes.messages import Done, Failed, Piece
+from localmed.runtimes.supervisor import EngineProcess
 
 LONG = GenerationParams(temperature=0.0, max_tokens=200, ignore_eos=True)
 
@@ -129,6 +130,51 @@ def test_close_during_a_reload_leaves_no_engine_process(tiny):
         while engines() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not engines(), f"closed {delay} s into the reload: {engines()} left"
+
+
+def _wait_for_close(conn, log_path):
+    """An engine process's simplest life: it waits for Close, then ends."""
+    conn.recv()
+
+
+def test_an_engine_stopped_by_two_threads_at_once_is_closed_once():
+    """A reload's handshake and close() may both stop an engine at the same moment (CI found
+    it: the second close of the pipe raised EBADF out of close(); had its number been reused
+    in between, it would have closed another file). Both return, and the pipe's number, given
+    to the next file, stays that file's."""
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads change hands as often as they can: the race shows
+    try:
+        for _ in range(60):
+            _stop_from_two_threads()
+    finally:
+        sys.setswitchinterval(switching)
+
+
+def _stop_from_two_threads():
+    engine = EngineProcess(_wait_for_close)
+    start, failed = threading.Barrier(2), []
+
+    def stop(engine=engine, start=start, failed=failed):
+        start.wait()
+        try:
+            engine.stop()
+        except Exception as exc:
+            failed.append(exc)
+
+    threads = [threading.Thread(target=stop) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not failed, failed
+    assert not engine.alive
+    reused = os.open(os.devnull, os.O_RDONLY)
+    try:
+        engine.stop()
+        os.fstat(reused)  # still this file's
+    finally:
+        os.close(reused)
 
 
 def test_a_receiver_that_raises_fails_alone(tiny):

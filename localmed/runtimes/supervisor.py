@@ -115,6 +115,8 @@ class EngineProcess:
         """Set by a caller that writes from many threads: then nothing waits on a pipe write."""
         self.log: Path | None = None
         self._remove_log: Callable[[], Any] = lambda: None
+        self._stopping = threading.Lock()  # a reload's handshake and close() may both stop it
+        self._stopped = False
         if target is None:  # join() fills in the connection
             return
         ctx = multiprocessing.get_context("spawn")
@@ -170,7 +172,15 @@ class EngineProcess:
 
     def stop(self, *, closed: bool = False) -> None:
         """Ask it to close (unless ``closed``: Close has been written already), kill it if it
-        has not within :data:`STOP_SECONDS`, close the connection. Safe to call again."""
+        has not within :data:`STOP_SECONDS`, close the connection. Safe to call again, from
+        any thread: a second call waits for the first and does nothing (two closes of one
+        descriptor would close whatever had reused its number in between)."""
+        with self._stopping:
+            if not self._stopped:
+                self._stop(closed)
+                self._stopped = True
+
+    def _stop(self, closed: bool) -> None:
         writer, self.writer = self.writer, None
         if writer is not None:  # Close after what is queued; the writer then ends
             writer.close(None if closed else Close(), timeout=STOP_SECONDS)
