@@ -29,6 +29,7 @@ from localmed.errors import (
     ModelNotAvailableError,
     SpeculationError,
     UnknownModelError,
+    WorkerError,
 )
 from localmed.formats.info import ModelInfo
 from localmed.images import Image, image_marker, new_nonce, prompt_parts, read_image_file
@@ -410,18 +411,20 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
                  threads: int | None = None, in_process: bool = False,
                  batch_seconds: float | None = None, projector: Path | None = None,
                  on_restart: Callable[[str], None] | None = None,
-                 speculation: bool = False, draft: Path | None = None) -> Runtime:
+                 speculation: bool = False, draft: Path | None = None,
+                 rpc: Any = None) -> Runtime:
     """The chat's Runtime, in an engine process of its own unless ``in_process``: for a GGUF
     one conversation on llama.cpp's multi-sequence engine (the one ``localmed serve`` runs:
     the conversation's cells are kept between turns), joining the engine a ``chat --web``
     server shares where it says so (:mod:`localmed.runtimes.hub`); for a GPTQ
     folder transformers (:mod:`localmed.runtimes.process`). ``batch_seconds``: how often the
     engine sends streamed text on (its default: the server's); ``on_restart``: hears the engine
-    die (it is loaded again at once) and a reload fail."""
+    die (it is loaded again at once) and a reload fail; ``rpc``: workers that hold part of the
+    model (a :class:`~localmed.rpc.workers.Workers`)."""
     from localmed.runtimes.supervisor import BATCH_SECONDS
 
     options = formats.LoadOptions(n_ctx=n_ctx, gpu_layers=gpu_layers, threads=threads,
-                                  speculation=speculation, draft=draft)
+                                  speculation=speculation, draft=draft, rpc=rpc)
     if in_process:
         return formats.load_runtime(model.path, options)
     batch_seconds = BATCH_SECONDS if batch_seconds is None else batch_seconds
@@ -437,8 +440,11 @@ def open_runtime(model: ChatModel, *, n_ctx: int | None = None, gpu_layers: int 
         return SlotRuntime(engine.BatchClient(
             model.path, engine.BatchOptions(1, n_ctx, gpu_layers, threads,
                                             projector=projector, cache_reuse=CACHE_REUSE,
-                                            speculation=speculation, draft=draft),
+                                            speculation=speculation, draft=draft, rpc=rpc),
             batch_seconds=batch_seconds, on_restart=on_restart))
+    if rpc is not None:
+        raise WorkerError("--rpc needs a GGUF: llama.cpp's engine splits a model over workers, "
+                          "and a GPTQ folder runs on transformers")
     if draft is not None:
         raise SpeculationError("--draft needs a GGUF: llama.cpp's engine drafts, and a GPTQ "
                                "folder runs on transformers")

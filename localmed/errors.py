@@ -28,8 +28,12 @@ class LocalmedError(Exception):
 
 
 def _rebuild(cls: type[LocalmedError], message: str, state: dict[str, object]) -> LocalmedError:
-    # MemoryError's own __new__ refuses subclasses made this way; BaseException's is plain.
-    error = BaseException.__new__(cls)
+    # MemoryError's own __new__ refuses subclasses made this way; BaseException's is plain,
+    # but an OSError's (ConnectionError, ...) must make it.
+    try:
+        error = BaseException.__new__(cls)
+    except TypeError:
+        error = cls.__new__(cls, message)
     Exception.__init__(error, message)
     error.__dict__.update(state)
     return error
@@ -383,3 +387,8 @@ class DiskFullError(LocalmedError, OSError):
 class SpeculationError(LocalmedError, ValueError):
     """A draft model that cannot draft for the model (another vocabulary, a recurrent state),
     or speculation options that contradict each other."""
+
+
+class WorkerError(LocalmedError, ConnectionError):
+    """A worker (``localmed worker``, ``--rpc``) that cannot be used: unreachable, another
+    clinic's secret, another llama.cpp protocol, not a worker at all, or a public address."""

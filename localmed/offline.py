@@ -97,3 +97,10 @@ def enforce(command: str, *, names: frozenset[str] | set[str] = frozenset()) -> 
 def enforced() -> str | None:
     """The command whose offline guard this process runs under, if any."""
     return _guard.command if _guard is not None else None
+
+
+def allow(names: set[str] | frozenset[str]) -> None:
+    """Where the guard runs, let these hosts (names and addresses) through from now on: the
+    workers ``--rpc`` lists, and nothing else."""
+    if _guard is not None:
+        _guard.names |= {n.lower() for n in names}

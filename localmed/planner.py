@@ -91,6 +91,8 @@ class OffloadPlan:
         """Short form for a status bar: ``GPU 33/33 layers`` or ``CPU``."""
         if self.gpu_layers == 0 or self.backend == "cpu":
             return "CPU"
+        if self.backend == "rpc":
+            return f"workers {self.gpu_layers}/{self.n_layers} layers"
         return f"GPU {self.gpu_layers}/{self.n_layers} layers"
 
     @property

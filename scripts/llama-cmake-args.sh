@@ -6,6 +6,10 @@ llama_cmake_args() {
     local args="-DLLAVA_BUILD=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF"
     args+=" -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF"
     args+=" -DLLAMA_OPENSSL=OFF"
+    # llama.cpp's RPC backend: a model's layers on a clinic's other machines (localmed worker,
+    # --rpc); its server runs inside localmed's worker, behind localmed's TLS relay.
+    # (no RDMA: an upgraded link would leave the relay, and its TLS, behind)
+    args+=" -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF"
     if [ "$(uname -m)" = "x86_64" ]; then
         # An AVX2 baseline instead of -march=native: native builds use AMX where the CPU lists
         # it, and virtual machines that list AMX without enabling it die with SIGILL on Q8_0/Q4.

@@ -24,6 +24,7 @@ from localmed.formats.info import ModelInfo
 from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
+from localmed.rpc.workers import spec
 from localmed.runtimes.base import ScoringRuntime
 from localmed.runtimes.speculation import speculating
 
@@ -112,14 +113,14 @@ def load_texts(path: Path | None, suites: list[Suite], count: int) -> list[str]:
 
 
 def model_loader(threads: int | None, speculation: bool = False,
-                 draft: Path | None = None) -> object:
+                 draft: Path | None = None, rpc: object = None) -> object:
     """Loads each quant with the Runtime its format calls for, at most at its trained context."""
     def load(quant: str, path: Path, n_ctx: int) -> ScoringRuntime:
         trained = formats.describe(path).context_length or n_ctx
         return formats.load_runtime(path, formats.LoadOptions(n_ctx=min(n_ctx, trained),
                                                               threads=threads,
                                                               speculation=speculation,
-                                                              draft=draft))
+                                                              draft=draft, rpc=rpc))
 
     return load
 
@@ -156,7 +157,12 @@ def run(args: object, console: Console, err: Console) -> int:
     if config.prompt_format == "chat" and model.entry is None:
         raise LocalmedError("--prompt-format chat needs a registry model (for its template)")
     check_settings(config)  # before any progress is drawn: a refusal is one line
-    loader = model_loader(args.threads, speculating(args.speculation, args.draft), args.draft)
+    workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
+    if workers is not None and workers.insecure:
+        err.print("[bold yellow]warning:[/] --insecure-rpc: the model's weights and "
+                  "activations cross the network in clear, to whoever answers")
+    loader = model_loader(args.threads, speculating(args.speculation, args.draft), args.draft,
+                          workers)
     todo = remaining_work(config, Records(out))
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err, transient=False) as bar:

@@ -18,17 +18,17 @@ from collections.abc import Iterator, Sequence
 from rich.markup import escape
 
 from localmed import __version__, offline
-from localmed.cli import bench, docs, models, quantize, run, serve
+from localmed.cli import bench, docs, models, quantize, run, serve, worker
 from localmed.cli.common import EXIT_USER_ERROR, OneLineParser, err_console
 from localmed.errors import LocalmedError
 
 EXIT_INTERRUPTED = 130
 
-OFFLINE_COMMANDS = frozenset({"chat", "serve", "bench", "docs"})
+OFFLINE_COMMANDS = frozenset({"chat", "serve", "bench", "docs", "worker"})
 """Commands that refuse any socket beyond loopback, in their engine processes too
 (:mod:`localmed.offline`); the ones that download say so in their help."""
 
-COMMANDS = (models, quantize, run, serve, bench, docs)
+COMMANDS = (models, quantize, run, serve, bench, docs, worker)
 """The command modules; each registers its own parsers, in this order in ``--help``."""
 
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from localmed.cli.common import console, err_console, non_negative, positive, speculation_option
+from localmed.cli.common import (
+    console,
+    err_console,
+    non_negative,
+    positive,
+    rpc_option,
+    speculation_option,
+)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -38,6 +45,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=positive, default=2048, help="context for question prompts")
     p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
     speculation_option(p)
+    rpc_option(p)
     p.add_argument("--out", "-o", help="results folder (default: the data dir's bench/MODEL); "
                    "rerunning into it with the same settings resumes")
     p.add_argument("--fresh", action="store_true", help="start over in --out, discarding the "

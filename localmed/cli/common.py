@@ -73,6 +73,33 @@ def model_options(p: argparse.ArgumentParser, *, optional: bool = False) -> None
     p.add_argument("--threads", type=positive, help="CPU threads for llama.cpp")
 
 
+def rpc_option(p: argparse.ArgumentParser) -> None:
+    """``--rpc`` and its companions (chat, serve, bench, plan): read them with
+    :func:`rpc_workers`."""
+    p.add_argument("--rpc", metavar="HOST:PORT[,...]", help="workers (`localmed worker` on "
+                   "the clinic's other machines) that hold part of the model's layers, in "
+                   "proportion to their free memory; over TLS with the clinic's RPC secret")
+    p.add_argument("--rpc-secret", type=Path, metavar="FILE", help="the clinic's RPC secret "
+                   "(default: the one in localmed's configuration folder)")
+    p.add_argument("--insecure-rpc", action="store_true", help="--rpc in llama.cpp's plain "
+                   "protocol (a plain rpc-server, or a worker started with --insecure-rpc): "
+                   "only on a link nobody else can reach")
+
+
+def rpc_workers(args: argparse.Namespace):
+    """``--rpc``'s workers (a :class:`~localmed.rpc.workers.Workers`), or None."""
+    from localmed.rpc.workers import spec
+
+    workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
+    if workers is not None and workers.insecure:
+        err_console().print(f"[bold yellow]warning:[/] {INSECURE_RPC}")
+    return workers
+
+
+INSECURE_RPC = ("--insecure-rpc: the model's weights and activations cross the network in "
+                "clear, to whoever answers")
+
+
 def speculation_option(p: argparse.ArgumentParser) -> None:
     """``--speculation`` / ``--no-speculation`` and ``--draft`` (chat, serve, bench): read them
     with :func:`speculating`."""

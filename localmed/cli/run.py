@@ -16,6 +16,8 @@ from localmed.cli.common import (
     model_options,
     port_number,
     positive,
+    rpc_option,
+    rpc_workers,
     speculation_option,
 )
 from localmed.cli.progress import progress_bars
@@ -83,7 +85,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                threads=args.threads, batch_seconds=FLUSH_SECONDS,
                                projector=args.mmproj,
                                speculation=speculating(args.speculation, args.draft),
-                               draft=args.draft)
+                               draft=args.draft, rpc=rpc_workers(args))
     try:
         session = ChatSession.open(model, runtime, template=args.template,
                                    save_history=args.save, system=args.system or "")
@@ -130,7 +132,8 @@ def _chat_web(args: argparse.Namespace) -> int:
                         ("--template", args.template), ("--system", args.system),
                         ("--max-tokens", args.max_tokens), ("--mmproj", args.mmproj),
                         ("--docs", args.docs), ("--passages", args.passages),
-                        ("--draft", args.draft),
+                        ("--draft", args.draft), ("--rpc", args.rpc),
+                        ("--rpc-secret", args.rpc_secret),
                         ("--temperature", args.temperature)):
         if value is not None:
             chat_args += [flag, str(value)]
@@ -138,6 +141,9 @@ def _chat_web(args: argparse.Namespace) -> int:
         chat_args.append("--save")
     if args.ignore_eos:
         chat_args.append("--ignore-eos")
+    if args.insecure_rpc:
+        chat_args.append("--insecure-rpc")
+    workers = rpc_workers(args)
     speculation = speculating(args.speculation, args.draft)
     if speculation:
         chat_args.append("--speculation")
@@ -154,7 +160,7 @@ def _chat_web(args: argparse.Namespace) -> int:
                                                       args.threads, projector=args.mmproj,
                                                       cache_reuse=CACHE_REUSE,
                                                       speculation=speculation,
-                                                      draft=args.draft),
+                                                      draft=args.draft, rpc=workers),
                              batch_seconds=FLUSH_SECONDS)
     hub = EngineHub(client)
     try:
@@ -426,6 +432,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
     model_options(p)
     speculation_option(p)
+    rpc_option(p)
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--system", help="system prompt")
@@ -463,6 +470,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "projector (default: the one beside the model), counted in the plan")
     p.add_argument("--draft", metavar="GGUF", type=Path, help="a draft model for speculative "
                    "decoding, counted in the plan")
+    rpc_option(p)
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "

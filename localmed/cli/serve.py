@@ -16,6 +16,8 @@ from localmed.cli.common import (
     non_negative,
     port_number,
     positive,
+    rpc_option,
+    rpc_workers,
     speculation_option,
 )
 from localmed.errors import LocalmedError, ServeError
@@ -89,7 +91,8 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
                                                       args.threads, cache_ram(args),
                                                       args.mmproj,
                                                       speculation=speculation,
-                                                      draft=args.draft),
+                                                      draft=args.draft,
+                                                      rpc=rpc_workers(args)),
                              on_restart=reloading)
         return client.ready.info, client.ready.plan, BatchJobs(client, args.queue, log)
     from localmed.chat import open_runtime
@@ -99,7 +102,7 @@ def _open(model: ChatModel, args: argparse.Namespace, log: TextIO) -> tuple[Mode
     runtime = open_runtime(model, n_ctx=args.ctx, gpu_layers=args.gpu_layers,
                            threads=args.threads, projector=args.mmproj,  # refuses --mmproj
                            on_restart=reloading, speculation=speculation,
-                           draft=args.draft)
+                           draft=args.draft, rpc=rpc_workers(args))
     return runtime.info, runtime.plan, SerialJobs(runtime, args.queue, log)
 
 
@@ -331,6 +334,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "default; offline)")
     model_options(p)
     speculation_option(p)
+    rpc_option(p)
     p.add_argument("--template", "-t", help="prompt template (default: the one in the GGUF, "
                    "else the registry's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default "

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from localmed.errors import ModelFileError
 from localmed.extras import require
@@ -37,6 +37,9 @@ class LoadOptions:
     """llama.cpp's engine drafts tokens by prompt lookup (``--speculation``)."""
     draft: Path | None = None
     """...or with this draft model (``--draft``)."""
+    rpc: Any = None
+    """Workers that hold part of the layers (``--rpc``: a
+    :class:`~localmed.rpc.workers.Workers`)."""
 
 
 class ModelFormat(ABC):
@@ -166,7 +169,7 @@ class GGUFFormat(ModelFormat):
 
         return LocalRuntime.load(path, n_ctx=options.n_ctx, gpu_layers=options.gpu_layers,
                                  threads=options.threads, speculation=options.speculation,
-                                 draft=options.draft)
+                                 draft=options.draft, rpc=options.rpc)
 
 
 @register

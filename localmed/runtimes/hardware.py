@@ -60,8 +60,17 @@ def llama_build() -> LlamaBuild:
 
     lib = Path(llama_cpp.__file__).parent / "lib"
     names = {p.name.split(".")[0].removeprefix("libggml-") for p in lib.glob("libggml-*")}
-    return LlamaBuild(llama_cpp.__version__, tuple(sorted(names - {"base"})),
-                      bool(llama_cpp.llama_supports_gpu_offload()))
+    # llama.cpp says it offloads wherever its RPC backend is built in (localmed's is: --rpc);
+    # this machine offloads where ggml lists a GPU of its own.
+    return LlamaBuild(llama_cpp.__version__, tuple(sorted(names - {"base", "rpc"})),
+                      bool(llama_cpp.llama_supports_gpu_offload()) and local_gpu())
+
+
+def local_gpu() -> bool:
+    """Whether ggml lists a GPU of this machine's (a worker's, ``--rpc``, is not)."""
+    from localmed.runtimes.ggml_rpc import GPU, IGPU, local_devices
+
+    return any(d.kind in (GPU, IGPU) for _, d in local_devices())
 
 
 def llama_backend() -> tuple[str, bool]:

@@ -37,6 +37,9 @@ class BatchOptions:
     ``--speculation``; off by default until it pays on the machines it runs on: README)."""
     draft: Path | None = None
     """A draft model drafts instead of the lookup (``--draft``; with ``speculation`` only)."""
+    rpc: Any = None
+    """Workers that hold part of the model's layers (``--rpc``: a
+    :class:`~localmed.rpc.workers.Workers`); None: this machine alone."""
 
 
 def load_engine(path: Path, options: BatchOptions, machine: Any = None
@@ -67,16 +70,50 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
     per_sequence = options.n_ctx_seq or min(footprint.n_ctx_train, 4096)
     # (a draft of another vocabulary: refused here, before a weight is read)
     footprint = with_draft(with_projector(footprint, pairing), path, draft)
-    plan = refuse_unless_fits(plan_offload(footprint, machine,
-                                           n_ctx=per_sequence * options.n_parallel,
-                                           gpu_layers=options.gpu_layers), path)
+    if options.rpc is not None:
+        plan, linked = _split(path, footprint, machine, options,
+                              n_ctx=per_sequence * options.n_parallel, draft=draft)
+    else:
+        plan, linked = refuse_unless_fits(plan_offload(footprint, machine,
+                                                       n_ctx=per_sequence * options.n_parallel,
+                                                       gpu_layers=options.gpu_layers), path), None
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
                          projector=pairing.projector.path if pairing.projector else None,
                          cache_reuse=options.cache_reuse, speculation=options.speculation,
                          draft=draft)
+    engine.workers = linked
     return engine, info, plan, pairing.absent
+
+
+def _split(path: Path, footprint: Any, machine: Any, options: BatchOptions, *, n_ctx: int,
+           draft: Path | None) -> tuple[Any, Any]:
+    """The model's layers over this machine and the workers (``--rpc``): each checked, linked
+    and made a device of llama.cpp's, and the split refused, naming the machine, where one
+    lacks the memory; before any weight is sent."""
+    from localmed.errors import ModelTooLargeError, WorkerError
+    from localmed.rpc.split import plan_split
+    from localmed.runtimes.ggml_rpc import add_workers
+
+    if draft is not None:
+        raise WorkerError("--draft with --rpc: a draft model is not split over workers yet; "
+                          "leave one out")
+    if machine.backend != "cpu":
+        raise WorkerError("--rpc with this machine's GPU: not yet (the split counts this "
+                          "machine's RAM); run it on a CPU build, or without --rpc")
+    from localmed.rpc.workers import endpoints
+
+    infos = options.rpc.check()
+    plan, _ = plan_split(footprint, machine,
+                         [(str(w), i.free) for w, i in zip(options.rpc.workers, infos, strict=True)],
+                         n_ctx=n_ctx, remote_layers=options.gpu_layers)
+    if not plan.fits:
+        raise ModelTooLargeError(path, plan.reasons[-1], None, plan)
+    found, new = endpoints(options.rpc)
+    if new:
+        add_workers(found)
+    return plan, found
 
 
 EMBED_BATCH = 512

@@ -34,7 +34,8 @@ class LocalRuntime(ScoringRuntime):
     @classmethod
     def load(cls, path: Path, *, n_ctx: int | None = None, gpu_layers: int | None = None,
              threads: int | None = None, hardware: Any = None,
-             speculation: bool = False, draft: Path | None = None) -> LocalRuntime:
+             speculation: bool = False, draft: Path | None = None,
+             rpc: Any = None) -> LocalRuntime:
         """Plan for ``hardware`` (None: this machine; the context: ``n_ctx``, else the
         model's, at most 4096), refuse what cannot fit, then load."""
         from localmed.runtimes.load import BatchOptions, load_engine
@@ -44,7 +45,7 @@ class LocalRuntime(ScoringRuntime):
         logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
         engine, info, plan, _ = load_engine(
             Path(path), BatchOptions(1, n_ctx, gpu_layers, threads, speculation=speculation,
-                                       draft=draft),
+                                       draft=draft, rpc=rpc),
             hardware)
         return cls(engine, info, plan)
 
