@@ -160,7 +160,7 @@ def run(args: object, console: Console, err: Console) -> int:
     workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
     if workers is not None and workers.insecure:
         err.print("[bold yellow]warning:[/] --insecure-rpc: the model's weights and "
-                  "activations cross the network in clear, to whoever answers")
+                  "activations cross the network in clear, to whoever answers", soft_wrap=True)
     loader = model_loader(args.threads, speculating(args.speculation, args.draft), args.draft,
                           workers)
     todo = remaining_work(config, Records(out))

@@ -92,7 +92,7 @@ def rpc_workers(args: argparse.Namespace):
 
     workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
     if workers is not None and workers.insecure:
-        err_console().print(f"[bold yellow]warning:[/] {INSECURE_RPC}")
+        err_console().print(f"[bold yellow]warning:[/] {INSECURE_RPC}", soft_wrap=True)
     return workers
 
 

@@ -56,10 +56,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if args.insecure_rpc:
         err_console().print("[bold yellow]warning:[/] --insecure-rpc: llama.cpp's plain protocol "
                             "on the network, with no secret and no encryption; anyone who "
-                            "reaches this port can use it and read what crosses")
+                            "reaches this port can use it and read what crosses", soft_wrap=True)
         endpoint = f"{args.host}:{args.port}"
         _say(out, f"localmed worker: llama.cpp's RPC server at {endpoint}, in clear", offered,
              cache, threads)
+        print(f"  use it  localmed chat MODEL --rpc {socket.gethostname()}:{args.port} "
+              "--insecure-rpc   (Ctrl-C stops this worker)", file=out, flush=True)
         _serve_until_stopped(ggml_rpc, endpoint, cache, threads)
         return 0
     path, made = secret.ensure(args.rpc_secret)
@@ -98,7 +100,7 @@ def _say(out, title: str, offered, cache: Path | None, threads: int) -> None:
     print(title, file=out)
     for _, d in offered:
         print(f"  offers  {d.name}: {d.description} ({d.free / GIB:.1f} GiB free of "
-              f"{d.total / GIB:.1f} GiB), {threads} threads", file=out)
+              f"{d.total / GIB:.1f} GiB), {threads} thread{'s' if threads > 1 else ''}", file=out)
     print(f"  cache   {cache} (weights sent once are kept here)" if cache else
           "  cache   none (--no-cache: every load sends every weight)", file=out, flush=True)
 

@@ -248,30 +248,28 @@ class _Loop:
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
+    """One way, to the end of ``reader`` (closing is the caller's)."""
+    with contextlib.suppress(OSError, ssl.SSLError, asyncio.IncompleteReadError):
         while data := await reader.read(CHUNK):
             writer.write(data)
             await writer.drain()
-    except (OSError, ssl.SSLError, asyncio.IncompleteReadError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
-            writer.close()
 
 
 async def _both_ways(a: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                     b: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> bool:
+                     b: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                     b_closed: Callable[[], None] = lambda: None) -> None:
     """Bytes both ways until either end closes, which closes the other (llama.cpp then sees
-    its link gone); whether ``b`` closed first."""
+    its link gone); ``b_closed()`` first where ``b`` closed it."""
     from_a = asyncio.ensure_future(_pump(a[0], b[1]))
     from_b = asyncio.ensure_future(_pump(b[0], a[1]))
     done, pending = await asyncio.wait([from_a, from_b], return_when=asyncio.FIRST_COMPLETED)
+    if from_b in done and from_a not in done:
+        b_closed()
     for writer in (a[1], b[1]):
         with contextlib.suppress(OSError, ssl.SSLError, RuntimeError):
             writer.close()
     for task in pending:
         task.cancel()
-    return from_b in done and from_a not in done
 
 
 @dataclass
@@ -339,10 +337,10 @@ class ClientRelay:
                   flush=True)
             writer.close()
             return
-        if await _both_ways((reader, writer), remote):
-            # llama.cpp aborts the engine when a link drops under it: this names the worker
-            print(f"localmed: worker {self.worker} closed the link", file=sys.stderr,
-                  flush=True)
+        # llama.cpp aborts the engine when a link drops under it: this line (in the engine's
+        # log, before llama.cpp's) names the worker in the error that follows
+        await _both_ways((reader, writer), remote, lambda: print(
+            f"localmed: worker {self.worker} closed the link", file=sys.stderr, flush=True))
 
     def close(self) -> None:
         self._server.close()

@@ -39,13 +39,18 @@ def parse(text: str) -> tuple[Worker, ...]:
 
 
 def addresses(worker: Worker) -> list[str]:
-    """The addresses ``worker``'s name stands for; a public one refused."""
+    """The addresses ``worker``'s name stands for, a public one refused (a literal address
+    before anything is asked of the network)."""
     try:
-        found = {info[4][0] for info in socket.getaddrinfo(worker.host, worker.port,
-                                                             type=socket.SOCK_STREAM)}
-    except socket.gaierror as exc:
-        raise WorkerError(f"worker {worker}: {worker.host!r} is not a name this machine "
-                          f"knows ({exc.strerror})") from None
+        found = {str(ipaddress.ip_address(worker.host))}
+    except ValueError:
+        offline.allow({worker.host})  # its name may be looked up
+        try:
+            found = {info[4][0] for info in socket.getaddrinfo(worker.host, worker.port,
+                                                                 type=socket.SOCK_STREAM)}
+        except socket.gaierror as exc:
+            raise WorkerError(f"worker {worker}: {worker.host!r} is not a name this machine "
+                              f"knows ({exc.strerror})") from None
     for address in sorted(found):
         if ipaddress.ip_address(address.split("%")[0]).is_global:
             raise WorkerError(f"worker {worker}: {address} is a public address; workers must "

@@ -172,6 +172,8 @@ class BatchClient:
     def _refusal(self) -> LocalmedError:
         if self._supervisor.closing:
             return LocalmedError("the model is being closed")
+        if failure := self._supervisor.failure:
+            return EngineDiedError(f"stopped, and could not be loaded again: {failure}")
         return EngineDiedError("is being reloaded after it stopped")
 
     def _ask(self, message: Callable[[int], Any]) -> Any:

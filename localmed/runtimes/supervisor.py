@@ -71,14 +71,17 @@ def new_engine_log() -> Path:
 
 
 def last_line(log: Path) -> str:
-    """The last line an engine wrote to its log, for the one-line error when it dies."""
+    """The last line an engine wrote to its log, for the one-line error when it dies; the last
+    of localmed's own among its last words, where it wrote one (``localmed: worker ... closed
+    the link``, before llama.cpp aborted for it)."""
     try:
         with log.open("rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - _STDERR_TAIL))
             lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
     except OSError:
         return ""
-    return lines[-1].strip() if lines else ""
+    own = [line for line in lines if line.startswith("localmed: ")]
+    return (own or lines or [""])[-1].strip()
 
 
 def describe_exit(code: int | None) -> str:
@@ -214,6 +217,8 @@ class Supervisor:
         self.loaded = threading.Event()
         self.closing = False
         self._deaths: list[str] = []
+        self.failure = ""
+        """Why the last reload failed ("": it did not)."""
         self._reloading = threading.Lock()  # one load at a time
         self._spawning = threading.Lock()  # close() against a load starting a process
 
@@ -228,6 +233,7 @@ class Supervisor:
             if self.closing:  # closed while it loaded: close() has stopped it
                 raise LocalmedError("the model is being closed")
             self._commit(engine, ready)
+            self.failure = ""
             self.loaded.set()
 
     def lost(self, died: EngineDiedError, orphaned: Callable[[], None] = lambda: None) -> None:
@@ -245,6 +251,7 @@ class Supervisor:
                 self._stop()
                 self.load()
             except Exception as exc:
+                self.failure = str(exc)
                 if not self.closing:
                     self.on_restart(f"reloading failed: {exc}")
 
@@ -280,6 +287,7 @@ class Supervisor:
         try:
             self.restart()
         except Exception as exc:
+            self.failure = str(exc)
             if not self.closing:
                 self.on_restart(f"loading the model again failed: {exc}")
 
