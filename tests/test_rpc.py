@@ -5,8 +5,10 @@ relay of the test's own that logs every byte."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
+import shutil
 import signal
 import socket
 import ssl
@@ -23,7 +25,9 @@ from gguf import GGUFReader
 
 from localmed.rpc import secret
 from localmed.rpc.link import PROTOCOL, Worker, probe
+from tests.terminal import Terminal
 from tests.test_serve import Server, free_port
+from tests.tiny_models import SHARED
 
 GREEDY = {"temperature": 0, "extra_body": {"cache_prompt": False}}
 
@@ -371,3 +375,97 @@ def test_a_worker_that_dies_mid_reply_fails_that_reply_and_the_server_stays_up(t
     finally:
         split.stop()
         worker.stop()
+
+
+# -- plan ---------------------------------------------------------------------------------
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "localmed", "plan", *args],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "200"})
+
+
+def test_plan_splits_meditron_70b_over_two_32_gb_machines_from_the_registry_alone():
+    """No download and no worker asked: the registry's shape, llama.cpp's bits per weight, and
+    --worker-memory for each. All 80 layers on the two workers (--gpu-layers -1) fit at
+    Q4_K_M; at 16 GB each they do not, and the plan names the machine."""
+    fits = _plan("meditron-70b", "--quant", "Q4_K_M", "--rpc", "a:50052,b:50052",
+                 "--worker-memory", "32G", "--gpu-layers", "-1")
+    assert fits.returncode == 0, fits.stdout + fits.stderr
+    assert "an estimate" in fits.stdout and "workers 80/80 layers" in fits.stdout, fits.stdout
+    assert "this machine: 0 layers" in fits.stdout, fits.stdout
+    assert "worker a:50052: 40 layers" in fits.stdout and "worker b:50052: 40 layers" in \
+        fits.stdout, fits.stdout
+    short = _plan("meditron-70b", "--quant", "Q4_K_M", "--rpc", "a:50052,b:50052",
+                  "--worker-memory", "16G", "--gpu-layers", "-1")
+    assert short.returncode == 1, short.stdout + short.stderr
+    assert "worker a:50052 would hold 40 layers" in short.stdout, short.stdout
+    assert "does not fit" in short.stdout, short.stdout
+
+
+def test_plan_asks_each_worker_what_it_has(workers, smol):
+    said = _plan(str(smol), "--rpc", ",".join(w.address for w in workers))
+    assert said.returncode == 0, said.stdout + said.stderr
+    for worker in workers:
+        assert f"worker {worker.address}: {socket.gethostname()}" in said.stdout, said.stdout
+    assert "llama.cpp RPC 7.0.0" in said.stdout and "workers 20/30 layers" in said.stdout, \
+        said.stdout
+
+
+# -- chat, in a real terminal --------------------------------------------------------------
+
+def _replied(screen: str) -> bool:
+    rows = [row for row in screen.splitlines() if row.strip()]
+    return ("Model" in screen and "tok/s" in rows[-1] and "generating" not in rows[-1]
+            and "▌" not in screen.split("Model")[-1])
+
+
+def _reply_on_screen(command: str, name: str) -> tuple[str, str]:
+    """The whole screen once the reply is done (the status line shows its speed), and the
+    reply's own lines."""
+    with Terminal(name, command, env={**os.environ}) as term:
+        term.wait(lambda s: "Ask the model" in s, "the chat screen", timeout=120)
+        term.type("What are the first-line drugs for community-acquired pneumonia?")
+        term.press("Enter")
+        screen = term.wait(_replied, "the reply", timeout=120)
+    rows = screen.splitlines()
+    start = next(i for i, row in enumerate(rows) if row.strip() == "Model")
+    end = next(i for i, row in enumerate(rows) if row.startswith("▊▔"))
+    return screen, "\n".join(rows[start + 1:end]).strip()
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="needs tmux for a real terminal")
+def test_chat_in_a_terminal_with_the_model_split_shows_this_machines_reply(workers, smol):
+    base = f"exec {sys.executable} -m localmed chat {smol} --temperature 0 --max-tokens 32"
+    _, mine = _reply_on_screen(base, "rpc-chat-local")
+    screen, theirs = _reply_on_screen(
+        f"{base} --rpc {','.join(w.address for w in workers)}", "rpc-chat-split")
+    assert "workers 20/30 layers" in screen, screen
+    assert len(mine) > 40 and theirs == mine, (mine, theirs)
+
+
+# -- bench ----------------------------------------------------------------------------------
+
+def test_bench_with_the_model_split_scores_as_this_machine_does(workers, bench_models,
+                                                                tmp_path):
+    """Two quants loaded one after the other in one process over the same workers (the relays
+    are made once, and ggml keeps the workers' devices): each question's option probabilities
+    as this machine alone gives them."""
+    data = SHARED / "benchmarks" / "medqa.jsonl"
+    outs = {}
+    for how, extra in (("alone", ()), ("split", ("--rpc", ",".join(w.address
+                                                                      for w in workers)))):
+        outs[how] = tmp_path / how
+        done = subprocess.run(
+            [sys.executable, "-m", "localmed", "bench", str(bench_models), "--data", str(data),
+             "--limit", "6", "--quants", "Q8_0", "--text-docs", "0", "--threads", "2",
+             "--out", str(outs[how]), *extra], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for quant in ("F16", "Q8_0"):
+        alone, split = ([json.loads(line) for line in
+                         (outs[how] / "records" / quant / "medqa.jsonl").read_text().splitlines()]
+                        for how in ("alone", "split"))
+        assert len(alone) == len(split) == 6
+        for a, b in zip(alone, split, strict=True):
+            assert a["predicted"] == b["predicted"]
+            assert max(abs(x - y) for x, y in zip(a["probs"], b["probs"], strict=True)) < 1e-3

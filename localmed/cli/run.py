@@ -216,6 +216,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
                                               "too, counted in the plan)")))
     elif args.draft is not None:
         raise SpeculationError("--draft needs a GGUF: llama.cpp's engine drafts")
+    if args.rpc or args.worker_memory is not None:
+        return _plan_split(f"[bold]{escape(model.label)}[/]  {info.quant}, "
+                           f"{gib(info.file_bytes)} {info.format.upper()}, {info.block_count} "
+                           "layers", footprint, hw, args, beside)
     plan = formats.format_of(model.path).plan_footprint(footprint, formats.LoadOptions(
         n_ctx=args.ctx, gpu_layers=args.gpu_layers, threads=args.threads), hw)
     out = console()
@@ -293,6 +297,26 @@ def _machine_line(hw) -> str:
             + f", {gib(hw.ram_available)} of {gib(hw.ram_total)} RAM available")
 
 
+def _plan_split(title: str, footprint, hw, args: argparse.Namespace, beside: str) -> int:
+    """`plan --rpc`: each machine's layers and memory, before any weight is sent."""
+    from localmed.cli.worker import plan_over_workers
+    from localmed.runtimes.base import describe_plan
+
+    if not args.rpc:
+        raise LocalmedError("--worker-memory goes with --rpc HOST:PORT[,...]")
+    if beside.startswith("draft:") or args.draft is not None:
+        raise LocalmedError("--draft with --rpc: a draft model is not split over workers yet")
+    plan, workers = plan_over_workers(footprint, hw, args, args.ctx)
+    out = console()
+    out.print(title)
+    out.print(_machine_line(hw))
+    out.print(escape(workers))
+    if beside:
+        out.print(escape(beside))
+    out.print(escape(describe_plan(plan)))
+    return 0 if plan.fits else 1
+
+
 def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
     """`plan` for a registry model that is not on disk: its footprint estimated from the
     registry's shape and llama.cpp's bits per weight, marked as such."""
@@ -306,12 +330,17 @@ def _plan_estimate(entry, missing, args: argparse.Namespace) -> int:
                             f"head_dim) for {entry.id} to estimate it from before download")
     footprint = estimate_footprint(shape, missing.quant)
     hw = hardware.detect()
+    title = (f"[bold]{escape(entry.id)}[/]  {missing.quant}, not on this machine: [bold]an "
+             f"estimate[/] from the registry ({entry.parameters_b:g}B parameters, "
+             f"{shape.layers} layers) and llama.cpp's bits per weight\n"
+             f"  ~{gib(footprint.weights_bytes)} GGUF")
+    if args.rpc or args.worker_memory is not None:
+        status = _plan_split(title, footprint, hw, args, "")
+        console().print(f"to get it: {escape(missing.command)}")
+        return status
     plan = plan_offload(footprint, hw, n_ctx=args.ctx, gpu_layers=args.gpu_layers)
     out = console()
-    out.print(f"[bold]{escape(entry.id)}[/]  {missing.quant}, not on this machine: [bold]an "
-              f"estimate[/] from the registry ({entry.parameters_b:g}B parameters, "
-              f"{shape.layers} layers) and llama.cpp's bits per weight")
-    out.print(f"  ~{gib(footprint.weights_bytes)} GGUF")
+    out.print(title)
     out.print(_machine_line(hw))
     out.print(escape(describe_plan(plan)))
     out.print(f"to get it: {escape(missing.command)}")
@@ -427,6 +456,12 @@ def temperature(text: str) -> float:
     return value
 
 
+def _size(text: str) -> int:
+    from localmed.cli.worker import size
+
+    return size(text)
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
@@ -471,6 +506,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", metavar="GGUF", type=Path, help="a draft model for speculative "
                    "decoding, counted in the plan")
     rpc_option(p)
+    p.add_argument("--worker-memory", type=_size, metavar="SIZE", help="with --rpc: plan as "
+                   "if each worker had SIZE free (32G), asking nothing of them")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("doctor", help="what the installed llama.cpp supports, and the devices "

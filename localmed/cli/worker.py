@@ -160,3 +160,47 @@ def _version() -> str:
 
     return __version__
 
+
+
+def size(text: str) -> int:
+    """``32G``, ``32GiB`` (2^30 bytes each), ``32GB`` (10^9), ``512M``..."""
+    number = text.strip().rstrip("iBb").upper()
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    scale = units.get(number[-1:], 1)
+    if text.strip().upper().endswith(("GB", "MB", "TB", "KB")) and not text.upper().endswith(
+            "IB"):
+        scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[number[-1]]
+    try:
+        value = float(number[:-1] if number[-1:] in units else number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (such as 32G)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (such as 32G)")
+    return int(value * scale)
+
+
+def plan_over_workers(footprint, hw, args: argparse.Namespace, n_ctx: int | None):
+    """``plan --rpc``: the split over this machine and the workers (what each says it has free,
+    or ``--worker-memory`` for each, asking nothing of them), and a line on the workers."""
+    from localmed.cli.common import rpc_workers
+    from localmed.planner import gib
+    from localmed.rpc.link import version_text
+    from localmed.rpc.split import plan_split
+
+    workers = rpc_workers(args)
+    if args.worker_memory is not None:
+        frees = [(str(w), args.worker_memory) for w in workers.workers]
+        said = (f"workers: {len(frees)}, planned as if each had {gib(args.worker_memory)} free "
+                "(--worker-memory: nothing was asked of them)")
+    else:
+        infos = workers.check()
+        frees = [(str(w), i.free) for w, i in zip(workers.workers, infos, strict=True)]
+        said = "\n".join(
+            f"worker {w}: {i.host or '?'}, " + ", ".join(
+                f"{d.name} {d.description}".strip() for d in i.devices)
+            + f", {gib(i.free)} free, llama.cpp RPC {version_text(i.rpc)}"
+            + ("" if i.secured else " (in clear: --insecure-rpc)")
+            for w, i in zip(workers.workers, infos, strict=True))
+    n_ctx = n_ctx or min(footprint.n_ctx_train, 4096)
+    plan, _ = plan_split(footprint, hw, frees, n_ctx=n_ctx, remote_layers=args.gpu_layers)
+    return plan, said

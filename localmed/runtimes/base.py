@@ -241,8 +241,12 @@ def describe_plan(plan: OffloadPlan) -> str:
     """One paragraph for `localmed plan` and the model info screen."""
     lines = [f"{plan.label}, context {plan.n_ctx} tokens"]
     lines += [f"  - {reason}" for reason in plan.reasons]
-    lines.append(f"  needs {gib(plan.ram_needed)} RAM" +
-                 (f", {gib(plan.vram_needed)} VRAM" if plan.vram_needed else ""))
+    if plan.backend == "rpc":
+        lines.append(f"  needs {gib(plan.ram_needed)} RAM here, {gib(plan.vram_needed)} on the "
+                     "workers")
+    else:
+        lines.append(f"  needs {gib(plan.ram_needed)} RAM" +
+                     (f", {gib(plan.vram_needed)} VRAM" if plan.vram_needed else ""))
     if not plan.fits:
         lines.append("  does not fit" + (f": try --quant {plan.suggestion}"
                                          if plan.suggestion else ""))
