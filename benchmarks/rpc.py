@@ -38,7 +38,8 @@ def workers(kind: str, threads: int, cache: Path, config: Path) -> Iterator[list
     """Two workers on loopback: ``localmed`` (TLS), ``localmed-plain`` (--insecure-rpc) or
     ``rpc-server`` (llama.cpp's), each with its tensor cache in ``cache``."""
     procs, addresses = [], []
-    env = {**os.environ, "LOCALMED_CONFIG_DIR": str(config), "LLAMA_CACHE": str(cache)}
+    env = {**os.environ, "LOCALMED_CONFIG_DIR": str(config), "LLAMA_CACHE": str(cache),
+           "LD_LIBRARY_PATH": str(llama_tool("ggml-rpc-server").parent)}
     try:
         for _ in range(2):
             port = free_port()
@@ -131,7 +132,9 @@ def main() -> int:
                         port = free_port()
                         start = time.monotonic()
                         with running(server(which, model, rpc, layers, args.threads, port),
-                                     port, env={"LOCALMED_CONFIG_DIR": str(config)}) as url:
+                                     port, env={"LOCALMED_CONFIG_DIR": str(config),
+                                                "LD_LIBRARY_PATH": str(llama_tool(
+                                                    "llama-server").parent)}) as url:
                             loads.setdefault(f"{name}, cache {fill}", []).append(
                                 time.monotonic() - start)
                             if fill == "filled":
