@@ -89,9 +89,11 @@ def _localmed(*args: str, timeout: float = 300) -> str:
 def engine_info() -> dict[str, Any]:
     import llama_cpp
 
+    from localmed.runtimes.hardware import llama_build
+
+    # a GPU of this machine's (llama_supports_gpu_offload() is true wherever RPC is built in)
     return {"python": platform.python_version(), "cpus": os.cpu_count(),
-            "llama_cpp_python": llama_cpp.__version__,
-            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+            "llama_cpp_python": llama_cpp.__version__, "gpu_offload": llama_build().offload}
 
 
 def torch_info() -> dict[str, Any]:

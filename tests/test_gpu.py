@@ -24,9 +24,10 @@ PROMPT = "### Instruction:\nHow do I export a chat?\n\n### Response:\n"
 
 @pytest.fixture(scope="module", autouse=True)
 def _needs_offload() -> None:
-    import llama_cpp
+    from localmed.runtimes.hardware import llama_build
 
-    if not llama_cpp.llama_supports_gpu_offload():
+    # (not llama_supports_gpu_offload(): true wherever llama.cpp's RPC backend is built in)
+    if not llama_build().offload:
         pytest.skip("the installed llama.cpp has no GPU offload (built without CUDA/Metal)")
 
 
