@@ -10,7 +10,6 @@ command on that machine then reads, so one machine's worker and client need no o
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import socket
 import ssl
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from localmed import paths
 from localmed.atomic import write_text_atomic
+from localmed.certificates import self_signed
 from localmed.errors import WorkerError
 
 VALID_YEARS = 20
@@ -80,35 +80,19 @@ def _check(path: Path) -> None:
 
 def _make() -> str:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    private = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(
-        NameOID.COMMON_NAME, f"localmed clinic RPC (made on {socket.gethostname()})")])
-    now = dt.datetime.now(dt.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
-        .public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=365 * VALID_YEARS))
-        # Its own trust anchor, presented by both ends.
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     crl_sign=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(private, hashes.SHA256())
-    )
-    key = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption()).decode()
-    return key + certificate.public_bytes(serialization.Encoding.PEM).decode()
+    certificate, key = self_signed(
+        f"localmed clinic RPC (made on {socket.gethostname()})", 365 * VALID_YEARS, [
+            # Its own trust anchor, presented by both ends.
+            (x509.BasicConstraints(ca=True, path_length=0), True),
+            (x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                           content_commitment=False, key_encipherment=False,
+                           data_encipherment=False, key_agreement=False, crl_sign=False,
+                           encipher_only=False, decipher_only=False), True),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                    ExtendedKeyUsageOID.CLIENT_AUTH]), False)])
+    return key + certificate
 
 
 def private(path: Path) -> bool:

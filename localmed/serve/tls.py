@@ -18,6 +18,7 @@ from pathlib import Path
 
 from localmed import paths
 from localmed.atomic import write_text_atomic
+from localmed.certificates import self_signed
 from localmed.errors import ServeError
 
 VALID_DAYS = 730
@@ -53,11 +54,7 @@ def not_valid_after(cert: Path) -> dt.datetime | None:
 
 def _make(hosts: list[str]) -> tuple[str, str]:
     from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
 
-    private = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName("localhost"),
                                      x509.DNSName(socket.gethostname())]
     for host in hosts:
@@ -69,24 +66,9 @@ def _make(hosts: list[str]) -> tuple[str, str]:
         if not address.is_unspecified:
             names.append(x509.IPAddress(address))
     names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME,
-                                            f"localmed serve on {socket.gethostname()}")])
-    now = dt.datetime.now(dt.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject)
-        .public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
-        .add_extension(x509.SubjectAlternativeName(list(dict.fromkeys(names))), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(private, hashes.SHA256())
-    )
-    key_pem = private.private_bytes(serialization.Encoding.PEM,
-                                    serialization.PrivateFormat.PKCS8,
-                                    serialization.NoEncryption()).decode()
-    return certificate.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+    return self_signed(f"localmed serve on {socket.gethostname()}", VALID_DAYS, [
+        (x509.SubjectAlternativeName(list(dict.fromkeys(names))), False),
+        (x509.BasicConstraints(ca=False, path_length=None), True)])
 
 
 def fingerprint(cert: Path) -> str:
