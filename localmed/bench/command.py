@@ -24,7 +24,7 @@ from localmed.formats.info import ModelInfo
 from localmed.planner import MIN_CTX
 from localmed.quants import get_quant
 from localmed.registry import ModelEntry, Registry
-from localmed.rpc.workers import spec
+from localmed.rpc.workers import INSECURE, spec
 from localmed.runtimes.base import ScoringRuntime
 from localmed.runtimes.speculation import speculating
 
@@ -159,8 +159,7 @@ def run(args: object, console: Console, err: Console) -> int:
     check_settings(config)  # before any progress is drawn: a refusal is one line
     workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
     if workers is not None and workers.insecure:
-        err.print("[bold yellow]warning:[/] --insecure-rpc: the model's weights and "
-                  "activations cross the network in clear, to whoever answers", soft_wrap=True)
+        err.print(f"[bold yellow]warning:[/] {INSECURE}", soft_wrap=True)
     loader = model_loader(args.threads, speculating(args.speculation, args.draft), args.draft,
                           workers)
     todo = remaining_work(config, Records(out))

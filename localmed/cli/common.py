@@ -4,6 +4,7 @@ stderr), the one-line argument parser, argument types and the options of a model
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -49,6 +50,17 @@ def non_negative(text: str) -> int:
     return _integer(text, 0, "zero or more")
 
 
+def size(text: str) -> int:
+    """A memory size: ``32G`` or ``32GiB`` (2^30 bytes a G), ``32GB`` (10^9), ``512M``; bytes
+    without a unit."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*", text, re.IGNORECASE)
+    if not match or float(match[1]) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (such as 32G)")
+    prefix, unit = match[2].upper(), match[3].upper()
+    base = 1000 if prefix and unit == "B" else 1024
+    return int(float(match[1]) * base ** " KMGT".index(prefix or " "))
+
+
 def port_number(text: str) -> int:
     value = _integer(text, 1, "a TCP port (1-65535)")
     if value > 65535:
@@ -88,16 +100,12 @@ def rpc_option(p: argparse.ArgumentParser) -> None:
 
 def rpc_workers(args: argparse.Namespace):
     """``--rpc``'s workers (a :class:`~localmed.rpc.workers.Workers`), or None."""
-    from localmed.rpc.workers import spec
+    from localmed.rpc.workers import INSECURE, spec
 
     workers = spec(args.rpc, args.insecure_rpc, args.rpc_secret)
     if workers is not None and workers.insecure:
-        err_console().print(f"[bold yellow]warning:[/] {INSECURE_RPC}", soft_wrap=True)
+        err_console().print(f"[bold yellow]warning:[/] {INSECURE}", soft_wrap=True)
     return workers
-
-
-INSECURE_RPC = ("--insecure-rpc: the model's weights and activations cross the network in "
-                "clear, to whoever answers")
 
 
 def speculation_option(p: argparse.ArgumentParser) -> None:

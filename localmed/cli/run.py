@@ -18,6 +18,7 @@ from localmed.cli.common import (
     positive,
     rpc_option,
     rpc_workers,
+    size,
     speculation_option,
 )
 from localmed.cli.progress import progress_bars
@@ -304,7 +305,7 @@ def _plan_split(title: str, footprint, hw, args: argparse.Namespace, beside: str
 
     if not args.rpc:
         raise LocalmedError("--worker-memory goes with --rpc HOST:PORT[,...]")
-    if beside.startswith("draft:") or args.draft is not None:
+    if args.draft is not None:
         raise LocalmedError("--draft with --rpc: a draft model is not split over workers yet")
     plan, workers = plan_over_workers(footprint, hw, args, args.ctx)
     out = console()
@@ -456,12 +457,6 @@ def temperature(text: str) -> float:
     return value
 
 
-def _size(text: str) -> int:
-    from localmed.cli.worker import size
-
-    return size(text)
-
-
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register this module's commands."""
     p = sub.add_parser("chat", help="chat with a model in the terminal (offline)")
@@ -506,7 +501,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--draft", metavar="GGUF", type=Path, help="a draft model for speculative "
                    "decoding, counted in the plan")
     rpc_option(p)
-    p.add_argument("--worker-memory", type=_size, metavar="SIZE", help="with --rpc: plan as "
+    p.add_argument("--worker-memory", type=size, metavar="SIZE", help="with --rpc: plan as "
                    "if each worker had SIZE free (32G), asking nothing of them")
     p.set_defaults(func=cmd_plan)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from localmed.cli.common import err_console, port_number, positive
 from localmed.errors import WorkerError
+from localmed.rpc import DEFAULT_PORT
 
 GIB = 2**30
 READY_SECONDS = 30
@@ -29,7 +30,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                        "secret)")
     p.add_argument("--host", default="0.0.0.0", help="the address the clinic reaches this "
                    "worker at (default: all of this machine's)")
-    p.add_argument("--port", type=port_number, default=50052, help="default 50052")
+    p.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                   help=f"default {DEFAULT_PORT}")
     p.add_argument("--cache", type=Path, metavar="DIR", help="where weights sent once are kept, "
                    "so the next load sends only their hashes (default: localmed's data folder)")
     p.add_argument("--no-cache", action="store_true", help="keep no weights between loads")
@@ -42,9 +44,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from localmed import paths
+    from localmed import __version__, paths
     from localmed.rpc import secret
-    from localmed.rpc.link import WorkerInfo, WorkerRelay, llama_hello, version_text
+    from localmed.rpc.link import Device, WorkerInfo, WorkerRelay, llama_hello, version_text
     from localmed.runtimes import ggml_rpc
 
     threads = args.threads or os.cpu_count() or 1
@@ -69,8 +71,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     backend = _free_loopback_port()
     _serve_until_stopped(ggml_rpc, f"127.0.0.1:{backend}", cache, threads, wait=False)
     version = _wait_for_backend(backend, llama_hello)
-    info = WorkerInfo(rpc=version, host=socket.gethostname(), localmed=_version(),
-                      devices=tuple(_device(d) for _, d in offered))
+    info = WorkerInfo(rpc=version, host=socket.gethostname(), localmed=__version__,
+                      devices=tuple(Device(d.name, d.description, d.free, d.total)
+                                    for _, d in offered))
     relay = WorkerRelay(args.host, args.port, backend, context, info,
                         said=lambda line: print(f"  {line}", file=out, flush=True))
     try:
@@ -148,35 +151,6 @@ def _own_stdout():
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     return out
 
-
-def _device(d):
-    from localmed.rpc.link import Device
-
-    return Device(d.name, d.description, d.free, d.total)
-
-
-def _version() -> str:
-    from localmed import __version__
-
-    return __version__
-
-
-
-def size(text: str) -> int:
-    """``32G``, ``32GiB`` (2^30 bytes each), ``32GB`` (10^9), ``512M``..."""
-    number = text.strip().rstrip("iBb").upper()
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    scale = units.get(number[-1:], 1)
-    if text.strip().upper().endswith(("GB", "MB", "TB", "KB")) and not text.upper().endswith(
-            "IB"):
-        scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[number[-1]]
-    try:
-        value = float(number[:-1] if number[-1:] in units else number)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (such as 32G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (such as 32G)")
-    return int(value * scale)
 
 
 def plan_over_workers(footprint, hw, args: argparse.Namespace, n_ctx: int | None):

@@ -9,3 +9,7 @@ proving it holds the clinic's secret; the engine's llama.cpp talks to a relay on
 loopback, which carries the link to the worker. ``--insecure-rpc`` speaks llama.cpp's plain
 protocol on a trusted link instead.
 """
+
+DEFAULT_PORT = 50052
+"""llama.cpp's rpc-server's port, and a worker's (here: the CLI reads it at start-up, and this
+module imports nothing)."""

@@ -12,11 +12,12 @@ from pathlib import Path
 
 from localmed import offline
 from localmed.errors import WorkerError
-from localmed.rpc import secret
+from localmed.rpc import DEFAULT_PORT, secret
 from localmed.rpc.link import ClientRelay, Worker, WorkerInfo, probe
 
-DEFAULT_PORT = 50052
-"""llama.cpp's rpc-server's port, and a worker's."""
+INSECURE = ("--insecure-rpc: the model's weights and activations cross the network in clear, "
+            "to whoever answers")
+"""What a client with ``--insecure-rpc`` is warned of."""
 
 
 def parse(text: str) -> tuple[Worker, ...]:

@@ -35,7 +35,6 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -71,9 +70,6 @@ class BatchEngine(Scoring):
         self._llama = llama_cpp
         self.n_parallel = n_parallel
         self.n_batch = n_batch
-        self.workers: Any = None
-        """Where its llama.cpp reaches the workers that hold part of its layers (``--rpc``);
-        set by its loader."""
         self._model = load_model(llama_cpp, path, gpu_layers)
         self._ctx = sequences_context(llama_cpp, self._model, n_ctx=n_ctx, n_batch=n_batch,
                                       n_parallel=n_parallel, threads=threads,

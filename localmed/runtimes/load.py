@@ -71,29 +71,30 @@ def load_engine(path: Path, options: BatchOptions, machine: Any = None
     # (a draft of another vocabulary: refused here, before a weight is read)
     footprint = with_draft(with_projector(footprint, pairing), path, draft)
     if options.rpc is not None:
-        plan, linked = _split(path, footprint, machine, options,
-                              n_ctx=per_sequence * options.n_parallel, draft=draft)
+        plan = _split(path, footprint, machine, options,
+                      n_ctx=per_sequence * options.n_parallel, draft=draft)
     else:
-        plan, linked = refuse_unless_fits(plan_offload(footprint, machine,
-                                                       n_ctx=per_sequence * options.n_parallel,
-                                                       gpu_layers=options.gpu_layers), path), None
+        plan = refuse_unless_fits(plan_offload(footprint, machine,
+                                               n_ctx=per_sequence * options.n_parallel,
+                                               gpu_layers=options.gpu_layers), path)
     engine = BatchEngine(path, n_parallel=options.n_parallel, n_ctx=plan.n_ctx,
                          gpu_layers=plan.n_gpu_layers_arg, threads=options.threads,
                          cache_ram=options.cache_ram, flash_attention=plan.flash_attention,
                          projector=pairing.projector.path if pairing.projector else None,
                          cache_reuse=options.cache_reuse, speculation=options.speculation,
                          draft=draft)
-    engine.workers = linked
     return engine, info, plan, pairing.absent
 
 
 def _split(path: Path, footprint: Any, machine: Any, options: BatchOptions, *, n_ctx: int,
-           draft: Path | None) -> tuple[Any, Any]:
-    """The model's layers over this machine and the workers (``--rpc``): each checked, linked
-    and made a device of llama.cpp's, and the split refused, naming the machine, where one
-    lacks the memory; before any weight is sent."""
+           draft: Path | None) -> Any:
+    """The plan of the model's layers over this machine and the workers (``--rpc``): each
+    checked, linked (once a process: :func:`~localmed.rpc.workers.endpoints`) and made a device
+    of llama.cpp's, and the split refused, naming the machine, where one lacks the memory;
+    before any weight is sent."""
     from localmed.errors import ModelTooLargeError, WorkerError
     from localmed.rpc.split import plan_split
+    from localmed.rpc.workers import endpoints
     from localmed.runtimes.ggml_rpc import add_workers
 
     if draft is not None:
@@ -102,8 +103,6 @@ def _split(path: Path, footprint: Any, machine: Any, options: BatchOptions, *, n
     if machine.backend != "cpu":
         raise WorkerError("--rpc with this machine's GPU: not yet (the split counts this "
                           "machine's RAM); run it on a CPU build, or without --rpc")
-    from localmed.rpc.workers import endpoints
-
     infos = options.rpc.check()
     plan, _ = plan_split(footprint, machine,
                          [(str(w), i.free) for w, i in zip(options.rpc.workers, infos, strict=True)],
@@ -113,7 +112,7 @@ def _split(path: Path, footprint: Any, machine: Any, options: BatchOptions, *, n
     found, new = endpoints(options.rpc)
     if new:
         add_workers(found)
-    return plan, found
+    return plan
 
 
 EMBED_BATCH = 512
